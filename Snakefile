@@ -1,0 +1,28 @@
+# cryomatch workflow: config and schema validation, the rules of each stage, the targets.
+# Every rule body is one call of the `cryomatch` command (lib/cryomatch).
+import os
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# Defaults (the demo) from this checkout; --configfile/--config override any key.
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+
+
+validate(config, "config/schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/simulate.smk"
+include: "rules/preprocess.smk"
+
+
+check_resources()
+
+
+rule all:
+    default_target: True
+    input:
+        stage_targets(),

@@ -1,0 +1,126 @@
+"""The one place for rotation, shift and mirror conventions (RELION's, everywhere).
+
+Coordinates are (x, y, z) vectors in Angstrom or pixels about the box centre
+``box // 2`` (RELION, SPIDER and XMIPP put the centre of an n-pixel box at n // 2);
+array index order is (z, y, x), so x is the last (fastest) axis.
+
+Euler angles (rlnAngleRot, rlnAngleTilt, rlnAnglePsi) are ZYZ, in degrees. RELION's
+matrix ``A = Rz(psi) Ry(tilt) Rz(rot)`` (passive form, RELION's ``Euler_angles2matrix``)
+takes a point of the 3D map into the particle image's frame: the projection image is
+``P(x, y) = integral of V(A^T (x, y, z)) dz``, and in Fourier space the image's central
+slice is ``F_P(k) = F_V(A^T (kx, ky, 0))``. In scipy's terms
+``A = Rotation.from_euler('ZYZ', [rot, tilt, psi]).inv()``.
+
+Origins (rlnOriginXAngst, rlnOriginYAngst) translate the particle image back onto the
+centred projection: ``image(r) = P(r + origin)``, i.e. the particle sits at
+``centre - origin`` in the image (RELION's ObservationModel::predictObservation shifts the
+projection by ``-origin``). :func:`displacement_from_origin` converts.
+
+In-plane (2D) transforms: ``image(r) = ref(M A2^T (r + origin))`` with
+``A2 = [[cos psi, sin psi], [-sin psi, cos psi]]`` (the 2D part of RELION's A for
+rot = tilt = 0) and ``M = diag(-1, 1)`` when the mirror flag is set (x -> -x of the
+reference, applied before the rotation).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+
+# --- 3D: RELION Euler angles ------------------------------------------------------------
+def relion_rotation(rot, tilt, psi) -> Rotation:
+    """scipy Rotation whose matrix is RELION's A for Euler angles in degrees."""
+    angles = np.stack(np.broadcast_arrays(rot, tilt, psi), axis=-1)
+    return Rotation.from_euler("ZYZ", angles, degrees=True).inv()
+
+
+def euler_to_matrix(rot, tilt, psi) -> np.ndarray:
+    """RELION's A (..., 3, 3) for Euler angles in degrees; acts on (x, y, z)."""
+    return relion_rotation(rot, tilt, psi).as_matrix()
+
+
+def matrix_to_euler(matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rot, tilt, psi) in degrees from RELION matrices (..., 3, 3); tilt in [0, 180]."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    inv = Rotation.from_matrix(np.swapaxes(matrix, -1, -2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # gimbal lock at tilt 0 or 180 is fine
+        angles = inv.as_euler("ZYZ", degrees=True)
+    return angles[..., 0], angles[..., 1], angles[..., 2]
+
+
+def rotation_to_euler(rotation: Rotation):
+    """(rot, tilt, psi) in degrees of a scipy Rotation whose matrix is RELION's A."""
+    return matrix_to_euler(rotation.as_matrix())
+
+
+def viewing_direction(rot, tilt) -> np.ndarray:
+    """Unit vector (..., 3) of the projection direction in the map's frame (A^T e_z)."""
+    rot, tilt = np.deg2rad(rot), np.deg2rad(tilt)
+    return np.stack(
+        [np.sin(tilt) * np.cos(rot), np.sin(tilt) * np.sin(rot), np.cos(tilt)], axis=-1
+    )
+
+
+def angle_between_directions(d1, d2) -> np.ndarray:
+    """Angle in degrees between unit vectors (..., 3)."""
+    dot = np.clip(np.sum(np.asarray(d1) * np.asarray(d2), axis=-1), -1.0, 1.0)
+    return np.rad2deg(np.arccos(dot))
+
+
+def angle_between_rotations(a1, a2) -> np.ndarray:
+    """Rotation angle in degrees of a1 a2^T for matrices (..., 3, 3)."""
+    rel = np.asarray(a1) @ np.swapaxes(np.asarray(a2), -1, -2)
+    cos = (np.trace(rel, axis1=-2, axis2=-1) - 1.0) / 2.0
+    return np.rad2deg(np.arccos(np.clip(cos, -1.0, 1.0)))
+
+
+def random_rotations(n: int, rng: np.random.Generator) -> Rotation:
+    """n rotations uniform on SO(3), drawn from ``rng``."""
+    return Rotation.random(n, random_state=rng)
+
+
+# --- origins and displacements ------------------------------------------------------------
+def displacement_from_origin(origin):
+    """Where the particle sits relative to the box centre, given RELION's origin (same units)."""
+    return -np.asarray(origin)
+
+
+def origin_from_displacement(displacement):
+    """RELION's origin for a particle displaced by ``displacement`` from the box centre."""
+    return -np.asarray(displacement)
+
+
+# --- 2D: in-plane rotation, shift and mirror ----------------------------------------------
+def inplane_matrix(psi) -> np.ndarray:
+    """RELION's 2D matrix A2 (..., 2, 2) for in-plane angles in degrees; acts on (x, y)."""
+    p = np.deg2rad(np.asarray(psi, dtype=np.float64))
+    c, s = np.cos(p), np.sin(p)
+    return np.stack([np.stack([c, s], -1), np.stack([-s, c], -1)], -2)
+
+
+def _mirror_matrix(mirror) -> np.ndarray:
+    m = np.asarray(mirror, dtype=bool)
+    out = np.zeros(m.shape + (2, 2))
+    out[..., 0, 0] = np.where(m, -1.0, 1.0)
+    out[..., 1, 1] = 1.0
+    return out
+
+
+def image_to_reference_matrix(psi, mirror) -> np.ndarray:
+    """The 2x2 matrix L = M A2^T with ``image(r) = ref(L (r + origin))``."""
+    return _mirror_matrix(mirror) @ np.swapaxes(inplane_matrix(psi), -1, -2)
+
+
+def recentre_origin(psi, origin, mirror, centre_shift):
+    """New origins after the reference is re-centred as ``ref_new(s) = ref_old(s + c)``.
+
+    ``image(r) = ref_old(L (r + o)) = ref_new(L (r + o) - c) = ref_new(L (r + o - L^-1 c))``,
+    so ``o' = o - L^-1 c`` with ``L^-1 = A2 M``. Shapes broadcast: psi (...), origin (..., 2),
+    mirror (...), c (..., 2), all in the same length unit.
+    """
+    linv = inplane_matrix(psi) @ _mirror_matrix(mirror)
+    return np.asarray(origin) - np.einsum("...ij,...j->...i", linv, np.asarray(centre_shift))

@@ -1,0 +1,179 @@
+"""MRC maps and image stacks through mrcfile.
+
+Stacks are memory-mapped: only the images a batch asks for are read. Files with broken
+headers (no 'MAP ' id, no machine stamp, voxel size 0) open permissively with a
+:class:`~cryomatch.errors.CryomatchWarning`; files that are not MRC at all, or shorter than
+their header promises, raise :class:`~cryomatch.errors.CryomatchError` naming the file.
+Voxel sizes in headers are often wrong: stages take pixel sizes from metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import mrcfile
+import mrcfile.dtypes
+import mrcfile.utils
+import numpy as np
+
+from ..errors import CryomatchError, CryomatchWarning
+from .atomic import Outputs, atomic_path
+
+_MODES = {0, 1, 2, 3, 4, 6, 12}
+HEADER_BYTES = 1024
+
+
+def _header_problem(path: Path) -> tuple[str | None, bool]:
+    """Check the raw header: returns (problem or None, whether it is strictly valid MRC)."""
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        return f"not an MRC file: {size} bytes, shorter than the {HEADER_BYTES}-byte header", False
+    raw = np.fromfile(path, dtype=np.uint8, count=HEADER_BYTES)
+    for order in ("<", ">"):
+        header = raw.view(mrcfile.dtypes.HEADER_DTYPE.newbyteorder(order))[0]
+        nx, ny, nz, mode = (int(header[k]) for k in ("nx", "ny", "nz", "mode"))
+        if mode in _MODES and 0 < nx < 10**6 and 0 < ny < 10**6 and 0 < nz < 10**8:
+            itemsize = mrcfile.utils.dtype_from_mode(mode).itemsize
+            expected = HEADER_BYTES + int(header["nsymbt"]) + nx * ny * nz * itemsize
+            if size < expected:
+                return (
+                    f"truncated MRC file: the header promises {nx}x{ny}x{nz} values "
+                    f"(mode {mode}, {expected} bytes) but the file has {size} bytes"
+                ), False
+            return None, bytes(header["map"]) == b"MAP "
+    return "not an MRC file: the header has no valid mode and dimensions", False
+
+
+def open_mrc(path: str | os.PathLike, mode: str = "r"):
+    """Open an MRC file memory-mapped; permissive (with a warning) when the header is broken."""
+    path = Path(path)
+    if not path.is_file():
+        raise CryomatchError("file does not exist", path)
+    problem, strict_ok = _header_problem(path)
+    if problem:
+        raise CryomatchError(problem, path)
+    if strict_ok:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return mrcfile.mmap(path, mode=mode)
+        except ValueError:
+            pass
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mrc = mrcfile.mmap(path, mode=mode, permissive=True)
+    if mrc.data is None:
+        mrc.close()
+        raise CryomatchError("not a readable MRC file (mrcfile could not read its data)", path)
+    messages = "; ".join(sorted({str(w.message) for w in caught})) or "non-standard header"
+    warnings.warn(f"{path}: opened permissively ({messages})", CryomatchWarning, stacklevel=2)
+    return mrc
+
+
+def header_voxel_size(mrc, path) -> float | None:
+    """The header's x voxel size in Angstrom, or None (with a warning) when it is 0."""
+    size = float(mrc.voxel_size.x)
+    if not size > 0:
+        warnings.warn(f"{path}: the header's voxel size is {size}", CryomatchWarning, stacklevel=2)
+        return None
+    return size
+
+
+def stack_shape(mrc) -> tuple[int, int, int]:
+    """(n_images, ny, nx) of an image stack or a single 2D image."""
+    shape = mrc.data.shape
+    return (1, *shape) if len(shape) == 2 else tuple(shape)
+
+
+def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
+    """A 3D map as float32 (z, y, x) and its header voxel size (None when 0)."""
+    with open_mrc(path) as mrc:
+        data = np.asarray(mrc.data, dtype=np.float32)
+        voxel = header_voxel_size(mrc, path)
+    if data.ndim != 3:
+        raise CryomatchError(f"expected a 3D map, found shape {data.shape}", path)
+    check_finite(data, path)
+    return data, voxel
+
+
+def read_images(path: str | os.PathLike) -> np.ndarray:
+    """A whole (small) image stack as float32 (n, y, x); for big stacks use :func:`open_mrc`."""
+    with open_mrc(path) as mrc:
+        data = np.asarray(mrc.data, dtype=np.float32)
+    return data[None] if data.ndim == 2 else data
+
+
+def check_finite(data: np.ndarray, path, first_index: int = 0, what: str = "image") -> None:
+    """Raise naming the file and the first image (1-based) that holds NaN or inf."""
+    finite = np.isfinite(data)
+    if finite.all():
+        return
+    if data.ndim == 3 and what == "image":
+        bad = int(np.flatnonzero(~finite.reshape(len(data), -1).all(axis=1))[0]) + first_index
+        raise CryomatchError(f"{what} {bad + 1} holds NaN or inf pixels", path)
+    raise CryomatchError(f"the {what} holds NaN or inf values", path)
+
+
+def _set_header(mrc, voxel_size: float, labels: list[str] | None, is_stack: bool) -> None:
+    mrc.voxel_size = voxel_size
+    if is_stack:
+        mrc.header.ispg = 0
+    labels = (labels or [])[:10]
+    mrc.header.nlabl = len(labels)
+    for i, text in enumerate(labels):
+        mrc.header.label[i] = text[:80].encode("ascii", "replace")
+
+
+def write_mrc(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    voxel_size: float,
+    labels: list[str] | None = None,
+    outputs: Outputs | None = None,
+    is_stack: bool | None = None,
+) -> None:
+    """Write a map (3D, .mrc) or stack (.mrcs) atomically as float32."""
+    path = Path(path)
+    is_stack = path.suffix == ".mrcs" if is_stack is None else is_stack
+    with atomic_path(path, outputs) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
+            if is_stack:
+                mrc.set_image_stack()
+            _set_header(mrc, voxel_size, labels, is_stack)
+            mrc.update_header_stats()
+
+
+class StackWriter:
+    """Write a stack of ``n`` images batch by batch (memory-mapped), renamed when closed."""
+
+    def __init__(self, path, n: int, box: int, voxel_size: float, labels=None, outputs=None):
+        self._ctx = atomic_path(path, outputs)
+        tmp = self._ctx.__enter__()
+        self._mrc = mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True)
+        self._mrc.set_image_stack()
+        _set_header(self._mrc, voxel_size, labels, True)
+        self._next = 0
+        self.n = n
+
+    def write(self, images: np.ndarray) -> None:
+        k = len(images)
+        self._mrc.data[self._next : self._next + k] = images
+        self._next += k
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None and self._next != self.n:
+            exc = RuntimeError(f"stack writer got {self._next} of {self.n} images")
+            exc_type = RuntimeError
+        if exc_type is None:
+            self._mrc.update_header_stats()
+        self._mrc.close()
+        self._ctx.__exit__(exc_type, exc, tb)  # renames on success, removes on error
+        if exc is not None:
+            raise exc
+        return False

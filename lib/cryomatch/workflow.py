@@ -1,0 +1,94 @@
+"""Helpers the Snakefile uses: package sources per stage (so that code edits rerun the
+rules that use them), command-line options from config sections, particle counts."""
+
+from __future__ import annotations
+
+import ast
+import math
+import shlex
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+# Command tables, not computation: editing them (adding a stage) reruns nothing.
+_REGISTRIES = {PACKAGE_ROOT / "stages" / "__init__.py", PACKAGE_ROOT / "stages" / "simulate" / "__init__.py"}
+
+
+def package_sources(module: str) -> list[str]:
+    """Files of ``module`` (e.g. 'cryomatch.stages.preprocess') and of every cryomatch module
+    it imports, transitively, plus the package's ``__init__`` files on the way."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages
+        package = name if path.name == "__init__.py" else ".".join(parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("cryomatch")]
+            elif isinstance(node, ast.ImportFrom):
+                base = _absolute(node, package)
+                if base and base.startswith("cryomatch"):
+                    todo.append(base)
+                    todo += [f"{base}.{a.name}" for a in node.names]  # submodules
+    return sorted(str(p) for p in seen - _REGISTRIES)
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of a cryomatch module name, without importing it (None if not one)."""
+    parts = name.split(".")
+    if parts[0] != "cryomatch":
+        return None
+    base = PACKAGE_ROOT.joinpath(*parts[1:])
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _absolute(node: ast.ImportFrom, package: str) -> str | None:
+    if node.level == 0:
+        return node.module
+    parts = package.split(".")
+    base = parts[: len(parts) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def cli_options(section: dict, flags: dict[str, str]) -> str:
+    """Command-line options for the config keys in ``flags`` ({key: '--flag'}).
+
+    None is left out; True gives the bare flag, False nothing; a flag written '--no-x'
+    is given when the value is False; lists give several values.
+    """
+    out = []
+    for key, flag in flags.items():
+        value = section.get(key)
+        if value is None:
+            continue
+        if flag.startswith("--no-"):
+            if value is False:
+                out.append(flag)
+        elif value is True:
+            out.append(flag)
+        elif value is False:
+            continue
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *(shlex.quote(str(v)) for v in value)]
+        else:
+            out += [flag, shlex.quote(str(value))]
+    return " ".join(out)
+
+
+def count_particles(path: str) -> int:
+    """Number of particle rows in a STAR or .cs file (read without opening images)."""
+    from .io.particles import read_particles
+
+    return len(read_particles(path, require_ctf=False, images=False))
+
+
+def n_stacks(n_particles: int, stack_size: int) -> int:
+    return max(1, math.ceil(n_particles / stack_size))

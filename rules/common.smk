@@ -1,0 +1,54 @@
+# Shared helpers: output folder, package sources per stage, resources, targets.
+from snakemake.exceptions import WorkflowError
+
+from cryomatch.errors import CryomatchError
+from cryomatch.workflow import cli_options, count_particles, n_stacks, package_sources
+
+OUT = config["output_dir"].rstrip("/")
+LOGS = f"{OUT}/logs"
+BENCH = f"{OUT}/benchmarks"
+TARGETS = {}  # stage name -> files of that stage; each rules/*.smk adds its own
+
+
+def code(module):
+    """Package files a rule runs (edits to them rerun the rule)."""
+    return package_sources(f"cryomatch.stages.{module}")
+
+
+def res(rule_name, key):
+    """A resource of a rule from config['resources'], falling back to 'default'."""
+    table = config["resources"]
+    return table.get(rule_name, {}).get(key, table["default"].get(key))
+
+
+def check_resources():
+    unknown = set(config["resources"]) - {"default"} - {r.name for r in workflow.rules}
+    if unknown:
+        raise WorkflowError(
+            f"config resources: unknown rule(s) {', '.join(sorted(unknown))}"
+        )
+
+
+def stage_targets():
+    return [f for stage in config["stages"] for f in TARGETS[stage]]
+
+
+def particles_star():
+    """The particle metadata the workflow starts from: the user's, or the demo's."""
+    return config["particles"]["star"] or f"{OUT}/demo/particles/particles.star"
+
+
+def _n_particles():
+    star = config["particles"]["star"]
+    if not star:
+        return config["demo"]["particles"]["n"]
+    try:
+        return count_particles(star)
+    except CryomatchError as exc:
+        raise WorkflowError(f"particles.star: {exc}") from exc
+
+
+STACKS = [
+    f"{i:06d}"
+    for i in range(n_stacks(_n_particles(), config["preprocess"]["stack_size"]))
+]

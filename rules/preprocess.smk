@@ -1,0 +1,42 @@
+# Preprocess: normalize, optionally Fourier-crop and invert, split into stacks.
+PARTICLES = f"{OUT}/particles"
+
+
+rule preprocess:
+    input:
+        star=particles_star(),
+        code=code("preprocess"),
+    output:
+        stacks=expand(f"{PARTICLES}/stack_{{s}}.mrcs", s=STACKS),
+        stars=expand(f"{PARTICLES}/stack_{{s}}.star", s=STACKS),
+        star=f"{PARTICLES}/particles.star",
+    log:
+        f"{LOGS}/preprocess.log",
+    benchmark:
+        f"{BENCH}/preprocess.tsv"
+    conda:
+        "../envs/cryomatch.yaml"
+    resources:
+        mem_mb=res("preprocess", "mem_mb"),
+        runtime=res("preprocess", "runtime"),
+        cpus_per_task=res("preprocess", "cpus_per_task"),
+    params:
+        out=lambda wildcards, output: os.path.dirname(os.path.dirname(output.star)),
+        opts=cli_options(
+            {**config["preprocess"], "angpix": config["particles"]["angpix"]},
+            {
+                "box": "--box",
+                "pixel_size": "--pixel-size",
+                "stack_size": "--stack-size",
+                "invert": "--invert",
+                "bg_radius": "--bg-radius",
+                "ramp": "--no-ramp",
+                "angpix": "--angpix",
+                "batch_size": "--batch-size",
+            },
+        ),
+    shell:
+        "cryomatch preprocess --star {input.star} --out {params.out} {params.opts} > {log} 2>&1"
+
+
+TARGETS["preprocess"] = rules.preprocess.output

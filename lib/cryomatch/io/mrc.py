@@ -34,6 +34,8 @@ def _header_problem(path: Path) -> tuple[str | None, bool]:
     for order in ("<", ">"):
         header = raw.view(mrcfile.dtypes.HEADER_DTYPE.newbyteorder(order))[0]
         nx, ny, nz, mode = (int(header[k]) for k in ("nx", "ny", "nz", "mode"))
+        if mode in _MODES and 0 < nx < 10**6 and 0 < ny < 10**6 and nz == 0:
+            return "empty MRC file: it holds no images (nz = 0)", False
         if mode in _MODES and 0 < nx < 10**6 and 0 < ny < 10**6 and 0 < nz < 10**8:
             itemsize = mrcfile.utils.dtype_from_mode(mode).itemsize
             expected = HEADER_BYTES + int(header["nsymbt"]) + nx * ny * nz * itemsize

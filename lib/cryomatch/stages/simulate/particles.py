@@ -59,9 +59,9 @@ class Structure:
 
 
 def phantom_structures(n: int, box: int, pixel_size: float, rng) -> list[PseudoAtoms]:
-    """``n`` related phantoms sized for the box: about 0.28 box radius, blobs ~1.6 px wide."""
+    """``n`` related phantoms sized for the box (about half of it wide), blobs ~1.6 px wide."""
     base = random_structure(
-        rng, n_atoms=max(60, 3 * box), radius=0.28 * box * pixel_size, sigma=1.6 * pixel_size
+        rng, n_atoms=max(60, 3 * box), radius=0.38 * box * pixel_size, sigma=1.6 * pixel_size
     )
     return [base] + [conformational_variant(base, rng) for _ in range(n - 1)]
 

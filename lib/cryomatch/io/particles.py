@@ -185,8 +185,18 @@ def _merge_optics(table, optics, path, pixel_size):
             "rlnMagnification); give one with --angpix / particles.pixel_size",
             path,
         )
-    if "rlnOpticsGroup" not in table:
-        table["rlnOpticsGroup"] = 1
+    if "rlnOpticsGroup" not in table:  # RELION 3.0: one group per distinct optics
+        keys = [c for c in OPTICS_COLUMNS[2:] if c in table]
+        table["rlnOpticsGroup"] = table.groupby(keys, sort=False).ngroup() + 1 if keys else 1
+    if "rlnAmplitudeContrast" not in table and "rlnDefocusU" in table:
+        warnings.warn(
+            f"{path}: no rlnAmplitudeContrast; using 0.1 (RELION's usual value)",
+            CryomatchWarning,
+            stacklevel=3,
+        )
+        table["rlnAmplitudeContrast"] = 0.1
+        if optics is not None:
+            optics = optics.assign(rlnAmplitudeContrast=0.1)
     optics = _optics_from_table(table, optics)
     return table, optics
 

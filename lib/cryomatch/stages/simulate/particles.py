@@ -6,7 +6,7 @@ hinge) or MRC maps (``--map``). Each image is the projection of one structure at
 random orientation, displaced by up to ``max_shift`` pixels, multiplied by its CTF (optics
 groups with their own voltage, Cs and amplitude contrast; one with a phase plate), plus
 white Gaussian noise at the given SNR: noise variance = mean signal variance over the box
-(estimated on the first batch) / SNR. The STAR rows carry the truth: rlnAngleRot/Tilt/Psi,
+(of the first 64 images) / SNR. The STAR rows carry the truth: rlnAngleRot/Tilt/Psi,
 rlnOriginXAngst/YAngst and rlnClassNumber (the structure, 1-based).
 
 Outputs in OUT: ``particles.mrcs``, ``particles.star`` (RELION 3.1) and, for phantoms,
@@ -32,6 +32,8 @@ from ...kernels.fourier import apply_ctf, rfft_frequencies
 from ...kernels.phantom import PseudoAtoms, conformational_variant, random_structure
 from ...kernels.projection import project_atoms, project_volume, spline_coefficients, voxelize_atoms
 from ...progress import progress
+
+PILOT = 64  # images whose mean signal variance sets the noise level
 
 # Optics groups of the demo: (voltage kV, Cs mm, amplitude contrast, phase plate).
 OPTICS_PRESETS = [
@@ -230,14 +232,13 @@ def simulate_particles(
         )
         optics = _with_box(optics, box)
         merged = table.merge(optics, on="rlnOpticsGroup", how="left")
-        sigma = None
+        pilot = render(structures, merged.iloc[:PILOT], box, pixel_size)
+        sigma = float(np.sqrt(pilot.var(axis=(1, 2)).mean() / snr))
         with StackWriter(out / "particles.mrcs", n, box, pixel_size,
                          provenance.mrc_labels(prov), outputs) as writer:
             for start in progress(range(0, n, batch_size), total=math.ceil(n / batch_size),
                                   desc="simulate", unit="batch"):
                 clean = render(structures, merged.iloc[start : start + batch_size], box, pixel_size)
-                if sigma is None:
-                    sigma = float(np.sqrt(clean.var(axis=(1, 2)).mean() / snr))
                 noise = noise_rng.standard_normal(clean.shape, dtype=np.float32) * sigma
                 writer.write(clean + noise)
         merged["image_file"] = "particles.mrcs"

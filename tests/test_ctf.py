@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from cryomatch.kernels.ctf import ctf, electron_wavelength
 
 
@@ -12,7 +11,9 @@ def test_wavelengths():
 
 
 def test_zero_frequency_is_amplitude_contrast():
-    assert ctf(np.array(0.0), np.array(0.0), 15000, 14000, 30, 300, 2.7, 0.07) == pytest.approx(0.07)
+    assert ctf(np.array(0.0), np.array(0.0), 15000, 14000, 30, 300, 2.7, 0.07) == pytest.approx(
+        0.07
+    )
 
 
 def test_first_zero_without_cs():
@@ -37,7 +38,9 @@ def test_phase_shift_of_90_degrees_turns_sin_into_cos():
     k = np.linspace(0, 0.2, 20)
     lam = electron_wavelength(300)
     chi = np.pi * lam * 10000.0 * k**2
-    np.testing.assert_allclose(ctf(k, 0 * k, 1e4, 1e4, 0, 300, 0.0, 0.0, phase_shift=90.0), np.cos(chi), atol=1e-12)
+    np.testing.assert_allclose(
+        ctf(k, 0 * k, 1e4, 1e4, 0, 300, 0.0, 0.0, phase_shift=90.0), np.cos(chi), atol=1e-12
+    )
 
 
 def test_bfactor_envelope():

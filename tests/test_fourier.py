@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from cryomatch.kernels.fourier import fourier_crop, shift_images
 
 

@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-from scipy import ndimage
-
 from cryomatch import geometry
 from cryomatch.kernels.phantom import random_structure
 from cryomatch.kernels.projection import project_atoms
+from scipy import ndimage
 
 
 def relion_matrix(rot, tilt, psi):
@@ -25,7 +24,9 @@ def relion_matrix(rot, tilt, psi):
 
 @pytest.mark.parametrize("angles", [(0, 0, 0), (30, 50, -70), (-170, 120, 95), (10, 179, 3)])
 def test_matrix_is_relions(angles):
-    np.testing.assert_allclose(geometry.euler_to_matrix(*angles), relion_matrix(*angles), atol=1e-12)
+    np.testing.assert_allclose(
+        geometry.euler_to_matrix(*angles), relion_matrix(*angles), atol=1e-12
+    )
 
 
 def test_euler_round_trip(rng):
@@ -54,8 +55,15 @@ def test_origin_puts_particle_at_centre_minus_origin(rng):
     atoms = random_structure(rng, 60, 20.0, 3.0)
     a = geometry.euler_to_matrix(20, 40, 60)[None]
     origin = np.array([[6.0, -4.5]])  # Angstrom
-    shifted = project_atoms(atoms.coords, atoms.amplitudes, atoms.sigmas, a, 48, 1.5,
-                            geometry.displacement_from_origin(origin))[0]
+    shifted = project_atoms(
+        atoms.coords,
+        atoms.amplitudes,
+        atoms.sigmas,
+        a,
+        48,
+        1.5,
+        geometry.displacement_from_origin(origin),
+    )[0]
     centred = project_atoms(atoms.coords, atoms.amplitudes, atoms.sigmas, a, 48, 1.5)[0]
     grid = np.arange(48) - 24
 
@@ -88,7 +96,9 @@ def test_recentre_origin_keeps_the_image(rng, mirror):
     n = 64
     g = np.arange(n) - n // 2
     yy, xx = np.meshgrid(g, g, indexing="ij")
-    ref_old = np.exp(-((xx - 3) ** 2 + (yy + 5) ** 2) / 30.0) + 0.5 * np.exp(-((xx + 6) ** 2 + yy**2) / 12.0)
+    ref_old = np.exp(-((xx - 3) ** 2 + (yy + 5) ** 2) / 30.0) + 0.5 * np.exp(
+        -((xx + 6) ** 2 + yy**2) / 12.0
+    )
     psi, origin, c = 37.0, np.array([2.0, -1.5]), np.array([3.0, -5.0])
     image = _transform(ref_old, psi, origin, mirror)
     ref_new = _transform(ref_old, 0.0, c, False)  # ref_new(s) = ref_old(s + c)

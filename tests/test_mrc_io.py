@@ -5,9 +5,15 @@ import warnings
 import mrcfile
 import numpy as np
 import pytest
-
 from cryomatch.errors import CryomatchError, CryomatchWarning
-from cryomatch.io.mrc import StackWriter, header_voxel_size, open_mrc, read_images, read_volume, write_mrc
+from cryomatch.io.mrc import (
+    StackWriter,
+    header_voxel_size,
+    open_mrc,
+    read_images,
+    read_volume,
+    write_mrc,
+)
 
 REAL_MRC = [
     ("maps/emd_1832.map", (64, 64, 64)),
@@ -19,8 +25,14 @@ REAL_MRC = [
     ("particles/empiar10076/empiar_10076_7.mrc", (7, 320, 320)),
     ("tomo/haadf_needle_tiltseries/HAADF.mrc", (77, 256, 256)),
     ("tomo/cryoet_sta_cryodrgn/ay19102021_L3_position6_ribo_it09_bin8_1.82A.mrcs", (220, 64, 64)),
-    ("tomo/cryoet_sta_cryodrgn/ay19102021_L3_position6_ribo_it09_bin8_1.82A.hdrfix.mrcs", (220, 64, 64)),
-    ("tomo/cryoet_warptools_tomodrgn/warptools_test_box-32_angpix-12_reconstruct.mrc", (32, 32, 32)),
+    (
+        "tomo/cryoet_sta_cryodrgn/ay19102021_L3_position6_ribo_it09_bin8_1.82A.hdrfix.mrcs",
+        (220, 64, 64),
+    ),
+    (
+        "tomo/cryoet_warptools_tomodrgn/warptools_test_box-32_angpix-12_reconstruct.mrc",
+        (32, 32, 32),
+    ),
 ]
 
 

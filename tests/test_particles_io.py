@@ -5,7 +5,6 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-
 from cryomatch import geometry
 from cryomatch.errors import CryomatchWarning
 from cryomatch.io.particles import ImageReader, read_particles, write_particles
@@ -61,12 +60,16 @@ def test_relion5(real_data):
 
 def test_trpv1_local_paths_resolve_beside_the_star(real_data):
     p = read_particles(real_data / "particles/trpv1/trpv1_small_stack.localpaths.star")
-    assert p.table["image_file"].iloc[0] == str(real_data / "particles/trpv1/trpv1_small_stack.mrcs")
+    assert p.table["image_file"].iloc[0] == str(
+        real_data / "particles/trpv1/trpv1_small_stack.mrcs"
+    )
     assert list(p.table["image_index"]) == list(range(10))
     with ImageReader(p) as reader:
         assert reader.check() == 48
         first = reader.read(0, 1)[0]
-    np.testing.assert_array_equal(first, np.asarray(_mrc(real_data / "particles/trpv1/trpv1_small_stack.mrcs")[0]))
+    np.testing.assert_array_equal(
+        first, np.asarray(_mrc(real_data / "particles/trpv1/trpv1_small_stack.mrcs")[0])
+    )
 
 
 def _mrc(path):
@@ -78,7 +81,13 @@ def _mrc(path):
 def test_cryosparc_matches_the_star_of_the_same_images(real_data):
     cs = read_particles(real_data / "particles/empiar10076/empiar_10076_7.cs")
     star = read_particles(real_data / "particles/empiar10076/empiar_10076_7.star")
-    for column in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration"):
+    for column in (
+        "rlnDefocusU",
+        "rlnDefocusV",
+        "rlnDefocusAngle",
+        "rlnVoltage",
+        "rlnSphericalAberration",
+    ):
         np.testing.assert_allclose(cs.table[column], star.table[column], rtol=1e-5, atol=1e-3)
     assert cs.pixel_size() == pytest.approx(1.31, abs=1e-3)
     assert list(cs.table["image_file"]) == list(star.table["image_file"])
@@ -87,26 +96,47 @@ def test_cryosparc_matches_the_star_of_the_same_images(real_data):
 
 def test_cryosparc_3d_poses_to_relion_euler(real_data):
     raw = np.load(real_data / "particles/metadata_only/cryosparc_P12_J24_001_particles.cs")
-    p = read_particles(real_data / "particles/metadata_only/cryosparc_P12_J24_001_particles.cs", images=False)
+    p = read_particles(
+        real_data / "particles/metadata_only/cryosparc_P12_J24_001_particles.cs", images=False
+    )
     assert len(p) == 2019
     from scipy.spatial.transform import Rotation
 
-    expected = Rotation.from_rotvec(raw["alignments3D/pose"].astype(float)).as_matrix().transpose(0, 2, 1)
-    got = geometry.euler_to_matrix(*(p.table[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
+    expected = (
+        Rotation.from_rotvec(raw["alignments3D/pose"].astype(float)).as_matrix().transpose(0, 2, 1)
+    )
+    got = geometry.euler_to_matrix(
+        *(p.table[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))
+    )
     np.testing.assert_allclose(got, expected, atol=1e-6)
-    np.testing.assert_allclose(p.table["rlnOriginXAngst"], raw["alignments3D/shift"][:, 0] * raw["alignments3D/psize_A"], rtol=1e-6)
+    np.testing.assert_allclose(
+        p.table["rlnOriginXAngst"],
+        raw["alignments3D/shift"][:, 0] * raw["alignments3D/psize_A"],
+        rtol=1e-6,
+    )
 
 
 def test_cryosparc_2d_alignments(real_data):
     raw = np.load(real_data / "particles/metadata_only/cryosparc_J2_particles_exported.cs")
-    p = read_particles(real_data / "particles/metadata_only/cryosparc_J2_particles_exported.cs", images=False)
-    np.testing.assert_allclose(p.table["rlnAnglePsi"], np.rad2deg(raw["alignments2D/pose"]), rtol=1e-6)
+    p = read_particles(
+        real_data / "particles/metadata_only/cryosparc_J2_particles_exported.cs", images=False
+    )
+    np.testing.assert_allclose(
+        p.table["rlnAnglePsi"], np.rad2deg(raw["alignments2D/pose"]), rtol=1e-6
+    )
     assert (p.table["rlnClassNumber"] == raw["alignments2D/class"] + 1).all()
 
 
 def test_write_read_round_trip(tmp_path, demo_particles):
     p = read_particles(demo_particles)
-    write_particles(tmp_path / "copy.star", p, image_names=[f"{i + 1:06d}@{f}" for i, f in zip(p.table["image_index"], p.table["image_file"], strict=True)])
+    write_particles(
+        tmp_path / "copy.star",
+        p,
+        image_names=[
+            f"{i + 1:06d}@{f}"
+            for i, f in zip(p.table["image_index"], p.table["image_file"], strict=True)
+        ],
+    )
     q = read_particles(tmp_path / "copy.star")
     common = [c for c in p.table.columns]
     pd.testing.assert_frame_equal(q.table[common], p.table[common], check_dtype=False, atol=1e-5)

@@ -1,10 +1,14 @@
 """The simulator's forward model against independent computations."""
 
 import numpy as np
-
 from cryomatch import geometry
 from cryomatch.kernels.phantom import conformational_variant, random_structure
-from cryomatch.kernels.projection import project_atoms, project_volume, spline_coefficients, voxelize_atoms
+from cryomatch.kernels.projection import (
+    project_atoms,
+    project_volume,
+    spline_coefficients,
+    voxelize_atoms,
+)
 
 BOX, APIX = 48, 2.0
 
@@ -47,10 +51,17 @@ def test_variant_moves_one_domain_and_differs_in_projection(rng):
     def pair_distances(c):
         return np.linalg.norm(c[:, None] - c[None], axis=-1)
 
-    np.testing.assert_allclose(pair_distances(variant.coords[fixed]), pair_distances(base.coords[fixed]), atol=1e-9)
-    core_to_domain = [c[moving].mean(0) - c[base.domains == 0].mean(0) for c in (base.coords, variant.coords)]
+    np.testing.assert_allclose(
+        pair_distances(variant.coords[fixed]), pair_distances(base.coords[fixed]), atol=1e-9
+    )
+    core_to_domain = [
+        c[moving].mean(0) - c[base.domains == 0].mean(0) for c in (base.coords, variant.coords)
+    ]
     assert np.linalg.norm(core_to_domain[1] - core_to_domain[0]) > 5.0  # Angstrom
     mats = geometry.random_rotations(20, rng).as_matrix()
     pa = project_atoms(base.coords, base.amplitudes, base.sigmas, mats, BOX, APIX)
     pb = project_atoms(variant.coords, variant.amplitudes, variant.sigmas, mats, BOX, APIX)
-    assert np.mean([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(pa, pb, strict=True)]) < 0.95
+    assert (
+        np.mean([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(pa, pb, strict=True)])
+        < 0.95
+    )

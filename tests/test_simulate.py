@@ -4,7 +4,6 @@ import filecmp
 
 import numpy as np
 import pytest
-
 from cryomatch.io.mrc import read_images, read_volume
 from cryomatch.io.particles import read_particles
 from cryomatch.kernels.projection import spline_coefficients
@@ -32,7 +31,9 @@ def test_truth_in_star_reproduces_images(demo_particles):
     assert abs(corr) < 0.02  # the rest is noise, unrelated to the signal
     assert set(p.table["rlnClassNumber"]) == {1, 2}
     assert p.optics["rlnVoltage"].nunique() > 1 and p.optics["rlnSphericalAberration"].nunique() > 1
-    assert (p.table["rlnPhaseShift"] > 0).any() and (p.table["rlnDefocusV"] > p.table["rlnDefocusU"]).any()
+    assert (p.table["rlnPhaseShift"] > 0).any() and (
+        p.table["rlnDefocusV"] > p.table["rlnDefocusU"]
+    ).any()
 
 
 def test_wrong_truth_would_not_reproduce_images(demo_particles, tmp_path):
@@ -46,7 +47,11 @@ def test_wrong_truth_would_not_reproduce_images(demo_particles, tmp_path):
     shutil.copytree(demo_particles.parent / "structures", tmp_path / "structures")
     p = read_particles(demo_particles)
     p.table["rlnAnglePsi"] += 45.0
-    write_particles(tmp_path / "particles.star", p, image_names=[f"{i + 1:06d}@particles.mrcs" for i in range(len(p))])
+    write_particles(
+        tmp_path / "particles.star",
+        p,
+        image_names=[f"{i + 1:06d}@particles.mrcs" for i in range(len(p))],
+    )
     residual, clean, _ = _residuals(tmp_path / "particles.star")
     assert residual.var() / (clean.var(axis=(1, 2))[:64].mean() / 0.5) > 1.1  # right: 1 +- 0.05
 
@@ -62,7 +67,12 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
 
 def test_from_real_map_with_real_ctf_values(tmp_path, real_data):
     star = simulate_particles(
-        tmp_path, n=6, snr=1.0, box=64, seed=1, maps=[str(real_data / "maps/emd_1832.map")],
+        tmp_path,
+        n=6,
+        snr=1.0,
+        box=64,
+        seed=1,
+        maps=[str(real_data / "maps/emd_1832.map")],
         ctf_star=str(real_data / "particles/relion31/relion31.star"),
     )
     p = read_particles(star)

@@ -32,7 +32,9 @@ def get_xp(name: str = "numpy"):
         return np
     if name == "cupy":
         if not cupy_available():
-            raise CryomatchError("backend 'cupy' was asked for, but cupy or a CUDA GPU is not available")
+            raise CryomatchError(
+                "backend 'cupy' was asked for, but cupy or a CUDA GPU is not available"
+            )
         return _cupy
     raise CryomatchError(f"unknown backend {name!r} (use 'numpy' or 'cupy')")
 

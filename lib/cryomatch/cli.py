@@ -21,8 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     for name, module, help_text in COMMANDS:
         mod = importlib.import_module(f"cryomatch.stages.{module}")
-        p = sub.add_parser(name, help=help_text, description=mod.__doc__.strip().splitlines()[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=mod.__doc__.strip().splitlines()[0],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         mod.add_arguments(p)
         p.set_defaults(run=mod.run)
     return parser

@@ -19,4 +19,5 @@ def progress(iterable=None, total=None, desc=None, unit="it"):
         mininterval=0.2 if interactive else 5.0,
         dynamic_ncols=interactive,
         ascii=not interactive,
+        delay=1.0,  # short runs (and errors in the first second) print no bar
     )

@@ -10,7 +10,10 @@ from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 # Command tables, not computation: editing them (adding a stage) reruns nothing.
-_REGISTRIES = {PACKAGE_ROOT / "stages" / "__init__.py", PACKAGE_ROOT / "stages" / "simulate" / "__init__.py"}
+_REGISTRIES = {
+    PACKAGE_ROOT / "stages" / "__init__.py",
+    PACKAGE_ROOT / "stages" / "simulate" / "__init__.py",
+}
 
 
 def package_sources(module: str) -> list[str]:

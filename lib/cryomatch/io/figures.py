@@ -51,7 +51,11 @@ def orthogonal_slices(volume, title: str | None = None) -> Figure:
     axes = fig.subplots(1, 3)
     for ax, (name, plane) in zip(
         axes,
-        [("xy (z centre)", volume[cz]), ("xz (y centre)", volume[:, cy]), ("yz (x centre)", volume[:, :, cx])],
+        [
+            ("xy (z centre)", volume[cz]),
+            ("xz (y centre)", volume[:, cy]),
+            ("yz (x centre)", volume[:, :, cx]),
+        ],
         strict=True,
     ):
         ax.imshow(plane, cmap="gray", origin="lower")

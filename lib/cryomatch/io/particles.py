@@ -23,7 +23,7 @@ import pandas as pd
 from ..errors import CryomatchError, CryomatchWarning
 from . import cryosparc
 from .atomic import Outputs
-from .mrc import check_finite, open_mrc, stack_shape
+from .mrc import open_mrc, stack_shape
 from .star import read_star, write_star
 
 CTF_COLUMNS = [
@@ -96,6 +96,8 @@ def read_particles(
         what = "cryoSPARC file"
     else:
         table, optics = _star_tables(path)
+        if len(table) == 0:
+            raise CryomatchError("the file lists no particles", path)
         if "rlnImageName" not in table:
             raise CryomatchError("missing required STAR column rlnImageName", path)
         table = table.copy()
@@ -314,7 +316,10 @@ class ImageReader:
             order = np.argsort(index, kind="stable")
             block = np.empty((len(index), *data.shape[-2:]), dtype=np.float32)
             block[order] = data[index[order]] if data.ndim == 3 else data[None]
-            check_finite(block, file, what="image")
+            finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+            if not finite.all():
+                bad = int(index[np.flatnonzero(~finite)[0]])
+                raise CryomatchError(f"image {bad + 1} holds NaN or inf pixels", file)
             if out is None:
                 out = np.empty((len(rows), *block.shape[1:]), dtype=np.float32)
             out[np.flatnonzero(rows["image_file"].to_numpy() == file)] = block
@@ -338,11 +343,15 @@ def relion_blocks(particles: Particles, image_names: list[str] | None = None) ->
     """RELION 3.1 data_optics and data_particles blocks for a particle set."""
     optics = particles.optics.copy()
     optics_only = [c for c in optics.columns if c != "rlnOpticsGroup"]
-    table = particles.table.drop(columns=[c for c in optics_only + _INTERNAL if c in particles.table])
+    table = particles.table.drop(
+        columns=[c for c in optics_only + _INTERNAL if c in particles.table]
+    )
     if image_names is None:
         image_names = [
             f"{i + 1:06d}@{f}"
-            for i, f in zip(particles.table["image_index"], particles.table["image_file"], strict=True)
+            for i, f in zip(
+                particles.table["image_index"], particles.table["image_file"], strict=True
+            )
         ]
     table.insert(0, "rlnImageName", image_names)
     return {"optics": optics, "particles": table}

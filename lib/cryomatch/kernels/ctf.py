@@ -41,7 +41,16 @@ def ctf(
     Cs in mm, B-factor in Angstrom^2.
     """
     xp = array_module(kx)
-    params = [defocus_u, defocus_v, defocus_angle, voltage, cs, amplitude_contrast, phase_shift, bfactor]
+    params = [
+        defocus_u,
+        defocus_v,
+        defocus_angle,
+        voltage,
+        cs,
+        amplitude_contrast,
+        phase_shift,
+        bfactor,
+    ]
     batched = any(np.ndim(p) > 0 for p in params)
     params = [np.asarray(p, dtype=np.float64) for p in params]
     if batched:

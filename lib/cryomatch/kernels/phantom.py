@@ -38,7 +38,9 @@ def random_structure(
             break
     centres = [np.zeros(3), 0.55 * radius * d1, 0.5 * radius * d2]
     parts, amps = [], []
-    for count, centre, fraction, density in zip(counts, centres, fractions, (1.0, 1.0, 1.6), strict=True):
+    for count, centre, fraction, density in zip(
+        counts, centres, fractions, (1.0, 1.0, 1.6), strict=True
+    ):
         parts.append(centre + _chain(rng, count, 0.9 * sigma, 0.75 * radius * fraction ** (1 / 3)))
         amps.append(density * rng.uniform(0.8, 1.2, count))
     coords = np.concatenate(parts)

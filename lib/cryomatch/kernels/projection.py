@@ -55,7 +55,9 @@ def voxelize_atoms(coords, amplitudes, sigmas, box, pixel_size):
 
 def spline_coefficients(volume, order: int = 3):
     """Prefiltered B-spline coefficients for :func:`project_volume` (compute once per map)."""
-    return ndimage.spline_filter(np.asarray(volume, dtype=np.float64), order=order, mode="grid-constant")
+    return ndimage.spline_filter(
+        np.asarray(volume, dtype=np.float64), order=order, mode="grid-constant"
+    )
 
 
 def project_volume(coefficients, matrices, displacements_px=None, order: int = 3):

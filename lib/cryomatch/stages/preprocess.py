@@ -93,8 +93,13 @@ def preprocess(
                     writer.write(-images if invert else images)
                     bar.update(len(images))
             names = [f"{i + 1:06d}@{path.name}" for i in range(hi - lo)]
-            write_particles(folder / f"{stack_name(s)}.star", particles.subset(np.arange(lo, hi)),
-                            prov, outputs, image_names=names)
+            write_particles(
+                folder / f"{stack_name(s)}.star",
+                particles.subset(np.arange(lo, hi)),
+                prov,
+                outputs,
+                image_names=names,
+            )
             all_names += names
             paths.append(path)
         bar.close()
@@ -110,12 +115,26 @@ def add_arguments(p) -> None:
     p.add_argument("--stack-size", type=int, default=1000, help="images per output stack")
     p.add_argument("--invert", action="store_true", help="invert contrast (dark -> white)")
     p.add_argument("--bg-radius", type=float, help="background circle radius, output pixels")
-    p.add_argument("--no-ramp", dest="ramp", action="store_false",
-                   help="subtract the background mean only, not a fitted plane")
+    p.add_argument(
+        "--no-ramp",
+        dest="ramp",
+        action="store_false",
+        help="subtract the background mean only, not a fitted plane",
+    )
     p.add_argument("--angpix", type=float, help="input pixel size (A) when the metadata lacks it")
     p.add_argument("--batch-size", type=int, default=512, help="images processed at a time")
 
 
 def run(args) -> None:
-    preprocess(args.star, args.out, args.box, args.pixel_size, args.stack_size, args.invert,
-               args.bg_radius, args.ramp, args.angpix, args.batch_size)
+    preprocess(
+        args.star,
+        args.out,
+        args.box,
+        args.pixel_size,
+        args.stack_size,
+        args.invert,
+        args.bg_radius,
+        args.ramp,
+        args.angpix,
+        args.batch_size,
+    )

@@ -112,8 +112,14 @@ def draw_parameters(
     if ctf_source is not None:  # borrow real CTF values, row by row
         pick = rng.integers(0, len(ctf_source), size=n)
         src = ctf_source.table.iloc[pick].reset_index(drop=True)
-        for column in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift",
-                       "rlnCtfBfactor", "rlnOpticsGroup"):
+        for column in (
+            "rlnDefocusU",
+            "rlnDefocusV",
+            "rlnDefocusAngle",
+            "rlnPhaseShift",
+            "rlnCtfBfactor",
+            "rlnOpticsGroup",
+        ):
             table[column] = src[column].to_numpy()
         optics = ctf_source.optics.copy()
         optics["rlnImagePixelSize"] = pixel_size
@@ -154,7 +160,8 @@ def render(structures: list[Structure], table: pd.DataFrame, box: int, pixel_siz
     """Noise-free CTF-modulated images (n, box, box) for rows of a merged particle table."""
     images = np.empty((len(table), box, box), dtype=np.float32)
     matrices = geometry.euler_to_matrix(
-        table["rlnAngleRot"].to_numpy(), table["rlnAngleTilt"].to_numpy(),
+        table["rlnAngleRot"].to_numpy(),
+        table["rlnAngleTilt"].to_numpy(),
         table["rlnAnglePsi"].to_numpy(),
     ).reshape(-1, 3, 3)
     origin = table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
@@ -166,10 +173,21 @@ def render(structures: list[Structure], table: pd.DataFrame, box: int, pixel_siz
             images[rows] = structure.project(matrices[rows], displacement[rows], box, pixel_size)
     ky, kx = rfft_frequencies(box, pixel_size)
     values = ctf_kernel.ctf(
-        kx, ky, *(table[c].to_numpy() for c in (
-            "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
-            "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnPhaseShift", "rlnCtfBfactor",
-        ))
+        kx,
+        ky,
+        *(
+            table[c].to_numpy()
+            for c in (
+                "rlnDefocusU",
+                "rlnDefocusV",
+                "rlnDefocusAngle",
+                "rlnVoltage",
+                "rlnSphericalAberration",
+                "rlnAmplitudeContrast",
+                "rlnPhaseShift",
+                "rlnCtfBfactor",
+            )
+        ),
     )
     return apply_ctf(images, values)
 
@@ -206,7 +224,9 @@ def simulate_particles(
                 volume, voxel = read_volume(path)
                 apix = pixel_size or voxel
                 if apix is None:
-                    raise CryomatchError("no pixel size: the header's is 0; give --pixel-size", path)
+                    raise CryomatchError(
+                        "no pixel size: the header's is 0; give --pixel-size", path
+                    )
                 if pixel_size is None:
                     pixel_size = apix
                 elif abs(apix - pixel_size) > 0.01 * pixel_size:
@@ -214,7 +234,10 @@ def simulate_particles(
                         f"pixel size {apix:g} A differs from the first map's {pixel_size:g} A", path
                     )
                 structures.append(
-                    Structure(Path(path).stem, coefficients=spline_coefficients(_fit_box(volume, box, path)))
+                    Structure(
+                        Path(path).stem,
+                        coefficients=spline_coefficients(_fit_box(volume, box, path)),
+                    )
                 )
             n_structures = len(structures)
         else:
@@ -224,8 +247,13 @@ def simulate_particles(
             for s in structures:
                 a = s.atoms
                 volume = voxelize_atoms(a.coords, a.amplitudes, a.sigmas, box, pixel_size)
-                write_mrc(out / "structures" / f"{s.name}.mrc", volume, pixel_size,
-                          provenance.mrc_labels(prov), outputs)
+                write_mrc(
+                    out / "structures" / f"{s.name}.mrc",
+                    volume,
+                    pixel_size,
+                    provenance.mrc_labels(prov),
+                    outputs,
+                )
         ctf_source = read_particles(ctf_star, images=False) if ctf_star else None
         table, optics = draw_parameters(
             n, n_structures, pixel_size, max_shift, n_optics_groups, defocus_range, rng, ctf_source
@@ -234,10 +262,15 @@ def simulate_particles(
         merged = table.merge(optics, on="rlnOpticsGroup", how="left")
         pilot = render(structures, merged.iloc[:PILOT], box, pixel_size)
         sigma = float(np.sqrt(pilot.var(axis=(1, 2)).mean() / snr))
-        with StackWriter(out / "particles.mrcs", n, box, pixel_size,
-                         provenance.mrc_labels(prov), outputs) as writer:
-            for start in progress(range(0, n, batch_size), total=math.ceil(n / batch_size),
-                                  desc="simulate", unit="batch"):
+        with StackWriter(
+            out / "particles.mrcs", n, box, pixel_size, provenance.mrc_labels(prov), outputs
+        ) as writer:
+            for start in progress(
+                range(0, n, batch_size),
+                total=math.ceil(n / batch_size),
+                desc="simulate",
+                unit="batch",
+            ):
                 clean = render(structures, merged.iloc[start : start + batch_size], box, pixel_size)
                 noise = noise_rng.standard_normal(clean.shape, dtype=np.float32) * sigma
                 writer.write(clean + noise)
@@ -258,19 +291,41 @@ def add_arguments(p) -> None:
     p.add_argument("--box", type=int, required=True, help="image size in pixels")
     p.add_argument("--seed", type=int, required=True, help="random seed")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--pixel-size", type=float, help="Angstrom per pixel (default: map header, 3.0 for phantoms)")
+    p.add_argument(
+        "--pixel-size",
+        type=float,
+        help="Angstrom per pixel (default: map header, 3.0 for phantoms)",
+    )
     p.add_argument("--n-structures", type=int, default=2, help="phantom structures (default 2)")
     p.add_argument("--max-shift", type=float, default=3.0, help="largest shift per axis, pixels")
-    p.add_argument("--optics-groups", type=int, default=3, help="number of optics groups (default 3)")
-    p.add_argument("--defocus", type=float, nargs=2, default=(8000.0, 20000.0),
-                   metavar=("MIN", "MAX"), help="defocus U range in Angstrom")
+    p.add_argument(
+        "--optics-groups", type=int, default=3, help="number of optics groups (default 3)"
+    )
+    p.add_argument(
+        "--defocus",
+        type=float,
+        nargs=2,
+        default=(8000.0, 20000.0),
+        metavar=("MIN", "MAX"),
+        help="defocus U range in Angstrom",
+    )
     p.add_argument("--ctf-star", help="borrow CTF and optics values from this STAR or .cs")
     p.add_argument("--batch-size", type=int, default=256, help="images rendered at a time")
 
 
 def run(args) -> None:
     simulate_particles(
-        args.out, args.n, args.snr, args.box, args.seed, args.pixel_size, args.map,
-        args.n_structures, args.max_shift, args.optics_groups, tuple(args.defocus),
-        args.ctf_star, args.batch_size,
+        args.out,
+        args.n,
+        args.snr,
+        args.box,
+        args.seed,
+        args.pixel_size,
+        args.map,
+        args.n_structures,
+        args.max_shift,
+        args.optics_groups,
+        tuple(args.defocus),
+        args.ctf_star,
+        args.batch_size,
     )

@@ -1,0 +1,44 @@
+"""The configuration: defaults valid against the schema, every key documented."""
+
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _keys(node, prefix=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if key == "resources" and not prefix:
+                yield dotted
+                continue
+            yield dotted
+            yield from _keys(value, dotted + ".")
+
+
+def test_every_config_key_is_documented():
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    readme = (REPO / "config/README.md").read_text()
+    missing = [k for k in _keys(config) if f"`{k}`" not in readme and not _section_documented(k, readme)]
+    assert missing == []
+
+
+def _section_documented(key, readme):
+    """A key whose whole subtree is a mapping is documented through its children."""
+    return any(line.startswith(f"| `{key}.") for line in readme.splitlines())
+
+
+def test_defaults_validate_against_the_schema():
+    import jsonschema
+    from referencing import Registry, Resource
+
+    schema_dir = REPO / "config"
+
+    def retrieve(uri):
+        return Resource.from_contents(yaml.safe_load((schema_dir / uri).read_text()))
+
+    schema = yaml.safe_load((schema_dir / "schema.yaml").read_text())
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    jsonschema.Draft202012Validator(schema, registry=Registry(retrieve=retrieve)).validate(config)

@@ -21,7 +21,9 @@ def _keys(node, prefix=""):
 def test_every_config_key_is_documented():
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     readme = (REPO / "config/README.md").read_text()
-    missing = [k for k in _keys(config) if f"`{k}`" not in readme and not _section_documented(k, readme)]
+    missing = [
+        k for k in _keys(config) if f"`{k}`" not in readme and not _section_documented(k, readme)
+    ]
     assert missing == []
 
 

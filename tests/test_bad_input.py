@@ -5,6 +5,7 @@ import shutil
 import mrcfile
 import numpy as np
 import pytest
+
 from cryomatch.cli import main
 from cryomatch.io.mrc import write_mrc
 from cryomatch.io.star import read_star, write_star

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+
 from cryomatch.cli import build_parser, main
 from cryomatch.stages import COMMANDS
 

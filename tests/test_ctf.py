@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from cryomatch.kernels.ctf import ctf, electron_wavelength
 
 

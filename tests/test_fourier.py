@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from cryomatch.kernels.fourier import fourier_crop, shift_images
 
 

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from cryomatch import geometry
 from cryomatch.kernels.phantom import random_structure
 from cryomatch.kernels.projection import project_atoms
-from scipy import ndimage
 
 
 def relion_matrix(rot, tilt, psi):

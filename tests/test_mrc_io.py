@@ -5,6 +5,7 @@ import warnings
 import mrcfile
 import numpy as np
 import pytest
+
 from cryomatch.errors import CryomatchError, CryomatchWarning
 from cryomatch.io.mrc import (
     StackWriter,
@@ -127,3 +128,31 @@ def test_not_mrc_and_truncated(tmp_path, rng):
     (tmp_path / "c.mrcs").write_bytes(raw[:-100])
     with pytest.raises(CryomatchError, match="truncated"):
         open_mrc(tmp_path / "c.mrcs")
+
+
+def test_a_100000_image_stack_is_never_loaded_whole(tmp_path):
+    """Memory-mapped: reading a batch from a 1.6 GB (sparse) stack allocates only that batch."""
+    import tracemalloc
+
+    import pandas as pd
+
+    from cryomatch.io.particles import ImageReader, Particles
+
+    n, box = 100_000, 64
+    with mrcfile.new_mmap(tmp_path / "big.mrcs", shape=(n, box, box), mrc_mode=2) as m:
+        m.data[n - 1] = 1.0  # only the last image is non-zero
+    table = pd.DataFrame(
+        {
+            "image_file": str(tmp_path / "big.mrcs"),
+            "image_index": np.arange(n),
+            "rlnImagePixelSize": 1.0,
+        }
+    )
+    tracemalloc.start()
+    with ImageReader(Particles(table, pd.DataFrame())) as reader:
+        assert reader.check() == box
+        batch = reader.read(n - 10, n)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert batch.shape == (10, box, box) and batch[-1].min() == 1.0
+    assert peak < 40 * 2**20  # the stack is 1.6 GB; this holds 10 images plus the table

@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+
 from cryomatch import geometry
 from cryomatch.errors import CryomatchWarning
 from cryomatch.io.particles import ImageReader, read_particles, write_particles

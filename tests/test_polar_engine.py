@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from cryomatch.kernels.polar import angular_spectra, rotational_correlation
 
 

@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+
 from cryomatch.errors import CryomatchWarning
 from cryomatch.io.mrc import read_images, write_mrc
 from cryomatch.io.particles import read_particles, write_particles
@@ -71,6 +72,7 @@ def test_ramp_is_removed(tmp_path, rng):
 
 def _star_for(path, stack_name, n, box=32, pixel=2.0):
     import pandas as pd
+
     from cryomatch.io.particles import Particles
 
     table = pd.DataFrame(

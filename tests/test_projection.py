@@ -1,6 +1,7 @@
 """The simulator's forward model against independent computations."""
 
 import numpy as np
+
 from cryomatch import geometry
 from cryomatch.kernels.phantom import conformational_variant, random_structure
 from cryomatch.kernels.projection import (

@@ -4,6 +4,7 @@ import filecmp
 
 import numpy as np
 import pytest
+
 from cryomatch.io.mrc import read_images, read_volume
 from cryomatch.io.particles import read_particles
 from cryomatch.kernels.projection import spline_coefficients

@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+
 from workflow_helpers import TINY, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.workflow

@@ -21,17 +21,20 @@ def normalize_background(images, radius: float, ramp: bool = True):
     n, box, _ = images.shape
     mask = background_mask(box, radius, xp)
     bg = images[:, mask].astype(xp.float64)  # (n, m)
+    grid = xp.arange(box, dtype=xp.float64) - box // 2
     if ramp:
-        grid = xp.arange(box, dtype=xp.float64) - box // 2
         yy, xx = xp.meshgrid(grid, grid, indexing="ij")
         design = xp.stack([xp.ones(int(mask.sum())), xx[mask], yy[mask]], axis=1)  # (m, 3)
-        coef = xp.linalg.lstsq(design, bg.T, rcond=None)[0]  # (3, n)
-        plane = coef[0][:, None, None] + coef[1][:, None, None] * xx + coef[2][:, None, None] * yy
-        residual = bg - (design @ coef).T
-        std = residual.std(axis=1)
-        out = images - plane
+        coef = bg @ xp.linalg.pinv(design).T  # (n, 3): offset, x slope, y slope
+        residual = bg - coef @ design.T
     else:
-        std = bg.std(axis=1)
-        out = images - bg.mean(axis=1)[:, None, None]
+        coef = bg.mean(axis=1, keepdims=True) * xp.array([[1.0, 0.0, 0.0]])
+        residual = bg - coef[:, :1]
+    std = xp.sqrt(xp.mean(residual * residual, axis=1))
     std = xp.where(std > 0, std, 1.0)
-    return (out / std[:, None, None]).astype(xp.float32)
+    coef = coef.astype(xp.float32)
+    g = grid.astype(xp.float32)
+    out = images - coef[:, 0, None, None]
+    out -= coef[:, 1, None, None] * g[None, None, :] + coef[:, 2, None, None] * g[None, :, None]
+    out /= std.astype(xp.float32)[:, None, None]
+    return out

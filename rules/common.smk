@@ -21,6 +21,19 @@ def res(rule_name, key):
     return table.get(rule_name, {}).get(key, table["default"].get(key))
 
 
+def rule_resources(rule_name, gpu_capable=False):
+    """Resources of one rule from the config (memory, time, cores); a GPU request only for
+    GPU-capable rules when the backend is cupy; SLURM partition and extra sbatch options
+    where set. Used as ``**rule_resources(name)`` in a resources section."""
+    out = {key: res(rule_name, key) for key in ("mem_mb", "runtime", "cpus_per_task")}
+    if gpu_capable and config["backend"] == "cupy":
+        out["gpu"] = max(1, res(rule_name, "gpus") or 0)
+    for key in ("slurm_partition", "slurm_extra"):
+        if res(rule_name, key):
+            out[key] = res(rule_name, key)
+    return out
+
+
 def check_resources():
     unknown = set(config["resources"]) - {"default"} - {r.name for r in workflow.rules}
     if unknown:

@@ -16,10 +16,9 @@ rule preprocess:
         f"{BENCH}/preprocess.tsv"
     conda:
         "../envs/cryomatch.yaml"
+    threads: res("preprocess", "cpus_per_task")
     resources:
-        mem_mb=res("preprocess", "mem_mb"),
-        runtime=res("preprocess", "runtime"),
-        cpus_per_task=res("preprocess", "cpus_per_task"),
+        **rule_resources("preprocess"),
     params:
         out=lambda wildcards, output: os.path.dirname(os.path.dirname(output.star)),
         opts=cli_options(

@@ -19,10 +19,9 @@ rule simulate_particles:
         f"{BENCH}/simulate_particles.tsv"
     conda:
         "../envs/cryomatch.yaml"
+    threads: res("simulate_particles", "cpus_per_task")
     resources:
-        mem_mb=res("simulate_particles", "mem_mb"),
-        runtime=res("simulate_particles", "runtime"),
-        cpus_per_task=res("simulate_particles", "cpus_per_task"),
+        **rule_resources("simulate_particles"),
     params:
         out=lambda wildcards, output: os.path.dirname(output.star),
         opts=cli_options(

@@ -1,0 +1,63 @@
+"""The demo workflow through the SLURM profile on a real single-node SLURM cluster."""
+
+import filecmp
+
+import pytest
+
+from slurm_cluster import Cluster, unavailable_reason
+from workflow_helpers import REPO, TINY, snakemake, write_config
+
+pytestmark = pytest.mark.workflow
+
+FAST_STATUS = [
+    "--slurm-init-seconds-before-status-checks",
+    "1",
+    "--seconds-between-status-checks",
+    "2",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def _outputs(folder):
+    root = folder / "results"
+    return sorted(
+        p.relative_to(root)
+        for p in root.rglob("*")
+        if p.is_file() and p.parts[len(root.parts)] in ("demo", "particles")
+    )
+
+
+def test_demo_through_slurm_equals_local_run(cluster, tmp_path):
+    on_slurm, local = tmp_path / "slurm", tmp_path / "local"
+    for folder in (on_slurm, local):
+        folder.mkdir()
+        write_config(folder, TINY)
+    snakemake(
+        on_slurm,
+        "--profile",
+        str(REPO / "workflow/profiles/slurm"),
+        *FAST_STATUS,
+        configfile=on_slurm / "config.yaml",
+    )
+    snakemake(local, configfile=local / "config.yaml")
+
+    ran = [j for j in cluster.jobs() if j.get("WorkDir") == str(on_slurm)]
+    assert {j["Comment"] for j in ran} == {"rule_simulate_particles", "rule_preprocess"}
+    assert all(j["JobState"] == "COMPLETED" for j in ran)
+
+    files = _outputs(on_slurm)
+    assert files == _outputs(local) and len(files) > 5
+    for f in files:
+        assert filecmp.cmp(on_slurm / "results" / f, local / "results" / f, shallow=False), f

@@ -10,6 +10,11 @@ rule preprocess:
         stacks=expand(f"{PARTICLES}/stack_{{s}}.mrcs", s=STACKS),
         stars=expand(f"{PARTICLES}/stack_{{s}}.star", s=STACKS),
         star=f"{PARTICLES}/particles.star",
+        preview=report(
+            f"{PARTICLES}/preview.png",
+            caption="../workflow/report/preprocess_preview.rst",
+            category="Preprocess",
+        ),
     log:
         f"{LOGS}/preprocess.log",
     benchmark:

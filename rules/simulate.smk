@@ -13,6 +13,11 @@ rule simulate_particles:
             f"{DEMO}/particles/structures/structure_{{k:02d}}.mrc",
             k=range(1, DEMO_PARTICLES["n_structures"] + 1),
         ),
+        projections=report(
+            f"{DEMO}/particles/structures/projections.png",
+            caption="../workflow/report/simulate_structures.rst",
+            category="Demo data",
+        ),
     log:
         f"{LOGS}/simulate_particles.log",
     benchmark:

@@ -1,10 +1,17 @@
 """The Snakemake workflow end to end on a tiny demo config: outputs, reruns, config errors."""
 
 import copy
+import os
+import shutil
+import signal
+import subprocess
+import time
+import zipfile
 
 import pytest
 
-from workflow_helpers import TINY, planned_jobs, snakemake, write_config
+from cryomatch.io.mrc import read_images
+from workflow_helpers import REPO, TINY, command, environment, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -67,3 +74,62 @@ def test_bad_config_fails_before_any_job(tmp_path, bad, message):
     assert out.returncode != 0
     assert message in out.stdout + out.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_report_holds_the_plots_with_captions(finished_run):
+    folder, config = finished_run
+    snakemake(folder, "--report", "report.zip", configfile=config)
+    with zipfile.ZipFile(folder / "report.zip") as report:
+        names = report.namelist()
+        html = report.read(next(n for n in names if n.endswith("report.html"))).decode()
+    for plot in ("projections.png", "preview.png"):
+        assert any(n.endswith(plot) for n in names), plot
+    assert "The first 16 particle images after preprocessing" in html
+
+
+def test_editing_package_code_reruns_the_rules_that_use_it(tmp_path):
+    lib = tmp_path / "lib"
+    shutil.copytree(REPO / "lib", lib, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    run = tmp_path / "run"
+    run.mkdir()
+    config = write_config(run, TINY)
+    snakemake(run, configfile=config, pythonpath=lib)
+    assert planned_jobs(run, config, lib) == {}
+    with open(lib / "cryomatch/stages/preprocess.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert planned_jobs(run, config, lib) == {"preprocess": 1, "all": 1}
+    with open(lib / "cryomatch/kernels/phantom.py", "a") as f:  # used by the simulator only
+        f.write("\n# an edit\n")
+    assert planned_jobs(run, config, lib) == {"simulate_particles": 1, "preprocess": 1, "all": 1}
+
+
+def test_killed_job_leaves_nothing_taken_as_complete(tmp_path):
+    big = copy.deepcopy(TINY)
+    big["demo"]["particles"].update(n=3000, box=64)
+    big["preprocess"].update(stack_size=500, batch_size=20)
+    config = write_config(tmp_path, big)
+    particles = tmp_path / "results/particles"
+    job = subprocess.Popen(
+        command(tmp_path, configfile=config),
+        cwd=tmp_path,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        (particles / "stack_000000.mrcs").exists() and list(particles.glob(".stack_*.tmp-*"))
+    ):
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # the run dies while a later stack is being written
+    job.wait()
+    assert (particles / "stack_000000.mrcs").exists(), "the run ended before preprocess wrote"
+    assert not (particles / "particles.star").exists()
+    snakemake(tmp_path, "--unlock", configfile=config)  # the killed run held the lock
+    dry = snakemake(tmp_path, "-n", configfile=config, check=False)
+    assert "Nothing to be done" not in dry.stdout + dry.stderr
+    assert planned_jobs(tmp_path, config, None, "--rerun-incomplete") == {"preprocess": 1, "all": 1}
+    snakemake(tmp_path, "--rerun-incomplete", configfile=config)
+    stacks = sorted(particles.glob("stack_*.mrcs"))
+    assert [read_images(s).shape[0] for s in stacks] == [500] * 6

@@ -2,11 +2,12 @@
 
 Reads a RELION STAR (3.0/3.1/5) or cryoSPARC .cs file, and writes
 ``OUT/particles/stack_NNNNNN.mrcs`` with ``stack_size`` images each, a RELION 3.1 STAR per
-stack (``stack_NNNNNN.star``: optics groups, CTF, poses) and ``particles.star`` over all
-stacks. Per batch of images: optional Fourier cropping to a box or pixel size, RELION-style
-normalization (background outside a circle of ``bg_radius`` pixels, default 37.5% of the
-box, to mean 0 and standard deviation 1, after removing a plane when ``ramp``), optional
-contrast inversion. Memory stays bounded by ``batch_size``.
+stack (``stack_NNNNNN.star``: optics groups, CTF, poses), ``particles.star`` over all
+stacks and ``preview.png`` (the first 16 images). Per batch of images: optional Fourier
+cropping to a box or pixel size, RELION-style normalization (background outside a circle
+of ``bg_radius`` pixels, default 37.5% of the box, to mean 0 and standard deviation 1,
+after removing a plane when ``ramp``), optional contrast inversion. Memory stays bounded
+by ``batch_size``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import numpy as np
 from .. import provenance
 from ..errors import CryomatchError
 from ..io.atomic import Outputs
+from ..io.figures import image_montage, save_png
 from ..io.mrc import StackWriter
 from ..io.particles import ImageReader, read_particles, write_particles
 from ..kernels.fourier import fourier_crop
 from ..kernels.normalize import normalize_background
 from ..progress import progress
+
+PREVIEW = 16  # images shown in particles/preview.png
 
 
 def stack_name(i: int) -> str:
@@ -81,7 +85,7 @@ def preprocess(
         n = len(particles)
         n_stacks = math.ceil(n / stack_size)
         labels = provenance.mrc_labels(prov)
-        all_names, paths = [], []
+        all_names, paths, preview = [], [], None
         bar = progress(total=n, desc="preprocess", unit="img")
         for s in range(n_stacks):
             lo, hi = s * stack_size, min(n, (s + 1) * stack_size)
@@ -90,7 +94,10 @@ def preprocess(
                 for start in range(lo, hi, batch_size):
                     images = reader.read(start, min(hi, start + batch_size))
                     images = normalize_background(fourier_crop(images, new_box), radius, ramp)
-                    writer.write(-images if invert else images)
+                    images = -images if invert else images
+                    writer.write(images)
+                    if preview is None:
+                        preview = images[:PREVIEW]
                     bar.update(len(images))
             names = [f"{i + 1:06d}@{path.name}" for i in range(hi - lo)]
             write_particles(
@@ -104,6 +111,8 @@ def preprocess(
             paths.append(path)
         bar.close()
         write_particles(folder / "particles.star", particles, prov, outputs, image_names=all_names)
+        titles = [f"{i + 1}" for i in range(len(preview))]
+        save_png(image_montage(preview, titles), folder / "preview.png", outputs)
     return paths
 
 

@@ -10,7 +10,8 @@ white Gaussian noise at the given SNR: noise variance = mean signal variance ove
 rlnOriginXAngst/YAngst and rlnClassNumber (the structure, 1-based).
 
 Outputs in OUT: ``particles.mrcs``, ``particles.star`` (RELION 3.1) and, for phantoms,
-``structures/structure_NN.mrc`` (the voxelized phantom at the particles' pixel size).
+``structures/structure_NN.mrc`` (the voxelized phantom at the particles' pixel size) and
+``structures/projections.png`` (each structure summed along z, y and x).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pandas as pd
 from ... import geometry, provenance
 from ...errors import CryomatchError
 from ...io.atomic import Outputs
+from ...io.figures import image_montage, save_png
 from ...io.mrc import StackWriter, read_volume, write_mrc
 from ...io.particles import Particles, read_particles, write_particles
 from ...kernels import ctf as ctf_kernel
@@ -244,6 +246,7 @@ def simulate_particles(
             pixel_size = pixel_size or 3.0
             atoms = phantom_structures(n_structures, box, pixel_size, rng)
             structures = [Structure(f"structure_{k:02d}", atoms=a) for k, a in enumerate(atoms, 1)]
+            views, titles = [], []
             for s in structures:
                 a = s.atoms
                 volume = voxelize_atoms(a.coords, a.amplitudes, a.sigmas, box, pixel_size)
@@ -254,6 +257,10 @@ def simulate_particles(
                     provenance.mrc_labels(prov),
                     outputs,
                 )
+                views += [volume.sum(axis=k) for k in (0, 1, 2)]
+                titles += [f"{s.name} along {axis}" for axis in "zyx"]
+            figure = image_montage(views, titles, ncols=3)
+            save_png(figure, out / "structures" / "projections.png", outputs)
         ctf_source = read_particles(ctf_star, images=False) if ctf_star else None
         table, optics = draw_parameters(
             n, n_structures, pixel_size, max_shift, n_optics_groups, defocus_range, rng, ctf_source

@@ -1,5 +1,15 @@
 # Shared helpers: output folder, package sources per stage, resources, targets.
+import shlex
+import sys
+
 from snakemake.exceptions import WorkflowError
+
+# The package of this checkout, for the Snakefile and for every job (also in conda envs).
+LIB = os.path.join(workflow.basedir, "lib")
+sys.path.insert(0, LIB)
+CRYOMATCH = (
+    f"PYTHONPATH={shlex.quote(LIB)}${{PYTHONPATH:+:$PYTHONPATH}} python -m cryomatch"
+)
 
 from cryomatch.errors import CryomatchError
 from cryomatch.workflow import cli_options, count_particles, n_stacks, package_sources
@@ -32,6 +42,12 @@ def rule_resources(rule_name, gpu_capable=False):
         if res(rule_name, key):
             out[key] = res(rule_name, key)
     return out
+
+
+def conda_env(gpu_capable=False):
+    """The conda environment of a rule: with cupy for GPU-capable rules on backend cupy."""
+    gpu = gpu_capable and config["backend"] == "cupy"
+    return "../envs/cryomatch-gpu.yaml" if gpu else "../envs/cryomatch.yaml"
 
 
 def check_resources():

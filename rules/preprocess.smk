@@ -20,11 +20,12 @@ rule preprocess:
     benchmark:
         f"{BENCH}/preprocess.tsv"
     conda:
-        "../envs/cryomatch.yaml"
+        conda_env()
     threads: res("preprocess", "cpus_per_task")
     resources:
         **rule_resources("preprocess"),
     params:
+        cryomatch=CRYOMATCH,
         out=lambda wildcards, output: os.path.dirname(os.path.dirname(output.star)),
         opts=cli_options(
             {**config["preprocess"], "angpix": config["particles"]["angpix"]},
@@ -40,7 +41,7 @@ rule preprocess:
             },
         ),
     shell:
-        "cryomatch preprocess --star {input.star} --out {params.out} {params.opts} > {log} 2>&1"
+        "{params.cryomatch} preprocess --star {input.star} --out {params.out} {params.opts} > {log} 2>&1"
 
 
 TARGETS["preprocess"] = rules.preprocess.output

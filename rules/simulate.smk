@@ -23,11 +23,12 @@ rule simulate_particles:
     benchmark:
         f"{BENCH}/simulate_particles.tsv"
     conda:
-        "../envs/cryomatch.yaml"
+        conda_env()
     threads: res("simulate_particles", "cpus_per_task")
     resources:
         **rule_resources("simulate_particles"),
     params:
+        cryomatch=CRYOMATCH,
         out=lambda wildcards, output: os.path.dirname(output.star),
         opts=cli_options(
             {**DEMO_PARTICLES, "seed": config["demo"]["seed"]},
@@ -43,4 +44,4 @@ rule simulate_particles:
             },
         ),
     shell:
-        "cryomatch simulate particles --phantom --out {params.out} {params.opts} > {log} 2>&1"
+        "{params.cryomatch} simulate particles --phantom --out {params.out} {params.opts} > {log} 2>&1"

@@ -44,3 +44,16 @@ def test_defaults_validate_against_the_schema():
     schema = yaml.safe_load((schema_dir / "schema.yaml").read_text())
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     jsonschema.Draft202012Validator(schema, registry=Registry(retrieve=retrieve)).validate(config)
+
+
+def test_conda_environments_hold_the_package_dependencies():
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {d.split(">")[0].split("=")[0].strip() for d in deps} - {"snakemake"}
+    names = {"matplotlib-base" if n == "matplotlib" else n for n in names}
+    for env in ("cryomatch.yaml", "cryomatch-gpu.yaml"):
+        listed = yaml.safe_load((REPO / "envs" / env).read_text())["dependencies"]
+        listed = {d.split(">")[0].split("=")[0].strip() for d in listed if isinstance(d, str)}
+        assert names <= listed, (env, names - listed)
+    assert "cupy" in (REPO / "envs/cryomatch-gpu.yaml").read_text()

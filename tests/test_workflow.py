@@ -14,6 +14,7 @@ from cryomatch.io.mrc import read_images
 from workflow_helpers import REPO, TINY, command, environment, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.workflow
+IGNORE = shutil.ignore_patterns("*.egg-info", "__pycache__")
 
 
 @pytest.fixture(scope="module")
@@ -88,19 +89,23 @@ def test_report_holds_the_plots_with_captions(finished_run):
 
 
 def test_editing_package_code_reruns_the_rules_that_use_it(tmp_path):
-    lib = tmp_path / "lib"
-    shutil.copytree(REPO / "lib", lib, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    repo = tmp_path / "checkout"  # a copy of the workflow and package, to edit
+    repo.mkdir()
+    for part in ("Snakefile", "rules", "config", "envs", "workflow", "lib"):
+        copy_part = shutil.copytree if (REPO / part).is_dir() else shutil.copy
+        copy_part(REPO / part, repo / part, **({"ignore": IGNORE} if part == "lib" else {}))
     run = tmp_path / "run"
     run.mkdir()
     config = write_config(run, TINY)
-    snakemake(run, configfile=config, pythonpath=lib)
-    assert planned_jobs(run, config, lib) == {}
-    with open(lib / "cryomatch/stages/preprocess.py", "a") as f:
+    snakemake(run, configfile=config, repo=repo)
+    assert planned_jobs(run, config, repo) == {}
+    with open(repo / "lib/cryomatch/stages/preprocess.py", "a") as f:
         f.write("\n# an edit\n")
-    assert planned_jobs(run, config, lib) == {"preprocess": 1, "all": 1}
-    with open(lib / "cryomatch/kernels/phantom.py", "a") as f:  # used by the simulator only
+    assert planned_jobs(run, config, repo) == {"preprocess": 1, "all": 1}
+    with open(repo / "lib/cryomatch/kernels/phantom.py", "a") as f:  # used by the simulator only
         f.write("\n# an edit\n")
-    assert planned_jobs(run, config, lib) == {"simulate_particles": 1, "preprocess": 1, "all": 1}
+    jobs = planned_jobs(run, config, repo)
+    assert jobs == {"simulate_particles": 1, "preprocess": 1, "all": 1}
 
 
 def test_killed_job_leaves_nothing_taken_as_complete(tmp_path):
@@ -129,7 +134,8 @@ def test_killed_job_leaves_nothing_taken_as_complete(tmp_path):
     snakemake(tmp_path, "--unlock", configfile=config)  # the killed run held the lock
     dry = snakemake(tmp_path, "-n", configfile=config, check=False)
     assert "Nothing to be done" not in dry.stdout + dry.stderr
-    assert planned_jobs(tmp_path, config, None, "--rerun-incomplete") == {"preprocess": 1, "all": 1}
+    jobs = planned_jobs(tmp_path, config, REPO, "--rerun-incomplete")
+    assert jobs == {"preprocess": 1, "all": 1}
     snakemake(tmp_path, "--rerun-incomplete", configfile=config)
     stacks = sorted(particles.glob("stack_*.mrcs"))
     assert [read_images(s).shape[0] for s in stacks] == [500] * 6

@@ -37,19 +37,18 @@ def write_config(folder: Path, config: dict, name: str = "config.yaml") -> Path:
     return path
 
 
-def command(folder: Path, *args: str, configfile: Path | None = None) -> list[str]:
-    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(folder), "--cores", "2"]
+def command(
+    folder: Path, *args: str, configfile: Path | None = None, repo: Path = REPO
+) -> list[str]:
+    cmd = [str(BIN / "snakemake"), "-s", str(repo / "Snakefile"), "-d", str(folder), "--cores", "2"]
     if configfile is not None:
         cmd += ["--configfile", str(configfile)]
     return cmd + list(args)
 
 
-def environment(pythonpath: Path | None = None) -> dict[str, str]:
-    """This interpreter's bin first on PATH (for `cryomatch`); optionally another package copy."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    return env
+def environment() -> dict[str, str]:
+    """This interpreter's bin first on PATH (its python runs the jobs)."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def snakemake(
@@ -57,22 +56,21 @@ def snakemake(
     *args: str,
     configfile: Path | None = None,
     check: bool = True,
-    pythonpath: Path | None = None,
+    repo: Path = REPO,
 ):
-    """Run snakemake on the repository's Snakefile with ``folder`` as working directory."""
-    cmd = command(folder, *args, configfile=configfile)
-    env = environment(pythonpath)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=folder)
+    """Run snakemake on a checkout's Snakefile (this one by default) in ``folder``."""
+    cmd = command(folder, *args, configfile=configfile, repo=repo)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=environment(), cwd=folder)
     if check and out.returncode != 0:
         raise AssertionError(f"snakemake failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     return out
 
 
 def planned_jobs(
-    folder: Path, configfile: Path | None = None, pythonpath: Path | None = None, *args: str
+    folder: Path, configfile: Path | None = None, repo: Path = REPO, *args: str
 ) -> dict[str, int]:
     """Rule -> number of jobs a dry run would execute (empty when nothing is to be done)."""
-    out = snakemake(folder, "-n", *args, configfile=configfile, pythonpath=pythonpath)
+    out = snakemake(folder, "-n", *args, configfile=configfile, repo=repo)
     text = out.stdout + out.stderr
     if "Nothing to be done" in text:
         return {}

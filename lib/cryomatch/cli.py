@@ -7,7 +7,7 @@ import importlib
 import sys
 import warnings
 
-from . import __version__
+from . import __version__, provenance
 from .errors import CryomatchError, CryomatchWarning
 from .stages import COMMANDS
 
@@ -38,7 +38,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    provenance.set_command(["cryomatch", *argv])
     warnings.showwarning = _show_warning
     try:
         args.run(args)

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 
 from . import __version__
+
+_command: list[str] | None = None  # set by the command line; None for Python API calls
+
+
+def set_command(argv: list[str]) -> None:
+    """Record the command line that is running (called by ``cryomatch.cli.main``)."""
+    global _command
+    _command = list(argv)
 
 
 def record(stage: str, params: dict | None = None) -> dict:
     """Provenance of an output: version, stage, command line and parameters (no timestamps,
     so the same inputs and config give byte-identical outputs)."""
+    command = " ".join(shlex.quote(a) for a in _command) if _command else f"python API ({stage})"
     return {
         "cryomatch_version": __version__,
         "stage": stage,
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command,
         "params": _jsonable(params or {}),
     }
 

@@ -34,6 +34,8 @@ CTF_COLUMNS = [
     "rlnSphericalAberration",
     "rlnAmplitudeContrast",
 ]
+# The CTF columns in the order of kernels.ctf.ctf's parameters (see ctf_arguments).
+CTF_ARGUMENT_COLUMNS = [*CTF_COLUMNS, "rlnPhaseShift", "rlnCtfBfactor"]
 POSE_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
 OPTICS_COLUMNS = [
     "rlnOpticsGroup",
@@ -258,6 +260,12 @@ def _fill_defaults(table: pd.DataFrame) -> pd.DataFrame:
         if column not in table:
             table[column] = 0.0
     return table
+
+
+def ctf_arguments(table: pd.DataFrame) -> list[np.ndarray]:
+    """Per-particle CTF parameters of a (merged) table, in the order
+    ``kernels.ctf.ctf(kx, ky, *ctf_arguments(table))`` takes them."""
+    return [table[c].to_numpy(dtype=np.float64) for c in CTF_ARGUMENT_COLUMNS]
 
 
 # --- images ------------------------------------------------------------------------------

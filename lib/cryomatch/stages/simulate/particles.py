@@ -28,7 +28,7 @@ from ...errors import CryomatchError
 from ...io.atomic import Outputs
 from ...io.figures import image_montage, save_png
 from ...io.mrc import StackWriter, read_volume, write_mrc
-from ...io.particles import Particles, read_particles, write_particles
+from ...io.particles import Particles, ctf_arguments, read_particles, write_particles
 from ...kernels import ctf as ctf_kernel
 from ...kernels.fourier import apply_ctf, rfft_frequencies
 from ...kernels.phantom import PseudoAtoms, conformational_variant, random_structure
@@ -174,24 +174,7 @@ def render(structures: list[Structure], table: pd.DataFrame, box: int, pixel_siz
         if len(rows):
             images[rows] = structure.project(matrices[rows], displacement[rows], box, pixel_size)
     ky, kx = rfft_frequencies(box, pixel_size)
-    values = ctf_kernel.ctf(
-        kx,
-        ky,
-        *(
-            table[c].to_numpy()
-            for c in (
-                "rlnDefocusU",
-                "rlnDefocusV",
-                "rlnDefocusAngle",
-                "rlnVoltage",
-                "rlnSphericalAberration",
-                "rlnAmplitudeContrast",
-                "rlnPhaseShift",
-                "rlnCtfBfactor",
-            )
-        ),
-    )
-    return apply_ctf(images, values)
+    return apply_ctf(images, ctf_kernel.ctf(kx, ky, *ctf_arguments(table)))
 
 
 def simulate_particles(

@@ -292,15 +292,14 @@ def coarse_shifts(stack, start: int, lowpass: float = 0.12, highpass: float = 0.
     return pairwise_shifts(stack, start, register, batch_size, progress)
 
 
-def loo_reprojections(projector: ParallelBeamProjector, stack, window: str = "ramp",
-                      leave_out: float = 1.0):
+def loo_reprojections(projector: ParallelBeamProjector, stack, window: str = "ramp"):
     """For every tilt i, the projection at tilt i of the weighted back-projection of all the
     other tilts: ``A_i sum_j w_j A_j^T h*p_j - w_i A_i A_i^T h*p_i`` (exact, linear)."""
     w = projector.xp.asarray(angular_weights(projector.angles), dtype=projector.dtype)
     filtered = ramp_filter(stack.astype(projector.dtype, copy=False), window) * w[:, None, None]
     sino = projector.to_sinograms(filtered)
     volume = projector.at @ sino
-    reproj = projector.a @ volume - leave_out * projector.self_projection(sino)
+    reproj = projector.a @ volume - projector.self_projection(sino)
     return projector.from_sinograms(reproj)
 
 
@@ -337,22 +336,38 @@ def remove_smooth(delta, angles, degree: int) -> np.ndarray:
     return delta - basis @ coef
 
 
-def shifts_reprojection(stack, angles, start: int, initial=None, iterations: int = 10,
-                        tolerance: float = 0.01, upsample_factor: int = 20,
-                        thickness: int | None = None, lowpass: float = 0.25,
-                        highpass: float = 0.01, memory: int = 5, leave_out: float = 1.0,
-                        smooth_degree: int = -1, xp=np, progress=_noop):
-    """cryomatch's method: a chained band-pass first guess (or ``initial``), then rounds of
-    projection matching (cf. Odstrcil et al. 2019, Opt. Express 27:36637) against
-    leave-one-out WBP reprojections: each image is registered onto the projection, at its
-    tilt, of the reconstruction from all the other images, so neither its own noise nor its
-    own misalignment biases its reference and no pairwise errors add up. Stops when the
-    largest update is below ``tolerance`` pixels. Returns (shifts, record), record a list of
-    (iteration, max update, rms update)."""
+def shifts_reprojection(stack, angles, start: int, initial="COM", smooth_degree: int = 6,
+                        iterations: int = 10, tolerance: float = 0.01,
+                        upsample_factor: int = 20, thickness: int | None = None,
+                        lowpass: float = 0.25, highpass: float = 0.01, memory: int = 5,
+                        xp=np, progress=_noop):
+    """cryomatch's method: global first guess, then projection matching (cf. Odstrcil et al.
+    2019, Opt. Express 27:36637) against leave-one-out reprojections; nothing is chained.
+
+    Each round registers every image onto the projection, at its tilt, of the weighted
+    back-projection of all the *other* images (:func:`loo_reprojections`), so neither its own
+    noise nor its own misalignment is in its reference. Such a reference is made mostly by
+    neighbouring tilts, so it pins errors that change quickly from tilt to tilt but hardly
+    those that vary slowly over the whole series (and the missing wedge biases those). The
+    first guess supplies the slow part: 'COM' (:func:`shifts_com`, the centre-of-mass and
+    mass-conservation laws of single-axis tomography, global and exact for an object inside
+    the field of view; its errors are independent per tilt, i.e. fast) or 'chain'
+    (:func:`coarse_shifts`, for specimens that leave the field of view), or an array of
+    shifts. Updates keep only what Legendre polynomials of degree <= ``smooth_degree`` in
+    the tilt angle do not describe (-1: keep everything) and never the unobservable
+    components. Rounds are Anderson-accelerated (``memory``) and stop when the largest update
+    is below ``tolerance`` pixels. Returns (shifts, record), record a list of
+    (round, max update, rms update) in pixels.
+    """
     angles = np.asarray(angles, dtype=np.float64)
     n, ny, nx = stack.shape
-    if initial is None:
-        shifts = coarse_shifts(stack, start)
+    if isinstance(initial, str):
+        if initial == "COM":
+            shifts = shifts_com(stack, angles)
+        elif initial == "chain":
+            shifts = coarse_shifts(stack, start)
+        else:
+            raise ValueError(f"initial must be 'COM', 'chain' or shifts, got {initial!r}")
     else:
         shifts = np.asarray(initial, dtype=np.float64).copy()
     progress(1)
@@ -362,7 +377,7 @@ def shifts_reprojection(stack, angles, start: int, initial=None, iterations: int
     accelerate = Anderson(memory)
     for it in range(iterations):
         aligned = shift_stack(data, xp.asarray(shifts))
-        reproj = loo_reprojections(projector, aligned, leave_out=leave_out)
+        reproj = loo_reprojections(projector, aligned)
         delta = to_numpy(match_to_reprojections(aligned, reproj, upsample_factor, lowpass,
                                                 highpass))
         delta = remove_smooth(project_out_unobservable(delta, angles), angles, smooth_degree)

@@ -423,7 +423,8 @@ def common_line_mismatch(stack, deltas, max_frequency: float = 0.15) -> np.ndarr
     """For each candidate turn in ``deltas`` (degrees), how much the images disagree about the
     common line: the profile along the tilt axis (the sum across it), which is the same for
     every tilt when the axis runs along the candidate direction and each image holds the
-    whole object across the axis. Profiles are compared by their Fourier magnitudes below
+    whole object across the axis. Profiles are scaled to unit sum (image intensity often
+    changes with tilt, e.g. in HAADF) and compared by their Fourier magnitudes below
     ``max_frequency`` (cycles per pixel), which shifts along the axis do not change, so the
     stack need not be aligned. All candidates come from one sparse product: the profile at
     turn d is the Joseph projection (:func:`joseph_matrix`) of each image at angle d."""
@@ -436,11 +437,27 @@ def common_line_mismatch(stack, deltas, max_frequency: float = 0.15) -> np.ndarr
     radon = joseph_matrix(deltas, ny, nx)
     columns = np.ascontiguousarray(data.transpose(2, 1, 0)).reshape(nx * ny, n)
     profiles = (radon @ columns).reshape(len(deltas), ny, n)
+    # a window along the axis keeps the frame edges (where the candidate lines leave the
+    # image, and where specimens that extend beyond it are cut) out of the comparison
+    profiles *= _edge_window(ny, 0.1)[None, :, None]
+    total = profiles.sum(axis=1, keepdims=True)
+    profiles = profiles / np.where(np.abs(total) > 0, total, 1.0)  # intensity varies with tilt
     spectrum = np.abs(np.fft.rfft(profiles, n=2 * ny, axis=1))
     f = np.fft.rfftfreq(2 * ny)
     spectrum = spectrum[:, (f > 0) & (f < max_frequency), :]
     mean = spectrum.mean(axis=2, keepdims=True)
     return ((spectrum - mean) ** 2).sum(axis=(1, 2)) / np.maximum((mean**2).sum(axis=(1, 2)), 1e-30)
+
+
+def _edge_window(m: int, margin: float) -> np.ndarray:
+    """0 over ``margin`` of each end, a Hann rise, 1 over the middle half."""
+    w = np.ones(m)
+    edge = int(margin * m)
+    rise = max(1, m // 4 - edge)
+    ramp = 0.5 * (1 - np.cos(np.pi * (np.arange(rise) + 0.5) / rise))
+    w[:edge], w[m - edge:] = 0.0, 0.0
+    w[edge:edge + rise], w[m - edge - rise:m - edge] = ramp, ramp[::-1]
+    return w
 
 
 def tilt_axis_angle(stack, search: float = 5.0, step: float = 0.25) -> float:

@@ -8,9 +8,11 @@ cryomatch's ``reprojection`` (global first guess refined against leave-one-out
 reprojections; nothing chained). ``start`` defaults to the tilt nearest 0 degrees.
 
 The raw images are first turned so that the tilt axis (nominal angle from the config or the
-.mdoc) runs along y; with ``fit_tilt_axis`` the residual angle is estimated from the common
-line (:func:`~cryomatch.kernels.tiltalign.tilt_axis_angle`) and the images turned again;
-with ``center_axis`` the axis offset (centre-of-mass fit) is removed from the shifts.
+.mdoc) runs along y and aligned; with ``fit_tilt_axis`` the residual angle is then estimated
+from the common line of the aligned stack (:func:`~cryomatch.kernels.tiltalign.tilt_axis_angle`)
+and the raw images turned and aligned again; with ``center_axis`` the axis offset
+(centre-of-mass fit, :func:`~cryomatch.kernels.tiltalign.tilt_axis_offset`) is removed from
+the shifts.
 
 Outputs in OUT/tomo/NAME: ``shifts.csv`` (index, angle, shift_x, shift_y in pixels of the
 input), ``NAME.xf`` and ``NAME.tlt`` (IMOD), ``aligned.mrc`` (the aligned stack, tilt axis
@@ -182,13 +184,17 @@ def tomo_align(
 
     axis = series.tilt_axis
     turned = tiltalign.rotate_stack(data, axis)
-    delta = 0.0
-    if fit_tilt_axis:
-        delta = tiltalign.tilt_axis_angle(tiltalign.bin_stack(turned, binning), tilt_axis_search)
-        axis = series.tilt_axis + delta
-        turned = tiltalign.rotate_stack(data, axis)
     small = tiltalign.bin_stack(turned, binning)
     result = align_stack(small, method, start, series.angles, xp=xp, **options)
+    delta = 0.0
+    if fit_tilt_axis:  # on the aligned stack, then align again about the fitted axis
+        delta = tiltalign.tilt_axis_angle(tiltalign.shift_stack(small, result.shifts),
+                                          tilt_axis_search)
+        if abs(delta) > 0.01:
+            axis = series.tilt_axis + delta
+            turned = tiltalign.rotate_stack(data, axis)
+            small = tiltalign.bin_stack(turned, binning)
+            result = align_stack(small, method, start, series.angles, xp=xp, **options)
     shifts = result.shifts * binning
     offset = 0.0
     if center_axis:

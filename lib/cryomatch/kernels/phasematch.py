@@ -101,9 +101,10 @@ def run_phase_matching_alignment(
         raise ValueError("at least one of align_j and align_k must be True")
     if upsampling < 1:
         raise ValueError(f"upsampling must be at least 1, got {upsampling}")
-    ignored_subset = set() if ignored_subset is None else set(ignored_subset)
+    if ignored_subset is None:
+        ignored_subset = set()
     if not isinstance(ignored_subset, set):
-        raise TypeError("ignored_subset must be a set")
+        raise TypeError(f"ignored_subset must be a set, got {type(ignored_subset).__name__}")
     shift_tolerance = 1.0 / upsampling if shift_tolerance is None else shift_tolerance
     shift_cutoff = 5.0 / upsampling if shift_cutoff is None else shift_cutoff
     valid = np.array(sorted(set(range(n)) - ignored_subset), dtype=np.int64)

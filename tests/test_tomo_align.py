@@ -120,7 +120,6 @@ def test_bad_arguments(clean64):
         align_stack(stack, "COM-CL", cl_resolution=0.7, show_progressbar=False)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("noise, bound", [(0.0, 0.1), (0.15, 0.3)])
 def test_own_method_128px(noise, bound):
     stack, truth = simulate(size=128, noise=noise, seed=104)

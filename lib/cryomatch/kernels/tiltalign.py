@@ -336,11 +336,11 @@ def remove_smooth(delta, angles, degree: int) -> np.ndarray:
     return delta - basis @ coef
 
 
-def shifts_reprojection(stack, angles, start: int, initial="COM", smooth_degree: int = 6,
+def shifts_reprojection(stack, angles, start: int, initial="COM", smooth_degree: int = 8,
                         iterations: int = 10, tolerance: float = 0.01,
                         upsample_factor: int = 20, thickness: int | None = None,
                         lowpass: float = 0.25, highpass: float = 0.01, memory: int = 5,
-                        xp=np, progress=_noop):
+                        binning: int | None = None, xp=np, progress=_noop):
     """cryomatch's method: global first guess, then projection matching (cf. Odstrcil et al.
     2019, Opt. Express 27:36637) against leave-one-out reprojections; nothing is chained.
 
@@ -356,7 +356,9 @@ def shifts_reprojection(stack, angles, start: int, initial="COM", smooth_degree:
     shifts. Updates keep only what Legendre polynomials of degree <= ``smooth_degree`` in
     the tilt angle do not describe (-1: keep everything) and never the unobservable
     components. Rounds are Anderson-accelerated (``memory``) and stop when the largest update
-    is below ``tolerance`` pixels. Returns (shifts, record), record a list of
+    is below ``tolerance`` pixels. Images are matched binned to about 64 pixels (``binning``
+    None; 1 keeps full size): on the phantoms of the tests the results are as accurate as at
+    full size, at a small fraction of the cost. Returns (shifts, record), record a list of
     (round, max update, rms update) in pixels.
     """
     angles = np.asarray(angles, dtype=np.float64)
@@ -371,15 +373,18 @@ def shifts_reprojection(stack, angles, start: int, initial="COM", smooth_degree:
     else:
         shifts = np.asarray(initial, dtype=np.float64).copy()
     progress(1)
-    projector = ParallelBeamProjector(angles, nx, thickness or nx, xp=xp)
-    data = xp.asarray(stack, dtype=np.float32)
+    if binning is None:  # matched at about 64 pixels: as accurate here, far cheaper
+        binning = 2 ** max(0, int(np.log2(min(ny, nx) / 64)))
+    data = xp.asarray(bin_stack(np.asarray(stack, dtype=np.float32), binning))
+    projector = ParallelBeamProjector(angles, data.shape[2],
+                                      max(1, (thickness or nx) // binning), xp=xp)
     record = []
     accelerate = Anderson(memory)
     for it in range(iterations):
-        aligned = shift_stack(data, xp.asarray(shifts))
+        aligned = shift_stack(data, xp.asarray(shifts / binning))
         reproj = loo_reprojections(projector, aligned)
-        delta = to_numpy(match_to_reprojections(aligned, reproj, upsample_factor, lowpass,
-                                                highpass))
+        delta = binning * to_numpy(match_to_reprojections(
+            aligned, reproj, upsample_factor, min(0.5, lowpass * binning), highpass * binning))
         delta = remove_smooth(project_out_unobservable(delta, angles), angles, smooth_degree)
         shifts = accelerate(shifts, delta)
         size = np.hypot(delta[:, 0], delta[:, 1])

@@ -70,7 +70,7 @@ def align_stack(
     initial="COM",
     iterations: int = 10,
     tolerance: float = 0.01,
-    smooth_degree: int = 6,
+    smooth_degree: int = 8,
     thickness: int | None = None,
     batch_size: int = 16,
     xp=np,
@@ -284,7 +284,7 @@ def add_arguments(p) -> None:
     p.add_argument("--iterations", type=int, help="reprojection: largest number of rounds (10)")
     p.add_argument("--tolerance", type=float, help="reprojection: stop below (0.01 px)")
     p.add_argument("--smooth-degree", type=int,
-                   help="reprojection: slow terms kept from the first guess (6)")
+                   help="reprojection: slow terms kept from the first guess (8)")
 
 
 OPTION_NAMES = ("upsample_factor", "xrange", "p", "nslices", "com_ref_index", "cl_ref_index",

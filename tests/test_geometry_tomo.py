@@ -1,7 +1,6 @@
 """Tilt-series conventions in geometry.py: tilt matrices, projection, tilt axis, gauge."""
 
 import numpy as np
-
 from cryomatch import geometry
 
 

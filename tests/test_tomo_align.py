@@ -4,7 +4,6 @@ removing the unobservable components (mean and cos/sin across the axis, mean alo
 
 import numpy as np
 import pytest
-
 from cryomatch.errors import CryomatchError
 from cryomatch.geometry import remove_unobservable
 from cryomatch.kernels import tiltalign
@@ -52,8 +51,9 @@ def test_own_method_at_noise_015(noisy64):
     assert error(result.shifts, truth).max() <= 0.3
 
 
-@pytest.mark.parametrize("method, bound", [("COM", 0.1), ("COM-CL", 0.1), ("StackReg", 0.2),
-                                           ("PC", 0.6)])
+@pytest.mark.parametrize(
+    "method, bound", [("COM", 0.1), ("COM-CL", 0.1), ("StackReg", 0.2), ("PC", 0.6)]
+)
 def test_etspy_methods_noise_free(clean64, method, bound):
     stack, truth = clean64
     result = align_stack(stack, method, angles=ANGLES, show_progressbar=False)
@@ -71,8 +71,14 @@ def test_com_applies_along_axis_shifts_first_and_works_on_small_images():
 def test_com_cl_uses_the_reference_image_not_its_index(clean64):
     stack, truth = clean64
     for ref in (5, 30, 55):
-        result = align_stack(stack, "COM-CL", angles=ANGLES, com_ref_index=ref, cl_ref_index=ref,
-                             show_progressbar=False)
+        result = align_stack(
+            stack,
+            "COM-CL",
+            angles=ANGLES,
+            com_ref_index=ref,
+            cl_ref_index=ref,
+            show_progressbar=False,
+        )
         assert error(result.shifts, truth).max() <= 0.1
         # the reference image itself is not moved across the axis
         assert abs(result.shifts[ref, 0]) < 1e-9
@@ -83,8 +89,7 @@ def test_start_defaults_to_the_tilt_nearest_zero(clean64):
     order = np.r_[10:61, 0:10]  # a series starting at -40 degrees
     angles = ANGLES[order]
     assert tiltalign.default_start(angles) == 20
-    result = align_stack(stack[order][:51], "StackReg", angles=angles[:51],
-                         show_progressbar=False)
+    result = align_stack(stack[order][:51], "StackReg", angles=angles[:51], show_progressbar=False)
     assert np.abs(result.shifts[20]).max() == 0.0  # chained methods keep the start fixed
 
 

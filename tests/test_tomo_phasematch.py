@@ -3,7 +3,6 @@ and what each parameter does."""
 
 import numpy as np
 import pytest
-
 from cryomatch.geometry import remove_unobservable
 from cryomatch.kernels.ellipsoids import project, random_phantom
 from cryomatch.kernels.phasematch import run_phase_matching_alignment
@@ -52,8 +51,9 @@ def test_seeded_sampling_is_reproducible(series):
 
 def test_parameters_restrict_what_moves(series):
     stack, _, start = series
-    out = run_phase_matching_alignment(stack, ANGLES, start, maxiter=2, upsampling=10,
-                                       align_k=False, ignored_subset={0, 7})
+    out = run_phase_matching_alignment(
+        stack, ANGLES, start, maxiter=2, upsampling=10, align_k=False, ignored_subset={0, 7}
+    )
     moved = out["shifts"] - start
     np.testing.assert_array_equal(moved[:, 1], 0.0)  # align_k False: y kept
     np.testing.assert_array_equal(moved[[0, 7]], 0.0)  # ignored images kept
@@ -62,8 +62,9 @@ def test_parameters_restrict_what_moves(series):
 
 def test_shift_cutoff_limits_each_step(series):
     stack, truth, _ = series
-    out = run_phase_matching_alignment(stack, ANGLES, np.zeros_like(truth), maxiter=1,
-                                       upsampling=4, shift_cutoff=0.3)
+    out = run_phase_matching_alignment(
+        stack, ANGLES, np.zeros_like(truth), maxiter=1, upsampling=4, shift_cutoff=0.3
+    )
     assert np.hypot(*out["shifts"].T).max() <= 0.3 + 1e-9
 
 
@@ -88,7 +89,8 @@ def test_forty_cubed_from_zero_matches_mumott_accuracy():
     truth = rng.uniform(-4, 4, size=(31, 2))
     clean = project(phantom, angles, (40, 40), truth)
     stack = clean + rng.normal(size=clean.shape).astype(np.float32) * 0.05 * clean.std()
-    out = run_phase_matching_alignment(stack, angles, maxiter=100, upsampling=10,
-                                       reconstruction="loo")
+    out = run_phase_matching_alignment(
+        stack, angles, maxiter=100, upsampling=10, reconstruction="loo"
+    )
     r = remove_unobservable(out["shifts"] - truth, angles)
     assert np.sqrt((r**2).sum(axis=1).mean()) <= 0.27

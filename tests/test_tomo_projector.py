@@ -3,7 +3,6 @@ and SIRT reconstructions, leave-one-out reprojections."""
 
 import numpy as np
 import pytest
-
 from cryomatch.kernels.ellipsoids import project, random_phantom, voxelize
 from cryomatch.kernels.tiltalign import loo_reprojections
 from cryomatch.kernels.tomography import ParallelBeamProjector, angular_weights, sirt, wbp
@@ -80,8 +79,10 @@ def test_cupy_projector_matches_numpy():
     v = rng.normal(size=(16, 8, 16)).astype(np.float32)
     cpu = ParallelBeamProjector(angles, 16)
     gpu = ParallelBeamProjector(angles, 16, xp=cupy)
-    np.testing.assert_allclose(cupy.asnumpy(gpu.forward(cupy.asarray(v))), cpu.forward(v),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        cupy.asnumpy(gpu.forward(cupy.asarray(v))), cpu.forward(v), rtol=1e-4, atol=1e-4
+    )
     stack = cpu.forward(v)
-    np.testing.assert_allclose(cupy.asnumpy(wbp(gpu, cupy.asarray(stack))), wbp(cpu, stack),
-                               rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        cupy.asnumpy(wbp(gpu, cupy.asarray(stack))), wbp(cpu, stack), rtol=1e-3, atol=1e-3
+    )

@@ -7,7 +7,6 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
-
 from cryomatch.cli import main
 from cryomatch.errors import CryomatchError
 from cryomatch.geometry import remove_unobservable
@@ -21,8 +20,9 @@ from cryomatch.stages.tomo.refine import tomo_refine
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiltseries")
-    simulate_tiltseries(folder, size=48, tilts=(-60, 60, 3), max_shift=6, noise=0.15, seed=4,
-                        tilt_axis=2.0)
+    simulate_tiltseries(
+        folder, size=48, tilts=(-60, 60, 3), max_shift=6, noise=0.15, seed=4, tilt_axis=2.0
+    )
     return folder
 
 
@@ -35,15 +35,32 @@ def _errors(folder, truth_folder, csv="shifts.csv"):
 
 def test_align_and_refine_commands_write_every_output(demo, tmp_path):
     out = tmp_path / "results"
-    assert main(["tomo-align", "--stack", str(demo / "tiltseries.mrc"), "--out", str(out),
-                 "--name", "demo", "--pixel-size", "10"]) == 0
+    assert (
+        main(
+            [
+                "tomo-align",
+                "--stack",
+                str(demo / "tiltseries.mrc"),
+                "--out",
+                str(out),
+                "--name",
+                "demo",
+                "--pixel-size",
+                "10",
+            ]
+        )
+        == 0
+    )
     folder = out / "tomo" / "demo"
     summary = json.loads((folder / "alignment.json").read_text())
     assert summary["tilt_axis"] == pytest.approx(2.0, abs=0.5)
     assert _errors(folder, demo).max() < 0.3
     matrices, shifts = read_xf(folder / "demo.xf")
-    np.testing.assert_allclose(shifts, pd.read_csv(folder / "shifts.csv", comment="#")
-                               [["shift_x", "shift_y"]].to_numpy(), atol=1e-3)
+    np.testing.assert_allclose(
+        shifts,
+        pd.read_csv(folder / "shifts.csv", comment="#")[["shift_x", "shift_y"]].to_numpy(),
+        atol=1e-3,
+    )
     np.testing.assert_allclose(read_angles(folder / "demo.tlt").angles, np.arange(-60, 61, 3.0))
     with mrcfile.open(folder / "aligned.mrc") as m:
         assert m.data.shape == (41, 48, 48)
@@ -51,14 +68,38 @@ def test_align_and_refine_commands_write_every_output(demo, tmp_path):
         assert m.data.shape == (48, 48, 48) and m.voxel_size.x == pytest.approx(10.0)
     assert (folder / "alignment.png").stat().st_size > 1000
 
-    assert main(["tomo-refine", "--stack", str(demo / "tiltseries.mrc"), "--out", str(out),
-                 "--alignment", str(folder / "alignment.json"), "--maxiter", "8"]) == 0
+    assert (
+        main(
+            [
+                "tomo-refine",
+                "--stack",
+                str(demo / "tiltseries.mrc"),
+                "--out",
+                str(out),
+                "--alignment",
+                str(folder / "alignment.json"),
+                "--maxiter",
+                "8",
+            ]
+        )
+        == 0
+    )
     record = pd.read_csv(folder / "refinement.csv", comment="#")
-    assert list(record.columns) == ["iteration", "max_shift", "rms_shift", "n_sampled",
-                                    "residual", "seconds"]
+    assert list(record.columns) == [
+        "iteration",
+        "max_shift",
+        "rms_shift",
+        "n_sampled",
+        "residual",
+        "seconds",
+    ]
     assert _errors(folder, demo, "refined_shifts.csv").max() < 0.3
-    for name in ("demo_refined.xf", "demo_refined.tlt", "refined_reconstruction.mrc",
-                 "refinement.png"):
+    for name in (
+        "demo_refined.xf",
+        "demo_refined.tlt",
+        "refined_reconstruction.mrc",
+        "refinement.png",
+    ):
         assert (folder / name).is_file()
 
 
@@ -70,15 +111,18 @@ def test_mdoc_order_is_kept_and_chained_methods_refuse_it(demo, tmp_path):
     stack = tmp_path / "ds.mrc"
     with mrcfile.new(stack) as m:
         m.set_data(data)
-    (tmp_path / "ds.mrc.mdoc").write_text("PixelSpacing = 10\n[T = Tilt axis angle = 2.0]\n" + "".join(
-        f"[ZValue = {k}]\nTiltAngle = {a}\n" for k, a in enumerate(angles[order])))
+    (tmp_path / "ds.mrc.mdoc").write_text(
+        "PixelSpacing = 10\n[T = Tilt axis angle = 2.0]\n"
+        + "".join(f"[ZValue = {k}]\nTiltAngle = {a}\n" for k, a in enumerate(angles[order]))
+    )
     series = read_tilt_series(stack)
     np.testing.assert_allclose(series.angles, angles[order])
     assert series.tilt_axis == 2.0 and series.pixel_size == 10.0
     with pytest.raises(CryomatchError, match="not in order"):
         tomo_align(stack, tmp_path / "out", method="PC")
     assert not (tmp_path / "out" / "tomo" / "ds").exists() or not any(
-        (tmp_path / "out" / "tomo" / "ds").iterdir())
+        (tmp_path / "out" / "tomo" / "ds").iterdir()
+    )
     folder = tomo_align(stack, tmp_path / "out", method="COM")  # order-free
     found = pd.read_csv(folder / "shifts.csv", comment="#")
     truth = pd.read_csv(demo / "truth.csv", comment="#").iloc[order]
@@ -86,13 +130,16 @@ def test_mdoc_order_is_kept_and_chained_methods_refuse_it(demo, tmp_path):
     assert np.sqrt((remove_unobservable(d, angles[order]) ** 2).mean(axis=0)).max() < 0.5
 
 
-@pytest.mark.parametrize("case, problem", [
-    ("count", "40 tilt angles for 41 images"),
-    ("duplicate", "duplicate tilt angles"),
-    ("single", "a single image"),
-    ("nan", "holds NaN"),
-    ("no_angles", "no tilt angles"),
-])
+@pytest.mark.parametrize(
+    "case, problem",
+    [
+        ("count", "40 tilt angles for 41 images"),
+        ("duplicate", "duplicate tilt angles"),
+        ("single", "a single image"),
+        ("nan", "holds NaN"),
+        ("no_angles", "no tilt angles"),
+    ],
+)
 def test_bad_input_gives_one_clear_error_and_no_output(demo, tmp_path, capsys, case, problem):
     stack = tmp_path / "s.mrc"
     shutil.copy(demo / "tiltseries.mrc", stack)
@@ -132,8 +179,9 @@ def test_refine_rejects_bad_options(demo, tmp_path):
 
 def test_real_needle_opens_with_its_wrong_header(real_data):
     with pytest.warns(UserWarning, match="opened permissively"):
-        series = read_tilt_series(real_data / "tomo/haadf_needle_tiltseries/HAADF.mrc",
-                                  pixel_size=33.6)
+        series = read_tilt_series(
+            real_data / "tomo/haadf_needle_tiltseries/HAADF.mrc", pixel_size=33.6
+        )
     assert series.data.shape == (77, 256, 256) and series.data.dtype == np.float32
     np.testing.assert_allclose(series.angles, np.arange(-76, 77, 2.0))
     assert series.angles_path.name == "HAADF.rawtlt"
@@ -148,10 +196,12 @@ def test_real_needle_alignment_agrees_with_stackreg(real_data, tmp_path):
     angles = np.arange(-76, 77, 2.0)
     shifts, axes = {}, {}
     for method in ("StackReg", "reprojection"):
-        folder = tomo_align(stack, tmp_path / method, method=method, tilt_axis=90.0,
-                            pixel_size=33.6, binning=2)
+        folder = tomo_align(
+            stack, tmp_path / method, method=method, tilt_axis=90.0, pixel_size=33.6, binning=2
+        )
         shifts[method] = pd.read_csv(folder / "shifts.csv", comment="#")[
-            ["shift_x", "shift_y"]].to_numpy()
+            ["shift_x", "shift_y"]
+        ].to_numpy()
         axes[method] = json.loads((folder / "alignment.json").read_text())["tilt_axis"]
     d = remove_unobservable(shifts["reprojection"] - shifts["StackReg"], angles)
     assert np.sqrt((d**2).mean(axis=0)).max() < 0.5

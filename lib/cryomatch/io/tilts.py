@@ -54,7 +54,9 @@ def read_angle_list(path: str | os.PathLike) -> np.ndarray:
         try:
             angles.append(float(text.split()[0]))
         except ValueError:
-            raise CryomatchError(f"line {number} is not a tilt angle: {text[:40]!r}", path) from None
+            raise CryomatchError(
+                f"line {number} is not a tilt angle: {text[:40]!r}", path
+            ) from None
     if not angles:
         raise CryomatchError("no tilt angles in the file", path)
     return np.asarray(angles)

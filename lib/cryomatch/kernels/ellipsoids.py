@@ -26,8 +26,13 @@ class Ellipsoids:
     densities: np.ndarray
 
 
-def random_phantom(rng: np.random.Generator, size: int, n_ellipsoids: int = 24,
-                   n_beads: int = 12, radius: float = 0.3) -> Ellipsoids:
+def random_phantom(
+    rng: np.random.Generator,
+    size: int,
+    n_ellipsoids: int = 24,
+    n_beads: int = 12,
+    radius: float = 0.3,
+) -> Ellipsoids:
     """Ellipsoids (semi-axes 3-12% of the box, random orientations, densities 0.3-1) and
     dense beads (sigma 1.2 px, density 3) inside a sphere of ``radius`` x size: every
     projection of it, moved by up to ~0.15 x size, stays inside the image."""
@@ -52,8 +57,9 @@ def _in_ball(rng, n):
     return v * rng.uniform(0, 1, size=(n, 1)) ** (1 / 3)
 
 
-def project(phantom: Ellipsoids, angles, shape: tuple[int, int], shifts=None,
-            tilt_axis: float = 0.0) -> np.ndarray:
+def project(
+    phantom: Ellipsoids, angles, shape: tuple[int, int], shifts=None, tilt_axis: float = 0.0
+) -> np.ndarray:
     """Raw tilt series (n, ny, nx) float32: ``raw_i(q) = ideal_i(R q + s_i)`` with R the
     tilt-axis rotation for ``tilt_axis`` degrees and s_i = ``shifts`` (n, 2) = (x, y) pixels,
     i.e. the alignment that :mod:`cryomatch.geometry` defines maps the raw image back onto

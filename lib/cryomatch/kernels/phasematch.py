@@ -52,8 +52,13 @@ def centre_of_mass_shifts(images, volume, angles) -> np.ndarray:
     m = np.where(m != 0, m, 1.0)
     ix = np.arange(xp_images.shape[2]) - xp_images.shape[2] // 2
     iy = np.arange(xp_images.shape[1]) - xp_images.shape[1] // 2
-    com = np.stack([(xp_images.sum(axis=1) * ix).sum(axis=1) / m,
-                    (xp_images.sum(axis=2) * iy).sum(axis=1) / m], 1)
+    com = np.stack(
+        [
+            (xp_images.sum(axis=1) * ix).sum(axis=1) / m,
+            (xp_images.sum(axis=2) * iy).sum(axis=1) / m,
+        ],
+        1,
+    )
     return target - com
 
 
@@ -125,18 +130,25 @@ def run_phase_matching_alignment(
             projections = projector.forward(volume)
         else:
             volume = wbp(projector, reference)
-            projections = (loo_reprojections(projector, reference) if reconstruction == "loo"
-                           else projector.forward(volume))
+            projections = (
+                loo_reprojections(projector, reference)
+                if reconstruction == "loo"
+                else projector.forward(volume)
+            )
 
         sampled = np.sort(rng.choice(valid, n_samples, replace=False))
         p = projections[sampled][(slice(None), *projection_cropping)]
         r = reference[sampled][(slice(None), *projection_cropping)]
         p = p - p.mean(axis=(1, 2), keepdims=True)
         r = r - r.mean(axis=(1, 2), keepdims=True)
-        x = cross_power(fft.fft2(p, axes=(-2, -1)), fft.fft2(r, axes=(-2, -1)),
-                        whiten=1.0 if normalization == "phase" else 0.0)
-        found = np.nan_to_num(to_numpy(upsampled_peak(x, upsampling, refine=False)),
-                              nan=0.0, posinf=0.0, neginf=0.0)
+        x = cross_power(
+            fft.fft2(p, axes=(-2, -1)),
+            fft.fft2(r, axes=(-2, -1)),
+            whiten=1.0 if normalization == "phase" else 0.0,
+        )
+        found = np.nan_to_num(
+            to_numpy(upsampled_peak(x, upsampling, refine=False)), nan=0.0, posinf=0.0, neginf=0.0
+        )
         size = np.hypot(found[:, 0], found[:, 1])
         scale = np.where(size > shift_cutoff, shift_cutoff / np.maximum(size, 1e-30), 1.0)
         found *= scale[:, None]
@@ -149,8 +161,9 @@ def run_phase_matching_alignment(
                 relax = _relax_offsets(offsets[:, column], rng)[sampled]
                 update[sampled, column] -= np.clip(relax, -1, 1) * relaxation_weight
         if center_of_mass_shift_weight:
-            com = centre_of_mass_shifts(to_numpy(reference[sampled]), to_numpy(volume),
-                                        angles[sampled])
+            com = centre_of_mass_shifts(
+                to_numpy(reference[sampled]), to_numpy(volume), angles[sampled]
+            )
             update[sampled] += np.clip(com, -1, 1) * center_of_mass_shift_weight
         if not align_j:
             update[:, 0] = 0.0

@@ -69,10 +69,12 @@ def upsampled_peak(x, upsample_factor: int = 1, max_shift=None, refine: bool = T
         if refine:
             ly, lx = (py % ny).astype(np.int64), (px % nx).astype(np.int64)
             idx = xp.arange(n)
-            peak_y = py + _parabola(cc[idx, (ly - 1) % ny, lx], cc[idx, ly, lx],
-                                    cc[idx, (ly + 1) % ny, lx])
-            peak_x = px + _parabola(cc[idx, ly, (lx - 1) % nx], cc[idx, ly, lx],
-                                    cc[idx, ly, (lx + 1) % nx])
+            peak_y = py + _parabola(
+                cc[idx, (ly - 1) % ny, lx], cc[idx, ly, lx], cc[idx, (ly + 1) % ny, lx]
+            )
+            peak_x = px + _parabola(
+                cc[idx, ly, (lx - 1) % nx], cc[idx, ly, lx], cc[idx, ly, (lx + 1) % nx]
+            )
         return xp.stack([peak_x, peak_y], axis=1)
     size = int(np.ceil(1.5 * upsample_factor))
     size += 1 - size % 2  # odd: the integer peak sits on the centre sample
@@ -106,8 +108,15 @@ def _parabola(a, b, c):
     return xp.clip(xp.where(xp.abs(denom) > 1e-30, 0.5 * (a - c) / safe, 0.0), -0.5, 0.5)
 
 
-def register_translation(ref, mov, upsample_factor: int = 1, whiten: float = 1.0,
-                         weight=None, max_shift=None, refine: bool = True):
+def register_translation(
+    ref,
+    mov,
+    upsample_factor: int = 1,
+    whiten: float = 1.0,
+    weight=None,
+    max_shift=None,
+    refine: bool = True,
+):
     """Shifts (n, 2) = (x, y) that register each ``mov`` image onto its ``ref`` (batched).
 
     ``whiten`` 1 is phase correlation (as scikit-image's ``phase_cross_correlation``), 0 plain
@@ -117,8 +126,9 @@ def register_translation(ref, mov, upsample_factor: int = 1, whiten: float = 1.0
     fft = fft_module(xp)
     f_ref = fft.fft2(ref, axes=(-2, -1))
     f_mov = fft.fft2(mov, axes=(-2, -1))
-    return upsampled_peak(cross_power(f_ref, f_mov, whiten, weight), upsample_factor, max_shift,
-                          refine)
+    return upsampled_peak(
+        cross_power(f_ref, f_mov, whiten, weight), upsample_factor, max_shift, refine
+    )
 
 
 def fourier_shift(images, shifts):
@@ -130,8 +140,9 @@ def fourier_shift(images, shifts):
     kx = xp.fft.rfftfreq(nx)[None, None, :]
     shifts = xp.asarray(shifts, dtype=np.float64).reshape(-1, 2)
     cdt = np.complex64 if images.dtype == np.float32 else np.complex128
-    phase = (xp.exp(-2j * np.pi * kx * shifts[:, 0, None, None]).astype(cdt)
-             * xp.exp(-2j * np.pi * ky * shifts[:, 1, None, None]).astype(cdt))
+    phase = xp.exp(-2j * np.pi * kx * shifts[:, 0, None, None]).astype(cdt) * xp.exp(
+        -2j * np.pi * ky * shifts[:, 1, None, None]
+    ).astype(cdt)
     out = fft.irfft2(fft.rfft2(images, axes=(-2, -1)) * phase, s=(ny, nx), axes=(-2, -1))
     return out.astype(images.dtype, copy=False)
 
@@ -144,8 +155,9 @@ def block_reduce(images, factor: int = 2):
     return cropped.reshape(n, my, factor, mx, factor).mean(axis=(2, 4))
 
 
-def lsq_translation(ref, mov, levels: int | None = None, iterations: int = 20,
-                    tolerance: float = 1e-3, start=None):
+def lsq_translation(
+    ref, mov, levels: int | None = None, iterations: int = 20, tolerance: float = 1e-3, start=None
+):
     """Least-squares translation of ``mov`` onto ``ref`` on an image pyramid (after
     Thevenaz, Ruttimann & Unser 1998, IEEE Trans. Image Process. 7:27).
 
@@ -165,9 +177,13 @@ def lsq_translation(ref, mov, levels: int | None = None, iterations: int = 20,
     r, m = pyramid[-1]
     scale = 2.0**levels
     if start is None:
-        t = register_translation(r - r.mean(axis=(1, 2), keepdims=True),
-                                 m - m.mean(axis=(1, 2), keepdims=True),
-                                 1, whiten=0.0, refine=False)
+        t = register_translation(
+            r - r.mean(axis=(1, 2), keepdims=True),
+            m - m.mean(axis=(1, 2), keepdims=True),
+            1,
+            whiten=0.0,
+            refine=False,
+        )
     else:
         t = xp.asarray(start, dtype=np.float64) / scale
     for level in range(levels, -1, -1):
@@ -202,8 +218,13 @@ def _gauss_newton(ref, mov, t, iterations, tolerance):
         count = xp.maximum(mask.sum(axis=(1, 2)), 1)
         res = xp.where(mask, ref - warped, 0.0)
         gx, gy = gx * mask, gy * mask
-        h = xp.stack([xp.stack([(gx * gx).sum((1, 2)), (gx * gy).sum((1, 2))], -1),
-                      xp.stack([(gx * gy).sum((1, 2)), (gy * gy).sum((1, 2))], -1)], -2)
+        h = xp.stack(
+            [
+                xp.stack([(gx * gx).sum((1, 2)), (gx * gy).sum((1, 2))], -1),
+                xp.stack([(gx * gy).sum((1, 2)), (gy * gy).sum((1, 2))], -1),
+            ],
+            -2,
+        )
         g = xp.stack([(gx * res).sum((1, 2)), (gy * res).sum((1, 2))], -1)
         return (res**2).sum(axis=(1, 2)) / count, h / count[:, None, None], g / count[:, None]
 

@@ -54,8 +54,9 @@ def rotate_stack(stack, tilt_axis: float):
     m = np.eye(3)
     m[1:, 1:] = inv[::-1, ::-1]  # (y, x) order
     centre = np.array([0.0, ny // 2, nx // 2])
-    return ndimage.affine_transform(stack.astype(np.float32, copy=False), m,
-                                    offset=centre - m @ centre, order=3, mode="nearest")
+    return ndimage.affine_transform(
+        stack.astype(np.float32, copy=False), m, offset=centre - m @ centre, order=3, mode="nearest"
+    )
 
 
 def shift_stack(stack, shifts, pad: bool = True):
@@ -89,20 +90,28 @@ def background_level(stack) -> np.ndarray:
     xp = array_module(stack)
     n, ny, nx = stack.shape
     by, bx = max(1, ny // 20), max(1, nx // 20)
-    frame = xp.concatenate([stack[:, :by].reshape(n, -1), stack[:, -by:].reshape(n, -1),
-                            stack[:, :, :bx].reshape(n, -1), stack[:, :, -bx:].reshape(n, -1)],
-                           axis=1)
+    frame = xp.concatenate(
+        [
+            stack[:, :by].reshape(n, -1),
+            stack[:, -by:].reshape(n, -1),
+            stack[:, :, :bx].reshape(n, -1),
+            stack[:, :, -bx:].reshape(n, -1),
+        ],
+        axis=1,
+    )
     return xp.median(frame, axis=1)
 
 
 def taper(ny: int, nx: int, width: float = 0.08, xp=np):
     """Separable cosine edge taper (1 inside, falling to 0 over ``width`` of each side)."""
+
     def ramp(m):
         w = max(1, int(width * m))
         r = np.ones(m)
         edge = 0.5 * (1 - np.cos(np.pi * (np.arange(w) + 0.5) / w))
-        r[:w], r[m - w:] = edge, edge[::-1]
+        r[:w], r[m - w :] = edge, edge[::-1]
         return r
+
     return xp.asarray(ramp(ny)[:, None] * ramp(nx)[None, :])
 
 
@@ -144,9 +153,9 @@ def pairwise_shifts(stack, start: int, register, batch_size: int = 16, progress=
 
 
 # --- etspy's methods ------------------------------------------------------------------------
-def shifts_pc(stack, start: int, upsample_factor: int = 3, batch_size: int = 16,
-              progress=_noop):
+def shifts_pc(stack, start: int, upsample_factor: int = 3, batch_size: int = 16, progress=_noop):
     """Chained phase correlation (etspy 'PC'; Guizar-Sicairos et al. 2008)."""
+
     def register(ref, mov):
         return register_translation(ref, mov, upsample_factor, whiten=1.0, refine=False)
 
@@ -155,29 +164,35 @@ def shifts_pc(stack, start: int, upsample_factor: int = 3, batch_size: int = 16,
 
 def shifts_stackreg(stack, start: int, batch_size: int = 16, progress=_noop):
     """Chained pyramid least-squares translation (etspy 'StackReg'; Thevenaz et al. 1998)."""
+
     def register(ref, mov):
         return lsq_translation(ref.astype(np.float64), mov.astype(np.float64))
 
     return pairwise_shifts(stack, start, register, batch_size, progress)
 
 
-def along_axis_shifts(stack, xrange=None, p: int = 20, upsample_factor: int = 10,
-                      passes: int = 2) -> np.ndarray:
+def along_axis_shifts(
+    stack, xrange=None, p: int = 20, upsample_factor: int = 10, passes: int = 2
+) -> np.ndarray:
     """Shifts along the tilt axis by conservation of mass (Sanders 2015): every image's
     profile along the axis (summed across it) should equal the mean profile. The profiles
     are zero-padded by ``p`` so any image size works; shifts are limited to +-p, subpixel by
     upsampled cross-correlation; ``xrange`` (lo, hi) limits the rows used."""
     n, ny, nx = stack.shape
-    lo, hi = (0, ny) if xrange is None else (max(0, int(round(xrange[0]))),
-                                             min(ny, int(round(xrange[1]))))
+    lo, hi = (
+        (0, ny)
+        if xrange is None
+        else (max(0, int(round(xrange[0]))), min(ny, int(round(xrange[1]))))
+    )
     profiles = np.asarray(stack[:, lo:hi].sum(axis=2), dtype=np.float64)
     padded = np.pad(profiles, ((0, 0), (p, p)))[:, None, :]  # (n, 1, L)
     shifts = np.zeros(n)
     for _ in range(passes):
         moved = fourier_shift(padded, np.stack([shifts, np.zeros(n)], 1))
         mean = moved.mean(axis=0, keepdims=True)
-        delta = register_translation(np.broadcast_to(mean, moved.shape), moved, upsample_factor,
-                                     whiten=0.0, max_shift=p)[:, 0]
+        delta = register_translation(
+            np.broadcast_to(mean, moved.shape), moved, upsample_factor, whiten=0.0, max_shift=p
+        )[:, 0]
         shifts = np.clip(shifts + delta, -p, p)
     return shifts
 
@@ -208,8 +223,9 @@ def across_axis_com_shifts(stack, angles, rows) -> np.ndarray:
     return -(resid * w).sum(axis=1) / max(w.sum(), 1e-30)
 
 
-def shifts_com(stack, angles, xrange=None, p: int = 20, nslices: int = 20,
-               progress=_noop) -> np.ndarray:
+def shifts_com(
+    stack, angles, xrange=None, p: int = 20, nslices: int = 20, progress=_noop
+) -> np.ndarray:
     """etspy's 'COM' (Sanders 2015): along-axis shifts by conservation of mass, applied to the
     stack before the across-axis shifts come from the centres of mass of ``nslices`` rows
     (etspy computes the latter on the unshifted stack and fails with jitter along the axis)."""
@@ -222,8 +238,14 @@ def shifts_com(stack, angles, xrange=None, p: int = 20, nslices: int = 20,
     return np.stack([across, along], axis=1)
 
 
-def shifts_com_cl(stack, com_ref_index: int, cl_ref_index: int, cl_resolution: float = 0.05,
-                  cl_div_factor: int = 8, progress=_noop) -> np.ndarray:
+def shifts_com_cl(
+    stack,
+    com_ref_index: int,
+    cl_ref_index: int,
+    cl_resolution: float = 0.05,
+    cl_div_factor: int = 8,
+    progress=_noop,
+) -> np.ndarray:
     """etspy's 'COM-CL' (Scott et al. 2012): across the axis, each image's centre of mass is
     moved onto that of image ``com_ref_index`` (etspy subtracts the index itself, a tilt
     number used as a pixel row); along the axis, each image's common line (the profile along
@@ -276,8 +298,14 @@ def common_line_shifts(lines, ref_line, resolution: float, div_factor: int) -> n
 
 
 # --- cryomatch's method: leave-one-out reprojection matching -------------------------------
-def coarse_shifts(stack, start: int, lowpass: float = 0.12, highpass: float = 0.01,
-                  batch_size: int = 16, progress=_noop) -> np.ndarray:
+def coarse_shifts(
+    stack,
+    start: int,
+    lowpass: float = 0.12,
+    highpass: float = 0.01,
+    batch_size: int = 16,
+    progress=_noop,
+) -> np.ndarray:
     """Chained band-pass cross-correlation (no whitening, edge taper): a noise-robust first
     guess for :func:`shifts_reprojection` (errors still add up along the chain)."""
     n, ny, nx = stack.shape
@@ -303,8 +331,14 @@ def loo_reprojections(projector: ParallelBeamProjector, stack, window: str = "ra
     return projector.from_sinograms(reproj)
 
 
-def match_to_reprojections(stack, reproj, upsample_factor: int = 20, lowpass: float = 0.25,
-                           highpass: float = 0.01, max_shift=None):
+def match_to_reprojections(
+    stack,
+    reproj,
+    upsample_factor: int = 20,
+    lowpass: float = 0.25,
+    highpass: float = 0.01,
+    max_shift=None,
+):
     """Shifts (n, 2) moving each image onto its reprojection (band-pass cross-correlation
     with edge taper, upsampled-DFT refinement)."""
     xp = array_module(stack)
@@ -336,11 +370,23 @@ def remove_smooth(delta, angles, degree: int) -> np.ndarray:
     return delta - basis @ coef
 
 
-def shifts_reprojection(stack, angles, start: int, initial="COM", smooth_degree: int = 8,
-                        iterations: int = 10, tolerance: float = 0.01,
-                        upsample_factor: int = 20, thickness: int | None = None,
-                        lowpass: float = 0.25, highpass: float = 0.01, memory: int = 5,
-                        binning: int | None = None, xp=np, progress=_noop):
+def shifts_reprojection(
+    stack,
+    angles,
+    start: int,
+    initial="COM",
+    smooth_degree: int = 8,
+    iterations: int = 10,
+    tolerance: float = 0.01,
+    upsample_factor: int = 20,
+    thickness: int | None = None,
+    lowpass: float = 0.25,
+    highpass: float = 0.01,
+    memory: int = 5,
+    binning: int | None = None,
+    xp=np,
+    progress=_noop,
+):
     """cryomatch's method: global first guess, then projection matching (cf. Odstrcil et al.
     2019, Opt. Express 27:36637) against leave-one-out reprojections; nothing is chained.
 
@@ -376,15 +422,19 @@ def shifts_reprojection(stack, angles, start: int, initial="COM", smooth_degree:
     if binning is None:  # matched at about 64 pixels: as accurate here, far cheaper
         binning = 2 ** max(0, int(np.log2(min(ny, nx) / 64)))
     data = xp.asarray(bin_stack(np.asarray(stack, dtype=np.float32), binning))
-    projector = ParallelBeamProjector(angles, data.shape[2],
-                                      max(1, (thickness or nx) // binning), xp=xp)
+    projector = ParallelBeamProjector(
+        angles, data.shape[2], max(1, (thickness or nx) // binning), xp=xp
+    )
     record = []
     accelerate = Anderson(memory)
     for it in range(iterations):
         aligned = shift_stack(data, xp.asarray(shifts / binning))
         reproj = loo_reprojections(projector, aligned)
-        delta = binning * to_numpy(match_to_reprojections(
-            aligned, reproj, upsample_factor, min(0.5, lowpass * binning), highpass * binning))
+        delta = binning * to_numpy(
+            match_to_reprojections(
+                aligned, reproj, upsample_factor, min(0.5, lowpass * binning), highpass * binning
+            )
+        )
         delta = remove_smooth(project_out_unobservable(delta, angles), angles, smooth_degree)
         shifts = accelerate(shifts, delta)
         size = np.hypot(delta[:, 0], delta[:, 1])
@@ -413,7 +463,7 @@ class Anderson:
             return (x + f).reshape(-1, 2)
         self.xs.append(x)
         self.fs.append(f)
-        self.xs, self.fs = self.xs[-(self.memory + 1):], self.fs[-(self.memory + 1):]
+        self.xs, self.fs = self.xs[-(self.memory + 1) :], self.fs[-(self.memory + 1) :]
         if len(self.fs) == 1:
             return (x + f).reshape(-1, 2)
         df = np.diff(np.array(self.fs), axis=0).T  # (p, m)
@@ -460,8 +510,8 @@ def _edge_window(m: int, margin: float) -> np.ndarray:
     edge = int(margin * m)
     rise = max(1, m // 4 - edge)
     ramp = 0.5 * (1 - np.cos(np.pi * (np.arange(rise) + 0.5) / rise))
-    w[:edge], w[m - edge:] = 0.0, 0.0
-    w[edge:edge + rise], w[m - edge - rise:m - edge] = ramp, ramp[::-1]
+    w[:edge], w[m - edge :] = 0.0, 0.0
+    w[edge : edge + rise], w[m - edge - rise : m - edge] = ramp, ramp[::-1]
     return w
 
 

@@ -28,8 +28,7 @@ class ParallelBeamProjector:
     ``xp`` is numpy or cupy (the matrices move to the GPU with cupyx.scipy.sparse).
     """
 
-    def __init__(self, angles, width: int, thickness: int | None = None, xp=np,
-                 dtype=np.float32):
+    def __init__(self, angles, width: int, thickness: int | None = None, xp=np, dtype=np.float32):
         self.angles = np.asarray(angles, dtype=np.float64)
         self.nx = int(width)
         self.nz = int(thickness or width)
@@ -82,7 +81,7 @@ class ParallelBeamProjector:
         tilt i, the back-projection of tilt i alone gives (for leave-one-out reprojections)."""
         if self._self_blocks is None:
             cpu = self.a if self.xp is np else self.a.get()
-            blocks = [cpu[i * self.nx:(i + 1) * self.nx] for i in range(self.n)]
+            blocks = [cpu[i * self.nx : (i + 1) * self.nx] for i in range(self.n)]
             s = sp.block_diag([b @ b.T for b in blocks], format="csr").astype(self.dtype)
             if self.xp is np:
                 self._self_blocks = s
@@ -197,16 +196,25 @@ def wbp(projector: ParallelBeamProjector, stack, window: str = "ramp"):
     return projector.back(ramp_filter(stack, window) * w)
 
 
-def sirt(projector: ParallelBeamProjector, stack, iterations: int = 20, start=None,
-         nonnegative: bool = False, callback=None):
+def sirt(
+    projector: ParallelBeamProjector,
+    stack,
+    iterations: int = 20,
+    start=None,
+    nonnegative: bool = False,
+    callback=None,
+):
     """SIRT: ``x += C A^T R (b - A x)`` with R, C the inverse row and column sums of A
     (Gregor & Benson 2008, IEEE Trans. Med. Imaging 27:918). ``start``: initial volume."""
     xp = projector.xp
     rows, cols = projector.sirt_scales()
     b = projector.to_sinograms(stack.astype(projector.dtype, copy=False))
     ny = b.shape[1]
-    x = (xp.zeros((projector.nz * projector.nx, ny), dtype=projector.dtype) if start is None
-         else projector.to_slices(start.astype(projector.dtype, copy=False)))
+    x = (
+        xp.zeros((projector.nz * projector.nx, ny), dtype=projector.dtype)
+        if start is None
+        else projector.to_slices(start.astype(projector.dtype, copy=False))
+    )
     for it in range(iterations):
         x += cols * (projector.at @ (rows * (b - projector.a @ x)))
         if nonnegative:
@@ -214,4 +222,3 @@ def sirt(projector: ParallelBeamProjector, stack, iterations: int = 20, start=No
         if callback is not None:
             callback(it)
     return projector.from_slices(x)
-

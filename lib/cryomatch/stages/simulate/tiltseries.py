@@ -72,34 +72,70 @@ def simulate_tiltseries(
     with Outputs() as outputs:
         write_mrc(out / "tiltseries.mrc", stack, pixel_size, labels, outputs, is_stack=True)
         write_tlt(out / "tiltseries.rawtlt", angles, outputs)
-        table = pd.DataFrame({"index": np.arange(len(angles)), "angle": angles,
-                              "shift_x": shifts[:, 0], "shift_y": shifts[:, 1]})
+        table = pd.DataFrame(
+            {
+                "index": np.arange(len(angles)),
+                "angle": angles,
+                "shift_x": shifts[:, 0],
+                "shift_y": shifts[:, 1],
+            }
+        )
         write_csv(out / "truth.csv", table, prov, outputs)
         write_xf(out / "truth.xf", geometry.tilt_axis_rotation(tilt_axis), shifts, outputs)
-        write_json(out / "truth.json", {"tilt_axis": tilt_axis, "noise_sigma": sigma,
-                                        "pixel_size": pixel_size, "provenance": prov}, outputs)
-        write_mrc(out / "phantom.mrc", voxelize(phantom, (size,) * 3), pixel_size, labels,
-                  outputs)
+        write_json(
+            out / "truth.json",
+            {
+                "tilt_axis": tilt_axis,
+                "noise_sigma": sigma,
+                "pixel_size": pixel_size,
+                "provenance": prov,
+            },
+            outputs,
+        )
+        write_mrc(out / "phantom.mrc", voxelize(phantom, (size,) * 3), pixel_size, labels, outputs)
     return out / "tiltseries.mrc"
 
 
 def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--size", type=int, default=64, help="image size in pixels")
-    p.add_argument("--tilts", type=float, nargs=3, default=(-60.0, 60.0, 2.0),
-                   metavar=("MIN", "MAX", "STEP"), help="tilt range in degrees")
+    p.add_argument(
+        "--tilts",
+        type=float,
+        nargs=3,
+        default=(-60.0, 60.0, 2.0),
+        metavar=("MIN", "MAX", "STEP"),
+        help="tilt range in degrees",
+    )
     p.add_argument("--max-shift", type=float, default=8.0, help="largest shift per axis, pixels")
-    p.add_argument("--noise", type=float, default=0.15,
-                   help="noise sigma as a fraction of the noise-free stack's standard deviation")
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=0.15,
+        help="noise sigma as a fraction of the noise-free stack's standard deviation",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--tilt-axis", type=float, default=0.0,
-                   help="tilt-axis angle, degrees counter-clockwise from +y")
+    p.add_argument(
+        "--tilt-axis",
+        type=float,
+        default=0.0,
+        help="tilt-axis angle, degrees counter-clockwise from +y",
+    )
     p.add_argument("--pixel-size", type=float, default=10.0, help="Angstrom per pixel")
     p.add_argument("--n-ellipsoids", type=int, default=24, help="number of ellipsoids")
     p.add_argument("--n-beads", type=int, default=12, help="number of beads")
 
 
 def run(args) -> None:
-    simulate_tiltseries(args.out, args.size, tuple(args.tilts), args.max_shift, args.noise,
-                        args.seed, args.tilt_axis, args.pixel_size, args.n_ellipsoids,
-                        args.n_beads)
+    simulate_tiltseries(
+        args.out,
+        args.size,
+        tuple(args.tilts),
+        args.max_shift,
+        args.noise,
+        args.seed,
+        args.tilt_axis,
+        args.pixel_size,
+        args.n_ellipsoids,
+        args.n_beads,
+    )

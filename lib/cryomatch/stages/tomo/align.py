@@ -101,8 +101,11 @@ def align_stack(
         raise CryomatchError(f"start {start} is not an image index (0..{n - 1})")
     data = stack.astype(np.float32, copy=False)
     units = {"PC": n - 1, "StackReg": n - 1, "COM": 2, "COM-CL": 2, "reprojection": 1 + iterations}
-    bar = progress(total=units[method], desc=f"align {method}", unit="step") \
-        if show_progressbar else None
+    bar = (
+        progress(total=units[method], desc=f"align {method}", unit="step")
+        if show_progressbar
+        else None
+    )
     step = bar.update if bar is not None else tiltalign._noop
     record = []
     try:
@@ -119,22 +122,33 @@ def align_stack(
                 if not 0 <= ref < n:
                     raise CryomatchError(f"reference index {ref} is not an image index")
             try:
-                shifts = tiltalign.shifts_com_cl(data, com_ref, cl_ref, cl_resolution,
-                                                 cl_div_factor, step)
+                shifts = tiltalign.shifts_com_cl(
+                    data, com_ref, cl_ref, cl_resolution, cl_div_factor, step
+                )
             except ValueError as exc:
                 raise CryomatchError(str(exc)) from None
         else:
             shifts, record = tiltalign.shifts_reprojection(
-                data, angles, start, initial, smooth_degree, iterations, tolerance,
-                thickness=thickness, xp=xp, progress=step)
+                data,
+                angles,
+                start,
+                initial,
+                smooth_degree,
+                iterations,
+                tolerance,
+                thickness=thickness,
+                xp=xp,
+                progress=step,
+            )
     finally:
         if bar is not None:
             bar.close()
     return StackAlignment(shifts, tiltalign.shift_stack(data, shifts), method, record)
 
 
-def reconstruct(aligned, angles, thickness: int | None = None, method: str = "wbp",
-                iterations: int = 30, xp=np) -> np.ndarray:
+def reconstruct(
+    aligned, angles, thickness: int | None = None, method: str = "wbp", iterations: int = 30, xp=np
+) -> np.ndarray:
     """Reconstruction (nz, ny, nx) of an aligned stack: weighted back-projection or SIRT."""
     projector = ParallelBeamProjector(angles, aligned.shape[2], thickness, xp=xp)
     data = xp.asarray(aligned, dtype=np.float32)
@@ -188,8 +202,9 @@ def tomo_align(
     result = align_stack(small, method, start, series.angles, xp=xp, **options)
     delta = 0.0
     if fit_tilt_axis:  # on the aligned stack, then align again about the fitted axis
-        delta = tiltalign.tilt_axis_angle(tiltalign.shift_stack(small, result.shifts),
-                                          tilt_axis_search)
+        delta = tiltalign.tilt_axis_angle(
+            tiltalign.shift_stack(small, result.shifts), tilt_axis_search
+        )
         if abs(delta) > 0.01:
             axis = series.tilt_axis + delta
             turned = tiltalign.rotate_stack(data, axis)
@@ -198,31 +213,45 @@ def tomo_align(
     shifts = result.shifts * binning
     offset = 0.0
     if center_axis:
-        offset = tiltalign.tilt_axis_offset(tiltalign.shift_stack(small, result.shifts),
-                                            series.angles) * binning
+        offset = (
+            tiltalign.tilt_axis_offset(tiltalign.shift_stack(small, result.shifts), series.angles)
+            * binning
+        )
         shifts[:, 0] -= offset
     aligned = tiltalign.shift_stack(turned, shifts)
     volume = reconstruct(aligned, series.angles, thickness, reconstruction, sirt_iterations, xp)
 
     labels = provenance.mrc_labels(prov)
     summary = {
-        "name": name, "stack": str(series.stack_path),
+        "name": name,
+        "stack": str(series.stack_path),
         "angles_file": str(series.angles_path) if series.angles_path else None,
-        "n_images": len(series.angles), "shape": list(series.data.shape[1:]),
-        "pixel_size": series.pixel_size, "method": method,
-        "tilt_axis": axis, "tilt_axis_nominal": series.tilt_axis, "tilt_axis_fit": delta,
-        "axis_offset": offset, "binning": binning, "invert": invert,
+        "n_images": len(series.angles),
+        "shape": list(series.data.shape[1:]),
+        "pixel_size": series.pixel_size,
+        "method": method,
+        "tilt_axis": axis,
+        "tilt_axis_nominal": series.tilt_axis,
+        "tilt_axis_fit": delta,
+        "axis_offset": offset,
+        "binning": binning,
+        "invert": invert,
         "record": [{"round": r[0], "max_update": r[1], "rms_update": r[2]} for r in result.record],
         "provenance": prov,
     }
     with Outputs() as outputs:
         write_shift_files(folder, name, series.angles, shifts, axis, prov, outputs)
-        write_mrc(folder / "aligned.mrc", aligned, series.pixel_size, labels, outputs,
-                  is_stack=True)
+        write_mrc(
+            folder / "aligned.mrc", aligned, series.pixel_size, labels, outputs, is_stack=True
+        )
         write_mrc(folder / "reconstruction.mrc", volume, series.pixel_size, labels, outputs)
         write_json(folder / "alignment.json", summary, outputs)
-        fig = summary_figure(series.angles, shifts, volume,
-                             f"{name}: {method}, tilt axis {axis:.2f} deg, offset {offset:.2f} px")
+        fig = summary_figure(
+            series.angles,
+            shifts,
+            volume,
+            f"{name}: {method}, tilt axis {axis:.2f} deg, offset {offset:.2f} px",
+        )
         save_png(fig, folder / "alignment.png", outputs)
     return folder
 
@@ -232,9 +261,12 @@ def add_method_arguments(p) -> None:
     p.add_argument("--stack", required=True, help="tilt series (MRC)")
     p.add_argument("--out", required=True, help="output folder (writes OUT/tomo/NAME)")
     p.add_argument("--name", help="name of the series (default: the stack's file stem)")
-    p.add_argument("--angles", nargs="+",
-                   help="a .rawtlt/.tlt/.mdoc file or the angles themselves (default: a file "
-                        "beside the stack)")
+    p.add_argument(
+        "--angles",
+        nargs="+",
+        help="a .rawtlt/.tlt/.mdoc file or the angles themselves (default: a file "
+        "beside the stack)",
+    )
     p.add_argument("--pixel-size", type=float, help="Angstrom per pixel (default: .mdoc/header)")
     p.add_argument("--invert", action="store_true", help="dark objects on a bright background")
     p.add_argument("--thickness", type=int, help="reconstruction thickness (default: width)")
@@ -258,15 +290,29 @@ def parse_angles(values):
 def add_arguments(p) -> None:
     add_method_arguments(p)
     p.add_argument("--method", default="reprojection", choices=METHODS)
-    p.add_argument("--tilt-axis", type=float,
-                   help="nominal tilt-axis angle, degrees counter-clockwise from +y "
-                        "(default: .mdoc, else 0)")
-    p.add_argument("--no-fit-tilt-axis", dest="fit_tilt_axis", action="store_false",
-                   help="keep the nominal tilt-axis angle")
-    p.add_argument("--tilt-axis-search", type=float, default=5.0,
-                   help="search the tilt axis within +- this many degrees of the nominal")
-    p.add_argument("--no-center-axis", dest="center_axis", action="store_false",
-                   help="do not move the tilt axis to the image centre")
+    p.add_argument(
+        "--tilt-axis",
+        type=float,
+        help="nominal tilt-axis angle, degrees counter-clockwise from +y (default: .mdoc, else 0)",
+    )
+    p.add_argument(
+        "--no-fit-tilt-axis",
+        dest="fit_tilt_axis",
+        action="store_false",
+        help="keep the nominal tilt-axis angle",
+    )
+    p.add_argument(
+        "--tilt-axis-search",
+        type=float,
+        default=5.0,
+        help="search the tilt axis within +- this many degrees of the nominal",
+    )
+    p.add_argument(
+        "--no-center-axis",
+        dest="center_axis",
+        action="store_false",
+        help="do not move the tilt axis to the image centre",
+    )
     p.add_argument("--start", type=int, help="image index to start from (default: nearest 0)")
     p.add_argument("--binning", type=int, default=1, help="align at this binning")
     p.add_argument("--reconstruction", default="wbp", choices=["wbp", "sirt"])
@@ -279,22 +325,51 @@ def add_arguments(p) -> None:
     p.add_argument("--cl-ref-index", type=int, help="COM-CL: common-line reference image")
     p.add_argument("--cl-resolution", type=float, help="COM-CL: subpixel resolution (0.05)")
     p.add_argument("--cl-div-factor", type=int, help="COM-CL: subdivision factor (8)")
-    p.add_argument("--initial", choices=["COM", "chain"],
-                   help="reprojection: first guess (default COM)")
+    p.add_argument(
+        "--initial", choices=["COM", "chain"], help="reprojection: first guess (default COM)"
+    )
     p.add_argument("--iterations", type=int, help="reprojection: largest number of rounds (10)")
     p.add_argument("--tolerance", type=float, help="reprojection: stop below (0.01 px)")
-    p.add_argument("--smooth-degree", type=int,
-                   help="reprojection: slow terms kept from the first guess (8)")
+    p.add_argument(
+        "--smooth-degree", type=int, help="reprojection: slow terms kept from the first guess (8)"
+    )
 
 
-OPTION_NAMES = ("upsample_factor", "xrange", "p", "nslices", "com_ref_index", "cl_ref_index",
-                "cl_resolution", "cl_div_factor", "initial", "iterations", "tolerance",
-                "smooth_degree")
+OPTION_NAMES = (
+    "upsample_factor",
+    "xrange",
+    "p",
+    "nslices",
+    "com_ref_index",
+    "cl_ref_index",
+    "cl_resolution",
+    "cl_div_factor",
+    "initial",
+    "iterations",
+    "tolerance",
+    "smooth_degree",
+)
 
 
 def run(args) -> None:
     options = {k: getattr(args, k) for k in OPTION_NAMES if getattr(args, k) is not None}
-    tomo_align(args.stack, args.out, args.name, parse_angles(args.angles), args.method,
-               args.tilt_axis, args.fit_tilt_axis, args.tilt_axis_search, args.center_axis,
-               args.start, args.binning, args.invert, args.thickness, args.reconstruction,
-               args.sirt_iterations, args.pixel_size, args.backend, **options)
+    tomo_align(
+        args.stack,
+        args.out,
+        args.name,
+        parse_angles(args.angles),
+        args.method,
+        args.tilt_axis,
+        args.fit_tilt_axis,
+        args.tilt_axis_search,
+        args.center_axis,
+        args.start,
+        args.binning,
+        args.invert,
+        args.thickness,
+        args.reconstruction,
+        args.sirt_iterations,
+        args.pixel_size,
+        args.backend,
+        **options,
+    )

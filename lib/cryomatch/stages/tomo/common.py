@@ -36,15 +36,23 @@ class TiltSeries:
 
 def find_angle_file(stack: Path) -> Path | None:
     """A tilt-angle file beside the stack: STEM.rawtlt, STEM.tlt, STACK.mdoc or STEM.mdoc."""
-    for candidate in (stack.with_suffix(".rawtlt"), stack.with_suffix(".tlt"),
-                      stack.with_name(stack.name + ".mdoc"), stack.with_suffix(".mdoc")):
+    for candidate in (
+        stack.with_suffix(".rawtlt"),
+        stack.with_suffix(".tlt"),
+        stack.with_name(stack.name + ".mdoc"),
+        stack.with_suffix(".mdoc"),
+    ):
         if candidate.is_file():
             return candidate
     return None
 
 
-def read_tilt_series(stack: str | os.PathLike, angles=None, tilt_axis: float | None = None,
-                     pixel_size: float | None = None) -> TiltSeries:
+def read_tilt_series(
+    stack: str | os.PathLike,
+    angles=None,
+    tilt_axis: float | None = None,
+    pixel_size: float | None = None,
+) -> TiltSeries:
     """Open an MRC tilt series (permissively, with a warning, when its header is broken) and
     its angles: a .rawtlt/.tlt/.mdoc path, a list of numbers, or None for a file beside the
     stack. The tilt axis comes from the argument, else the .mdoc, else 0; the pixel size from
@@ -56,21 +64,25 @@ def read_tilt_series(stack: str | os.PathLike, angles=None, tilt_axis: float | N
     if data.ndim != 3 or data.shape[0] < 2:
         raise CryomatchError(
             f"expected a tilt series (a stack of at least 2 images), found a single image of "
-            f"shape {data.shape}", stack)
+            f"shape {data.shape}",
+            stack,
+        )
     check_finite(data, stack)
     angles_path = None
     if angles is None:
         angles_path = find_angle_file(stack)
         if angles_path is None:
-            raise CryomatchError("no tilt angles: give them, or put STEM.rawtlt/.tlt/.mdoc "
-                                 "beside the stack", stack)
+            raise CryomatchError(
+                "no tilt angles: give them, or put STEM.rawtlt/.tlt/.mdoc beside the stack", stack
+            )
     elif isinstance(angles, (str, os.PathLike)):
         angles_path = Path(angles)
     meta = read_angles(angles_path) if angles_path else TiltMetadata(np.asarray(angles, float))
     source = angles_path or stack
     if len(meta.angles) != len(data):
-        raise CryomatchError(f"{len(meta.angles)} tilt angles for {len(data)} images in "
-                             f"{stack.name}", source)
+        raise CryomatchError(
+            f"{len(meta.angles)} tilt angles for {len(data)} images in {stack.name}", source
+        )
     values, counts = np.unique(np.round(meta.angles, 3), return_counts=True)
     if (counts > 1).any():
         raise CryomatchError(f"duplicate tilt angles: {values[counts > 1].tolist()}", source)
@@ -80,15 +92,26 @@ def read_tilt_series(stack: str | os.PathLike, angles=None, tilt_axis: float | N
         pixel_size = meta.pixel_size
     if pixel_size is None:
         if header_pixel > 0:
-            warnings.warn(f"{stack}: pixel size {header_pixel:g} A from the MRC header (headers "
-                          "are often wrong; give pixel_size)", CryomatchWarning, stacklevel=2)
+            warnings.warn(
+                f"{stack}: pixel size {header_pixel:g} A from the MRC header (headers "
+                "are often wrong; give pixel_size)",
+                CryomatchWarning,
+                stacklevel=2,
+            )
             pixel_size = header_pixel
         else:
-            warnings.warn(f"{stack}: no pixel size anywhere; using 1 A", CryomatchWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"{stack}: no pixel size anywhere; using 1 A", CryomatchWarning, stacklevel=2
+            )
             pixel_size = 1.0
-    return TiltSeries(data, np.asarray(meta.angles, dtype=np.float64), float(tilt_axis),
-                      float(pixel_size), stack, angles_path)
+    return TiltSeries(
+        data,
+        np.asarray(meta.angles, dtype=np.float64),
+        float(tilt_axis),
+        float(pixel_size),
+        stack,
+        angles_path,
+    )
 
 
 def check_order(angles, method: str, source) -> None:
@@ -98,7 +121,9 @@ def check_order(angles, method: str, source) -> None:
         raise CryomatchError(
             f"method {method} registers neighbouring images, but the tilt angles are not in "
             "order (dose-symmetric acquisition?): sort the stack by tilt, or use COM, COM-CL "
-            "or reprojection", source)
+            "or reprojection",
+            source,
+        )
 
 
 def prepare(data: np.ndarray, invert: bool = False) -> np.ndarray:
@@ -112,11 +137,18 @@ def prepare(data: np.ndarray, invert: bool = False) -> np.ndarray:
     return out / (scale if scale > 0 else 1.0)
 
 
-def write_shift_files(folder: Path, stem: str, angles, shifts, tilt_axis: float, prov, outputs,
-                      prefix: str = "") -> None:
+def write_shift_files(
+    folder: Path, stem: str, angles, shifts, tilt_axis: float, prov, outputs, prefix: str = ""
+) -> None:
     """``{prefix}shifts.csv``, IMOD ``{stem}.xf`` and ``{stem}.tlt``."""
-    table = pd.DataFrame({"index": np.arange(len(angles)), "angle": angles,
-                          "shift_x": shifts[:, 0], "shift_y": shifts[:, 1]})
+    table = pd.DataFrame(
+        {
+            "index": np.arange(len(angles)),
+            "angle": angles,
+            "shift_x": shifts[:, 0],
+            "shift_y": shifts[:, 1],
+        }
+    )
     write_csv(folder / f"{prefix}shifts.csv", table, prov, outputs)
     write_xf(folder / f"{stem}.xf", geometry.tilt_axis_rotation(tilt_axis), shifts, outputs)
     write_tlt(folder / f"{stem}.tlt", angles, outputs)
@@ -155,19 +187,23 @@ def summary_figure(angles, shifts, volume, title: str, record=None):
     k = 1
     if record is not None:
         it = [r["iteration"] for r in record]
-        axes[1].semilogy(it, [max(r["max_shift"], 1e-4) for r in record], "o-", ms=3,
-                         label="max")
-        axes[1].semilogy(it, [max(r["rms_shift"], 1e-4) for r in record], "s-", ms=3,
-                         label="rms")
+        axes[1].semilogy(it, [max(r["max_shift"], 1e-4) for r in record], "o-", ms=3, label="max")
+        axes[1].semilogy(it, [max(r["rms_shift"], 1e-4) for r in record], "s-", ms=3, label="rms")
         axes[1].set_xlabel("iteration")
         axes[1].set_ylabel("shift found (pixels)")
         axes[1].legend(fontsize=7)
         k = 2
     volume = np.asarray(volume)
     cz, cy, cx = (s // 2 for s in volume.shape)
-    for ax, (name, plane) in zip(axes[k:], [("xy (z centre)", volume[cz]),
-                                            ("xz (y centre)", volume[:, cy]),
-                                            ("yz (x centre)", volume[:, :, cx])], strict=True):
+    for ax, (name, plane) in zip(
+        axes[k:],
+        [
+            ("xy (z centre)", volume[cz]),
+            ("xz (y centre)", volume[:, cy]),
+            ("yz (x centre)", volume[:, :, cx]),
+        ],
+        strict=True,
+    ):
         ax.imshow(plane, cmap="gray", origin="lower")
         ax.set_title(name, fontsize=8)
         ax.set_axis_off()

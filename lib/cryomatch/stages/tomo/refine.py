@@ -112,29 +112,70 @@ def tomo_refine(
     bar = progress(total=maxiter, desc="phase matching", unit="it")
     try:
         result = run_phase_matching_alignment(
-            turned, series.angles, start, ignored, (crop, crop), maxiter, upsampling,
-            shift_tolerance, shift_cutoff, relative_sample_size, relaxation_weight,
-            center_of_mass_shift_weight, align_j, align_k, reconstruction,
-            reconstruction_iterations, thickness, normalization, seed, xp,
-            callback=lambda row: bar.update(1))
+            turned,
+            series.angles,
+            start,
+            ignored,
+            (crop, crop),
+            maxiter,
+            upsampling,
+            shift_tolerance,
+            shift_cutoff,
+            relative_sample_size,
+            relaxation_weight,
+            center_of_mass_shift_weight,
+            align_j,
+            align_k,
+            reconstruction,
+            reconstruction_iterations,
+            thickness,
+            normalization,
+            seed,
+            xp,
+            callback=lambda row: bar.update(1),
+        )
     except ValueError as exc:
         raise CryomatchError(str(exc)) from None
     finally:
         bar.close()
     refined = result["shifts"]
     aligned = tiltalign.shift_stack(turned, refined)
-    volume = reconstruct(aligned, series.angles, thickness, "sirt" if reconstruction == "sirt"
-                         else "wbp", max(reconstruction_iterations, 10), xp)
+    volume = reconstruct(
+        aligned,
+        series.angles,
+        thickness,
+        "sirt" if reconstruction == "sirt" else "wbp",
+        max(reconstruction_iterations, 10),
+        xp,
+    )
     folder = Path(out) / "tomo" / name
     record = result["record"]
     with Outputs() as outputs:
-        write_shift_files(folder, f"{name}_refined", series.angles, refined, series.tilt_axis,
-                          prov, outputs, prefix="refined_")
+        write_shift_files(
+            folder,
+            f"{name}_refined",
+            series.angles,
+            refined,
+            series.tilt_axis,
+            prov,
+            outputs,
+            prefix="refined_",
+        )
         write_csv(folder / "refinement.csv", pd.DataFrame(record), prov, outputs)
-        write_mrc(folder / "refined_reconstruction.mrc", to_numpy(volume), series.pixel_size,
-                  provenance.mrc_labels(prov), outputs)
-        fig = summary_figure(series.angles, refined, volume,
-                             f"{name}: phase matching, {len(record)} iterations", record)
+        write_mrc(
+            folder / "refined_reconstruction.mrc",
+            to_numpy(volume),
+            series.pixel_size,
+            provenance.mrc_labels(prov),
+            outputs,
+        )
+        fig = summary_figure(
+            series.angles,
+            refined,
+            volume,
+            f"{name}: phase matching, {len(record)} iterations",
+            record,
+        )
         save_png(fig, folder / "refinement.png", outputs)
     return folder
 
@@ -148,30 +189,68 @@ def add_arguments(p) -> None:
     p.add_argument("--upsampling", type=int, default=10, help="subpixel upsampling factor")
     p.add_argument("--shift-tolerance", type=float, help="stop below (default 1/upsampling)")
     p.add_argument("--shift-cutoff", type=float, help="largest step (default 5/upsampling)")
-    p.add_argument("--relative-sample-size", type=float, default=1.0,
-                   help="fraction of images aligned per iteration")
+    p.add_argument(
+        "--relative-sample-size",
+        type=float,
+        default=1.0,
+        help="fraction of images aligned per iteration",
+    )
     p.add_argument("--relaxation-weight", type=float, default=0.0)
     p.add_argument("--center-of-mass-shift-weight", type=float, default=0.0)
-    p.add_argument("--no-align-j", dest="align_j", action="store_false",
-                   help="keep shifts across the axis")
-    p.add_argument("--no-align-k", dest="align_k", action="store_false",
-                   help="keep shifts along the axis")
+    p.add_argument(
+        "--no-align-j", dest="align_j", action="store_false", help="keep shifts across the axis"
+    )
+    p.add_argument(
+        "--no-align-k", dest="align_k", action="store_false", help="keep shifts along the axis"
+    )
     p.add_argument("--ignored-subset", type=int, nargs="+", help="image indices kept fixed")
-    p.add_argument("--projection-cropping", type=int, default=0,
-                   help="border (pixels) left out of the comparison")
-    p.add_argument("--reconstruction", default="sirt", choices=["sirt", "wbp", "loo"],
-                   help="sirt (as mumott), wbp, or loo: leave-one-out WBP reprojections")
+    p.add_argument(
+        "--projection-cropping",
+        type=int,
+        default=0,
+        help="border (pixels) left out of the comparison",
+    )
+    p.add_argument(
+        "--reconstruction",
+        default="sirt",
+        choices=["sirt", "wbp", "loo"],
+        help="sirt (as mumott), wbp, or loo: leave-one-out WBP reprojections",
+    )
     p.add_argument("--reconstruction-iterations", type=int, default=10)
-    p.add_argument("--normalization", choices=["phase"],
-                   help="'phase' whitens the correlation (default: plain correlation)")
+    p.add_argument(
+        "--normalization",
+        choices=["phase"],
+        help="'phase' whitens the correlation (default: plain correlation)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the image sampling")
 
 
 def run(args) -> None:
-    tomo_refine(args.stack, args.out, args.alignment, args.shifts, args.name,
-                parse_angles(args.angles), args.tilt_axis, args.invert or None,
-                args.pixel_size, args.thickness, args.maxiter, args.upsampling,
-                args.shift_tolerance, args.shift_cutoff, args.relative_sample_size,
-                args.relaxation_weight, args.center_of_mass_shift_weight, args.align_j,
-                args.align_k, args.ignored_subset, args.projection_cropping, args.reconstruction,
-                args.reconstruction_iterations, args.normalization, args.seed, args.backend)
+    tomo_refine(
+        args.stack,
+        args.out,
+        args.alignment,
+        args.shifts,
+        args.name,
+        parse_angles(args.angles),
+        args.tilt_axis,
+        args.invert or None,
+        args.pixel_size,
+        args.thickness,
+        args.maxiter,
+        args.upsampling,
+        args.shift_tolerance,
+        args.shift_cutoff,
+        args.relative_sample_size,
+        args.relaxation_weight,
+        args.center_of_mass_shift_weight,
+        args.align_j,
+        args.align_k,
+        args.ignored_subset,
+        args.projection_cropping,
+        args.reconstruction,
+        args.reconstruction_iterations,
+        args.normalization,
+        args.seed,
+        args.backend,
+    )

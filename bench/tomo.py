@@ -67,13 +67,18 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def run_other(python, script, args) -> bool:
-    done = subprocess.run(
-        [python, str(HERE / script), *map(str, args)], capture_output=True, text=True
-    )
-    if done.returncode:
-        print(f"  {script} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return done.returncode == 0
+def run_other(python, script, arrays, *args):
+    """Run a driver script in another environment on ``arrays``; its output npz or None."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
+        np.savez(src, **arrays)
+        done = subprocess.run(
+            [python, str(HERE / script), str(src), str(dst), *args], capture_output=True, text=True
+        )
+        if done.returncode:
+            print(f"  {script} failed: {done.stderr.strip().splitlines()[-1:]}")
+            return None
+        return dict(np.load(dst))
 
 
 def bench_phase_matching(ref, mumott_python):
@@ -98,17 +103,16 @@ def bench_phase_matching(ref, mumott_python):
             f"{seconds / ref:.0f} x ref; mumott idle 57 s -> {57 / seconds:.0f}x faster)"
         )
     if mumott_python:
-        with tempfile.TemporaryDirectory() as tmp:
-            src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
-            np.savez(src, stack=stack, angles=angles, maxiter=20)
-            if run_other(mumott_python, "mumott_driver.py", [src, dst]):
-                z = np.load(dst)
-                # mumott's offsets move the projection onto the data: ours with either sign
-                err = min(rms_error(s * z["shifts"], truth, angles) for s in (1, -1))
-                print(
-                    f"  mumott 2.3 (MITRA 10, upsampling 1): {err:.3f} px in "
-                    f"{float(z['seconds']):.1f} s (same run, same data)"
-                )
+        z = run_other(
+            mumott_python, "mumott_driver.py", dict(stack=stack, angles=angles, maxiter=20)
+        )
+        if z is not None:
+            # mumott's offsets move the projection onto the data: ours with either sign
+            err = min(rms_error(s * z["shifts"], truth, angles) for s in (1, -1))
+            print(
+                f"  mumott 2.3 (MITRA 10, upsampling 1): {err:.3f} px in "
+                f"{float(z['seconds']):.1f} s (same run, same data)"
+            )
 
 
 def bench_methods(ref, etspy_python):
@@ -124,21 +128,15 @@ def bench_methods(ref, etspy_python):
             f"error {err:.3f} px"
         )
     if etspy_python:
-        with tempfile.TemporaryDirectory() as tmp:
-            src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
-            np.savez(src, stack=stack, angles=angles)
-            methods = ["PC", "COM", "COM-CL", "StackReg"]
-            if run_other(etspy_python, "etspy_driver.py", [src, dst, *methods]):
-                z = np.load(dst)
-                for m in methods:
-                    seconds = float(z[f"{m}_seconds"])
-                    if f"{m}_shifts" in z:
-                        err = f"error {rms_error(z[f'{m}_shifts'], truth, angles):.3f} px"
-                    else:
-                        err = str(z[f"{m}_error"])
-                    print(
-                        f"  etspy     {m:12s} {seconds:7.2f} s ({seconds / ref:6.0f} x ref)  {err}"
-                    )
+        methods = ["PC", "COM", "COM-CL", "StackReg"]
+        z = run_other(etspy_python, "etspy_driver.py", dict(stack=stack, angles=angles), *methods)
+        for m in methods if z is not None else []:
+            seconds = float(z[f"{m}_seconds"])
+            if f"{m}_shifts" in z:
+                err = f"error {rms_error(z[f'{m}_shifts'], truth, angles):.3f} px"
+            else:
+                err = str(z[f"{m}_error"])
+            print(f"  etspy     {m:12s} {seconds:7.2f} s ({seconds / ref:6.0f} x ref)  {err}")
 
 
 def main():

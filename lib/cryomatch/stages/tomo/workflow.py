@@ -26,8 +26,9 @@ def tomo_series(tomo_config: dict, demo_folder: str, demo_config: dict) -> dict:
 
 
 def series_inputs(entry: dict) -> list[str]:
-    """The files of one series that a rule reads."""
-    return [entry["stack"]] + ([entry["angles"]] if entry.get("angles") else [])
+    """The files of one series that a rule reads (angles may be a file or a list)."""
+    angles = entry.get("angles")
+    return [entry["stack"]] + ([angles] if isinstance(angles, str) else [])
 
 
 def series_options(entry: dict, refine: bool = False) -> str:

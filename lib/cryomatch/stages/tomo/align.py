@@ -15,8 +15,9 @@ and the raw images turned and aligned again; with ``center_axis`` the axis offse
 the shifts.
 
 Outputs in OUT/tomo/NAME: ``shifts.csv`` (index, angle, shift_x, shift_y in pixels of the
-input), ``NAME.xf`` and ``NAME.tlt`` (IMOD), ``aligned.mrc`` (the aligned stack, tilt axis
-along y), ``reconstruction.mrc`` (WBP or SIRT, (z, y, x)), ``alignment.json`` (tilt axis,
+input), ``NAME.xf`` and ``NAME.tlt`` (IMOD), ``aligned.mrc`` (the input images turned and
+shifted: tilt axis along y), ``reconstruction.mrc`` (WBP or SIRT of the aligned images with
+their background removed and, with ``invert``, their contrast inverted; (z, y, x)), ``alignment.json`` (tilt axis,
 offset, method, record) and ``alignment.png``.
 """
 
@@ -218,8 +219,9 @@ def tomo_align(
             * binning
         )
         shifts[:, 0] -= offset
-    aligned = tiltalign.shift_stack(turned, shifts)
-    volume = reconstruct(aligned, series.angles, thickness, reconstruction, sirt_iterations, xp)
+    volume = reconstruct(tiltalign.shift_stack(turned, shifts), series.angles, thickness,
+                         reconstruction, sirt_iterations, xp)
+    aligned = tiltalign.shift_stack(tiltalign.rotate_stack(series.data, axis), shifts)
 
     labels = provenance.mrc_labels(prov)
     summary = {

@@ -127,14 +127,12 @@ def check_order(angles, method: str, source) -> None:
 
 
 def prepare(data: np.ndarray, invert: bool = False) -> np.ndarray:
-    """Images for alignment: contrast inverted when asked (dark objects), background (median
-    of each image's frame) removed, scaled to unit standard deviation."""
+    """Images for alignment and reconstruction: contrast inverted when asked (dark objects
+    become positive density) and each image's background (median of its frame) removed."""
     from ...kernels.tiltalign import background_level
 
     out = -data if invert else data.astype(np.float32, copy=True)
-    out = out - background_level(out)[:, None, None]
-    scale = float(out.std())
-    return out / (scale if scale > 0 else 1.0)
+    return out - background_level(out)[:, None, None]
 
 
 def write_shift_files(

@@ -140,14 +140,8 @@ def tomo_refine(
         bar.close()
     refined = result["shifts"]
     aligned = tiltalign.shift_stack(turned, refined)
-    volume = reconstruct(
-        aligned,
-        series.angles,
-        thickness,
-        "sirt" if reconstruction == "sirt" else "wbp",
-        max(reconstruction_iterations, 10),
-        xp,
-    )
+    method = "sirt" if reconstruction == "sirt" else "wbp"
+    volume = reconstruct(aligned, series.angles, thickness, method, reconstruction_iterations, xp)
     folder = Path(out) / "tomo" / name
     record = result["record"]
     with Outputs() as outputs:

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-import etspy
+import etspy.api as etspy
 import numpy as np
 
 logging.disable(logging.WARNING)

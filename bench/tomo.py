@@ -15,7 +15,7 @@ Errors are rms over tilts of |shift error| after removing the unobservable compo
 a reference measured in the same run (a 1024^2 float32 matrix product), since absolute times
 are noisy on a shared machine.
 
-    python bench/tomo.py [--mumott PYTHON] [--etspy PYTHON] [--skip-256]
+    python bench/tomo.py [--mumott PYTHON] [--etspy PYTHON] [--only phase-matching|methods]
 """
 
 from __future__ import annotations
@@ -143,12 +143,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mumott", help="python of an environment with mumott")
     parser.add_argument("--etspy", help="python of an environment with etspy")
-    parser.add_argument("--skip-256", action="store_true", help="only the phase matching")
+    parser.add_argument("--only", choices=["phase-matching", "methods"], help="one part only")
     args = parser.parse_args()
     ref = reference_seconds()
     print(f"reference: 1024^2 float32 matrix product {ref * 1e3:.1f} ms")
-    bench_phase_matching(ref, args.mumott)
-    if not args.skip_256:
+    if args.only != "methods":
+        bench_phase_matching(ref, args.mumott)
+    if args.only != "phase-matching":
         bench_methods(ref, args.etspy)
 
 

@@ -166,7 +166,7 @@ def shifts_stackreg(stack, start: int, batch_size: int = 16, progress=_noop):
     """Chained pyramid least-squares translation (etspy 'StackReg'; Thevenaz et al. 1998)."""
 
     def register(ref, mov):
-        return lsq_translation(ref.astype(np.float64), mov.astype(np.float64))
+        return lsq_translation(ref.astype(np.float32), mov.astype(np.float32))
 
     return pairwise_shifts(stack, start, register, batch_size, progress)
 

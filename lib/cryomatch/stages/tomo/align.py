@@ -9,16 +9,16 @@ reprojections; nothing chained). ``start`` defaults to the tilt nearest 0 degree
 
 The raw images are first turned so that the tilt axis (nominal angle from the config or the
 .mdoc) runs along y and aligned; with ``fit_tilt_axis`` the residual angle is then estimated
-from the common line of the aligned stack (:func:`~cryomatch.kernels.tiltalign.tilt_axis_angle`)
+from the common line of the aligned stack (:func:`~cryomatch.kernels.tiltaxis.tilt_axis_angle`)
 and the raw images turned and aligned again; with ``center_axis`` the axis offset
-(centre-of-mass fit, :func:`~cryomatch.kernels.tiltalign.tilt_axis_offset`) is removed from
+(centre-of-mass fit, :func:`~cryomatch.kernels.tiltaxis.tilt_axis_offset`) is removed from
 the shifts.
 
 Outputs in OUT/tomo/NAME: ``shifts.csv`` (index, angle, shift_x, shift_y in pixels of the
 input), ``NAME.xf`` and ``NAME.tlt`` (IMOD), ``aligned.mrc`` (the input images turned and
 shifted: tilt axis along y), ``reconstruction.mrc`` (WBP or SIRT of the aligned images with
-their background removed and, with ``invert``, their contrast inverted; (z, y, x)), ``alignment.json`` (tilt axis,
-offset, method, record) and ``alignment.png``.
+their background removed and, with ``invert``, their contrast inverted; (z, y, x)),
+``alignment.json`` (tilt axis, offset, method, record) and ``alignment.png``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ...io.atomic import Outputs
 from ...io.figures import save_png
 from ...io.files import write_json
 from ...io.mrc import write_mrc
-from ...kernels import tiltalign
+from ...kernels import tiltalign, tiltaxis
 from ...kernels.tomography import ParallelBeamProjector, sirt, wbp
 from ...progress import progress
 from .common import check_order, prepare, read_tilt_series, summary_figure, write_shift_files
@@ -203,7 +203,7 @@ def tomo_align(
     result = align_stack(small, method, start, series.angles, xp=xp, **options)
     delta = 0.0
     if fit_tilt_axis:  # on the aligned stack, then align again about the fitted axis
-        delta = tiltalign.tilt_axis_angle(
+        delta = tiltaxis.tilt_axis_angle(
             tiltalign.shift_stack(small, result.shifts), tilt_axis_search
         )
         if abs(delta) > 0.01:
@@ -215,7 +215,7 @@ def tomo_align(
     offset = 0.0
     if center_axis:
         offset = (
-            tiltalign.tilt_axis_offset(tiltalign.shift_stack(small, result.shifts), series.angles)
+            tiltaxis.tilt_axis_offset(tiltalign.shift_stack(small, result.shifts), series.angles)
             * binning
         )
         shifts[:, 0] -= offset

@@ -122,3 +122,60 @@ def recentre_origin(psi, origin, mirror, centre_shift):
     """
     linv = inplane_matrix(psi) @ _mirror_matrix(mirror)
     return np.asarray(origin) - np.einsum("...ij,...j->...i", linv, np.asarray(centre_shift))
+
+
+# --- single-axis tilt series ----------------------------------------------------------------
+# A tilt series is a set of projections at Euler angles (rot, tilt, psi) = (0, theta, 0): the
+# map turns about its y axis, so a map point (X, Y, Z) lands on the image at
+# (u, v) = (X cos theta - Z sin theta, Y) (first two rows of RELION's A; see above). In an
+# aligned stack the tilt axis therefore runs along the image's y axis (IMOD's convention too).
+#
+# Raw images may have the axis at an angle phi (degrees, counter-clockwise from the image's
+# +y axis: IMOD's and SerialEM's "tilt axis angle") and be displaced. The alignment of image i
+# is IMOD's .xf transform: ``aligned(R q + s_i) = raw(q)`` for coordinates q about the image
+# centre, with R = :func:`tilt_axis_rotation` (phi) and s_i the shift (x, y) in pixels; in
+# words, the shift moves the (rotated) image content by +s_i. The simulator writes the same
+# shifts as truth.
+def tilt_matrices(angles) -> np.ndarray:
+    """RELION's A (n, 3, 3) for tilt angles in degrees (rotation about the map's y axis)."""
+    angles = np.asarray(angles, dtype=np.float64)
+    return euler_to_matrix(np.zeros_like(angles), angles, np.zeros_like(angles))
+
+
+def tilt_projection_x(x, z, angles) -> np.ndarray:
+    """Image x coordinate ``X cos(theta) - Z sin(theta)`` of map points (X, Z) at each tilt
+    (angles in degrees; broadcasts angles (n, 1, ...) against points)."""
+    t = np.deg2rad(np.asarray(angles, dtype=np.float64))
+    return np.asarray(x) * np.cos(t) - np.asarray(z) * np.sin(t)
+
+
+def tilt_axis_rotation(phi) -> np.ndarray:
+    """The 2x2 matrix (on (x, y)) that turns a tilt axis at ``phi`` degrees counter-clockwise
+    from +y onto +y: a rotation by -phi (IMOD .xf's A11 A12 / A21 A22)."""
+    p = np.deg2rad(float(phi))
+    c, s = np.cos(p), np.sin(p)
+    return np.array([[c, s], [-s, c]])
+
+
+def unobservable_shift_basis(angles) -> tuple[np.ndarray, np.ndarray]:
+    """Bases (n, k) of the shift components a tilt series cannot determine.
+
+    Moving the object by (tx, ty, tz) moves its projection at tilt theta by
+    (tx cos theta - tz sin theta, ty) (:func:`tilt_projection_x`); a constant x shift is the
+    position of the tilt axis, which alignment alone fixes only weakly. So shifts across the
+    axis (x) are known up to span(1, cos, sin), shifts along it (y) up to a constant.
+    """
+    t = np.deg2rad(np.asarray(angles, dtype=np.float64))
+    across = np.stack([np.ones_like(t), np.cos(t), np.sin(t)], axis=1)
+    return across, np.ones((len(t), 1))
+
+
+def remove_unobservable(shifts, angles) -> np.ndarray:
+    """Shifts (n, 2) = (x, y) minus their least-squares fit by the unobservable components
+    (:func:`unobservable_shift_basis`); compare two alignments after this."""
+    shifts = np.asarray(shifts, dtype=np.float64)
+    out = shifts.copy()
+    for column, basis in enumerate(unobservable_shift_basis(angles)):
+        coef, *_ = np.linalg.lstsq(basis, shifts[:, column], rcond=None)
+        out[:, column] -= basis @ coef
+    return out

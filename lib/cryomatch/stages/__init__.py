@@ -8,4 +8,6 @@ Each stage module offers a Python function, plus ``add_arguments(parser)`` and
 COMMANDS = [
     ("simulate", "simulate", "make demo data with known answers (particles, ...)"),
     ("preprocess", "preprocess", "normalize, Fourier-crop and split particle stacks"),
+    ("tomo-align", "tomo.align", "align a tilt series (shifts, tilt axis) and reconstruct it"),
+    ("tomo-refine", "tomo.refine", "refine tilt-series shifts by phase matching (mumott)"),
 ]

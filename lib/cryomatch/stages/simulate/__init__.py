@@ -7,6 +7,7 @@ import importlib
 # (kind, module under cryomatch.stages.simulate, help); one line per kind.
 KINDS = [
     ("particles", "particles", "particle images of phantom structures or maps, with CTF and noise"),
+    ("tiltseries", "tiltseries", "tilt series of an ellipsoid-and-bead phantom, known shifts"),
 ]
 
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from cryomatch.geometry import remove_unobservable
 from cryomatch.kernels.ellipsoids import project, random_phantom
 from cryomatch.kernels.phasematch import run_phase_matching_alignment

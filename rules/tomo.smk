@@ -21,12 +21,12 @@ rule simulate_tiltseries:
     benchmark:
         f"{BENCH}/simulate_tiltseries.tsv"
     conda:
-        "../envs/cryomatch.yaml"
+        conda_env()
+    threads: res("simulate_tiltseries", "cpus_per_task")
     resources:
-        mem_mb=res("simulate_tiltseries", "mem_mb"),
-        runtime=res("simulate_tiltseries", "runtime"),
-        cpus_per_task=res("simulate_tiltseries", "cpus_per_task"),
+        **rule_resources("simulate_tiltseries"),
     params:
+        cryomatch=CRYOMATCH,
         out=lambda wildcards, output: os.path.dirname(output.stack),
         opts=cli_options(
             {**DEMO_TILTSERIES, "seed": config["demo"]["seed"]},
@@ -41,7 +41,7 @@ rule simulate_tiltseries:
             },
         ),
     shell:
-        "cryomatch simulate tiltseries --out {params.out} {params.opts} > {log} 2>&1"
+        "{params.cryomatch} simulate tiltseries --out {params.out} {params.opts} > {log} 2>&1"
 
 
 rule tomo_align:
@@ -67,12 +67,12 @@ rule tomo_align:
     wildcard_constraints:
         name="[^/]+",
     conda:
-        "../envs/cryomatch.yaml"
+        conda_env(gpu_capable=True)
+    threads: res("tomo_align", "cpus_per_task")
     resources:
-        mem_mb=res("tomo_align", "mem_mb"),
-        runtime=res("tomo_align", "runtime"),
-        cpus_per_task=res("tomo_align", "cpus_per_task"),
+        **rule_resources("tomo_align", gpu_capable=True),
     params:
+        cryomatch=CRYOMATCH,
         out=lambda wildcards, output: os.path.dirname(
             os.path.dirname(os.path.dirname(output.shifts))
         ),
@@ -106,7 +106,7 @@ rule tomo_align:
             },
         ),
     shell:
-        "cryomatch tomo-align --stack {params.stack} --out {params.out} --name {wildcards.name}"
+        "{params.cryomatch} tomo-align --stack {params.stack} --out {params.out} --name {wildcards.name}"
         " {params.series} {params.opts} > {log} 2>&1"
 
 
@@ -134,12 +134,12 @@ rule tomo_refine:
     wildcard_constraints:
         name="[^/]+",
     conda:
-        "../envs/cryomatch.yaml"
+        conda_env(gpu_capable=True)
+    threads: res("tomo_refine", "cpus_per_task")
     resources:
-        mem_mb=res("tomo_refine", "mem_mb"),
-        runtime=res("tomo_refine", "runtime"),
-        cpus_per_task=res("tomo_refine", "cpus_per_task"),
+        **rule_resources("tomo_refine", gpu_capable=True),
     params:
+        cryomatch=CRYOMATCH,
         out=lambda wildcards, output: os.path.dirname(
             os.path.dirname(os.path.dirname(output.shifts))
         ),
@@ -174,7 +174,7 @@ rule tomo_refine:
             },
         ),
     shell:
-        "cryomatch tomo-refine --stack {params.stack} --out {params.out} --name {wildcards.name}"
+        "{params.cryomatch} tomo-refine --stack {params.stack} --out {params.out} --name {wildcards.name}"
         " --alignment {input.alignment} {params.series} {params.opts} > {log} 2>&1"
 
 

@@ -1,6 +1,7 @@
 """Tilt-series conventions in geometry.py: tilt matrices, projection, tilt axis, gauge."""
 
 import numpy as np
+
 from cryomatch import geometry
 
 

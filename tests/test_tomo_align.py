@@ -4,6 +4,7 @@ removing the unobservable components (mean and cos/sin across the axis, mean alo
 
 import numpy as np
 import pytest
+
 from cryomatch.errors import CryomatchError
 from cryomatch.geometry import remove_unobservable
 from cryomatch.kernels import tiltalign, tiltaxis

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from cryomatch.errors import CryomatchError
 from cryomatch.io.tilts import read_angles, read_mdoc, read_xf, write_tlt, write_xf
 

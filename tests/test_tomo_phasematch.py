@@ -3,6 +3,7 @@ and what each parameter does."""
 
 import numpy as np
 import pytest
+
 from cryomatch.geometry import remove_unobservable
 from cryomatch.kernels.ellipsoids import project, random_phantom
 from cryomatch.kernels.phasematch import run_phase_matching_alignment

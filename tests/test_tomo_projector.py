@@ -3,6 +3,7 @@ and SIRT reconstructions, leave-one-out reprojections."""
 
 import numpy as np
 import pytest
+
 from cryomatch.kernels.ellipsoids import project, random_phantom, voxelize
 from cryomatch.kernels.tiltalign import loo_reprojections
 from cryomatch.kernels.tomography import ParallelBeamProjector, angular_weights, sirt, wbp

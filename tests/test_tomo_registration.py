@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from cryomatch.kernels.ellipsoids import project, random_phantom
 from cryomatch.kernels.registration import fourier_shift, lsq_translation, register_translation
 from cryomatch.kernels.tiltalign import common_line_shifts, rotate_stack, shift_stack

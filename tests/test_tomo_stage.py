@@ -7,6 +7,7 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
+
 from cryomatch.cli import main
 from cryomatch.errors import CryomatchError
 from cryomatch.geometry import remove_unobservable

@@ -219,8 +219,14 @@ def tomo_align(
             * binning
         )
         shifts[:, 0] -= offset
-    volume = reconstruct(tiltalign.shift_stack(turned, shifts), series.angles, thickness,
-                         reconstruction, sirt_iterations, xp)
+    volume = reconstruct(
+        tiltalign.shift_stack(turned, shifts),
+        series.angles,
+        thickness,
+        reconstruction,
+        sirt_iterations,
+        xp,
+    )
     aligned = tiltalign.shift_stack(tiltalign.rotate_stack(series.data, axis), shifts)
 
     labels = provenance.mrc_labels(prov)

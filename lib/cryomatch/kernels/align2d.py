@@ -49,7 +49,7 @@ import scipy.sparse
 from scipy import ndimage
 
 from .. import geometry
-from ..backend import array_module, fft_module
+from ..backend import array_module, fft_module, to_numpy
 from .fourier import rfft_frequencies
 from .polar import angular_spectra
 
@@ -280,23 +280,17 @@ def _coarse_scores(image_folded, refs: References):
     return out / refs.fold
 
 
-def _exact_products(image_t, refs: References, m_index, n_index, mirror):
-    """Weighted product spectra ``sum_r w_r A conj(B)`` (P, Q), or for a mirror
-    ``(-1)^q sum_r w_r A B``, for (image, reference-shift, mirror) triples; image_t is
-    (M, Q, R)."""
+def _exact_products(image_t, refs: References, n_index, mirror):
+    """Weighted product spectra ``sum_r w_r A conj(B)``, or for a mirror
+    ``(-1)^q sum_r w_r A B``, of each image (image_t (M, Q, R)) with its T reference-shift
+    sets ``n_index`` (M, T): returns (M, T, Q)."""
     xp = array_module(image_t)
-    out = xp.empty((len(m_index), image_t.shape[1]), dtype=xp.complex64)
+    b = refs.conj_weighted[n_index]  # (M, T, Q, R)
     mirror = xp.asarray(mirror, dtype=bool)
-    for flag in (False, True):
-        rows = xp.flatnonzero(mirror == flag)
-        if len(rows) == 0:
-            continue
-        b = refs.conj_weighted[n_index[rows]]
-        c = xp.einsum("pqr,pqr->pq", image_t[m_index[rows]], xp.conj(b) if flag else b)
-        if flag:
-            c[:, 1::2] *= -1.0
-        out[rows] = c
-    return out
+    b[mirror] = xp.conj(b[mirror])
+    c = xp.einsum("mqr,mtqr->mtq", image_t, b)
+    c[..., 1::2] *= xp.where(mirror, -1.0, 1.0).astype(xp.float32)[..., None]
+    return c
 
 
 def _polynomial(c, theta, n_angles: int):
@@ -358,10 +352,9 @@ class Alignment:
 def search(image_spec, refs: References, top: int = 4, batch: int = 32) -> Alignment:
     """Align images (normalized ring spectra (M, R, Q) from :func:`image_spectra`) to every
     reference, shift and mirror (module docstring), ``batch`` images at a time."""
-    xp = array_module(image_spec)
     parts = [_search_batch(image_spec[lo : lo + batch], refs, top)
              for lo in range(0, len(image_spec), batch)]
-    return Alignment(*(np.concatenate([np.asarray(getattr(p, f)) for p in parts])
+    return Alignment(*(np.concatenate([to_numpy(getattr(p, f)) for p in parts])
                        for f in ("reference", "mirror", "angle", "shift", "score")))
 
 
@@ -376,27 +369,29 @@ def _search_batch(image_spec, refs: References, top: int) -> Alignment:
     xp = array_module(image_spec)
     m, _, n_freq = image_spec.shape
     n_angles = 2 * (n_freq - 1)
-    n_sets = refs.n_sets
-    coarse = _coarse_scores(fold_spectra(image_spec, refs.fold), refs)  # (2, M, N)
-    flat = xp.moveaxis(coarse, 0, 1).reshape(m, 2 * n_sets)  # column = mirror * N + n
-    top = min(top, 2 * n_sets)
-    if top < 2 * n_sets:
-        cand = xp.argpartition(-flat, top - 1, axis=1)[:, :top]
-    else:
-        cand = xp.broadcast_to(xp.arange(2 * n_sets), (m, top))
+    s, d = refs.n_refs, refs.n_shifts
+    coarse = _coarse_scores(fold_spectra(image_spec, refs.fold), refs)  # (2, M, S * D)
+    coarse = xp.moveaxis(coarse.reshape(2, m, s, d), 0, 1).reshape(m, 2 * s, d)
+    best_d = xp.argmax(coarse, axis=-1)  # per (image, mirror * S + reference)
+    best = xp.take_along_axis(coarse, best_d[..., None], axis=-1)[..., 0]
+    top = min(top, 2 * s)
+    cand = xp.argsort(-best, axis=1)[:, :top]  # (M, T) of mirror * S + reference
+    d_cand = xp.take_along_axis(best_d, cand, axis=1)
+    n_cand, mir_cand = (cand % s) * d + d_cand, cand >= s
     image_t = xp.ascontiguousarray(image_spec.transpose(0, 2, 1))  # (M, Q, R)
-    m_idx = xp.repeat(xp.arange(m), top)
-    n_idx, mir = cand.ravel() % n_sets, cand.ravel() >= n_sets
-    theta, value = _refine_angle(_exact_products(image_t, refs, m_idx, n_idx, mir), n_angles)
-    pick = xp.arange(m) * top + xp.argmax(value.reshape(m, top), axis=1)
-    n_best, mir_best, theta_best, peak = n_idx[pick], mir[pick], theta[pick], value[pick]
-    shift = _refine_shift(image_t, refs, n_best, mir_best, theta_best, peak)
+    c = _exact_products(image_t, refs, n_cand, mir_cand)
+    theta, value = _refine_angle(c.reshape(m * top, -1), n_angles)
+    pick = xp.argmax(value.reshape(m, top), axis=1)
+    rows = xp.arange(m) * top + pick
+    n_best = xp.take_along_axis(n_cand, pick[:, None], axis=1)[:, 0]
+    mir_best = xp.take_along_axis(mir_cand, pick[:, None], axis=1)[:, 0]
+    shift = _refine_shift(image_t, refs, n_best, mir_best, theta[rows], value[rows])
     return Alignment(
-        reference=n_best // refs.n_shifts,
+        reference=n_best // d,
         mirror=mir_best,
-        angle=np.rad2deg(theta_best.astype(np.float64)),
+        angle=np.rad2deg(to_numpy(theta[rows]).astype(np.float64)),
         shift=shift,
-        score=peak,
+        score=value[rows],
     )
 
 
@@ -409,22 +404,19 @@ def _refine_shift(image_t, refs: References, n_best, mirror, theta, peak):
     d = n_best % refs.n_shifts
     shift = xp.asarray(refs.grid)[d].astype(xp.float64)
     nx, ny = refs.grid_shape
-    for axis, size, stride in ((0, nx, 1), (1, ny, nx)):
-        if size < 3:
-            continue
-        pos = (d // stride) % size
-        inside = (pos > 0) & (pos < size - 1)
-        both = xp.concatenate([xp.where(inside, n_best - stride, n_best),
-                               xp.where(inside, n_best + stride, n_best)])
-        c = _exact_products(image_t, refs, xp.tile(xp.arange(m), 2), both,
-                            xp.concatenate([mirror, mirror]))
-        values = _polynomial(c, xp.concatenate([theta, theta]), n_angles)[0]
-        f_lo, f_hi = values[:m], values[m:]
-        curvature = f_lo - 2.0 * peak + f_hi
-        ok = inside & (curvature < 0)
-        offset = xp.where(ok, 0.5 * (f_lo - f_hi) / xp.where(ok, curvature, -1.0), 0.0)
-        shift[:, axis] += refs.step * xp.clip(offset, -0.5, 0.5)
-    return shift
+    pos = xp.stack([d % nx, d // nx], axis=1)  # (M, 2) grid position
+    inside = (pos > 0) & (pos < xp.asarray([nx - 1, ny - 1]))
+    stride = xp.asarray([1, nx])
+    lo = xp.where(inside, n_best[:, None] - stride, n_best[:, None])
+    hi = xp.where(inside, n_best[:, None] + stride, n_best[:, None])
+    neighbours = xp.concatenate([lo, hi], axis=1)  # (M, 4): x-, y-, x+, y+
+    c = _exact_products(image_t, refs, neighbours, xp.repeat(mirror[:, None], 4, axis=1))
+    values = _polynomial(c.reshape(4 * m, -1), xp.repeat(theta, 4), n_angles)[0].reshape(m, 4)
+    f_lo, f_hi = values[:, :2], values[:, 2:]
+    curvature = f_lo - 2.0 * peak[:, None] + f_hi
+    ok = inside & (curvature < 0)
+    offset = xp.where(ok, 0.5 * (f_lo - f_hi) / xp.where(ok, curvature, -1.0), 0.0)
+    return shift + refs.step * xp.clip(offset, -0.5, 0.5)
 
 
 # --- images in the reference frame, averages, FRC, centring --------------------------------
@@ -432,10 +424,10 @@ def resample_images(images, matrices, offsets, order: int = 1, margin: int = 4):
     """``out(s) = in(A s + b)`` for images (n, box, box), matrices A (n, 2, 2) and offsets
     b (n, 2), coordinates (x, y) in pixels about the box centre; zero outside the image.
 
-    Linear (``order=1``) or cubic spline (``order=3``) interpolation for the whole batch in
-    one call: the stack is zero-padded by ``margin`` and interpolated as a 3D array sampled
-    at integer image indices, where a spline prefiltered along all three axes reproduces
-    each image's own 2D spline exactly (mirror boundary).
+    ``order=1``: bilinear, as four gathers from the flattened, zero-padded stack.
+    ``order=3``: cubic spline for the whole batch in one call, the stack interpolated as a
+    3D array at integer image indices, where a spline prefiltered along all three axes
+    reproduces each image's own 2D spline exactly (mirror boundary beyond the padding).
     """
     images = np.asarray(images, dtype=np.float32)
     n, box, _ = images.shape
@@ -444,13 +436,23 @@ def resample_images(images, matrices, offsets, order: int = 1, margin: int = 4):
     sy, sx = np.meshgrid(grid, grid, indexing="ij")
     pts = np.stack([sx.ravel(), sy.ravel()])  # (2, P)
     src = np.einsum("nij,jp->nip", np.asarray(matrices, np.float64), pts)
-    src += np.asarray(offsets, dtype=np.float64)[:, :, None]
+    src += np.asarray(offsets, dtype=np.float64)[:, :, None] + (c + margin)
     padded = np.pad(images, ((0, 0), (margin, margin), (margin, margin)))
-    if order > 1:
-        padded = ndimage.spline_filter(padded, order=order, mode="mirror", output=np.float32)
+    if order == 1:
+        size = box + 2 * margin
+        x = np.clip(src[:, 0], 0, size - 1.001)
+        y = np.clip(src[:, 1], 0, size - 1.001)
+        x0, y0 = np.floor(x), np.floor(y)
+        fx, fy = (x - x0).astype(np.float32), (y - y0).astype(np.float32)
+        index = (np.arange(n)[:, None] * size + y0.astype(np.int64)) * size + x0.astype(np.int64)
+        flat = padded.ravel()
+        top = flat[index] * (1 - fx) + flat[index + 1] * fx
+        bottom = flat[index + size] * (1 - fx) + flat[index + size + 1] * fx
+        return (top * (1 - fy) + bottom * fy).reshape(n, box, box)
+    padded = ndimage.spline_filter(padded, order=order, mode="mirror", output=np.float32)
     index = np.broadcast_to(np.arange(n, dtype=np.float64)[:, None], (n, box * box))
-    coords = [index, src[:, 1] + c + margin, src[:, 0] + c + margin]
-    out = ndimage.map_coordinates(padded, coords, order=order, mode="mirror", prefilter=False)
+    out = ndimage.map_coordinates(padded, [index, src[:, 1], src[:, 0]], order=order,
+                                  mode="mirror", prefilter=False)
     return out.reshape(n, box, box).astype(np.float32, copy=False)
 
 
@@ -520,7 +522,8 @@ def centre_of_mass(images, radius: float):
     weight = (images - background[:, None, None]) ** 2 * inside
     total = weight.sum(axis=(1, 2))
     total = np.where(total > 0, total, 1.0)
-    return np.stack([(weight * x).sum(axis=(1, 2)), (weight * y).sum(axis=(1, 2))], -1) / total[:, None]
+    centre = np.stack([(weight * x).sum(axis=(1, 2)), (weight * y).sum(axis=(1, 2))], -1)
+    return centre / total[:, None]
 
 
 def disc_mask(box: int, radius: float, edge: float = 2.0) -> np.ndarray:

@@ -320,11 +320,17 @@ def _refine_angle(c, n_angles: int):
     curvature = fm - 2.0 * f0 + fp
     offset = xp.where(curvature < 0, 0.5 * (fm - fp) / xp.where(curvature < 0, curvature, -1), 0)
     step = 2.0 * np.pi / n_angles
-    centre = k * step
-    theta = centre + xp.clip(offset, -0.5, 0.5) * step
+    theta = (k + xp.clip(offset, -0.5, 0.5)) * step
+    return _newton(c, theta, n_angles, k * step, 0.5 * step)
+
+
+def _newton(c, theta, n_angles: int, centre, reach):
+    """One Newton step for the maximum of the trigonometric polynomial of c, kept within
+    ``centre +- reach``; returns (theta, value)."""
+    xp = array_module(c)
     _, d1, d2 = _polynomial(c, theta, n_angles)
     newton = xp.where(d2 < 0, -d1 / xp.where(d2 < 0, d2, -1.0), 0.0)
-    theta = xp.clip(theta + newton, centre - 0.5 * step, centre + 0.5 * step)
+    theta = xp.clip(theta + newton, centre - reach, centre + reach)
     return theta, _polynomial(c, theta, n_angles)[0]
 
 
@@ -379,44 +385,79 @@ def _search_batch(image_spec, refs: References, top: int) -> Alignment:
     d_cand = xp.take_along_axis(best_d, cand, axis=1)
     n_cand, mir_cand = (cand % s) * d + d_cand, cand >= s
     image_t = xp.ascontiguousarray(image_spec.transpose(0, 2, 1))  # (M, Q, R)
-    c = _exact_products(image_t, refs, n_cand, mir_cand)
-    theta, value = _refine_angle(c.reshape(m * top, -1), n_angles)
+    c = _exact_products(image_t, refs, n_cand, mir_cand).reshape(m * top, -1)
+    theta, value = _refine_angle(c, n_angles)
     pick = xp.argmax(value.reshape(m, top), axis=1)
     rows = xp.arange(m) * top + pick
     n_best = xp.take_along_axis(n_cand, pick[:, None], axis=1)[:, 0]
     mir_best = xp.take_along_axis(mir_cand, pick[:, None], axis=1)[:, 0]
-    shift = _refine_shift(image_t, refs, n_best, mir_best, theta[rows], value[rows])
+    shift, theta, value, n_best = _refine_shift(image_t, refs, n_best, mir_best, theta[rows],
+                                                value[rows], c[rows])
     return Alignment(
         reference=n_best // d,
         mirror=mir_best,
-        angle=np.rad2deg(to_numpy(theta[rows]).astype(np.float64)),
+        angle=np.rad2deg(to_numpy(theta).astype(np.float64)),
         shift=shift,
-        score=value[rows],
+        score=value,
     )
 
 
-def _refine_shift(image_t, refs: References, n_best, mirror, theta, peak):
-    """Grid shift of each winner plus parabolic sub-step offsets along x and y from the
-    correlations of the neighbouring grid shifts at the refined angle."""
+def _neighbours(image_t, refs: References, n_best, mirror, theta):
+    """Product spectra (M, 4, Q) and correlations at ``theta`` (M, 4) of the grid neighbours
+    x-, y-, x+, y+ of each winner (a winner on the grid's edge stands in for the missing
+    neighbour), and which axes have both neighbours (M, 2)."""
+    xp = array_module(image_t)
+    m, n_freq, _ = image_t.shape
+    nx, ny = refs.grid_shape
+    d = n_best % refs.n_shifts
+    pos = xp.stack([d % nx, d // nx], axis=1)
+    inside = (pos > 0) & (pos < xp.asarray([nx - 1, ny - 1]))
+    stride = xp.asarray([1, nx])
+    lo = xp.where(pos > 0, n_best[:, None] - stride, n_best[:, None])
+    hi = xp.where(pos < xp.asarray([nx - 1, ny - 1]), n_best[:, None] + stride, n_best[:, None])
+    index = xp.concatenate([lo, hi], axis=1)
+    c = _exact_products(image_t, refs, index, xp.repeat(mirror[:, None], 4, axis=1))
+    values = _polynomial(c.reshape(4 * m, -1), xp.repeat(theta, 4), 2 * (n_freq - 1))[0]
+    return index, c, values.reshape(m, 4), inside
+
+
+def _refine_shift(image_t, refs: References, n_best, mirror, theta, peak, c_best):
+    """Sub-step shift and angle of each winner. First a climb on the grid at the refined
+    angle while a neighbouring shift correlates better (the coarse pass may have picked a
+    neighbour of the best shift); then parabolas along x and y through the neighbours give
+    the shift, and the product spectra, interpolated to that shift by the same parabolas,
+    the angle there (a 0.5 px error at radius r would turn the angle by 0.5/r radians).
+    Returns (shift (M, 2), theta, value, reference-shift index)."""
     xp = array_module(image_t)
     m, n_freq, _ = image_t.shape
     n_angles = 2 * (n_freq - 1)
-    d = n_best % refs.n_shifts
-    shift = xp.asarray(refs.grid)[d].astype(xp.float64)
+    step = 2.0 * np.pi / n_angles
     nx, ny = refs.grid_shape
-    pos = xp.stack([d % nx, d // nx], axis=1)  # (M, 2) grid position
-    inside = (pos > 0) & (pos < xp.asarray([nx - 1, ny - 1]))
-    stride = xp.asarray([1, nx])
-    lo = xp.where(inside, n_best[:, None] - stride, n_best[:, None])
-    hi = xp.where(inside, n_best[:, None] + stride, n_best[:, None])
-    neighbours = xp.concatenate([lo, hi], axis=1)  # (M, 4): x-, y-, x+, y+
-    c = _exact_products(image_t, refs, neighbours, xp.repeat(mirror[:, None], 4, axis=1))
-    values = _polynomial(c.reshape(4 * m, -1), xp.repeat(theta, 4), n_angles)[0].reshape(m, 4)
+    if nx < 3 and ny < 3:
+        return xp.asarray(refs.grid)[n_best % refs.n_shifts].astype(xp.float64), theta, peak, n_best
+    rows = xp.arange(m)
+    for _ in range(4):
+        index, c, values, inside = _neighbours(image_t, refs, n_best, mirror, theta)
+        j = xp.argmax(values, axis=1)
+        better = values[rows, j] > peak
+        if not better.any():
+            break
+        n_best = xp.where(better, index[rows, j], n_best)
+        c_best = xp.where(better[:, None], c[rows, j], c_best)
+        new_theta, new_peak = _newton(c_best, theta, n_angles, theta, step)
+        theta, peak = xp.where(better, new_theta, theta), xp.where(better, new_peak, peak)
     f_lo, f_hi = values[:, :2], values[:, 2:]
     curvature = f_lo - 2.0 * peak[:, None] + f_hi
     ok = inside & (curvature < 0)
-    offset = xp.where(ok, 0.5 * (f_lo - f_hi) / xp.where(ok, curvature, -1.0), 0.0)
-    return shift + refs.step * xp.clip(offset, -0.5, 0.5)
+    t = xp.clip(xp.where(ok, 0.5 * (f_lo - f_hi) / xp.where(ok, curvature, -1.0), 0.0), -0.5, 0.5)
+    # quadratic interpolation of the spectra: C(t) = C0 + t (C+ - C-)/2 + t^2 (C+ - 2 C0 + C-)/2
+    c_lo, c_hi = c[:, :2], c[:, 2:]
+    slope, bend = 0.5 * (c_hi - c_lo), 0.5 * (c_hi - 2.0 * c_best[:, None] + c_lo)
+    tt = xp.where(ok, t, 0.0).astype(xp.float32)[..., None]
+    c_at = c_best + (tt * slope + tt * tt * bend).sum(axis=1)
+    theta, value = _newton(c_at, theta, n_angles, theta, step)
+    shift = xp.asarray(refs.grid)[n_best % refs.n_shifts] + refs.step * t
+    return shift, theta, value, n_best
 
 
 # --- images in the reference frame, averages, FRC, centring --------------------------------

@@ -63,7 +63,7 @@ class Settings:
     CTF: bool = False  # noqa: N815 (SPARX's name): phase-flip for alignment, Wiener averages
     snr: float = 1.0  # signal-to-noise ratio of the Wiener filter (with CTF)
     rand_seed: int = 1000  # seed of every random choice
-    min_class_size: int = 0  # reseed smaller classes; 0: max(4, 2% of images / classes)
+    min_class_size: int = 0  # reseed smaller classes; 0: max(4, 20% of images / classes)
 
     def radius(self, box: int) -> float:
         return box // 2 - 2 if self.ou == -1 else self.ou
@@ -294,7 +294,7 @@ def lowpass_cutoffs(frc, counts, min_size):
 def min_size(settings: Settings, n_images: int, n_classes: int) -> int:
     if settings.min_class_size > 0:
         return settings.min_class_size
-    return max(4, math.ceil(0.02 * n_images / n_classes))
+    return max(4, math.ceil(0.2 * n_images / n_classes))
 
 
 @dataclass
@@ -447,7 +447,7 @@ def _initial(source: ImageSource, settings, references_path, n_classes, continue
 
 
 def classify2d(
-    particles: str | Path,
+    particles: str | Path | None,
     out: str | Path,
     references: str | Path | None = None,
     classes: int | None = None,
@@ -461,11 +461,13 @@ def classify2d(
     """Run iteration ``iteration`` (reading the previous one's outputs), or iterations
     0..maxit when None. Returns the last iteration's folder."""
     settings = settings or Settings()
-    if (references is None) == (classes is None):
-        raise CryomatchError("give initial references or a number of classes, not both/neither")
     if maxit < 0 or (iteration is not None and iteration < 0):
         raise CryomatchError("maxit and iteration must not be negative")
     todo = range(maxit + 1) if iteration is None else [iteration]
+    if todo[0] == 0 and particles is None:
+        raise CryomatchError("iteration 0 needs the particles (--particles)")
+    if todo[0] == 0 and (references is None) == (classes is None):
+        raise CryomatchError("iteration 0 needs initial references or a number of classes")
     folder = None
     for it in todo:
         folder = _run_iteration(particles, out, references, classes, it, settings, mask,
@@ -507,11 +509,11 @@ def _run_iteration(particles, out, references, classes, iteration, settings, mas
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--particles", required=True,
-                   help="particles (RELION STAR or cryoSPARC .cs) for iteration 0; later "
-                        "iterations read the previous iteration's particles.star")
+    p.add_argument("--particles",
+                   help="particles (RELION STAR or cryoSPARC .cs), needed for iteration 0; "
+                        "iteration n reads OUT/classify2d/iter{n-1}")
     p.add_argument("--out", required=True, help="output folder (results go to OUT/classify2d)")
-    init = p.add_mutually_exclusive_group(required=True)
+    init = p.add_mutually_exclusive_group()
     init.add_argument("--references", help="initial references (MRC stack)")
     init.add_argument("--classes", type=int, help="seed this many classes from random subsets")
     p.add_argument("--maxit", type=int, default=10, help="number of iterations")
@@ -534,7 +536,7 @@ def add_arguments(p) -> None:
     p.add_argument("--rand_seed", "--rand-seed", dest="rand_seed", type=int,
                    default=d.rand_seed, help="seed of every random choice")
     p.add_argument("--min-class-size", type=int, default=d.min_class_size,
-                   help="reseed smaller classes; 0: max(4, 2%% of images per class)")
+                   help="reseed smaller classes; 0: max(4, 20%% of the mean class size)")
     p.add_argument("--mask", help="2D mask (MRC) for normalization and the references")
     p.add_argument("--continue", dest="continue_params", action="store_true",
                    help="start from the particles' rlnAnglePsi, origins and rlnIsFlip")

@@ -25,7 +25,6 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-
 from cryomatch.kernels import align2d  # noqa: E402
 
 
@@ -69,13 +68,17 @@ def main() -> None:
         refs = align2d.prepare_references(references, radii, n_angles, xr, xr, 1.0,
                                           sampler=sampler)
         spectra = align2d.image_spectra(images, origins, radii, n_angles, sampler)
-        t_prep = t_search = t_matmul = t_coarse = float("inf")
+        steps = {
+            "matmul": lambda: a @ a,
+            "prep": lambda: align2d.image_spectra(images, origins, radii, n_angles, sampler),
+            "search": lambda spectra=spectra, refs=refs: align2d.search(spectra, refs),
+            "coarse": lambda spectra=spectra, refs=refs: align2d.coarse_only(spectra, refs),
+        }
+        best = dict.fromkeys(steps, float("inf"))
         for _ in range(args.repeats):  # interleaved, best of each
-            t_matmul = min(t_matmul, best_time(lambda: a @ a, 1))
-            t_prep = min(t_prep, best_time(
-                lambda: align2d.image_spectra(images, origins, radii, n_angles, sampler), 1))
-            t_search = min(t_search, best_time(lambda: align2d.search(spectra, refs), 1))
-            t_coarse = min(t_coarse, best_time(lambda: align2d.coarse_only(spectra, refs), 1))
+            for name, fn in steps.items():
+                best[name] = min(best[name], best_time(fn, 1))
+        t_matmul, t_prep, t_search, t_coarse = (best[k] for k in steps)
         total = t_prep + t_search
         peak = 8.0 * n**3 / t_matmul
         effective = 8.0 * n_rings * (n_angles // 2 + 1) * args.images * refs.n_sets * 2 / total

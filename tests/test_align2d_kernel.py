@@ -41,15 +41,9 @@ def rings(rng):
     return a, b, w, _direct(a, b, w), _direct(a, mirrored, w)
 
 
-def _references(spectra, w, fold, block=3):
-    folded = align2d.fold_spectra(spectra, fold, w)
-    blocks = [np.ascontiguousarray(np.concatenate([folded[:, lo:lo + block].real,
-                                                   folded[:, lo:lo + block].imag], 1)
-                                   .transpose(0, 2, 1)) for lo in range(0, len(spectra), block)]
-    conj = np.ascontiguousarray((np.conj(spectra) * w.astype(np.float32)[:, None])
-                                .transpose(0, 2, 1))
-    return align2d.References(conj, blocks, block, w, len(spectra), 1, np.zeros((1, 2)),
-                              (1, 1), 1.0, fold)
+def _references(spectra, w, fold):
+    return align2d.references_from_spectra(spectra, w, len(spectra), np.zeros((1, 2)), (1, 1),
+                                           1.0, fold, block=3)
 
 
 @pytest.mark.parametrize("fold", [1, 2, 4])

@@ -209,7 +209,8 @@ class References:
     """Reference ring spectra prepared for :func:`search` (built by :func:`prepare_references`)."""
 
     conj_weighted: object  # (N, Q, R) complex64: w_r conj(B), N = S * D, for exact scores
-    blocks: list  # per block of b sets: (Q', K, 2 b) float32 [U; V]^T of folded w B
+    blocks: list  # per block of b sets: (U, V), each (Q', K, b) float32, of folded w B
+    dft: object  # (2 n_out, 4 Q') float32: the fused inverse DFT (:func:`_dft_matrix`)
     block: int  # sets per block
     weights: np.ndarray  # (R,)
     n_refs: int
@@ -228,24 +229,30 @@ def prepare_references(references, radii, n_angles, xr, yr, ts, fold=None, sampl
                        block: int = 64):
     """Ring spectra of references (S, box, box) about every grid shift, ready to search;
     ``block`` reference-shift sets go into one matrix product (a cache-sized tile)."""
-    xp = array_module(references)
     box = references.shape[-1]
     sampler = ring_sampler(box, radii, n_angles) if sampler is None else sampler
-    fold = coarse_fold(n_angles) if fold is None else fold
     grid, nx, ny = shift_grid(xr, yr, ts)
     weights = ring_weights(radii)
     spectra = normalized_spectra(reference_rings(references, grid, sampler, len(radii)), weights)
+    return references_from_spectra(spectra, weights, len(references), grid, (nx, ny), ts,
+                                   fold, block)
+
+
+def references_from_spectra(spectra, weights, n_refs, grid, grid_shape, ts, fold=None,
+                            block: int = 64) -> References:
+    """:class:`References` from normalized ring spectra (S * D, R, Q), reference-major."""
+    xp = array_module(spectra)
+    n_angles = 2 * (spectra.shape[-1] - 1)
+    fold = coarse_fold(n_angles) if fold is None else fold
     w = xp.asarray(weights, dtype=xp.float32)
     conj_weighted = xp.ascontiguousarray((xp.conj(spectra) * w[:, None]).transpose(0, 2, 1))
     folded = fold_spectra(spectra, fold, weights)  # (Q', N, K)
-    blocks = []
-    for lo in range(0, folded.shape[1], block):
-        part = folded[:, lo : lo + block]
-        blocks.append(xp.ascontiguousarray(
-            xp.concatenate([part.real, part.imag], axis=1).transpose(0, 2, 1), dtype=xp.float32
-        ))
-    return References(conj_weighted, blocks, block, weights, len(references), len(grid), grid,
-                      (nx, ny), ts, fold)
+    blocks = [tuple(xp.ascontiguousarray(part.transpose(0, 2, 1), dtype=xp.float32)
+                    for part in (folded[:, lo : lo + block].real, folded[:, lo : lo + block].imag))
+              for lo in range(0, folded.shape[1], block)]
+    dft = xp.asarray(_dft_matrix(folded.shape[0], fold))
+    return References(conj_weighted, blocks, dft, block, np.asarray(weights), n_refs, len(grid),
+                      np.asarray(grid), grid_shape, ts, fold)
 
 
 def image_spectra(images, origins, radii, n_angles, sampler=None):
@@ -258,26 +265,49 @@ def image_spectra(images, origins, radii, n_angles, sampler=None):
     return normalized_spectra(sample_rings(centred, sampler, len(radii)), ring_weights(radii))
 
 
+def _dft_matrix(n_freq: int, fold: int) -> np.ndarray:
+    """Inverse real DFT fused with the mirror-free combination (module docstring).
+
+    Rows: the ``n_out = 2 (n_freq - 1)`` angles without, then with the mirror; columns:
+    the product blocks ``(c, j, r)`` for c in (U, V), folded frequency j, r in (X, Y).
+    ``cc(k) = (1/W) sum_j g_j (Re G_j cos(2 pi j k / n_out) - Im G_j sin(...))``, with
+    ``G = (XU + YV) + i (YU - XV)`` and, mirrored, ``(-1)^j ((XU - YV) + i (YU + XV))``.
+    """
+    n_out = 2 * (n_freq - 1)
+    j = np.arange(n_freq)
+    g = np.where((j == 0) | (j == n_freq - 1), 1.0, 2.0) / (n_out * fold)
+    angle = 2.0 * np.pi * np.outer(np.arange(n_out), j) / n_out
+    tc, ts = g * np.cos(angle), -g * np.sin(angle)  # (n_out, n_freq)
+    sign = np.where(j % 2 == 0, 1.0, -1.0)
+    out = np.zeros((2, n_out, 2, n_freq, 2))  # mirror, angle, c (U, V), j, r (X, Y)
+    out[0, :, 0, :, 0], out[0, :, 1, :, 1] = tc, tc  # Re G = XU + YV
+    out[0, :, 0, :, 1], out[0, :, 1, :, 0] = ts, -ts  # Im G = YU - XV
+    out[1, :, 0, :, 0], out[1, :, 1, :, 1] = sign * tc, -sign * tc
+    out[1, :, 0, :, 1], out[1, :, 1, :, 0] = sign * ts, sign * ts
+    return out.reshape(2 * n_out, 4 * n_freq).astype(np.float32)
+
+
 def _coarse_scores(image_folded, refs: References):
-    """Folded correlation maxima (2, M, N) for every (mirror, image, reference-shift)."""
+    """Correlation maxima over the ``n_out`` folded angles, (2, M, N) for every (mirror,
+    image, reference-shift): per block one product per folded frequency, ``[X; Y] @ U`` and
+    ``[X; Y] @ V``, laid out so that the inverse DFT over frequency, fused with the mirror
+    combinations, is one more matrix product with no copy in between."""
     xp = array_module(image_folded)
-    fft = fft_module(xp)
     n_freq, m, _ = image_folded.shape
     n_out = 2 * (n_freq - 1)
     left = xp.concatenate([image_folded.real, image_folded.imag], axis=1)  # (Q', 2M, K)
     out = xp.empty((2, m, refs.n_sets), dtype=xp.float32)
-    for i, right in enumerate(refs.blocks):
-        p = xp.matmul(left, right)  # (Q', 2M, 2b): [[XU, XV], [YU, YV]]
-        b = right.shape[-1] // 2
-        xu, xv, yu, yv = p[:, :m, :b], p[:, :m, b:], p[:, m:, :b], p[:, m:, b:]
-        g = xp.empty((n_freq, 2, m, b), dtype=xp.complex64)
-        g.real[:, 0] = xu + yv
-        g.imag[:, 0] = yu - xv
-        g.real[:, 1] = xu - yv  # mirror, up to (-1)^j: a half turn, irrelevant to the max
-        g.imag[:, 1] = yu + xv
+    products = None
+    for i, (u, v) in enumerate(refs.blocks):
+        b = u.shape[-1]
+        if products is None or products.shape[-1] != b:
+            products = xp.empty((2, n_freq, 2 * m, b), dtype=xp.float32)  # c, j, (r, m), n
+        xp.matmul(left, u, out=products[0])
+        xp.matmul(left, v, out=products[1])
+        cc = refs.dft @ products.reshape(4 * n_freq, m * b)  # (2 n_out, M b)
         lo = i * refs.block
-        out[:, :, lo : lo + b] = fft.irfft(g, n=n_out, axis=0).max(axis=0)
-    return out / refs.fold
+        out[:, :, lo : lo + b] = cc.reshape(2, n_out, m, b).max(axis=1)
+    return out
 
 
 def _exact_products(image_t, refs: References, n_index, mirror):
@@ -355,10 +385,15 @@ class Alignment:
         return psi, new_origin, self.mirror
 
 
-def search(image_spec, refs: References, top: int = 4, batch: int = 32) -> Alignment:
+def search(image_spec, refs: References, top: int = 2, batch: int = 32,
+           exclude=None) -> Alignment:
     """Align images (normalized ring spectra (M, R, Q) from :func:`image_spectra`) to every
-    reference, shift and mirror (module docstring), ``batch`` images at a time."""
-    parts = [_search_batch(image_spec[lo : lo + batch], refs, top)
+    reference, shift and mirror (module docstring), ``batch`` images at a time; ``exclude``
+    (M,) names a reference each image must not match (e.g. itself), or -1."""
+    xp = array_module(image_spec)
+    if exclude is None:
+        exclude = xp.full(len(image_spec), -1)
+    parts = [_search_batch(image_spec[lo : lo + batch], refs, top, exclude[lo : lo + batch])
              for lo in range(0, len(image_spec), batch)]
     return Alignment(*(np.concatenate([to_numpy(getattr(p, f)) for p in parts])
                        for f in ("reference", "mirror", "angle", "shift", "score")))
@@ -371,7 +406,7 @@ def coarse_only(image_spec, refs: References, batch: int = 32):
                                           refs) for lo in range(0, len(image_spec), batch)], 1)
 
 
-def _search_batch(image_spec, refs: References, top: int) -> Alignment:
+def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
     xp = array_module(image_spec)
     m, _, n_freq = image_spec.shape
     n_angles = 2 * (n_freq - 1)
@@ -380,7 +415,9 @@ def _search_batch(image_spec, refs: References, top: int) -> Alignment:
     coarse = xp.moveaxis(coarse.reshape(2, m, s, d), 0, 1).reshape(m, 2 * s, d)
     best_d = xp.argmax(coarse, axis=-1)  # per (image, mirror * S + reference)
     best = xp.take_along_axis(coarse, best_d[..., None], axis=-1)[..., 0]
-    top = min(top, 2 * s)
+    skip = xp.flatnonzero(exclude >= 0)
+    best[skip, exclude[skip]] = best[skip, s + exclude[skip]] = -xp.inf
+    top = min(top, 2 * s - (1 if len(skip) else 0))
     cand = xp.argsort(-best, axis=1)[:, :top]  # (M, T) of mirror * S + reference
     d_cand = xp.take_along_axis(best_d, cand, axis=1)
     n_cand, mir_cand = (cand % s) * d + d_cand, cand >= s

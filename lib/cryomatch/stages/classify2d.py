@@ -12,8 +12,11 @@ n >= 1 reads ``iter{n-1}/particles.star`` and ``iter{n-1}/references.mrcs`` and
    and two half averages from a random split of its members, for the FRC;
 3. centres each average (``center=1``) by the centre of mass of its squared, low-passed
    contrast, and composes the centring shift into its members' parameters;
-4. reseeds classes with fewer than ``min_class_size`` members from the worse-fitting half of
-   the largest class (a random subset drawn from ``rand_seed``);
+4. reseeds empty and tiny classes (fewer than ``min_class_size`` members) and, while the
+   largest class holds 1.5 times the mean class size, the smaller of the closest pair of
+   duplicate classes (two averages that differ, after alignment, little more than a
+   class's two half averages do): from a random subset (``rand_seed``) of the
+   worse-fitting half of the largest class, splitting it;
 5. low-passes each centred average where its FRC falls below 0.5: the next references.
 
 Outputs in ``OUT/classify2d/iterNNN/``: ``class_averages.mrcs``, ``references.mrcs``,
@@ -333,12 +336,50 @@ def finish(source: ImageSource, classes, psi, origin, mirror, score, n_classes, 
         origin = np.clip(origin, -room, room)
     reseeded = np.zeros(n_classes, bool)
     small = np.flatnonzero(counts < size)
+    if iteration > 0 and counts.max() >= 1.5 * len(classes) / n_classes:
+        twins = duplicates(references, align2d.lowpass(halves.reshape(-1, box, box),
+                                                       np.tile(cutoff, 2)).reshape(halves.shape),
+                           counts, settings, box)
+        small = np.union1d(small, twins)
     if len(small) and iteration > 0:
         references = reseed(source, references, small, classes, psi, origin, mirror, score,
                             counts, cutoff, rng)
         reseeded[small] = True
     return Result(averages, references.astype(np.float32), frc, counts, shift, cutoff,
                   reseeded, classes, psi, origin, mirror, score)
+
+
+DUPLICATE_RATIO = 3.0  # classes closer than this many times their half-set distance are one
+
+
+def duplicates(references, halves, counts, settings: Settings, box: int):
+    """The smaller class of the closest pair of duplicate classes (at most one), as an array.
+
+    Two averages are duplicates when, after alignment, ``1 - NCC`` between them is less than
+    ``DUPLICATE_RATIO`` times the larger ``1 - NCC`` between either class's two half
+    averages: they differ little more than a class differs from itself (a view split in
+    two, while another class holds two views)."""
+    live = np.flatnonzero(counts >= 2)
+    if len(live) < 2:
+        return np.zeros(0, np.int64)
+    ou = settings.radius(box)
+    inside = align2d.disc_mask(box, ou) > 0.5
+    a, b = (h[:, inside] - h[:, inside].mean(1, keepdims=True) for h in halves)
+    self_distance = 1.0 - (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-30)
+    radii = align2d.ring_radii(settings.ir, ou, settings.rs)
+    n_angles = align2d.ring_points(ou)
+    sub = references[live]
+    refs = align2d.prepare_references(sub, radii, n_angles, settings.xr, settings.yr,
+                                      settings.ts)
+    spectra = align2d.image_spectra(sub, np.zeros((len(live), 2)), radii, n_angles)
+    nearest = align2d.search(spectra, refs, exclude=np.arange(len(live)))
+    ci, cj = live, live[nearest.reference]
+    ratio = (1.0 - nearest.score) / np.maximum(self_distance[ci], self_distance[cj])
+    i = int(np.argmin(ratio))
+    if ratio[i] >= DUPLICATE_RATIO:
+        return np.zeros(0, np.int64)
+    pair = sorted([(counts[ci[i]], ci[i]), (counts[cj[i]], cj[i])])
+    return np.array([pair[0][1]], dtype=np.int64)
 
 
 def reseed(source, references, small, classes, psi, origin, mirror, score, counts, cutoff, rng):

@@ -1,7 +1,8 @@
 """Particle images of a few distinct views of one structure, turned in plane, mirrored and
 shifted, with optional CTF and Gaussian noise: known answers for 2D classification.
 
-The structure is an MRC map (``--map``) or a seeded pseudo-atomic phantom (``--phantom``).
+The structure is an MRC map (``--map``) or a seeded phantom of a few pseudo-atomic domains
+of different sizes and densities (``--phantom``), whose views differ clearly.
 ``--views`` projection directions are picked far apart (the farthest of 512 random
 directions, greedily, so that no two views look alike); each image is one view with a
 uniform in-plane angle, a mirror (x -> -x) with probability one half (``--no-mirror``: never)
@@ -32,9 +33,10 @@ from ...io.particles import Particles, write_particles
 from ...kernels import ctf as ctf_kernel
 from ...kernels.align2d import from_reference_frame
 from ...kernels.fourier import apply_ctf, rfft_frequencies
+from ...kernels.phantom import PseudoAtoms
 from ...kernels.projection import spline_coefficients
 from ...progress import progress
-from .particles import Structure, _fit_box, phantom_structures
+from .particles import Structure, _fit_box
 
 OPTICS = {"rlnVoltage": 300.0, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}
 
@@ -55,11 +57,30 @@ def distinct_views(n_views: int, rng: np.random.Generator, pool: int = 512):
     return rot[chosen], tilt[chosen]
 
 
+def domain_phantom(rng: np.random.Generator, box: int, pixel_size: float,
+                   n_domains: int = 5, atoms_per_domain: int = 40) -> PseudoAtoms:
+    """Pseudo-atoms in ``n_domains`` clusters (Angstrom): centres spread within 0.22 box,
+    cluster radii 0.04..0.09 box, densities 0.5..1.5, atoms 1.5 pixels wide."""
+    extent = box * pixel_size
+    centres = [np.zeros(3)]
+    while len(centres) < n_domains:  # centres at least 0.12 box apart
+        c = rng.uniform(-1, 1, 3) * 0.22 * extent
+        if np.linalg.norm(c) <= 0.22 * extent and min(
+                np.linalg.norm(c - p) for p in centres) > 0.12 * extent:
+            centres.append(c)
+    spread = rng.uniform(0.04, 0.09, n_domains) * extent
+    density = rng.uniform(0.5, 1.5, n_domains)
+    coords = np.concatenate([c + rng.normal(size=(atoms_per_domain, 3)) * s
+                             for c, s in zip(centres, spread, strict=True)])
+    amplitudes = np.repeat(density, atoms_per_domain)
+    coords -= np.average(coords, axis=0, weights=amplitudes)
+    return PseudoAtoms(coords, amplitudes, np.full(len(coords), 1.5 * pixel_size))
+
+
 def _load_structure(map_path, box, pixel_size, rng):
     if map_path is None:
         pixel_size = pixel_size or 3.0
-        atoms = phantom_structures(1, box, pixel_size, rng)[0]
-        return Structure("phantom", atoms=atoms), pixel_size
+        return Structure("phantom", atoms=domain_phantom(rng, box, pixel_size)), pixel_size
     volume, voxel = read_volume(map_path)
     pixel_size = pixel_size or voxel
     if pixel_size is None:

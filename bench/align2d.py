@@ -59,14 +59,17 @@ def main() -> None:
     n = 1024
     a = (rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n))).astype(np.complex64)
 
-    print(f"box {box}, rings {n_rings} (ir 1 .. ou {ou:g}), {n_angles} points per ring, "
-          f"shifts +-{xr:g} step 1, both mirrors, {args.images} images, one thread")
-    print(f"{'refs':>5} {'img/s/ref':>10} {'eff GFLOP/s':>12} {'matmul GFLOP/s':>15} "
-          f"{'fraction':>9} {'prep %':>7} {'refine %':>9}")
+    print(
+        f"box {box}, rings {n_rings} (ir 1 .. ou {ou:g}), {n_angles} points per ring, "
+        f"shifts +-{xr:g} step 1, both mirrors, {args.images} images, one thread"
+    )
+    print(
+        f"{'refs':>5} {'img/s/ref':>10} {'eff GFLOP/s':>12} {'matmul GFLOP/s':>15} "
+        f"{'fraction':>9} {'prep %':>7} {'refine %':>9}"
+    )
     for n_refs in args.refs:
         references = rng.normal(size=(n_refs, box, box)).astype(np.float32)
-        refs = align2d.prepare_references(references, radii, n_angles, xr, xr, 1.0,
-                                          sampler=sampler)
+        refs = align2d.prepare_references(references, radii, n_angles, xr, xr, 1.0, sampler=sampler)
         spectra = align2d.image_spectra(images, origins, radii, n_angles, sampler)
         steps = {
             "matmul": lambda: a @ a,
@@ -82,9 +85,11 @@ def main() -> None:
         total = t_prep + t_search
         peak = 8.0 * n**3 / t_matmul
         effective = 8.0 * n_rings * (n_angles // 2 + 1) * args.images * refs.n_sets * 2 / total
-        print(f"{n_refs:>5} {args.images * n_refs / total:>10.0f} {effective / 1e9:>12.1f} "
-              f"{peak / 1e9:>15.1f} {effective / peak:>9.2f} {100 * t_prep / total:>7.0f} "
-              f"{100 * (t_search - t_coarse) / total:>9.0f}")
+        print(
+            f"{n_refs:>5} {args.images * n_refs / total:>10.0f} {effective / 1e9:>12.1f} "
+            f"{peak / 1e9:>15.1f} {effective / peak:>9.2f} {100 * t_prep / total:>7.0f} "
+            f"{100 * (t_search - t_coarse) / total:>9.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -3,9 +3,6 @@ RELION projections, and known-answer alignments."""
 
 import numpy as np
 import pytest
-from scipy import ndimage
-from scipy.fft import irfft
-
 from cryomatch import geometry
 from cryomatch.kernels import align2d
 from cryomatch.kernels.fourier import shift_images
@@ -16,6 +13,8 @@ from cryomatch.kernels.projection import (
     spline_coefficients,
     voxelize_atoms,
 )
+from scipy import ndimage
+from scipy.fft import irfft
 
 R, W = 6, 32
 
@@ -28,8 +27,9 @@ def _direct(a, b, w):
         return x / np.sqrt(((x**2).mean(-1) @ w) * W)[:, None, None]
 
     a, b = prep(a), prep(b)
-    return np.stack([np.einsum("r,mrl,srl->ms", w, a, np.roll(b, k, axis=-1))
-                     for k in range(W)], axis=-1)
+    return np.stack(
+        [np.einsum("r,mrl,srl->ms", w, a, np.roll(b, k, axis=-1)) for k in range(W)], axis=-1
+    )
 
 
 @pytest.fixture
@@ -42,8 +42,9 @@ def rings(rng):
 
 
 def _references(spectra, w, fold):
-    return align2d.references_from_spectra(spectra, w, len(spectra), np.zeros((1, 2)), (1, 1),
-                                           1.0, fold, block=3)
+    return align2d.references_from_spectra(
+        spectra, w, len(spectra), np.zeros((1, 2)), (1, 1), 1.0, fold, block=3
+    )
 
 
 @pytest.mark.parametrize("fold", [1, 2, 4])
@@ -51,7 +52,8 @@ def test_folded_mirror_free_scores_equal_direct_sums(rings, fold):
     a, b, w, direct, direct_mirror = rings
     refs = _references(align2d.normalized_spectra(b, w), w, fold)
     coarse = align2d._coarse_scores(
-        align2d.fold_spectra(align2d.normalized_spectra(a, w), fold), refs)
+        align2d.fold_spectra(align2d.normalized_spectra(a, w), fold), refs
+    )
     np.testing.assert_allclose(coarse[0], direct[:, :, ::fold].max(-1), atol=1e-6)
     np.testing.assert_allclose(coarse[1], direct_mirror[:, :, ::fold].max(-1), atol=1e-6)
 
@@ -62,10 +64,14 @@ def test_exact_products_and_refined_peak(rings):
     refs = _references(spec_b, w, 1)
     n_index = np.array([[0, 3], [1, 2], [2, 0]])
     mirror = np.array([[False, True], [True, False], [False, False]])
-    c = align2d._exact_products(np.ascontiguousarray(spec_a.transpose(0, 2, 1)), refs,
-                                n_index, mirror)
-    expected = np.where(mirror[..., None], direct_mirror[np.arange(3)[:, None], n_index],
-                        direct[np.arange(3)[:, None], n_index])
+    c = align2d._exact_products(
+        np.ascontiguousarray(spec_a.transpose(0, 2, 1)), refs, n_index, mirror
+    )
+    expected = np.where(
+        mirror[..., None],
+        direct_mirror[np.arange(3)[:, None], n_index],
+        direct[np.arange(3)[:, None], n_index],
+    )
     np.testing.assert_allclose(irfft(c, n=W, axis=-1), expected, atol=1e-6)
     _, value = align2d._refine_angle(c.reshape(6, -1), W)
     assert np.all(value >= expected.reshape(6, -1).max(-1) - 1e-6)  # at least the best sample
@@ -106,8 +112,9 @@ def test_ring_sampler_is_exact_for_linear_images():
 def test_fourier_shift_matches_the_foundation(rng):
     images = rng.normal(size=(4, 24, 24)).astype(np.float32)
     shifts = rng.normal(size=(4, 2)) * 3
-    np.testing.assert_allclose(align2d.fourier_shift(images, shifts),
-                               shift_images(images, shifts), atol=1e-5)
+    np.testing.assert_allclose(
+        align2d.fourier_shift(images, shifts), shift_images(images, shifts), atol=1e-5
+    )
 
 
 def test_shift_grid():
@@ -125,7 +132,10 @@ def test_resample_linear_and_cubic(rng):
     b = rng.normal(size=(6, 2))
     g = np.arange(20) - 10
     sy, sx = np.meshgrid(g, g, indexing="ij")
-    linear, cubic = align2d.resample_images(images, a, b, 1), align2d.resample_images(images, a, b, 3)
+    linear, cubic = (
+        align2d.resample_images(images, a, b, 1),
+        align2d.resample_images(images, a, b, 3),
+    )
     for i in range(6):
         x = a[i, 0, 0] * sx + a[i, 0, 1] * sy + b[i, 0] + 10
         y = a[i, 1, 0] * sx + a[i, 1, 1] * sy + b[i, 1] + 10
@@ -144,16 +154,34 @@ def test_in_plane_transform_matches_relion_projection(rng):
     rot, tilt = 30.0, 70.0
     psi = np.array([25.0, -140.0, 90.0])
     displacement = np.array([[1.5, -2.0], [0.0, 2.5], [-1.2, 0.7]])  # pixels
-    view = project_atoms(atoms.coords, atoms.amplitudes, atoms.sigmas,
-                         geometry.euler_to_matrix(rot, tilt, 0.0)[None], box, 2.0)
-    truth = project_atoms(atoms.coords, atoms.amplitudes, atoms.sigmas,
-                          geometry.euler_to_matrix(rot, tilt, psi), box, 2.0, displacement * 2.0)
-    made = align2d.from_reference_frame(np.repeat(view, 3, 0), psi, np.zeros(3, bool),
-                                        geometry.origin_from_displacement(displacement))
+    view = project_atoms(
+        atoms.coords,
+        atoms.amplitudes,
+        atoms.sigmas,
+        geometry.euler_to_matrix(rot, tilt, 0.0)[None],
+        box,
+        2.0,
+    )
+    truth = project_atoms(
+        atoms.coords,
+        atoms.amplitudes,
+        atoms.sigmas,
+        geometry.euler_to_matrix(rot, tilt, psi),
+        box,
+        2.0,
+        displacement * 2.0,
+    )
+    made = align2d.from_reference_frame(
+        np.repeat(view, 3, 0),
+        psi,
+        np.zeros(3, bool),
+        geometry.origin_from_displacement(displacement),
+    )
     scale = np.abs(truth).max()
     np.testing.assert_allclose(made, truth, atol=0.01 * scale)
-    back = align2d.to_reference_frame(truth, psi, np.zeros(3, bool),
-                                      geometry.origin_from_displacement(displacement), order=3)
+    back = align2d.to_reference_frame(
+        truth, psi, np.zeros(3, bool), geometry.origin_from_displacement(displacement), order=3
+    )
     inner = np.hypot(*np.meshgrid(np.arange(box) - box // 2, np.arange(box) - box // 2)) < 18
     np.testing.assert_allclose(back[:, inner], np.repeat(view, 3, 0)[:, inner], atol=0.01 * scale)
 
@@ -162,8 +190,9 @@ def test_project_volume_agrees_on_psi(rng):
     """The same convention through the map projector (spline interpolation of a volume)."""
     box = 32
     atoms = random_structure(rng, n_atoms=60, radius=18.0, sigma=4.0)
-    coeffs = spline_coefficients(voxelize_atoms(atoms.coords, atoms.amplitudes, atoms.sigmas,
-                                                box, 2.0))
+    coeffs = spline_coefficients(
+        voxelize_atoms(atoms.coords, atoms.amplitudes, atoms.sigmas, box, 2.0)
+    )
     view = project_volume(coeffs, geometry.euler_to_matrix(10.0, 50.0, 0.0)[None])
     truth = project_volume(coeffs, geometry.euler_to_matrix(10.0, 50.0, 60.0)[None])
     made = align2d.from_reference_frame(view, [60.0], [False], np.zeros((1, 2)))
@@ -219,7 +248,8 @@ def test_centre_of_mass_ignores_contrast_and_lowpass():
     g = np.arange(box) - box // 2
     y, x = np.meshgrid(g, g, indexing="ij")
     blob = np.exp(-((x - 3.2) ** 2 + (y + 1.5) ** 2) / 18.0) + 0.6 * np.exp(
-        -((x - 6.2) ** 2 + (y - 1.5) ** 2) / 8.0)
+        -((x - 6.2) ** 2 + (y - 1.5) ** 2) / 8.0
+    )
     expected = align2d.centre_of_mass(blob[None], 20)[0]
     for image in (blob, -blob, 3 - blob, align2d.lowpass(blob[None], 0.08)[0]):
         np.testing.assert_allclose(align2d.centre_of_mass(image[None], 20)[0], expected, atol=0.2)

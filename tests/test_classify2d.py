@@ -11,8 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
-from metrics2d import adjusted_rand_index
-
 from cryomatch.cli import main
 from cryomatch.errors import CryomatchError
 from cryomatch.io.files import read_csv
@@ -25,18 +23,26 @@ from cryomatch.stages.classify2d import (
     random_halves,
 )
 from cryomatch.stages.simulate.views import simulate_views
+from metrics2d import adjusted_rand_index
 
 SETTINGS = Settings(ou=18, xr=2, yr=2)
-FILES = ["class_averages.mrcs", "references.mrcs", "particles.star", "frc.csv", "classes.csv",
-         "class_averages.png"]
+FILES = [
+    "class_averages.mrcs",
+    "references.mrcs",
+    "particles.star",
+    "frc.csv",
+    "classes.csv",
+    "class_averages.png",
+]
 
 
 @pytest.fixture(scope="module")
 def views(tmp_path_factory):
     """240 images of 3 views of the domain phantom, 48 px, 3 A/px, SNR 0.3 (truth in STAR)."""
     out = tmp_path_factory.mktemp("views")
-    return simulate_views(out, n=240, n_views=3, snr=0.3, box=48, seed=3, pixel_size=3.0,
-                          max_shift=2.0)
+    return simulate_views(
+        out, n=240, n_views=3, snr=0.3, box=48, seed=3, pixel_size=3.0, max_shift=2.0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +77,9 @@ def test_outputs_of_every_iteration(run, views):
     # the STAR's image names resolve, and give back the input images
     particles = read_particles(iteration_dir(out, 3) / "particles.star", require_ctf=False)
     with ImageReader(particles) as reader:
-        np.testing.assert_array_equal(reader.read(0, 5), mrcfile.read(views.parent /
-                                                                      "particles.mrcs")[:5])
+        np.testing.assert_array_equal(
+            reader.read(0, 5), mrcfile.read(views.parent / "particles.mrcs")[:5]
+        )
 
 
 def test_classes_found(run, views):
@@ -85,8 +92,10 @@ def test_frc_in_inverse_angstrom(run):
     out, _, _ = run
     frc = read_csv(iteration_dir(out, 3) / "frc.csv")
     assert list(frc.columns[:3]) == ["shell", "frequency_inv_angstrom", "resolution_angstrom"]
-    np.testing.assert_allclose(frc["frequency_inv_angstrom"].iloc[-1], 0.5 / 3.0)  # Nyquist
-    np.testing.assert_allclose(frc["frequency_inv_angstrom"] * frc["resolution_angstrom"], 1)
+    np.testing.assert_allclose(frc["frequency_inv_angstrom"].iloc[-1], 0.5 / 3.0, rtol=1e-5)
+    np.testing.assert_allclose(
+        frc["frequency_inv_angstrom"] * frc["resolution_angstrom"], 1, rtol=1e-5
+    )
     curves = frc[[f"class_{c:03d}" for c in (1, 2, 3)]].to_numpy()
     assert np.all(curves[:3] > 0.8)  # 80 images a class at SNR 0.3: low frequencies agree
     assert abs(curves[-8:].mean()) < 0.2  # noise near Nyquist
@@ -107,12 +116,12 @@ def test_averages_are_centred(run):
 def test_one_iteration_at_a_time_gives_the_same(run, views, tmp_path):
     out, _, _ = run
     for it in range(3):  # as Snakemake runs them: one job per iteration
-        classify2d(views if it == 0 else None, tmp_path, classes=3, iteration=it,
-                   settings=SETTINGS)
+        classify2d(views if it == 0 else None, tmp_path, classes=3, iteration=it, settings=SETTINGS)
     for it in range(3):
         a, b = iteration_dir(out, it), iteration_dir(tmp_path, it)
-        np.testing.assert_array_equal(mrcfile.read(a / "class_averages.mrcs"),
-                                      mrcfile.read(b / "class_averages.mrcs"))
+        np.testing.assert_array_equal(
+            mrcfile.read(a / "class_averages.mrcs"), mrcfile.read(b / "class_averages.mrcs")
+        )
         pd.testing.assert_frame_equal(_star(out, it), _star(tmp_path, it))
     # raising maxit: iteration 4 continues from iteration 3 of the first run
     classify2d(None, out, classes=3, iteration=4, settings=SETTINGS)
@@ -127,12 +136,14 @@ def test_given_references_and_continue(views, tmp_path):
     table = _star(tmp_path / "a", 1)
     truth = starfile.read(views)["particles"]
     assert np.mean(table["rlnClassNumber"] == truth["rlnClassNumber"]) > 0.97
-    np.testing.assert_array_equal(mrcfile.read(iteration_dir(tmp_path / "a", 0) / "class_averages.mrcs"),
-                                  mrcfile.read(refs))
+    np.testing.assert_array_equal(
+        mrcfile.read(iteration_dir(tmp_path / "a", 0) / "class_averages.mrcs"), mrcfile.read(refs)
+    )
     # a new run continuing from that STAR starts from its parameters
     star = iteration_dir(tmp_path / "a", 1) / "particles.star"
-    classify2d(star, tmp_path / "b", references=refs, maxit=0, settings=SETTINGS,
-               continue_params=True)
+    classify2d(
+        star, tmp_path / "b", references=refs, maxit=0, settings=SETTINGS, continue_params=True
+    )
     start = _star(tmp_path / "b", 0)
     np.testing.assert_allclose(start["rlnOriginXAngst"], table["rlnOriginXAngst"], atol=1e-5)
     np.testing.assert_allclose(start["rlnAnglePsi"], table["rlnAnglePsi"], atol=1e-5)
@@ -156,19 +167,30 @@ def test_tiny_classes_are_reseeded_deterministically(views, tmp_path):
     assert classes["reseeded"].any()  # 5 classes of 3 views: some fall under 60
     np.testing.assert_array_equal(
         mrcfile.read(iteration_dir(tmp_path / "a", 1) / "references.mrcs"),
-        mrcfile.read(iteration_dir(tmp_path / "b", 1) / "references.mrcs"))
+        mrcfile.read(iteration_dir(tmp_path / "b", 1) / "references.mrcs"),
+    )
 
 
 def test_ctf_wiener_averages(tmp_path):
-    star = simulate_views(tmp_path / "data", n=160, n_views=2, snr=2.0, box=48, seed=4,
-                          pixel_size=3.0, max_shift=1.0, ctf=True, defocus_range=(8000, 20000))
+    star = simulate_views(
+        tmp_path / "data",
+        n=160,
+        n_views=2,
+        snr=2.0,
+        box=48,
+        seed=4,
+        pixel_size=3.0,
+        max_shift=1.0,
+        ctf=True,
+        defocus_range=(8000, 20000),
+    )
     truth = mrcfile.read(tmp_path / "data" / "views.mrcs")
     scores = {}
     for ctf in (False, True):
         settings = Settings(ou=18, xr=1, yr=1, CTF=ctf, snr=2.0)
         out = tmp_path / f"ctf{ctf}"
-        classify2d(star, out, classes=2, maxit=2, settings=settings)
-        averages = mrcfile.read(iteration_dir(out, 2) / "class_averages.mrcs")
+        classify2d(star, out, classes=2, maxit=4, settings=settings)
+        averages = mrcfile.read(iteration_dir(out, 4) / "class_averages.mrcs")
         radii = align2d.ring_radii(1, 18, 1)
         w = align2d.ring_points(18)
         refs = align2d.prepare_references(truth, radii, w, 2, 2, 1)
@@ -190,16 +212,25 @@ def test_references_of_another_box(views, tmp_path):
     refs = tmp_path / "refs.mrcs"
     with mrcfile.new(refs) as m:
         m.set_data(np.zeros((3, 32, 32), np.float32))
-    _expect_error(r"refs\.mrcs: the references are 32 x 32 pixels but the particles are 48",
-                  tmp_path, views, references=refs, maxit=0, settings=SETTINGS)
+    _expect_error(
+        r"refs\.mrcs: the references are 32 x 32 pixels but the particles are 48",
+        tmp_path,
+        views,
+        references=refs,
+        maxit=0,
+        settings=SETTINGS,
+    )
 
 
-@pytest.mark.parametrize("settings, match", [
-    (Settings(ou=30), r"ou=30 reaches beyond the 48-pixel box"),
-    (Settings(ou=20, xr=5, yr=1), r"xr=5, yr=1 pushes rings of radius ou=20 outside"),
-    (Settings(ou=-1, xr=2, yr=2), r"pushes rings of radius ou=22 outside"),
-    (Settings(ir=0), r"1 <= ir <= ou"),
-])
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (Settings(ou=30), r"ou=30 reaches beyond the 48-pixel box"),
+        (Settings(ou=20, xr=5, yr=1), r"xr=5, yr=1 pushes rings of radius ou=20 outside"),
+        (Settings(ou=-1, xr=2, yr=2), r"pushes rings of radius ou=22 outside"),
+        (Settings(ir=0), r"1 <= ir <= ou"),
+    ],
+)
 def test_bad_rings_and_search_range(views, tmp_path, settings, match):
     _expect_error(match, tmp_path, views, classes=3, maxit=0, settings=settings)
 
@@ -210,9 +241,16 @@ def test_shifts_pushing_rings_outside(views, tmp_path):
     star = views.parent / "shifted.star"
     starfile.write(table, star)
     try:
-        _expect_error(r"shifted\.star: row 8: the shift \(8\.00, .*\) px pushes rings of radius "
-                      r"ou=18 outside", tmp_path, star, classes=3, maxit=0, settings=SETTINGS,
-                      continue_params=True)
+        _expect_error(
+            r"shifted\.star: row 8: the shift \(8\.00, .*\) px pushes rings of radius "
+            r"ou=18 outside",
+            tmp_path,
+            star,
+            classes=3,
+            maxit=0,
+            settings=SETTINGS,
+            continue_params=True,
+        )
     finally:
         star.unlink()
 
@@ -221,17 +259,43 @@ def test_mask_of_another_box(views, tmp_path):
     mask = tmp_path / "mask.mrc"
     with mrcfile.new(mask) as m:
         m.set_data(np.ones((40, 40), np.float32))
-    _expect_error(r"mask\.mrc: the mask must be one 48 x 48 image", tmp_path, views, classes=3,
-                  maxit=0, settings=SETTINGS, mask=mask)
+    _expect_error(
+        r"mask\.mrc: the mask must be one 48 x 48 image",
+        tmp_path,
+        views,
+        classes=3,
+        maxit=0,
+        settings=SETTINGS,
+        mask=mask,
+    )
 
 
 def test_ctf_without_ctf_columns(views, tmp_path):
-    _expect_error(r"missing required column\(s\) rlnDefocusU", tmp_path, views, classes=3,
-                  maxit=0, settings=Settings(ou=18, xr=2, yr=2, CTF=True))
+    _expect_error(
+        r"missing required column\(s\) rlnDefocusU",
+        tmp_path,
+        views,
+        classes=3,
+        maxit=0,
+        settings=Settings(ou=18, xr=2, yr=2, CTF=True),
+    )
 
 
 def test_command_line_error(views, tmp_path, capsys):
-    code = main(["classify2d", "--particles", str(views), "--out", str(tmp_path), "--classes",
-                 "3", "--maxit", "0", "--ou", "40"])
+    code = main(
+        [
+            "classify2d",
+            "--particles",
+            str(views),
+            "--out",
+            str(tmp_path),
+            "--classes",
+            "3",
+            "--maxit",
+            "0",
+            "--ou",
+            "40",
+        ]
+    )
     assert code == 2
     assert "cryomatch: error: ou=40 reaches beyond the 48-pixel box" in capsys.readouterr().err

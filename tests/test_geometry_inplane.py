@@ -3,7 +3,6 @@ reference frame, each checked against point maps written out independently."""
 
 import numpy as np
 import pytest
-
 from cryomatch import geometry
 from cryomatch.kernels import ctf as ctf_kernel
 
@@ -71,8 +70,9 @@ def test_sparx_parameters_give_the_same_map(rng):
         sx, sy = rng.normal(size=2) * 3
         psi, origin, m = geometry.sparx_to_relion(alpha, sx, sy, mirror)
         p = rng.normal(size=2) * 5
-        np.testing.assert_allclose(_apply(psi, m, origin, p), _sparx_map(alpha, sx, sy, mirror, p),
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            _apply(psi, m, origin, p), _sparx_map(alpha, sx, sy, mirror, p), atol=1e-12
+        )
         back = geometry.relion_to_sparx(psi, origin, m)
         assert abs(geometry.wrap_degrees(back[0] - alpha)) < 1e-9
         np.testing.assert_allclose(back[1:3], [sx, sy], atol=1e-12)
@@ -87,21 +87,24 @@ def test_sparx_known_case():
 
 
 def test_wrap_degrees():
-    np.testing.assert_allclose(geometry.wrap_degrees([-180, 180, 190, -190, 540, 0]),
-                               [180, 180, -170, 170, 180, 0])
+    np.testing.assert_allclose(
+        geometry.wrap_degrees([-180, 180, 190, -190, 540, 0]), [180, 180, -170, 170, 180, 0]
+    )
 
 
 @pytest.mark.parametrize("mirror", [False, True])
 def test_defocus_angle_in_reference_frame_matches_turned_frequencies(rng, mirror):
     kx, ky = np.meshgrid(np.linspace(-0.1, 0.1, 9), np.linspace(-0.1, 0.1, 9))
     psi, angle = 37.0, 20.0
-    params = dict(defocus_u=15000.0, defocus_v=12000.0, voltage=300.0, cs=2.7,
-                  amplitude_contrast=0.1)
+    params = dict(
+        defocus_u=15000.0, defocus_v=12000.0, voltage=300.0, cs=2.7, amplitude_contrast=0.1
+    )
     # CTF(L^-1 k) with L^-1 = A2(psi) M
     linv = np.linalg.inv(geometry.image_to_reference_matrix(psi, mirror))
     kxr = linv[0, 0] * kx + linv[0, 1] * ky
     kyr = linv[1, 0] * kx + linv[1, 1] * ky
     direct = ctf_kernel.ctf(kxr, kyr, defocus_angle=angle, **params)
     new_angle = geometry.defocus_angle_in_reference_frame(angle, psi, mirror)
-    np.testing.assert_allclose(ctf_kernel.ctf(kx, ky, defocus_angle=new_angle, **params), direct,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        ctf_kernel.ctf(kx, ky, defocus_angle=new_angle, **params), direct, atol=1e-12
+    )

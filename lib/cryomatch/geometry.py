@@ -60,9 +60,7 @@ def rotation_to_euler(rotation: Rotation):
 def viewing_direction(rot, tilt) -> np.ndarray:
     """Unit vector (..., 3) of the projection direction in the map's frame (A^T e_z)."""
     rot, tilt = np.deg2rad(rot), np.deg2rad(tilt)
-    return np.stack(
-        [np.sin(tilt) * np.cos(rot), np.sin(tilt) * np.sin(rot), np.cos(tilt)], axis=-1
-    )
+    return np.stack([np.sin(tilt) * np.cos(rot), np.sin(tilt) * np.sin(rot), np.cos(tilt)], axis=-1)
 
 
 def angle_between_directions(d1, d2) -> np.ndarray:

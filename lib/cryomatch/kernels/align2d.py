@@ -85,8 +85,12 @@ def ring_sampler(box: int, radii, n_angles: int) -> scipy.sparse.csr_matrix:
     fx, fy = x - x0, y - y0
     rows = np.repeat(np.arange(x.size), 4)
     cols, weights = [], []
-    for dy, dx, w in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
-                      (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+    for dy, dx, w in (
+        (0, 0, (1 - fy) * (1 - fx)),
+        (0, 1, (1 - fy) * fx),
+        (1, 0, fy * (1 - fx)),
+        (1, 1, fy * fx),
+    ):
         cols.append(np.clip(y0 + dy, 0, box - 1) * box + np.clip(x0 + dx, 0, box - 1))
         weights.append(np.where((y0 + dy < box) & (x0 + dx < box), w, 0.0))
     cols = np.stack(cols, axis=1).ravel()
@@ -225,8 +229,9 @@ class References:
         return self.n_refs * self.n_shifts
 
 
-def prepare_references(references, radii, n_angles, xr, yr, ts, fold=None, sampler=None,
-                       block: int = 64):
+def prepare_references(
+    references, radii, n_angles, xr, yr, ts, fold=None, sampler=None, block: int = 64
+):
     """Ring spectra of references (S, box, box) about every grid shift, ready to search;
     ``block`` reference-shift sets go into one matrix product (a cache-sized tile)."""
     box = references.shape[-1]
@@ -234,12 +239,14 @@ def prepare_references(references, radii, n_angles, xr, yr, ts, fold=None, sampl
     grid, nx, ny = shift_grid(xr, yr, ts)
     weights = ring_weights(radii)
     spectra = normalized_spectra(reference_rings(references, grid, sampler, len(radii)), weights)
-    return references_from_spectra(spectra, weights, len(references), grid, (nx, ny), ts,
-                                   fold, block)
+    return references_from_spectra(
+        spectra, weights, len(references), grid, (nx, ny), ts, fold, block
+    )
 
 
-def references_from_spectra(spectra, weights, n_refs, grid, grid_shape, ts, fold=None,
-                            block: int = 64) -> References:
+def references_from_spectra(
+    spectra, weights, n_refs, grid, grid_shape, ts, fold=None, block: int = 64
+) -> References:
     """:class:`References` from normalized ring spectra (S * D, R, Q), reference-major."""
     xp = array_module(spectra)
     n_angles = 2 * (spectra.shape[-1] - 1)
@@ -247,12 +254,27 @@ def references_from_spectra(spectra, weights, n_refs, grid, grid_shape, ts, fold
     w = xp.asarray(weights, dtype=xp.float32)
     conj_weighted = xp.ascontiguousarray((xp.conj(spectra) * w[:, None]).transpose(0, 2, 1))
     folded = fold_spectra(spectra, fold, weights)  # (Q', N, K)
-    blocks = [tuple(xp.ascontiguousarray(part.transpose(0, 2, 1), dtype=xp.float32)
-                    for part in (folded[:, lo : lo + block].real, folded[:, lo : lo + block].imag))
-              for lo in range(0, folded.shape[1], block)]
+    blocks = [
+        tuple(
+            xp.ascontiguousarray(part.transpose(0, 2, 1), dtype=xp.float32)
+            for part in (folded[:, lo : lo + block].real, folded[:, lo : lo + block].imag)
+        )
+        for lo in range(0, folded.shape[1], block)
+    ]
     dft = xp.asarray(_dft_matrix(folded.shape[0], fold))
-    return References(conj_weighted, blocks, dft, block, np.asarray(weights), n_refs, len(grid),
-                      np.asarray(grid), grid_shape, ts, fold)
+    return References(
+        conj_weighted,
+        blocks,
+        dft,
+        block,
+        np.asarray(weights),
+        n_refs,
+        len(grid),
+        np.asarray(grid),
+        grid_shape,
+        ts,
+        fold,
+    )
 
 
 def image_spectra(images, origins, radii, n_angles, sampler=None):
@@ -385,25 +407,35 @@ class Alignment:
         return psi, new_origin, self.mirror
 
 
-def search(image_spec, refs: References, top: int = 2, batch: int = 32,
-           exclude=None) -> Alignment:
+def search(image_spec, refs: References, top: int = 2, batch: int = 32, exclude=None) -> Alignment:
     """Align images (normalized ring spectra (M, R, Q) from :func:`image_spectra`) to every
     reference, shift and mirror (module docstring), ``batch`` images at a time; ``exclude``
     (M,) names a reference each image must not match (e.g. itself), or -1."""
     xp = array_module(image_spec)
     if exclude is None:
         exclude = xp.full(len(image_spec), -1)
-    parts = [_search_batch(image_spec[lo : lo + batch], refs, top, exclude[lo : lo + batch])
-             for lo in range(0, len(image_spec), batch)]
-    return Alignment(*(np.concatenate([to_numpy(getattr(p, f)) for p in parts])
-                       for f in ("reference", "mirror", "angle", "shift", "score")))
+    parts = [
+        _search_batch(image_spec[lo : lo + batch], refs, top, exclude[lo : lo + batch])
+        for lo in range(0, len(image_spec), batch)
+    ]
+    return Alignment(
+        *(
+            np.concatenate([to_numpy(getattr(p, f)) for p in parts])
+            for f in ("reference", "mirror", "angle", "shift", "score")
+        )
+    )
 
 
 def coarse_only(image_spec, refs: References, batch: int = 32):
     """The coarse pass of :func:`search` alone (for benchmarks): folded maxima (2, M, N)."""
     xp = array_module(image_spec)
-    return xp.concatenate([_coarse_scores(fold_spectra(image_spec[lo : lo + batch], refs.fold),
-                                          refs) for lo in range(0, len(image_spec), batch)], 1)
+    return xp.concatenate(
+        [
+            _coarse_scores(fold_spectra(image_spec[lo : lo + batch], refs.fold), refs)
+            for lo in range(0, len(image_spec), batch)
+        ],
+        1,
+    )
 
 
 def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
@@ -428,8 +460,9 @@ def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
     rows = xp.arange(m) * top + pick
     n_best = xp.take_along_axis(n_cand, pick[:, None], axis=1)[:, 0]
     mir_best = xp.take_along_axis(mir_cand, pick[:, None], axis=1)[:, 0]
-    shift, theta, value, n_best = _refine_shift(image_t, refs, n_best, mir_best, theta[rows],
-                                                value[rows], c[rows])
+    shift, theta, value, n_best = _refine_shift(
+        image_t, refs, n_best, mir_best, theta[rows], value[rows], c[rows]
+    )
     return Alignment(
         reference=n_best // d,
         mirror=mir_best,
@@ -529,8 +562,9 @@ def resample_images(images, matrices, offsets, order: int = 1, margin: int = 4):
         return (top * (1 - fy) + bottom * fy).reshape(n, box, box)
     padded = ndimage.spline_filter(padded, order=order, mode="mirror", output=np.float32)
     index = np.broadcast_to(np.arange(n, dtype=np.float64)[:, None], (n, box * box))
-    out = ndimage.map_coordinates(padded, [index, src[:, 1], src[:, 0]], order=order,
-                                  mode="mirror", prefilter=False)
+    out = ndimage.map_coordinates(
+        padded, [index, src[:, 1], src[:, 0]], order=order, mode="mirror", prefilter=False
+    )
     return out.reshape(n, box, box).astype(np.float32, copy=False)
 
 

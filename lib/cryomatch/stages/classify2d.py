@@ -107,8 +107,12 @@ def read_params(particles: Particles, use_table: bool):
         return table[name].to_numpy(np.float64) if name in table else np.full(n, default)
 
     origin = np.stack([column("rlnOriginXAngst"), column("rlnOriginYAngst")], -1) / pixel
-    return (column("rlnAnglePsi"), origin, column("rlnIsFlip") > 0.5,
-            column("rlnClassNumber").astype(np.int64))
+    return (
+        column("rlnAnglePsi"),
+        origin,
+        column("rlnIsFlip") > 0.5,
+        column("rlnClassNumber").astype(np.int64),
+    )
 
 
 def check_shifts(origin, ou: float, box: int, path) -> None:
@@ -142,8 +146,10 @@ def image_names(particles: Particles, folder: Path) -> list[str]:
     """rlnImageName entries relative to ``folder`` (so results stay relocatable)."""
     table = particles.table
     rel = {f: os.path.relpath(f, folder) for f in table["image_file"].unique()}
-    return [f"{i + 1:06d}@{rel[f]}" for i, f in zip(table["image_index"], table["image_file"],
-                                                     strict=True)]
+    return [
+        f"{i + 1:06d}@{rel[f]}"
+        for i, f in zip(table["image_index"], table["image_file"], strict=True)
+    ]
 
 
 # --- images --------------------------------------------------------------------------------
@@ -151,8 +157,9 @@ def normalize(images, inside):
     """Zero mean and unit standard deviation over the pixels where ``inside`` is True."""
     values = images[:, inside]
     std = values.std(axis=1)
-    return ((images - values.mean(axis=1)[:, None, None])
-            / np.where(std > 0, std, 1.0)[:, None, None]).astype(np.float32)
+    return (
+        (images - values.mean(axis=1)[:, None, None]) / np.where(std > 0, std, 1.0)[:, None, None]
+    ).astype(np.float32)
 
 
 def ctf_values(table: pd.DataFrame, box: int, pixel: float, defocus_angle=None):
@@ -160,9 +167,15 @@ def ctf_values(table: pd.DataFrame, box: int, pixel: float, defocus_angle=None):
     ky, kx = rfft_frequencies(box, pixel)
     angle = table["rlnDefocusAngle"].to_numpy() if defocus_angle is None else defocus_angle
     return ctf_kernel.ctf(
-        kx, ky, table["rlnDefocusU"].to_numpy(), table["rlnDefocusV"].to_numpy(), angle,
-        table["rlnVoltage"].to_numpy(), table["rlnSphericalAberration"].to_numpy(),
-        table["rlnAmplitudeContrast"].to_numpy(), table["rlnPhaseShift"].to_numpy(),
+        kx,
+        ky,
+        table["rlnDefocusU"].to_numpy(),
+        table["rlnDefocusV"].to_numpy(),
+        angle,
+        table["rlnVoltage"].to_numpy(),
+        table["rlnSphericalAberration"].to_numpy(),
+        table["rlnAmplitudeContrast"].to_numpy(),
+        table["rlnPhaseShift"].to_numpy(),
         table["rlnCtfBfactor"].to_numpy(),
     )
 
@@ -214,8 +227,12 @@ class ImageSource:
 
     def batches(self, desc: str):
         n = len(self.particles)
-        for lo in progress(range(0, n, self.batch_size), total=math.ceil(n / self.batch_size),
-                           desc=desc, unit="batch"):
+        for lo in progress(
+            range(0, n, self.batch_size),
+            total=math.ceil(n / self.batch_size),
+            desc=desc,
+            unit="batch",
+        ):
             hi = min(n, lo + self.batch_size)
             yield lo, hi, normalize(self.reader.read(lo, hi), self.inside)
 
@@ -237,14 +254,16 @@ def align(source: ImageSource, references, origin, settings: Settings):
     radii = align2d.ring_radii(settings.ir, ou, settings.rs)
     n_angles = align2d.ring_points(ou)
     sampler = align2d.ring_sampler(box, radii, n_angles)
-    refs = align2d.prepare_references(references, radii, n_angles, settings.xr, settings.yr,
-                                      settings.ts, sampler=sampler)
+    refs = align2d.prepare_references(
+        references, radii, n_angles, settings.xr, settings.yr, settings.ts, sampler=sampler
+    )
     n = len(source.particles)
     cls, score = np.zeros(n, np.int64), np.zeros(n)
     psi, new_origin, mirror = np.zeros(n), np.zeros((n, 2)), np.zeros(n, bool)
     for lo, hi, images in source.batches("align"):
-        spectra = align2d.image_spectra(source.for_alignment(images, lo, hi), origin[lo:hi],
-                                        radii, n_angles, sampler)
+        spectra = align2d.image_spectra(
+            source.for_alignment(images, lo, hi), origin[lo:hi], radii, n_angles, sampler
+        )
         result = align2d.search(spectra, refs)
         cls[lo:hi], score[lo:hi] = result.reference, result.score
         psi[lo:hi], new_origin[lo:hi], mirror[lo:hi] = result.to_params(origin[lo:hi])
@@ -272,7 +291,8 @@ def average(source: ImageSource, classes, psi, origin, mirror, n_classes, rng):
         if settings.CTF:
             images = apply_ctf(images, ctf_values(table, box, source.pixel))
             angle = geometry.defocus_angle_in_reference_frame(
-                table["rlnDefocusAngle"].to_numpy(), psi[lo:hi], mirror[lo:hi])
+                table["rlnDefocusAngle"].to_numpy(), psi[lo:hi], mirror[lo:hi]
+            )
             ctf2 = ctf_values(table, box, source.pixel, angle) ** 2
         aligned = align2d.to_reference_frame(images, psi[lo:hi], mirror[lo:hi], origin[lo:hi])
         sums.add(aligned, 2 * classes[lo:hi] + half[lo:hi], ctf2)
@@ -337,16 +357,33 @@ def finish(source: ImageSource, classes, psi, origin, mirror, score, n_classes, 
     reseeded = np.zeros(n_classes, bool)
     small = np.flatnonzero(counts < size)
     if iteration > 0 and counts.max() >= 1.5 * len(classes) / n_classes:
-        twins = duplicates(references, align2d.lowpass(halves.reshape(-1, box, box),
-                                                       np.tile(cutoff, 2)).reshape(halves.shape),
-                           counts, settings, box)
+        twins = duplicates(
+            references,
+            align2d.lowpass(halves.reshape(-1, box, box), np.tile(cutoff, 2)).reshape(halves.shape),
+            counts,
+            settings,
+            box,
+        )
         small = np.union1d(small, twins)
     if len(small) and iteration > 0:
-        references = reseed(source, references, small, classes, psi, origin, mirror, score,
-                            counts, cutoff, rng)
+        references = reseed(
+            source, references, small, classes, psi, origin, mirror, score, counts, cutoff, rng
+        )
         reseeded[small] = True
-    return Result(averages, references.astype(np.float32), frc, counts, shift, cutoff,
-                  reseeded, classes, psi, origin, mirror, score)
+    return Result(
+        averages,
+        references.astype(np.float32),
+        frc,
+        counts,
+        shift,
+        cutoff,
+        reseeded,
+        classes,
+        psi,
+        origin,
+        mirror,
+        score,
+    )
 
 
 DUPLICATE_RATIO = 3.0  # classes closer than this many times their half-set distance are one
@@ -369,8 +406,7 @@ def duplicates(references, halves, counts, settings: Settings, box: int):
     radii = align2d.ring_radii(settings.ir, ou, settings.rs)
     n_angles = align2d.ring_points(ou)
     sub = references[live]
-    refs = align2d.prepare_references(sub, radii, n_angles, settings.xr, settings.yr,
-                                      settings.ts)
+    refs = align2d.prepare_references(sub, radii, n_angles, settings.xr, settings.yr, settings.ts)
     spectra = align2d.image_spectra(sub, np.zeros((len(live), 2)), radii, n_angles)
     nearest = align2d.search(spectra, refs, exclude=np.arange(len(live)))
     ci, cj = live, live[nearest.reference]
@@ -392,11 +428,13 @@ def reseed(source, references, small, classes, psi, origin, mirror, score, count
         members = np.flatnonzero(classes == donor)
         worse = members[np.argsort(score[members], kind="stable")[: max(1, len(members) // 2)]]
         pick = np.sort(rng.choice(worse, size=max(1, len(worse) // 2), replace=False))
-        subset = ImageSource(source.particles.subset(pick), source.settings, source.inside,
-                             source.batch_size)
+        subset = ImageSource(
+            source.particles.subset(pick), source.settings, source.inside, source.batch_size
+        )
         try:
-            avg, _, _ = average(subset, np.zeros(len(pick), np.int64), psi[pick], origin[pick],
-                                mirror[pick], 1, rng)
+            avg, _, _ = average(
+                subset, np.zeros(len(pick), np.int64), psi[pick], origin[pick], mirror[pick], 1, rng
+            )
         finally:
             subset.close()
         references[c] = align2d.lowpass(avg, cutoff[donor])[0]
@@ -415,28 +453,40 @@ def write_iteration(folder: Path, particles: Particles, result: Result, prov, ou
     labels = labels[:9] + [f"members per class: {counts}"[:80]]
     write_mrc(folder / "class_averages.mrcs", result.averages, pixel, labels, outputs)
     write_mrc(folder / "references.mrcs", result.references, pixel, labels, outputs)
-    table = params_table(particles, result.classes + 1, result.psi, result.origin,
-                         result.mirror, result.score)
-    write_particles(folder / "particles.star", table, prov, outputs,
-                    image_names=image_names(particles, folder.resolve()))
+    table = params_table(
+        particles, result.classes + 1, result.psi, result.origin, result.mirror, result.score
+    )
+    write_particles(
+        folder / "particles.star",
+        table,
+        prov,
+        outputs,
+        image_names=image_names(particles, folder.resolve()),
+    )
     shells = np.arange(result.frc.shape[1])
     freq = shells / (box * pixel)
-    frc = pd.DataFrame({"shell": shells, "frequency_inv_angstrom": freq,
-                        "resolution_angstrom": np.where(shells > 0, 1.0 / np.maximum(freq, 1e-12),
-                                                        np.inf)})
+    frc = pd.DataFrame(
+        {
+            "shell": shells,
+            "frequency_inv_angstrom": freq,
+            "resolution_angstrom": np.where(shells > 0, 1.0 / np.maximum(freq, 1e-12), np.inf),
+        }
+    )
     for c in range(len(result.frc)):
         frc[f"class_{c + 1:03d}"] = np.where(result.counts[c] >= 2, result.frc[c], np.nan)
     write_csv(folder / "frc.csv", frc, prov, outputs)
     n = max(1, int(result.counts.sum()))
-    classes = pd.DataFrame({
-        "class": np.arange(1, len(result.counts) + 1),
-        "particles": result.counts,
-        "fraction": result.counts / n,
-        "lowpass_angstrom": pixel / result.cutoff,
-        "centre_shift_x_angstrom": result.centre_shift[:, 0] * pixel,
-        "centre_shift_y_angstrom": result.centre_shift[:, 1] * pixel,
-        "reseeded": result.reseeded,
-    })
+    classes = pd.DataFrame(
+        {
+            "class": np.arange(1, len(result.counts) + 1),
+            "particles": result.counts,
+            "fraction": result.counts / n,
+            "lowpass_angstrom": pixel / result.cutoff,
+            "centre_shift_x_angstrom": result.centre_shift[:, 0] * pixel,
+            "centre_shift_y_angstrom": result.centre_shift[:, 1] * pixel,
+            "reseeded": result.reseeded,
+        }
+    )
     write_csv(folder / "classes.csv", classes, prov, outputs)
     titles = [f"{c + 1}: {int(m)}" for c, m in enumerate(result.counts)]
     save_png(image_montage(result.averages, titles), folder / "class_averages.png", outputs)
@@ -452,7 +502,9 @@ def _inside(mask_path, settings: Settings, box: int):
         if mask.shape[1:] != (box, box) or len(mask) != 1:
             raise CryomatchError(
                 f"the mask must be one {box} x {box} image, found {mask.shape[0]} of "
-                f"{mask.shape[2]} x {mask.shape[1]}", mask_path)
+                f"{mask.shape[2]} x {mask.shape[1]}",
+                mask_path,
+            )
         mask = mask[0]
         if not np.isfinite(mask).all() or mask.max() <= 0:
             raise CryomatchError("the mask must be finite with some positive pixels", mask_path)
@@ -460,8 +512,9 @@ def _inside(mask_path, settings: Settings, box: int):
     return mask > 0.5, mask
 
 
-def _initial(source: ImageSource, settings, references_path, n_classes, continue_params,
-             mask) -> Result:
+def _initial(
+    source: ImageSource, settings, references_path, n_classes, continue_params, mask
+) -> Result:
     """Iteration 0: the given references, or averages of a random partition."""
     particles, box = source.particles, source.box
     psi, origin, mirror, _ = read_params(particles, continue_params)
@@ -472,11 +525,24 @@ def _initial(source: ImageSource, settings, references_path, n_classes, continue
         if refs.shape[1:] != (box, box):
             raise CryomatchError(
                 f"the references are {refs.shape[2]} x {refs.shape[1]} pixels but the particles "
-                f"are {box} x {box}", references_path)
+                f"are {box} x {box}",
+                references_path,
+            )
         k = len(refs)
-        return Result(refs, refs * mask, np.full((k, box // 2 + 1), np.nan),
-                      np.zeros(k, np.int64), np.zeros((k, 2)), np.full(k, 0.5),
-                      np.zeros(k, bool), np.full(n, -1), psi, origin, mirror, None)
+        return Result(
+            refs,
+            refs * mask,
+            np.full((k, box // 2 + 1), np.nan),
+            np.zeros(k, np.int64),
+            np.zeros((k, 2)),
+            np.full(k, 0.5),
+            np.zeros(k, bool),
+            np.full(n, -1),
+            psi,
+            origin,
+            mirror,
+            None,
+        )
     if not 1 <= n_classes <= n:
         raise CryomatchError(f"cannot seed {n_classes} classes from {n} images")
     rng = np.random.default_rng([settings.rand_seed, 0])
@@ -511,15 +577,23 @@ def classify2d(
         raise CryomatchError("iteration 0 needs initial references or a number of classes")
     folder = None
     for it in todo:
-        folder = _run_iteration(particles, out, references, classes, it, settings, mask,
-                                continue_params, batch_size)
+        folder = _run_iteration(
+            particles, out, references, classes, it, settings, mask, continue_params, batch_size
+        )
     return folder
 
 
-def _run_iteration(particles, out, references, classes, iteration, settings, mask_path,
-                   continue_params, batch_size) -> Path:
-    params = {"iteration": iteration, "references": references, "classes": classes,
-              "mask": mask_path, "continue": continue_params, **asdict(settings)}
+def _run_iteration(
+    particles, out, references, classes, iteration, settings, mask_path, continue_params, batch_size
+) -> Path:
+    params = {
+        "iteration": iteration,
+        "references": references,
+        "classes": classes,
+        "mask": mask_path,
+        "continue": continue_params,
+        **asdict(settings),
+    }
     prov = provenance.record("classify2d", params)
     folder = iteration_dir(out, iteration)
     star = particles if iteration == 0 else iteration_dir(out, iteration - 1) / "particles.star"
@@ -536,8 +610,11 @@ def _run_iteration(particles, out, references, classes, iteration, settings, mas
                 prev = iteration_dir(out, iteration - 1) / "references.mrcs"
                 refs = read_images(prev)
                 if refs.shape[1:] != (box, box):
-                    raise CryomatchError(f"the references are {refs.shape[2]} x {refs.shape[1]} "
-                                         f"pixels but the particles are {box} x {box}", prev)
+                    raise CryomatchError(
+                        f"the references are {refs.shape[2]} x {refs.shape[1]} "
+                        f"pixels but the particles are {box} x {box}",
+                        prev,
+                    )
                 psi, origin, mirror, _ = read_params(data, True)
                 check_shifts(origin, settings.radius(box), box, star)
                 cls, psi, origin, mirror, score = align(source, refs * mask, origin, settings)
@@ -550,42 +627,91 @@ def _run_iteration(particles, out, references, classes, iteration, settings, mas
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--particles",
-                   help="particles (RELION STAR or cryoSPARC .cs), needed for iteration 0; "
-                        "iteration n reads OUT/classify2d/iter{n-1}")
+    p.add_argument(
+        "--particles",
+        help="particles (RELION STAR or cryoSPARC .cs), needed for iteration 0; "
+        "iteration n reads OUT/classify2d/iter{n-1}",
+    )
     p.add_argument("--out", required=True, help="output folder (results go to OUT/classify2d)")
     init = p.add_mutually_exclusive_group()
     init.add_argument("--references", help="initial references (MRC stack)")
     init.add_argument("--classes", type=int, help="seed this many classes from random subsets")
     p.add_argument("--maxit", type=int, default=10, help="number of iterations")
-    p.add_argument("--iteration", type=int,
-                   help="run this iteration only (0: initial references), reading the "
-                        "previous one's outputs; default: 0..maxit")
+    p.add_argument(
+        "--iteration",
+        type=int,
+        help="run this iteration only (0: initial references), reading the "
+        "previous one's outputs; default: 0..maxit",
+    )
     d = Settings()
     p.add_argument("--ir", type=float, default=d.ir, help="inner ring radius (pixels)")
     p.add_argument("--ou", type=float, default=d.ou, help="outer ring radius; -1: box/2 - 2")
     p.add_argument("--rs", type=float, default=d.rs, help="ring step (pixels)")
-    p.add_argument("--xr", type=float, default=d.xr,
-                   help="x search range (pixels, 0: rotation only)")
+    p.add_argument(
+        "--xr", type=float, default=d.xr, help="x search range (pixels, 0: rotation only)"
+    )
     p.add_argument("--yr", type=float, default=d.yr, help="y search range (pixels)")
     p.add_argument("--ts", type=float, default=d.ts, help="translation step (pixels)")
-    p.add_argument("--center", type=int, default=d.center, choices=(0, 1),
-                   help="1: centre the averages (sign-blind); 0: do not")
-    p.add_argument("--CTF", action="store_true",
-                   help="phase-flip images for alignment, Wiener-filter the averages")
+    p.add_argument(
+        "--center",
+        type=int,
+        default=d.center,
+        choices=(0, 1),
+        help="1: centre the averages (sign-blind); 0: do not",
+    )
+    p.add_argument(
+        "--CTF",
+        action="store_true",
+        help="phase-flip images for alignment, Wiener-filter the averages",
+    )
     p.add_argument("--snr", type=float, default=d.snr, help="SNR of the Wiener filter (--CTF)")
-    p.add_argument("--rand_seed", "--rand-seed", dest="rand_seed", type=int,
-                   default=d.rand_seed, help="seed of every random choice")
-    p.add_argument("--min-class-size", type=int, default=d.min_class_size,
-                   help="reseed smaller classes; 0: max(4, 20%% of the mean class size)")
+    p.add_argument(
+        "--rand_seed",
+        "--rand-seed",
+        dest="rand_seed",
+        type=int,
+        default=d.rand_seed,
+        help="seed of every random choice",
+    )
+    p.add_argument(
+        "--min-class-size",
+        type=int,
+        default=d.min_class_size,
+        help="reseed smaller classes; 0: max(4, 20%% of the mean class size)",
+    )
     p.add_argument("--mask", help="2D mask (MRC) for normalization and the references")
-    p.add_argument("--continue", dest="continue_params", action="store_true",
-                   help="start from the particles' rlnAnglePsi, origins and rlnIsFlip")
+    p.add_argument(
+        "--continue",
+        dest="continue_params",
+        action="store_true",
+        help="start from the particles' rlnAnglePsi, origins and rlnIsFlip",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="images held at a time")
 
 
 def run(args) -> None:
-    settings = Settings(args.ir, args.ou, args.rs, args.xr, args.yr, args.ts, args.center,
-                        args.CTF, args.snr, args.rand_seed, args.min_class_size)
-    classify2d(args.particles, args.out, args.references, args.classes, args.maxit,
-               args.iteration, settings, args.mask, args.continue_params, args.batch_size)
+    settings = Settings(
+        args.ir,
+        args.ou,
+        args.rs,
+        args.xr,
+        args.yr,
+        args.ts,
+        args.center,
+        args.CTF,
+        args.snr,
+        args.rand_seed,
+        args.min_class_size,
+    )
+    classify2d(
+        args.particles,
+        args.out,
+        args.references,
+        args.classes,
+        args.maxit,
+        args.iteration,
+        settings,
+        args.mask,
+        args.continue_params,
+        args.batch_size,
+    )

@@ -57,21 +57,32 @@ def distinct_views(n_views: int, rng: np.random.Generator, pool: int = 512):
     return rot[chosen], tilt[chosen]
 
 
-def domain_phantom(rng: np.random.Generator, box: int, pixel_size: float,
-                   n_domains: int = 5, atoms_per_domain: int = 40) -> PseudoAtoms:
+def domain_phantom(
+    rng: np.random.Generator,
+    box: int,
+    pixel_size: float,
+    n_domains: int = 5,
+    atoms_per_domain: int = 40,
+) -> PseudoAtoms:
     """Pseudo-atoms in ``n_domains`` clusters (Angstrom): centres spread within 0.22 box,
     cluster radii 0.04..0.09 box, densities 0.5..1.5, atoms 1.5 pixels wide."""
     extent = box * pixel_size
     centres = [np.zeros(3)]
     while len(centres) < n_domains:  # centres at least 0.12 box apart
         c = rng.uniform(-1, 1, 3) * 0.22 * extent
-        if np.linalg.norm(c) <= 0.22 * extent and min(
-                np.linalg.norm(c - p) for p in centres) > 0.12 * extent:
+        if (
+            np.linalg.norm(c) <= 0.22 * extent
+            and min(np.linalg.norm(c - p) for p in centres) > 0.12 * extent
+        ):
             centres.append(c)
     spread = rng.uniform(0.04, 0.09, n_domains) * extent
     density = rng.uniform(0.5, 1.5, n_domains)
-    coords = np.concatenate([c + rng.normal(size=(atoms_per_domain, 3)) * s
-                             for c, s in zip(centres, spread, strict=True)])
+    coords = np.concatenate(
+        [
+            c + rng.normal(size=(atoms_per_domain, 3)) * s
+            for c, s in zip(centres, spread, strict=True)
+        ]
+    )
     amplitudes = np.repeat(density, atoms_per_domain)
     coords -= np.average(coords, axis=0, weights=amplitudes)
     return PseudoAtoms(coords, amplitudes, np.full(len(coords), 1.5 * pixel_size))
@@ -116,20 +127,26 @@ def simulate_views(
     noise_rng = np.random.default_rng([seed, 3])
     structure, pixel_size = _load_structure(map_path, box, pixel_size, rng)
     rot, tilt = distinct_views(n_views, rng)
-    views = structure.project(geometry.euler_to_matrix(rot, tilt, 0.0).reshape(-1, 3, 3),
-                              np.zeros((n_views, 2)), box, pixel_size)
+    views = structure.project(
+        geometry.euler_to_matrix(rot, tilt, 0.0).reshape(-1, 3, 3),
+        np.zeros((n_views, 2)),
+        box,
+        pixel_size,
+    )
     view = rng.integers(0, n_views, size=n)
     displacement = rng.uniform(-max_shift, max_shift, size=(n, 2))
-    table = pd.DataFrame({
-        "rlnAngleRot": rot[view],
-        "rlnAngleTilt": tilt[view],
-        "rlnAnglePsi": rng.uniform(-180.0, 180.0, size=n),
-        "rlnOriginXAngst": geometry.origin_from_displacement(displacement[:, 0]) * pixel_size,
-        "rlnOriginYAngst": geometry.origin_from_displacement(displacement[:, 1]) * pixel_size,
-        "rlnIsFlip": (rng.random(n) < 0.5).astype(int) if mirror else np.zeros(n, dtype=int),
-        "rlnClassNumber": view + 1,
-        "rlnOpticsGroup": 1,
-    })
+    table = pd.DataFrame(
+        {
+            "rlnAngleRot": rot[view],
+            "rlnAngleTilt": tilt[view],
+            "rlnAnglePsi": rng.uniform(-180.0, 180.0, size=n),
+            "rlnOriginXAngst": geometry.origin_from_displacement(displacement[:, 0]) * pixel_size,
+            "rlnOriginYAngst": geometry.origin_from_displacement(displacement[:, 1]) * pixel_size,
+            "rlnIsFlip": (rng.random(n) < 0.5).astype(int) if mirror else np.zeros(n, dtype=int),
+            "rlnClassNumber": view + 1,
+            "rlnOpticsGroup": 1,
+        }
+    )
     if ctf:
         u = rng.uniform(*defocus_range, size=n)
         table["rlnDefocusU"] = u
@@ -137,21 +154,37 @@ def simulate_views(
         table["rlnDefocusAngle"] = rng.uniform(0.0, 180.0, size=n)
         table["rlnPhaseShift"] = 0.0
         table["rlnCtfBfactor"] = 0.0
-    optics = pd.DataFrame([{"rlnOpticsGroup": 1, "rlnOpticsGroupName": "opticsGroup1", **OPTICS,
-                            "rlnImagePixelSize": pixel_size, "rlnImageSize": box,
-                            "rlnImageDimensionality": 2}])
+    optics = pd.DataFrame(
+        [
+            {
+                "rlnOpticsGroup": 1,
+                "rlnOpticsGroupName": "opticsGroup1",
+                **OPTICS,
+                "rlnImagePixelSize": pixel_size,
+                "rlnImageSize": box,
+                "rlnImageDimensionality": 2,
+            }
+        ]
+    )
     labels = provenance.mrc_labels(prov)
     with Outputs() as outputs:
         write_mrc(out / "views.mrcs", views, pixel_size, labels, outputs)
         sigma = None
         with StackWriter(out / "particles.mrcs", n, box, pixel_size, labels, outputs) as writer:
-            for start in progress(range(0, n, batch_size), total=math.ceil(n / batch_size),
-                                  desc="simulate views", unit="batch"):
+            for start in progress(
+                range(0, n, batch_size),
+                total=math.ceil(n / batch_size),
+                desc="simulate views",
+                unit="batch",
+            ):
                 rows = table.iloc[start : start + batch_size]
                 origin = rows[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / pixel_size
-                clean = from_reference_frame(views[view[start : start + batch_size]],
-                                             rows["rlnAnglePsi"].to_numpy(),
-                                             rows["rlnIsFlip"].to_numpy(bool), origin)
+                clean = from_reference_frame(
+                    views[view[start : start + batch_size]],
+                    rows["rlnAnglePsi"].to_numpy(),
+                    rows["rlnIsFlip"].to_numpy(bool),
+                    origin,
+                )
                 if ctf:
                     clean = apply_ctf(clean, _ctf(rows, box, pixel_size))
                 if sigma is None:
@@ -162,17 +195,27 @@ def simulate_views(
         merged["image_file"] = "particles.mrcs"
         merged["image_index"] = np.arange(n)
         names = [f"{i + 1:06d}@particles.mrcs" for i in range(n)]
-        write_particles(out / "particles.star", Particles(merged, optics, None), prov, outputs,
-                        image_names=names)
+        write_particles(
+            out / "particles.star",
+            Particles(merged, optics, None),
+            prov,
+            outputs,
+            image_names=names,
+        )
     return out / "particles.star"
 
 
 def _ctf(rows: pd.DataFrame, box: int, pixel_size: float):
     ky, kx = rfft_frequencies(box, pixel_size)
     return ctf_kernel.ctf(
-        kx, ky, rows["rlnDefocusU"].to_numpy(), rows["rlnDefocusV"].to_numpy(),
-        rows["rlnDefocusAngle"].to_numpy(), OPTICS["rlnVoltage"],
-        OPTICS["rlnSphericalAberration"], OPTICS["rlnAmplitudeContrast"],
+        kx,
+        ky,
+        rows["rlnDefocusU"].to_numpy(),
+        rows["rlnDefocusV"].to_numpy(),
+        rows["rlnDefocusAngle"].to_numpy(),
+        OPTICS["rlnVoltage"],
+        OPTICS["rlnSphericalAberration"],
+        OPTICS["rlnAmplitudeContrast"],
     )
 
 
@@ -186,17 +229,38 @@ def add_arguments(p) -> None:
     p.add_argument("--box", type=int, required=True, help="image size in pixels")
     p.add_argument("--seed", type=int, required=True, help="random seed")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--pixel-size", type=float,
-                   help="Angstrom per pixel (default: the map header's, 3.0 for the phantom)")
+    p.add_argument(
+        "--pixel-size",
+        type=float,
+        help="Angstrom per pixel (default: the map header's, 3.0 for the phantom)",
+    )
     p.add_argument("--max-shift", type=float, default=3.0, help="largest shift per axis, pixels")
     p.add_argument("--no-mirror", dest="mirror", action="store_false", help="no mirrored images")
     p.add_argument("--ctf", action="store_true", help="multiply the images by a CTF")
-    p.add_argument("--defocus", type=float, nargs=2, default=(10000.0, 25000.0),
-                   metavar=("MIN", "MAX"), help="defocus U range in Angstrom (with --ctf)")
+    p.add_argument(
+        "--defocus",
+        type=float,
+        nargs=2,
+        default=(10000.0, 25000.0),
+        metavar=("MIN", "MAX"),
+        help="defocus U range in Angstrom (with --ctf)",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="images rendered at a time")
 
 
 def run(args) -> None:
-    simulate_views(args.out, args.n, args.views, args.snr, args.box, args.seed, args.map,
-                   args.pixel_size, args.max_shift, args.mirror, args.ctf, tuple(args.defocus),
-                   args.batch_size)
+    simulate_views(
+        args.out,
+        args.n,
+        args.views,
+        args.snr,
+        args.box,
+        args.seed,
+        args.map,
+        args.pixel_size,
+        args.max_shift,
+        args.mirror,
+        args.ctf,
+        tuple(args.defocus),
+        args.batch_size,
+    )

@@ -65,7 +65,7 @@ def main() -> None:
     )
     print(
         f"{'refs':>5} {'img/s/ref':>10} {'eff GFLOP/s':>12} {'matmul GFLOP/s':>15} "
-        f"{'fraction':>9} {'prep %':>7} {'refine %':>9}"
+        f"{'fraction':>9} {'ring prep %':>12}"
     )
     for n_refs in args.refs:
         references = rng.normal(size=(n_refs, box, box)).astype(np.float32)
@@ -75,20 +75,18 @@ def main() -> None:
             "matmul": lambda: a @ a,
             "prep": lambda: align2d.image_spectra(images, origins, radii, n_angles, sampler),
             "search": lambda spectra=spectra, refs=refs: align2d.search(spectra, refs),
-            "coarse": lambda spectra=spectra, refs=refs: align2d.coarse_only(spectra, refs),
         }
         best = dict.fromkeys(steps, float("inf"))
         for _ in range(args.repeats):  # interleaved, best of each
             for name, fn in steps.items():
                 best[name] = min(best[name], best_time(fn, 1))
-        t_matmul, t_prep, t_search, t_coarse = (best[k] for k in steps)
+        t_matmul, t_prep, t_search = (best[k] for k in steps)
         total = t_prep + t_search
         peak = 8.0 * n**3 / t_matmul
         effective = 8.0 * n_rings * (n_angles // 2 + 1) * args.images * refs.n_sets * 2 / total
         print(
             f"{n_refs:>5} {args.images * n_refs / total:>10.0f} {effective / 1e9:>12.1f} "
-            f"{peak / 1e9:>15.1f} {effective / peak:>9.2f} {100 * t_prep / total:>7.0f} "
-            f"{100 * (t_search - t_coarse) / total:>9.0f}"
+            f"{peak / 1e9:>15.1f} {effective / peak:>9.2f} {100 * t_prep / total:>12.0f}"
         )
 
 

@@ -110,7 +110,7 @@ def sample_rings(images, sampler, n_rings: int):
 
         sampler = cupyx.scipy.sparse.csr_matrix(sampler)
     rings = images.reshape(n, -1).astype(xp.float32, copy=False) @ sampler.T  # (n, R * W)
-    return xp.asarray(rings).reshape(n, n_rings, -1)
+    return xp.ascontiguousarray(rings).reshape(n, n_rings, -1)
 
 
 def ring_weights(radii) -> np.ndarray:
@@ -191,16 +191,22 @@ def _fold_index(n_angles: int, fold: int):
 
 
 def fold_spectra(spectra, fold: int, weights=None):
-    """Folded spectra (Q', n, fold * R): ``[A_q or conj A_(W-q) for each term]`` per folded
-    frequency, optionally times ring weights; see the module docstring."""
+    """Folded spectra as real and imaginary parts, float32 (Q', 2, n, fold * R):
+    ``[A_q or conj A_(W-q) for each term]`` per folded frequency j (module docstring),
+    optionally times ring weights. ``[:, 0]`` and ``[:, 1]`` are the X and Y (or U and V) of
+    the mirror-free products."""
     xp = array_module(spectra)
     n, n_rings, n_freq = spectra.shape
-    n_angles = 2 * (n_freq - 1)
-    index, conj = _fold_index(n_angles, fold)
+    index, conj = _fold_index(2 * (n_freq - 1), fold)
     s = spectra if weights is None else spectra * xp.asarray(weights, dtype=xp.float32)[:, None]
-    taken = s[:, :, xp.asarray(index.ravel())].reshape(n, n_rings, *index.shape)  # n,R,Q',f
-    taken = xp.where(xp.asarray(conj), xp.conj(taken), taken)
-    return xp.ascontiguousarray(taken.transpose(2, 0, 3, 1).reshape(index.shape[0], n, -1))
+    out = xp.empty((index.shape[0], 2, n, fold, n_rings), dtype=xp.float32)
+    for t in range(fold):  # per folded term, not per image
+        part = s[:, :, xp.asarray(index[:, t])].transpose(2, 0, 1)  # (Q', n, R)
+        out[:, 0, :, t] = part.real
+        out[:, 1, :, t] = part.imag
+        flip = xp.asarray(np.flatnonzero(conj[:, t]))
+        out[flip, 1, :, t] *= -1.0
+    return out.reshape(index.shape[0], 2, n, fold * n_rings)
 
 
 def coarse_fold(n_angles: int, coarse_angles: int = 64) -> int:
@@ -253,13 +259,13 @@ def references_from_spectra(
     fold = coarse_fold(n_angles) if fold is None else fold
     w = xp.asarray(weights, dtype=xp.float32)
     conj_weighted = xp.ascontiguousarray((xp.conj(spectra) * w[:, None]).transpose(0, 2, 1))
-    folded = fold_spectra(spectra, fold, weights)  # (Q', N, K)
+    folded = fold_spectra(spectra, fold, weights)  # (Q', 2, N, K)
     blocks = [
         tuple(
-            xp.ascontiguousarray(part.transpose(0, 2, 1), dtype=xp.float32)
-            for part in (folded[:, lo : lo + block].real, folded[:, lo : lo + block].imag)
+            xp.ascontiguousarray(folded[:, part, lo : lo + block].transpose(0, 2, 1))
+            for part in (0, 1)
         )
-        for lo in range(0, folded.shape[1], block)
+        for lo in range(0, folded.shape[2], block)
     ]
     dft = xp.asarray(_dft_matrix(folded.shape[0], fold))
     return References(
@@ -315,9 +321,9 @@ def _coarse_scores(image_folded, refs: References):
     ``[X; Y] @ V``, laid out so that the inverse DFT over frequency, fused with the mirror
     combinations, is one more matrix product with no copy in between."""
     xp = array_module(image_folded)
-    n_freq, m, _ = image_folded.shape
+    n_freq, _, m, k = image_folded.shape
     n_out = 2 * (n_freq - 1)
-    left = xp.concatenate([image_folded.real, image_folded.imag], axis=1)  # (Q', 2M, K)
+    left = image_folded.reshape(n_freq, 2 * m, k)  # [X; Y]
     out = xp.empty((2, m, refs.n_sets), dtype=xp.float32)
     products = None
     for i, (u, v) in enumerate(refs.blocks):
@@ -505,17 +511,20 @@ def _refine_shift(image_t, refs: References, n_best, mirror, theta, peak, c_best
     nx, ny = refs.grid_shape
     if nx < 3 and ny < 3:
         return xp.asarray(refs.grid)[n_best % refs.n_shifts].astype(xp.float64), theta, peak, n_best
-    rows = xp.arange(m)
+    index, c, values, inside = _neighbours(image_t, refs, n_best, mirror, theta)
+    todo = xp.arange(m)  # images whose neighbours were just (re)computed
     for _ in range(4):
-        index, c, values, inside = _neighbours(image_t, refs, n_best, mirror, theta)
-        j = xp.argmax(values, axis=1)
-        better = values[rows, j] > peak
+        j = xp.argmax(values[todo], axis=1)
+        better = values[todo, j] > peak[todo]
         if not better.any():
             break
-        n_best = xp.where(better, index[rows, j], n_best)
-        c_best = xp.where(better[:, None], c[rows, j], c_best)
-        new_theta, new_peak = _newton(c_best, theta, n_angles, theta, step)
-        theta, peak = xp.where(better, new_theta, theta), xp.where(better, new_peak, peak)
+        todo, j = todo[better], j[better]
+        n_best[todo] = index[todo, j]
+        c_best[todo] = c[todo, j]
+        theta[todo], peak[todo] = _newton(c_best[todo], theta[todo], n_angles, theta[todo], step)
+        index[todo], c[todo], values[todo], inside[todo] = _neighbours(
+            image_t[todo], refs, n_best[todo], mirror[todo], theta[todo]
+        )
     f_lo, f_hi = values[:, :2], values[:, 2:]
     curvature = f_lo - 2.0 * peak[:, None] + f_hi
     ok = inside & (curvature < 0)

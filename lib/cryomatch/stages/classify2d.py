@@ -463,17 +463,13 @@ def write_iteration(folder: Path, particles: Particles, result: Result, prov, ou
         outputs,
         image_names=image_names(particles, folder.resolve()),
     )
-    shells = np.arange(result.frc.shape[1])
+    shells = np.arange(1, result.frc.shape[1])  # shell 0 (the mean) is normalized away
     freq = shells / (box * pixel)
     frc = pd.DataFrame(
-        {
-            "shell": shells,
-            "frequency_inv_angstrom": freq,
-            "resolution_angstrom": np.where(shells > 0, 1.0 / np.maximum(freq, 1e-12), np.inf),
-        }
+        {"shell": shells, "frequency_inv_angstrom": freq, "resolution_angstrom": 1.0 / freq}
     )
     for c in range(len(result.frc)):
-        frc[f"class_{c + 1:03d}"] = np.where(result.counts[c] >= 2, result.frc[c], np.nan)
+        frc[f"class_{c + 1:03d}"] = np.where(result.counts[c] >= 2, result.frc[c, 1:], np.nan)
     write_csv(folder / "frc.csv", frc, prov, outputs)
     n = max(1, int(result.counts.sum()))
     classes = pd.DataFrame(

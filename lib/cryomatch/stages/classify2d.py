@@ -22,15 +22,16 @@ n >= 1 reads ``iter{n-1}/particles.star`` and ``iter{n-1}/references.mrcs`` and
 Outputs in ``OUT/classify2d/iterNNN/``: ``class_averages.mrcs``, ``references.mrcs``,
 ``classes.csv`` (members, FRC resolution, centring shift, reseeding per class), ``frc.csv``
 (FRC per class against spatial frequency in 1/A), ``particles.star`` (RELION: rlnClassNumber,
-rlnAnglePsi, rlnOriginXAngst/YAngst, rlnIsFlip, rlnParticleFigureOfMerit: the peak normalized
-cross-correlation) and
-``class_averages.png``. Input files are only read.
+rlnAnglePsi, rlnOriginXAngst/YAngst, rlnIsFlip, and rlnParticleFigureOfMerit, the peak
+normalized cross-correlation) and ``class_averages.png``. Input files are only read; a line
+per iteration in the log says how many images changed class.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -508,6 +509,18 @@ def _inside(mask_path, settings: Settings, box: int):
     return mask > 0.5, mask
 
 
+def read_references(path, box: int) -> np.ndarray:
+    """A reference stack, which must have the particles' box size."""
+    refs = read_images(path)
+    if refs.shape[1:] != (box, box):
+        raise CryomatchError(
+            f"the references are {refs.shape[2]} x {refs.shape[1]} pixels but the particles "
+            f"are {box} x {box}",
+            path,
+        )
+    return refs
+
+
 def _initial(
     source: ImageSource, settings, references_path, n_classes, continue_params, mask
 ) -> Result:
@@ -517,13 +530,7 @@ def _initial(
     check_shifts(origin, settings.radius(box), box, particles.source)
     n = len(particles)
     if references_path is not None:
-        refs = read_images(references_path)
-        if refs.shape[1:] != (box, box):
-            raise CryomatchError(
-                f"the references are {refs.shape[2]} x {refs.shape[1]} pixels but the particles "
-                f"are {box} x {box}",
-                references_path,
-            )
+        refs = read_references(references_path, box)
         k = len(refs)
         return Result(
             refs,
@@ -603,18 +610,17 @@ def _run_iteration(
             if iteration == 0:
                 result = _initial(source, settings, references, classes, continue_params, mask)
             else:
-                prev = iteration_dir(out, iteration - 1) / "references.mrcs"
-                refs = read_images(prev)
-                if refs.shape[1:] != (box, box):
-                    raise CryomatchError(
-                        f"the references are {refs.shape[2]} x {refs.shape[1]} "
-                        f"pixels but the particles are {box} x {box}",
-                        prev,
-                    )
-                psi, origin, mirror, _ = read_params(data, True)
+                refs = read_references(iteration_dir(out, iteration - 1) / "references.mrcs", box)
+                psi, origin, mirror, before = read_params(data, True)
                 check_shifts(origin, settings.radius(box), box, star)
                 cls, psi, origin, mirror, score = align(source, refs * mask, origin, settings)
                 result = finish(source, cls, psi, origin, mirror, score, len(refs), iteration)
+                print(
+                    f"iteration {iteration}: {np.mean(cls + 1 != before):.1%} of the images "
+                    f"changed class; members {result.counts.tolist()}; mean peak NCC "
+                    f"{score.mean():.4f}; reseeded {np.flatnonzero(result.reseeded) + 1}",
+                    file=sys.stderr,
+                )
                 result.references *= mask
             write_iteration(folder, data, result, prov, outputs)
     finally:

@@ -25,6 +25,7 @@ C2D_FLAGS = {
     "min_class_size": "--min-class-size",
     "mask": "--mask",
     "batch_size": "--batch-size",
+    "backend": "--backend",
 }
 # The particles: classify2d.particles, else the user's preprocessed ones, else demo views.
 C2D_PARTICLES = C2D["particles"] or (
@@ -103,7 +104,10 @@ rule classify2d_initial:
             os.path.dirname(os.path.dirname(output.png))
         ),
         init=C2D_INIT,
-        opts=cli_options(C2D, {**C2D_FLAGS, "continue": "--continue"}),
+        opts=cli_options(
+            {**C2D, "backend": config["backend"]},
+            {**C2D_FLAGS, "continue": "--continue"},
+        ),
     shell:
         "cryomatch classify2d --particles {input.star} --out {params.out} {params.init} "
         "--iteration 0 {params.opts} > {log} 2>&1"
@@ -140,7 +144,7 @@ rule classify2d_iteration:
         ),
         init=C2D_INIT,
         iteration=lambda wildcards: int(wildcards.iteration),
-        opts=cli_options(C2D, C2D_FLAGS),
+        opts=cli_options({**C2D, "backend": config["backend"]}, C2D_FLAGS),
     shell:
         "cryomatch classify2d --out {params.out} {params.init} "
         "--iteration {params.iteration} {params.opts} > {log} 2>&1"

@@ -268,3 +268,29 @@ def test_fourier_ring_correlation(rng):
     signal = rng.normal(size=(4, 64, 64))
     half = align2d.fourier_ring_correlation(signal + a, signal + rng.normal(size=(4, 64, 64)))
     assert abs(half[:, 8:].mean() - 0.5) < 0.05  # equal signal and noise power: FRC 1/2
+
+
+@pytest.mark.gpu
+def test_search_on_the_gpu_matches_numpy(views, rng):
+    import cupy
+
+    n = 40
+    psi = rng.uniform(-180, 180, n)
+    mirror = rng.random(n) < 0.5
+    origin = rng.uniform(-1.5, 1.5, size=(n, 2))
+    images = align2d.from_reference_frame(views[rng.integers(0, 3, n)], psi, mirror, origin)
+    radii = align2d.ring_radii(1, 16, 1)
+    w = align2d.ring_points(16)
+    zero = np.zeros((n, 2))
+    cpu = align2d.search(
+        align2d.image_spectra(images, zero, radii, w),
+        align2d.prepare_references(views, radii, w, 2, 2, 1),
+    )
+    gpu = align2d.search(
+        align2d.image_spectra(cupy.asarray(images), zero, radii, w),
+        align2d.prepare_references(cupy.asarray(views), radii, w, 2, 2, 1),
+    )
+    np.testing.assert_array_equal(gpu.reference, cpu.reference)
+    np.testing.assert_array_equal(gpu.mirror, cpu.mirror)
+    np.testing.assert_allclose(gpu.angle, cpu.angle, atol=0.05)
+    np.testing.assert_allclose(gpu.shift, cpu.shift, atol=0.01)

@@ -105,11 +105,13 @@ def sample_rings(images, sampler, n_rings: int):
     :func:`ring_sampler` (applied from the right, so that images stay rows)."""
     xp = array_module(images)
     n = len(images)
-    if xp is not np:  # pragma: no cover - GPU path
+    pixels = images.reshape(n, -1).astype(xp.float32, copy=False)
+    if xp is not np:  # pragma: no cover - GPU path: sparse @ dense on the device
         import cupyx.scipy.sparse
 
-        sampler = cupyx.scipy.sparse.csr_matrix(sampler)
-    rings = images.reshape(n, -1).astype(xp.float32, copy=False) @ sampler.T  # (n, R * W)
+        rings = (cupyx.scipy.sparse.csr_matrix(sampler) @ pixels.T).T
+    else:
+        rings = pixels @ sampler.T  # (n, R * W)
     return xp.ascontiguousarray(rings).reshape(n, n_rings, -1)
 
 

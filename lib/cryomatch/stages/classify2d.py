@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .. import geometry, provenance
+from ..backend import get_xp
 from ..errors import CryomatchError
 from ..io.atomic import Outputs
 from ..io.figures import image_montage, save_png
@@ -248,22 +249,33 @@ class ImageSource:
 
 
 # --- one iteration ---------------------------------------------------------------------------
-def align(source: ImageSource, references, origin, settings: Settings):
+def align(source: ImageSource, references, origin, settings: Settings, backend: str = "numpy"):
     """Pass 1: (class 0-based, psi, origin, mirror, score) of every image."""
+    xp = get_xp(backend)
     box = source.box
     ou = settings.radius(box)
     radii = align2d.ring_radii(settings.ir, ou, settings.rs)
     n_angles = align2d.ring_points(ou)
     sampler = align2d.ring_sampler(box, radii, n_angles)
     refs = align2d.prepare_references(
-        references, radii, n_angles, settings.xr, settings.yr, settings.ts, sampler=sampler
+        xp.asarray(references),
+        radii,
+        n_angles,
+        settings.xr,
+        settings.yr,
+        settings.ts,
+        sampler=sampler,
     )
     n = len(source.particles)
     cls, score = np.zeros(n, np.int64), np.zeros(n)
     psi, new_origin, mirror = np.zeros(n), np.zeros((n, 2)), np.zeros(n, bool)
     for lo, hi, images in source.batches("align"):
         spectra = align2d.image_spectra(
-            source.for_alignment(images, lo, hi), origin[lo:hi], radii, n_angles, sampler
+            xp.asarray(source.for_alignment(images, lo, hi)),
+            origin[lo:hi],
+            radii,
+            n_angles,
+            sampler,
         )
         result = align2d.search(spectra, refs)
         cls[lo:hi], score[lo:hi] = result.reference, result.score
@@ -567,9 +579,11 @@ def classify2d(
     mask: str | Path | None = None,
     continue_params: bool = False,
     batch_size: int = 256,
+    backend: str = "numpy",
 ) -> Path:
     """Run iteration ``iteration`` (reading the previous one's outputs), or iterations
-    0..maxit when None. Returns the last iteration's folder."""
+    0..maxit when None; the search runs on ``backend`` (numpy or cupy). Returns the last
+    iteration's folder."""
     settings = settings or Settings()
     if maxit < 0 or (iteration is not None and iteration < 0):
         raise CryomatchError("maxit and iteration must not be negative")
@@ -581,13 +595,31 @@ def classify2d(
     folder = None
     for it in todo:
         folder = _run_iteration(
-            particles, out, references, classes, it, settings, mask, continue_params, batch_size
+            particles,
+            out,
+            references,
+            classes,
+            it,
+            settings,
+            mask,
+            continue_params,
+            batch_size,
+            backend,
         )
     return folder
 
 
 def _run_iteration(
-    particles, out, references, classes, iteration, settings, mask_path, continue_params, batch_size
+    particles,
+    out,
+    references,
+    classes,
+    iteration,
+    settings,
+    mask_path,
+    continue_params,
+    batch_size,
+    backend,
 ) -> Path:
     params = {
         "iteration": iteration,
@@ -613,7 +645,9 @@ def _run_iteration(
                 refs = read_references(iteration_dir(out, iteration - 1) / "references.mrcs", box)
                 psi, origin, mirror, before = read_params(data, True)
                 check_shifts(origin, settings.radius(box), box, star)
-                cls, psi, origin, mirror, score = align(source, refs * mask, origin, settings)
+                cls, psi, origin, mirror, score = align(
+                    source, refs * mask, origin, settings, backend
+                )
                 result = finish(source, cls, psi, origin, mirror, score, len(refs), iteration)
                 print(
                     f"iteration {iteration}: {np.mean(cls + 1 != before):.1%} of the images "
@@ -689,6 +723,9 @@ def add_arguments(p) -> None:
         help="start from the particles' rlnAnglePsi, origins and rlnIsFlip",
     )
     p.add_argument("--batch-size", type=int, default=256, help="images held at a time")
+    p.add_argument(
+        "--backend", default="numpy", choices=("numpy", "cupy"), help="array backend of the search"
+    )
 
 
 def run(args) -> None:
@@ -716,4 +753,5 @@ def run(args) -> None:
         args.mask,
         args.continue_params,
         args.batch_size,
+        args.backend,
     )

@@ -39,6 +39,8 @@ C2D_INIT = (
     else f"--classes {C2D['classes']}"
 )
 C2D_CAPTION = "../workflow/report/classify2d_averages.rst"
+# main's common.smk runs this checkout's package as CRYOMATCH; before that: the command
+C2D_CMD = globals().get("CRYOMATCH", "cryomatch")
 
 
 rule simulate_views:
@@ -59,6 +61,7 @@ rule simulate_views:
         runtime=res("simulate_views", "runtime"),
         cpus_per_task=res("simulate_views", "cpus_per_task"),
     params:
+        cryomatch=C2D_CMD,
         out=lambda wildcards, output: os.path.dirname(output.star),
         opts=cli_options(
             {**config["demo"]["views"], "seed": config["demo"]["seed"]},
@@ -73,7 +76,7 @@ rule simulate_views:
             },
         ),
     shell:
-        "cryomatch simulate views --phantom --out {params.out} {params.opts} > {log} 2>&1"
+        "{params.cryomatch} simulate views --phantom --out {params.out} {params.opts} > {log} 2>&1"
 
 
 rule classify2d_initial:
@@ -100,6 +103,7 @@ rule classify2d_initial:
         runtime=res("classify2d_initial", "runtime"),
         cpus_per_task=res("classify2d_initial", "cpus_per_task"),
     params:
+        cryomatch=C2D_CMD,
         out=lambda wildcards, output: os.path.dirname(
             os.path.dirname(os.path.dirname(output.png))
         ),
@@ -109,7 +113,7 @@ rule classify2d_initial:
             {**C2D_FLAGS, "continue": "--continue"},
         ),
     shell:
-        "cryomatch classify2d --particles {input.star} --out {params.out} {params.init} "
+        "{params.cryomatch} classify2d --particles {input.star} --out {params.out} {params.init} "
         "--iteration 0 {params.opts} > {log} 2>&1"
 
 
@@ -139,6 +143,7 @@ rule classify2d_iteration:
         runtime=res("classify2d_iteration", "runtime"),
         cpus_per_task=res("classify2d_iteration", "cpus_per_task"),
     params:
+        cryomatch=C2D_CMD,
         out=lambda wildcards, output: os.path.dirname(
             os.path.dirname(os.path.dirname(output.png))
         ),
@@ -146,7 +151,7 @@ rule classify2d_iteration:
         iteration=lambda wildcards: int(wildcards.iteration),
         opts=cli_options({**C2D, "backend": config["backend"]}, C2D_FLAGS),
     shell:
-        "cryomatch classify2d --out {params.out} {params.init} "
+        "{params.cryomatch} classify2d --out {params.out} {params.init} "
         "--iteration {params.iteration} {params.opts} > {log} 2>&1"
 
 

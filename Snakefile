@@ -21,6 +21,7 @@ include: "rules/common.smk"
 include: "rules/simulate.smk"
 include: "rules/preprocess.smk"
 include: "rules/tomo.smk"
+include: "rules/classify2d.smk"
 
 
 check_resources()

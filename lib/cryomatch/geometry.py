@@ -179,3 +179,73 @@ def remove_unobservable(shifts, angles) -> np.ndarray:
         coef, *_ = np.linalg.lstsq(basis, shifts[:, column], rcond=None)
         out[:, column] -= basis @ coef
     return out
+
+
+def wrap_degrees(angle):
+    """Angles in degrees wrapped to (-180, 180]."""
+    return 180.0 - np.mod(180.0 - np.asarray(angle, dtype=np.float64), 360.0)
+
+
+def compose_inplane(psi1, mirror1, origin1, psi2, mirror2, origin2):
+    """(psi, mirror, origin) of ``image = ref2 o T`` where ``image = ref1 o T1`` and
+    ``ref1 = ref2 o T2`` (``ref o T`` is ``r -> ref(L (r + o))``, module docstring).
+
+    ``L = L2 L1`` and, since ``M A2(a)^T M = A2(-a)^T``, ``psi = psi1 + (-1)^mirror1 psi2``,
+    ``mirror = mirror1 xor mirror2``, ``origin = origin1 + L1^-1 origin2``. Shapes broadcast:
+    angles in degrees (...), mirrors (...), origins (..., 2).
+    """
+    m1 = np.asarray(mirror1, dtype=bool)
+    psi = np.asarray(psi1, dtype=np.float64) + np.where(m1, -1.0, 1.0) * np.asarray(psi2)
+    mirror = np.logical_xor(m1, np.asarray(mirror2, dtype=bool))
+    origin = recentre_origin(psi1, origin1, mirror1, -np.asarray(origin2, dtype=np.float64))
+    return wrap_degrees(psi), mirror, origin
+
+
+def invert_inplane(psi, mirror, origin):
+    """(psi, mirror, origin) of ``T^-1``: if ``image = ref o T`` then ``ref = image o T^-1``.
+
+    ``T^-1(s) = L^-1 s - o = L^-1 (s - L o)``, and ``L^-1 = A2 M`` is ``M A2(psi)^T`` with a
+    mirror (the angle is kept) or ``A2(-psi)^T`` without.
+    """
+    m = np.asarray(mirror, dtype=bool)
+    psi = np.asarray(psi, dtype=np.float64)
+    matrix = image_to_reference_matrix(psi, m)
+    new_origin = -np.einsum("...ij,...j->...i", matrix, np.asarray(origin, dtype=np.float64))
+    return wrap_degrees(np.where(m, psi, -psi)), m, new_origin
+
+
+def sparx_to_relion(alpha, sx, sy, mirror):
+    """SPARX/EMAN2 2D alignment parameters -> (psi, origin (..., 2), mirror) of this module.
+
+    SPARX's ``rot_shift2D(image, alpha, sx, sy, mirror)`` (EMAN2 Transform "2D", applied
+    as rotate, shift, then mirror x -> -x: Penczek, Radermacher and Frank 1992) moves the
+    image point p to ``T(p) = M (R(alpha) p + t)`` with ``R(alpha) = [[c, s], [-s, c]]``,
+    and the result matches the reference: ``image(p) = ref(T(p))``. Here
+    ``T(p) = L (p + origin)`` with ``L = M A2(psi)^T``: ``R(alpha) = A2(alpha)``, so
+    ``psi = -alpha`` and ``origin = L^-1 M t = A2(alpha)^T t``. Shifts in pixels.
+    """
+    alpha = np.asarray(alpha, dtype=np.float64)
+    t = np.stack(np.broadcast_arrays(np.asarray(sx, np.float64), np.asarray(sy, np.float64)), -1)
+    origin = np.einsum("...ij,...j->...i", np.swapaxes(inplane_matrix(alpha), -1, -2), t)
+    return wrap_degrees(-alpha), origin, np.asarray(mirror, dtype=bool)
+
+
+def relion_to_sparx(psi, origin, mirror):
+    """(alpha, sx, sy, mirror) for SPARX from (psi, origin (..., 2), mirror); inverse of
+    :func:`sparx_to_relion`. Shifts in pixels."""
+    psi = np.asarray(psi, dtype=np.float64)
+    rotation = np.swapaxes(inplane_matrix(psi), -1, -2)  # t = A2(psi)^T origin
+    t = np.einsum("...ij,...j->...i", rotation, np.asarray(origin, dtype=np.float64))
+    return wrap_degrees(-psi), t[..., 0], t[..., 1], np.asarray(mirror, dtype=bool)
+
+
+def defocus_angle_in_reference_frame(defocus_angle, psi, mirror):
+    """rlnDefocusAngle (degrees) of an image's CTF seen in its reference's frame.
+
+    The image mapped onto its reference, ``aligned(s) = image(L^-1 s - o)``, has the Fourier
+    transform ``F_image(L^-1 k)`` (times a phase), so its CTF is ``CTF(L^-1 k)``: the
+    astigmatism axis turns with the image (``angle + psi``) and a mirror reflects it
+    (``-(angle + psi)``); the CTF depends on the axis modulo 180 degrees.
+    """
+    angle = np.asarray(defocus_angle, dtype=np.float64) + np.asarray(psi, dtype=np.float64)
+    return np.where(np.asarray(mirror, dtype=bool), -angle, angle)

@@ -10,4 +10,5 @@ COMMANDS = [
     ("preprocess", "preprocess", "normalize, Fourier-crop and split particle stacks"),
     ("tomo-align", "tomo.align", "align a tilt series (shifts, tilt axis) and reconstruct it"),
     ("tomo-refine", "tomo.refine", "refine tilt-series shifts by phase matching (mumott)"),
+    ("classify2d", "classify2d", "2D multi-reference alignment and classification (mref_ali2d)"),
 ]

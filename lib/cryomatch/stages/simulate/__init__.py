@@ -8,6 +8,7 @@ import importlib
 KINDS = [
     ("particles", "particles", "particle images of phantom structures or maps, with CTF and noise"),
     ("tiltseries", "tiltseries", "tilt series of an ellipsoid-and-bead phantom, known shifts"),
+    ("views", "views", "images of a few distinct views, turned, mirrored, shifted (2D classes)"),
 ]
 
 

@@ -1,0 +1,659 @@
+"""Multi-reference 2D alignment on polar rings (SPARX mref_ali2d; Penczek, Radermacher and
+Frank 1992, Ultramicroscopy 40:33; ring FFT of Joyeux and Penczek 2002, Ultramicroscopy 92:33).
+
+Images are sampled on rings of radii ``ir..ou`` step ``rs`` (pixels) about their current
+centre, W points per ring (the next power of two at or above 2 pi ou, SPARX's outer ring),
+bilinear interpolation as one sparse matrix for a whole batch. Rings are weighted by their
+radius (the area element), their weighted mean is removed and they are scaled to unit
+weighted norm, so every correlation below is a normalized cross-correlation (NCC) over the
+disc of radius ``ou``.
+
+Rotation: in-plane rotation is a cyclic shift along the ring, so the correlations over all
+angles come from one FFT along the rings (:mod:`cryomatch.kernels.polar`):
+``cc(k) = irfft_q(sum_r w_r A(r, q) conj(B(r, q)))``, the reference turned counter-clockwise
+by ``k`` steps. Mirror: the reference mirrored x -> -x about its ring centre has the angular
+spectrum ``(-1)^q conj(B)``, so ``sum_r A conj(B_mirror) = (-1)^q sum_r A B``.
+
+Translation: the ``+-xr, +-yr`` grid (step ``ts``) is laid out on the reference side: the
+image's rings about its current centre are compared with the reference's rings about each
+grid point ``e``; then ``image(p + u) = ref(e + L u)`` with ``L`` the in-plane rotation (and
+mirror) found. Shifting S references D times (S x D ring sets) costs far less than shifting
+M images D times.
+
+Search as matrix products (shared notes, section 1). For each angular frequency the sum over
+rings is a product [images x rings] @ [rings x (references x shifts)]. Two exact tricks cut
+the work that follows the products:
+
+* Folding: the correlation is evaluated at every ``fold``-th angle only (exactly, not
+  low-passed): ``cc(fold k) = irfft_j(G_j) / fold`` with ``G_j = sum_t C_{j + t W / fold}``
+  (aliasing), and with ``C_{W - q} = conj(C_q)`` this is again a sum over rings, now of
+  ``fold * R`` terms. The products get ``fold`` times deeper and the inverse FFTs ``fold``
+  times shorter.
+* Mirror for free: with ``A = X + iY`` and ``B = U + iV`` the four real products
+  ``[X; Y] @ [U; V]^T`` give both ``sum A conj(B) = (XU + YV) + i(YU - XV)`` and
+  ``sum A B = (XU - YV) + i(YU + XV)``: half the flops of two complex products.
+
+Each image keeps its ``top`` best (reference, shift, mirror) candidates by the folded
+correlation; these are re-scored exactly (the full W-angle correlation, then Newton steps on
+its trigonometric polynomial for a sub-step angle), the best wins, and its shift is refined
+to sub-pixel by parabolas through the neighbouring grid shifts at the refined angle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse
+from scipy import ndimage
+
+from .. import geometry
+from ..backend import array_module, fft_module, to_numpy
+from .fourier import rfft_frequencies
+from .polar import angular_spectra
+
+
+# --- rings ---------------------------------------------------------------------------------
+def ring_radii(ir: float, ou: float, rs: float) -> np.ndarray:
+    """Ring radii ``ir, ir + rs, ..., <= ou`` in pixels."""
+    return np.arange(ir, ou + 1e-6 * rs, rs, dtype=np.float64)
+
+
+def ring_points(ou: float) -> int:
+    """Points per ring: the next power of two at or above 2 pi ou (at least 16)."""
+    return max(16, 1 << math.ceil(math.log2(2.0 * math.pi * ou)))
+
+
+def max_ring_radius(box: int) -> int:
+    """Largest ring radius whose bilinear samples stay inside a box (centre at box // 2)."""
+    return box - 1 - box // 2
+
+
+def ring_sampler(box: int, radii, n_angles: int) -> scipy.sparse.csr_matrix:
+    """Sparse (R * W, box * box) matrix of bilinear weights: rings about the box centre.
+
+    Ring point ``(r, l)`` sits at ``(x, y) = r (cos 2 pi l / W, sin 2 pi l / W)`` pixels from
+    the centre; rows are ordered (ring, angle), columns are pixels in (y, x) order.
+    """
+    radii = np.asarray(radii, dtype=np.float64)
+    theta = 2.0 * np.pi * np.arange(n_angles) / n_angles
+    c = box // 2
+    x = (c + radii[:, None] * np.cos(theta)).ravel()
+    y = (c + radii[:, None] * np.sin(theta)).ravel()
+    x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
+    fx, fy = x - x0, y - y0
+    rows = np.repeat(np.arange(x.size), 4)
+    cols, weights = [], []
+    for dy, dx, w in (
+        (0, 0, (1 - fy) * (1 - fx)),
+        (0, 1, (1 - fy) * fx),
+        (1, 0, fy * (1 - fx)),
+        (1, 1, fy * fx),
+    ):
+        cols.append(np.clip(y0 + dy, 0, box - 1) * box + np.clip(x0 + dx, 0, box - 1))
+        weights.append(np.where((y0 + dy < box) & (x0 + dx < box), w, 0.0))
+    cols = np.stack(cols, axis=1).ravel()
+    weights = np.stack(weights, axis=1).ravel()
+    return scipy.sparse.csr_matrix(
+        (weights.astype(np.float32), (rows, cols)), shape=(x.size, box * box)
+    )
+
+
+def sample_rings(images, sampler, n_rings: int):
+    """Ring values (n, R, W) of images (n, box, box) about their centres; ``sampler`` from
+    :func:`ring_sampler` (applied from the right, so that images stay rows)."""
+    xp = array_module(images)
+    n = len(images)
+    pixels = images.reshape(n, -1).astype(xp.float32, copy=False)
+    if xp is not np:  # pragma: no cover - GPU path: sparse @ dense on the device
+        import cupyx.scipy.sparse
+
+        rings = (cupyx.scipy.sparse.csr_matrix(sampler) @ pixels.T).T
+    else:
+        rings = pixels @ sampler.T  # (n, R * W)
+    return xp.ascontiguousarray(rings).reshape(n, n_rings, -1)
+
+
+def ring_weights(radii) -> np.ndarray:
+    """Ring weights proportional to the radius (the area element r dr dtheta), summing to 1."""
+    radii = np.asarray(radii, dtype=np.float64)
+    return radii / radii.sum()
+
+
+def normalized_spectra(rings, weights):
+    """Angular spectra (n, R, W//2+1) of rings (n, R, W) after removing their weighted mean
+    and scaling to unit weighted norm: ``sum_r w_r sum_l a(r, l)^2 = 1`` (complex64)."""
+    xp = array_module(rings)
+    n_angles = rings.shape[-1]
+    w = xp.asarray(weights, dtype=xp.float32)
+    spectra = angular_spectra(rings.astype(xp.float32, copy=False))
+    mean = (spectra[..., 0].real @ w) / n_angles  # weighted mean ring value
+    spectra[..., 0] -= n_angles * mean[:, None]
+    power = spectra.real**2 + spectra.imag**2
+    power[..., 1 : (n_angles + 1) // 2] *= 2.0  # each q counted with its conjugate W - q
+    norm = xp.sqrt((power.sum(axis=-1) @ w) / n_angles)
+    spectra *= (1.0 / xp.where(norm > 0, norm, 1.0))[:, None, None]
+    return spectra
+
+
+def fourier_shift(images, shifts):
+    """Images (n, box, box) moved by ``shifts`` (n, 2) = (x, y) pixels: ``out(r) = in(r - s)``.
+
+    The same periodic Fourier shift as :func:`cryomatch.kernels.fourier.shift_images`, in
+    single precision with the phase ramp factored into x and y parts (n (box + box/2)
+    exponentials instead of n box^2 / 2)."""
+    xp = array_module(images)
+    fft = fft_module(xp)
+    box = images.shape[-1]
+    shifts = xp.asarray(shifts, dtype=xp.float64).reshape(-1, 2)
+    ky = xp.fft.fftfreq(box)[None, :]
+    kx = xp.fft.rfftfreq(box)[None, :]
+    py = xp.exp(-2j * np.pi * ky * shifts[:, 1:2]).astype(xp.complex64)
+    px = xp.exp(-2j * np.pi * kx * shifts[:, 0:1]).astype(xp.complex64)
+    spectrum = fft.rfft2(images.astype(xp.float32, copy=False), axes=(-2, -1))
+    spectrum *= py[:, :, None]
+    spectrum *= px[:, None, :]
+    return fft.irfft2(spectrum, s=(box, box), axes=(-2, -1))
+
+
+# --- translation grid ----------------------------------------------------------------------
+def shift_grid(xr: float, yr: float, ts: float) -> tuple[np.ndarray, int, int]:
+    """Grid of trial shifts (D, 2) as (x, y) pixels, ``-xr..xr`` by ``ts`` (and y); returns
+    the grid and its size (nx, ny); index ``d = iy * nx + ix``."""
+    nx, ny = 2 * int(math.floor(xr / ts + 1e-9)) + 1, 2 * int(math.floor(yr / ts + 1e-9)) + 1
+    xs = ts * (np.arange(nx) - nx // 2)
+    ys = ts * (np.arange(ny) - ny // 2)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([gx.ravel(), gy.ravel()], axis=1), nx, ny
+
+
+def reference_rings(references, shifts, sampler, n_rings: int):
+    """Rings (S * D, R, W) of each reference about each grid point ``e`` (reference-frame
+    pixels): the reference moved by ``-e`` (exact Fourier shift) sampled about the centre.
+    Order: reference-major, ``n = s * D + d``."""
+    xp = array_module(references)
+    s, d = len(references), len(shifts)
+    moved = fourier_shift(
+        xp.repeat(references.astype(xp.float32), d, axis=0),
+        -xp.tile(xp.asarray(shifts, dtype=xp.float64), (s, 1)),
+    )
+    return sample_rings(moved, sampler, n_rings)
+
+
+# --- the search ----------------------------------------------------------------------------
+def _fold_index(n_angles: int, fold: int):
+    """For each folded frequency j = 0..W/(2 fold) and term t: the rfft index and whether
+    the term is conjugated (q > W/2 uses conj of W - q)."""
+    n_out = n_angles // fold
+    j = np.arange(n_out // 2 + 1)
+    q = j[:, None] + np.arange(fold)[None, :] * n_out  # (Q', fold)
+    conj = q > n_angles // 2
+    return np.where(conj, n_angles - q, q), conj
+
+
+def fold_spectra(spectra, fold: int, weights=None):
+    """Folded spectra as real and imaginary parts, float32 (Q', 2, n, fold * R):
+    ``[A_q or conj A_(W-q) for each term]`` per folded frequency j (module docstring),
+    optionally times ring weights. ``[:, 0]`` and ``[:, 1]`` are the X and Y (or U and V) of
+    the mirror-free products."""
+    xp = array_module(spectra)
+    n, n_rings, n_freq = spectra.shape
+    index, conj = _fold_index(2 * (n_freq - 1), fold)
+    s = spectra if weights is None else spectra * xp.asarray(weights, dtype=xp.float32)[:, None]
+    out = xp.empty((index.shape[0], 2, n, fold, n_rings), dtype=xp.float32)
+    for t in range(fold):  # per folded term, not per image
+        part = s[:, :, xp.asarray(index[:, t])].transpose(2, 0, 1)  # (Q', n, R)
+        out[:, 0, :, t] = part.real
+        out[:, 1, :, t] = part.imag
+        flip = xp.asarray(np.flatnonzero(conj[:, t]))
+        out[flip, 1, :, t] *= -1.0
+    return out.reshape(index.shape[0], 2, n, fold * n_rings)
+
+
+def coarse_fold(n_angles: int, coarse_angles: int = 64) -> int:
+    """Fold factor that leaves ``coarse_angles`` angles (at least 1) for the coarse pass."""
+    return max(1, n_angles // coarse_angles)
+
+
+@dataclass
+class References:
+    """Reference ring spectra prepared for :func:`search` (built by :func:`prepare_references`)."""
+
+    conj_weighted: object  # (N, Q, R) complex64: w_r conj(B), N = S * D, for exact scores
+    blocks: list  # per block of b sets: (U, V), each (Q', K, b) float32, of folded w B
+    dft: object  # (2 n_out, 4 Q') float32: the fused inverse DFT (:func:`_dft_matrix`)
+    block: int  # sets per block
+    weights: np.ndarray  # (R,)
+    n_refs: int
+    n_shifts: int
+    grid: np.ndarray  # (D, 2) shifts (x, y) in pixels
+    grid_shape: tuple[int, int]  # (nx, ny)
+    step: float  # grid step ts in pixels
+    fold: int
+
+    @property
+    def n_sets(self) -> int:
+        return self.n_refs * self.n_shifts
+
+
+def prepare_references(
+    references, radii, n_angles, xr, yr, ts, fold=None, sampler=None, block: int = 64
+):
+    """Ring spectra of references (S, box, box) about every grid shift, ready to search;
+    ``block`` reference-shift sets go into one matrix product (a cache-sized tile)."""
+    box = references.shape[-1]
+    sampler = ring_sampler(box, radii, n_angles) if sampler is None else sampler
+    grid, nx, ny = shift_grid(xr, yr, ts)
+    weights = ring_weights(radii)
+    spectra = normalized_spectra(reference_rings(references, grid, sampler, len(radii)), weights)
+    return references_from_spectra(
+        spectra, weights, len(references), grid, (nx, ny), ts, fold, block
+    )
+
+
+def references_from_spectra(
+    spectra, weights, n_refs, grid, grid_shape, ts, fold=None, block: int = 64
+) -> References:
+    """:class:`References` from normalized ring spectra (S * D, R, Q), reference-major."""
+    xp = array_module(spectra)
+    n_angles = 2 * (spectra.shape[-1] - 1)
+    fold = coarse_fold(n_angles) if fold is None else fold
+    w = xp.asarray(weights, dtype=xp.float32)
+    conj_weighted = xp.ascontiguousarray((xp.conj(spectra) * w[:, None]).transpose(0, 2, 1))
+    folded = fold_spectra(spectra, fold, weights)  # (Q', 2, N, K)
+    blocks = [
+        tuple(
+            xp.ascontiguousarray(folded[:, part, lo : lo + block].transpose(0, 2, 1))
+            for part in (0, 1)
+        )
+        for lo in range(0, folded.shape[2], block)
+    ]
+    dft = xp.asarray(_dft_matrix(folded.shape[0], fold))
+    return References(
+        conj_weighted,
+        blocks,
+        dft,
+        block,
+        np.asarray(weights),
+        n_refs,
+        len(grid),
+        np.asarray(grid),
+        grid_shape,
+        ts,
+        fold,
+    )
+
+
+def image_spectra(images, origins, radii, n_angles, sampler=None):
+    """Normalized ring spectra (M, R, Q) of images (M, box, box) about their current centres
+    ``-origin`` (origins (M, 2) in pixels: images are first moved by the exact Fourier shift
+    ``+origin``)."""
+    box = images.shape[-1]
+    sampler = ring_sampler(box, radii, n_angles) if sampler is None else sampler
+    centred = fourier_shift(images, origins)
+    return normalized_spectra(sample_rings(centred, sampler, len(radii)), ring_weights(radii))
+
+
+def _dft_matrix(n_freq: int, fold: int) -> np.ndarray:
+    """Inverse real DFT fused with the mirror-free combination (module docstring).
+
+    Rows: the ``n_out = 2 (n_freq - 1)`` angles without, then with the mirror; columns:
+    the product blocks ``(c, j, r)`` for c in (U, V), folded frequency j, r in (X, Y).
+    ``cc(k) = (1/W) sum_j g_j (Re G_j cos(2 pi j k / n_out) - Im G_j sin(...))``, with
+    ``G = (XU + YV) + i (YU - XV)`` and, mirrored, ``(-1)^j ((XU - YV) + i (YU + XV))``.
+    """
+    n_out = 2 * (n_freq - 1)
+    j = np.arange(n_freq)
+    g = np.where((j == 0) | (j == n_freq - 1), 1.0, 2.0) / (n_out * fold)
+    angle = 2.0 * np.pi * np.outer(np.arange(n_out), j) / n_out
+    tc, ts = g * np.cos(angle), -g * np.sin(angle)  # (n_out, n_freq)
+    sign = np.where(j % 2 == 0, 1.0, -1.0)
+    out = np.zeros((2, n_out, 2, n_freq, 2))  # mirror, angle, c (U, V), j, r (X, Y)
+    out[0, :, 0, :, 0], out[0, :, 1, :, 1] = tc, tc  # Re G = XU + YV
+    out[0, :, 0, :, 1], out[0, :, 1, :, 0] = ts, -ts  # Im G = YU - XV
+    out[1, :, 0, :, 0], out[1, :, 1, :, 1] = sign * tc, -sign * tc
+    out[1, :, 0, :, 1], out[1, :, 1, :, 0] = sign * ts, sign * ts
+    return out.reshape(2 * n_out, 4 * n_freq).astype(np.float32)
+
+
+def _coarse_scores(image_folded, refs: References):
+    """Correlation maxima over the ``n_out`` folded angles, (2, M, N) for every (mirror,
+    image, reference-shift): per block one product per folded frequency, ``[X; Y] @ U`` and
+    ``[X; Y] @ V``, laid out so that the inverse DFT over frequency, fused with the mirror
+    combinations, is one more matrix product with no copy in between."""
+    xp = array_module(image_folded)
+    n_freq, _, m, k = image_folded.shape
+    n_out = 2 * (n_freq - 1)
+    left = image_folded.reshape(n_freq, 2 * m, k)  # [X; Y]
+    out = xp.empty((2, m, refs.n_sets), dtype=xp.float32)
+    products = None
+    for i, (u, v) in enumerate(refs.blocks):
+        b = u.shape[-1]
+        if products is None or products.shape[-1] != b:
+            products = xp.empty((2, n_freq, 2 * m, b), dtype=xp.float32)  # c, j, (r, m), n
+        xp.matmul(left, u, out=products[0])
+        xp.matmul(left, v, out=products[1])
+        cc = refs.dft @ products.reshape(4 * n_freq, m * b)  # (2 n_out, M b)
+        lo = i * refs.block
+        out[:, :, lo : lo + b] = cc.reshape(2, n_out, m, b).max(axis=1)
+    return out
+
+
+def _exact_products(image_t, refs: References, n_index, mirror):
+    """Weighted product spectra ``sum_r w_r A conj(B)``, or for a mirror
+    ``(-1)^q sum_r w_r A B``, of each image (image_t (M, Q, R)) with its T reference-shift
+    sets ``n_index`` (M, T): returns (M, T, Q)."""
+    xp = array_module(image_t)
+    b = refs.conj_weighted[n_index]  # (M, T, Q, R)
+    mirror = xp.asarray(mirror, dtype=bool)
+    b[mirror] = xp.conj(b[mirror])
+    # per image and frequency a (1 x R) @ (R x T) product: faster than einsum here
+    c = xp.matmul(image_t[:, :, None, :], b.transpose(0, 2, 3, 1))[:, :, 0, :]
+    c = xp.ascontiguousarray(c.transpose(0, 2, 1))  # (M, T, Q)
+    c[..., 1::2] *= xp.where(mirror, -1.0, 1.0).astype(xp.float32)[..., None]
+    return c
+
+
+def _polynomial(c, theta, n_angles: int):
+    """The correlation ``cc(theta)`` and its first two derivatives from product spectra c
+    (P, Q): ``cc = (1/W) sum_q g_q Re(C_q e^(i q theta))``, g = 1, 2, ..., 2, 1."""
+    xp = array_module(c)
+    q = xp.arange(c.shape[-1], dtype=xp.float32)
+    g = xp.full(q.shape, 2.0 / n_angles, dtype=xp.float32)
+    g[0] = g[-1] = 1.0 / n_angles
+    phase = q * xp.asarray(theta, dtype=xp.float32)[:, None]
+    cos, sin = xp.cos(phase), xp.sin(phase)
+    re = c.real * cos - c.imag * sin
+    im = c.real * sin + c.imag * cos
+    return re @ g, -(im @ (g * q)), -(re @ (g * q * q))
+
+
+def _refine_angle(c, n_angles: int):
+    """Maximum over the full circle of the correlations with product spectra c (P, Q): the
+    best of the W exact samples, a parabola through it and its neighbours, one Newton step
+    on the trigonometric polynomial (kept within half a sample step). Returns (theta, value)."""
+    xp = array_module(c)
+    fft = fft_module(xp)
+    samples = fft.irfft(c, n=n_angles, axis=-1)
+    k = xp.argmax(samples, axis=-1)
+    rows = xp.arange(len(k))
+    f0, fm, fp = samples[rows, k], samples[rows, k - 1], samples[rows, (k + 1) % n_angles]
+    curvature = fm - 2.0 * f0 + fp
+    offset = xp.where(curvature < 0, 0.5 * (fm - fp) / xp.where(curvature < 0, curvature, -1), 0)
+    step = 2.0 * np.pi / n_angles
+    theta = (k + xp.clip(offset, -0.5, 0.5)) * step
+    return _newton(c, theta, n_angles, k * step, 0.5 * step)
+
+
+def _newton(c, theta, n_angles: int, centre, reach):
+    """One Newton step for the maximum of the trigonometric polynomial of c, kept within
+    ``centre +- reach``; returns (theta, value)."""
+    xp = array_module(c)
+    _, d1, d2 = _polynomial(c, theta, n_angles)
+    newton = xp.where(d2 < 0, -d1 / xp.where(d2 < 0, d2, -1.0), 0.0)
+    theta = xp.clip(theta + newton, centre - reach, centre + reach)
+    return theta, _polynomial(c, theta, n_angles)[0]
+
+
+@dataclass
+class Alignment:
+    """Best match of each image: ``image(p + u) = ref(e + L u)`` near the image's centre p,
+    with ``L = M^mirror A2(-angle)^T`` (the reference turned counter-clockwise by ``angle``,
+    mirrored first when ``mirror``) and ``e = shift``, the ring centre in the reference."""
+
+    reference: np.ndarray  # (M,) int, 0-based
+    mirror: np.ndarray  # (M,) bool
+    angle: np.ndarray  # (M,) degrees, counter-clockwise turn of the reference
+    shift: np.ndarray  # (M, 2) x, y pixels in the reference frame
+    score: np.ndarray  # (M,) normalized cross-correlation at the peak
+
+    def to_params(self, origin):
+        """(psi, origin, mirror) in RELION's convention (:mod:`cryomatch.geometry`) for images
+        whose rings were taken about ``-origin`` (pixels): ``psi = -angle`` and
+        ``origin' = origin + L^-1 shift``."""
+        psi = geometry.wrap_degrees(-self.angle)
+        new_origin = geometry.recentre_origin(psi, origin, self.mirror, -self.shift)
+        return psi, new_origin, self.mirror
+
+
+def search(image_spec, refs: References, top: int = 2, batch: int = 32, exclude=None) -> Alignment:
+    """Align images (normalized ring spectra (M, R, Q) from :func:`image_spectra`) to every
+    reference, shift and mirror (module docstring), ``batch`` images at a time; ``exclude``
+    (M,) names a reference each image must not match (e.g. itself), or -1."""
+    xp = array_module(image_spec)
+    if exclude is None:
+        exclude = xp.full(len(image_spec), -1)
+    parts = [
+        _search_batch(image_spec[lo : lo + batch], refs, top, exclude[lo : lo + batch])
+        for lo in range(0, len(image_spec), batch)
+    ]
+    return Alignment(
+        *(
+            np.concatenate([to_numpy(getattr(p, f)) for p in parts])
+            for f in ("reference", "mirror", "angle", "shift", "score")
+        )
+    )
+
+
+def coarse_only(image_spec, refs: References, batch: int = 32):
+    """The coarse pass of :func:`search` alone (for benchmarks): folded maxima (2, M, N)."""
+    xp = array_module(image_spec)
+    return xp.concatenate(
+        [
+            _coarse_scores(fold_spectra(image_spec[lo : lo + batch], refs.fold), refs)
+            for lo in range(0, len(image_spec), batch)
+        ],
+        1,
+    )
+
+
+def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
+    xp = array_module(image_spec)
+    m, _, n_freq = image_spec.shape
+    n_angles = 2 * (n_freq - 1)
+    s, d = refs.n_refs, refs.n_shifts
+    coarse = _coarse_scores(fold_spectra(image_spec, refs.fold), refs)  # (2, M, S * D)
+    coarse = xp.moveaxis(coarse.reshape(2, m, s, d), 0, 1).reshape(m, 2 * s, d)
+    best_d = xp.argmax(coarse, axis=-1)  # per (image, mirror * S + reference)
+    best = xp.take_along_axis(coarse, best_d[..., None], axis=-1)[..., 0]
+    skip = xp.flatnonzero(exclude >= 0)
+    best[skip, exclude[skip]] = best[skip, s + exclude[skip]] = -xp.inf
+    top = min(top, 2 * s - (1 if len(skip) else 0))
+    cand = xp.argsort(-best, axis=1)[:, :top]  # (M, T) of mirror * S + reference
+    d_cand = xp.take_along_axis(best_d, cand, axis=1)
+    n_cand, mir_cand = (cand % s) * d + d_cand, cand >= s
+    image_t = xp.ascontiguousarray(image_spec.transpose(0, 2, 1))  # (M, Q, R)
+    c = _exact_products(image_t, refs, n_cand, mir_cand).reshape(m * top, -1)
+    theta, value = _refine_angle(c, n_angles)
+    pick = xp.argmax(value.reshape(m, top), axis=1)
+    rows = xp.arange(m) * top + pick
+    n_best = xp.take_along_axis(n_cand, pick[:, None], axis=1)[:, 0]
+    mir_best = xp.take_along_axis(mir_cand, pick[:, None], axis=1)[:, 0]
+    shift, theta, value, n_best = _refine_shift(
+        image_t, refs, n_best, mir_best, theta[rows], value[rows], c[rows]
+    )
+    return Alignment(
+        reference=n_best // d,
+        mirror=mir_best,
+        angle=np.rad2deg(to_numpy(theta).astype(np.float64)),
+        shift=shift,
+        score=value,
+    )
+
+
+def _neighbours(image_t, refs: References, n_best, mirror, theta):
+    """Product spectra (M, 4, Q) and correlations at ``theta`` (M, 4) of the grid neighbours
+    x-, y-, x+, y+ of each winner (a winner on the grid's edge stands in for the missing
+    neighbour), and which axes have both neighbours (M, 2)."""
+    xp = array_module(image_t)
+    m, n_freq, _ = image_t.shape
+    nx, ny = refs.grid_shape
+    d = n_best % refs.n_shifts
+    pos = xp.stack([d % nx, d // nx], axis=1)
+    inside = (pos > 0) & (pos < xp.asarray([nx - 1, ny - 1]))
+    stride = xp.asarray([1, nx])
+    lo = xp.where(pos > 0, n_best[:, None] - stride, n_best[:, None])
+    hi = xp.where(pos < xp.asarray([nx - 1, ny - 1]), n_best[:, None] + stride, n_best[:, None])
+    index = xp.concatenate([lo, hi], axis=1)
+    c = _exact_products(image_t, refs, index, xp.repeat(mirror[:, None], 4, axis=1))
+    values = _polynomial(c.reshape(4 * m, -1), xp.repeat(theta, 4), 2 * (n_freq - 1))[0]
+    return index, c, values.reshape(m, 4), inside
+
+
+def _refine_shift(image_t, refs: References, n_best, mirror, theta, peak, c_best):
+    """Sub-step shift and angle of each winner. First a climb on the grid at the refined
+    angle while a neighbouring shift correlates better (the coarse pass may have picked a
+    neighbour of the best shift); then parabolas along x and y through the neighbours give
+    the shift, and the product spectra, interpolated to that shift by the same parabolas,
+    the angle there (a 0.5 px error at radius r would turn the angle by 0.5/r radians).
+    Returns (shift (M, 2), theta, value, reference-shift index)."""
+    xp = array_module(image_t)
+    m, n_freq, _ = image_t.shape
+    n_angles = 2 * (n_freq - 1)
+    step = 2.0 * np.pi / n_angles
+    nx, ny = refs.grid_shape
+    if nx < 3 and ny < 3:
+        return xp.asarray(refs.grid)[n_best % refs.n_shifts].astype(xp.float64), theta, peak, n_best
+    index, c, values, inside = _neighbours(image_t, refs, n_best, mirror, theta)
+    todo = xp.arange(m)  # images whose neighbours were just (re)computed
+    for _ in range(4):
+        j = xp.argmax(values[todo], axis=1)
+        better = values[todo, j] > peak[todo]
+        if not better.any():
+            break
+        todo, j = todo[better], j[better]
+        n_best[todo] = index[todo, j]
+        c_best[todo] = c[todo, j]
+        theta[todo], peak[todo] = _newton(c_best[todo], theta[todo], n_angles, theta[todo], step)
+        index[todo], c[todo], values[todo], inside[todo] = _neighbours(
+            image_t[todo], refs, n_best[todo], mirror[todo], theta[todo]
+        )
+    f_lo, f_hi = values[:, :2], values[:, 2:]
+    curvature = f_lo - 2.0 * peak[:, None] + f_hi
+    ok = inside & (curvature < 0)
+    t = xp.clip(xp.where(ok, 0.5 * (f_lo - f_hi) / xp.where(ok, curvature, -1.0), 0.0), -0.5, 0.5)
+    # quadratic interpolation of the spectra: C(t) = C0 + t (C+ - C-)/2 + t^2 (C+ - 2 C0 + C-)/2
+    c_lo, c_hi = c[:, :2], c[:, 2:]
+    slope, bend = 0.5 * (c_hi - c_lo), 0.5 * (c_hi - 2.0 * c_best[:, None] + c_lo)
+    tt = xp.where(ok, t, 0.0).astype(xp.float32)[..., None]
+    c_at = c_best + (tt * slope + tt * tt * bend).sum(axis=1)
+    theta, value = _newton(c_at, theta, n_angles, theta, step)
+    shift = xp.asarray(refs.grid)[n_best % refs.n_shifts] + refs.step * t
+    return shift, theta, value, n_best
+
+
+# --- images in the reference frame, averages, FRC, centring --------------------------------
+def resample_images(images, matrices, offsets, order: int = 1, margin: int = 4):
+    """``out(s) = in(A s + b)`` for images (n, box, box), matrices A (n, 2, 2) and offsets
+    b (n, 2), coordinates (x, y) in pixels about the box centre; zero outside the image.
+
+    ``order=1``: bilinear, as four gathers from the flattened, zero-padded stack.
+    ``order=3``: cubic spline for the whole batch in one call, the stack interpolated as a
+    3D array at integer image indices, where a spline prefiltered along all three axes
+    reproduces each image's own 2D spline exactly (mirror boundary beyond the padding).
+    """
+    images = np.asarray(images, dtype=np.float32)
+    n, box, _ = images.shape
+    c = box // 2
+    grid = np.arange(box, dtype=np.float64) - c
+    sy, sx = np.meshgrid(grid, grid, indexing="ij")
+    pts = np.stack([sx.ravel(), sy.ravel()])  # (2, P)
+    src = np.einsum("nij,jp->nip", np.asarray(matrices, np.float64), pts)
+    src += np.asarray(offsets, dtype=np.float64)[:, :, None] + (c + margin)
+    padded = np.pad(images, ((0, 0), (margin, margin), (margin, margin)))
+    if order == 1:
+        size = box + 2 * margin
+        x = np.clip(src[:, 0], 0, size - 1.001)
+        y = np.clip(src[:, 1], 0, size - 1.001)
+        x0, y0 = np.floor(x), np.floor(y)
+        fx, fy = (x - x0).astype(np.float32), (y - y0).astype(np.float32)
+        index = (np.arange(n)[:, None] * size + y0.astype(np.int64)) * size + x0.astype(np.int64)
+        flat = padded.ravel()
+        top = flat[index] * (1 - fx) + flat[index + 1] * fx
+        bottom = flat[index + size] * (1 - fx) + flat[index + size + 1] * fx
+        return (top * (1 - fy) + bottom * fy).reshape(n, box, box)
+    padded = ndimage.spline_filter(padded, order=order, mode="mirror", output=np.float32)
+    index = np.broadcast_to(np.arange(n, dtype=np.float64)[:, None], (n, box * box))
+    out = ndimage.map_coordinates(
+        padded, [index, src[:, 1], src[:, 0]], order=order, mode="mirror", prefilter=False
+    )
+    return out.reshape(n, box, box).astype(np.float32, copy=False)
+
+
+def to_reference_frame(images, psi, mirror, origin, order: int = 1):
+    """Images mapped onto their reference's frame: ``aligned(s) = image(L^-1 s - origin)``
+    for ``image(r) = ref(L (r + origin))`` (origin (n, 2) in pixels)."""
+    linv = np.linalg.inv(geometry.image_to_reference_matrix(psi, mirror))
+    return resample_images(images, linv, -np.asarray(origin, dtype=np.float64), order)
+
+
+def from_reference_frame(references, psi, mirror, origin, order: int = 3):
+    """Images made from references (n, box, box): ``image(r) = ref(L (r + origin))``."""
+    matrix = geometry.image_to_reference_matrix(psi, mirror)
+    offset = np.einsum("nij,nj->ni", matrix, np.asarray(origin, dtype=np.float64))
+    return resample_images(references, matrix, offset, order)
+
+
+def shell_index(box: int):
+    """Fourier shell (ring) index of each rfft2 element, rounded |k| in 1/box units."""
+    ky, kx = rfft_frequencies(box)
+    return np.rint(np.sqrt(kx * kx + ky * ky) * box).astype(np.int64)
+
+
+def fourier_ring_correlation(a, b):
+    """FRC between images a and b (n, box, box) per shell 0..box//2: (n, box//2 + 1)."""
+    box = a.shape[-1]
+    fa, fb = np.fft.rfft2(a), np.fft.rfft2(b)
+    shells = shell_index(box).ravel()
+    n_shells = box // 2 + 1
+    keep = shells < n_shells
+
+    def ring_sum(values):
+        v = values.reshape(len(values), -1)[:, keep]
+        index = (np.arange(len(v))[:, None] * n_shells + shells[keep][None, :]).ravel()
+        sums = np.bincount(index, weights=v.ravel(), minlength=len(v) * n_shells)
+        return sums.reshape(len(v), n_shells)
+
+    cross = ring_sum((fa * np.conj(fb)).real)
+    pa, pb = ring_sum(np.abs(fa) ** 2), ring_sum(np.abs(fb) ** 2)
+    denom = np.sqrt(pa * pb)
+    return np.where(denom > 0, cross / np.where(denom > 0, denom, 1.0), 0.0)
+
+
+def lowpass(images, cutoff, width: float = 0.05):
+    """Raised-cosine low-pass of images (n, box, box): 1 below ``cutoff - width/2``, 0 above
+    ``cutoff + width/2`` (cycles per pixel, per image (n,) or one value)."""
+    box = images.shape[-1]
+    ky, kx = rfft_frequencies(box)
+    k = np.sqrt(kx * kx + ky * ky)[None]
+    cutoff = np.asarray(cutoff, dtype=np.float64).reshape(-1, 1, 1)
+    t = np.clip((k - cutoff + width / 2) / width, 0.0, 1.0)
+    spectrum = np.fft.rfft2(images) * (0.5 + 0.5 * np.cos(np.pi * t))
+    return np.fft.irfft2(spectrum, s=(box, box)).astype(np.float32)
+
+
+def centre_of_mass(images, radius: float):
+    """Centre (n, 2) as (x, y) pixels from the box centre of each image's squared contrast
+    inside a disc of ``radius``: ``sum x (f - b)^2 / sum (f - b)^2`` with ``b`` the mean
+    outside the disc. Squaring makes it blind to the contrast sign (SPARX's first-harmonic
+    phase flips with it), and low-pass ringing, symmetric about the particle, cancels."""
+    images = np.asarray(images, dtype=np.float64)
+    n, box, _ = images.shape
+    grid = np.arange(box, dtype=np.float64) - box // 2
+    y, x = np.meshgrid(grid, grid, indexing="ij")
+    inside = (x * x + y * y) <= radius * radius
+    background = images[:, ~inside].mean(axis=1) if (~inside).any() else np.zeros(n)
+    weight = (images - background[:, None, None]) ** 2 * inside
+    total = weight.sum(axis=(1, 2))
+    total = np.where(total > 0, total, 1.0)
+    centre = np.stack([(weight * x).sum(axis=(1, 2)), (weight * y).sum(axis=(1, 2))], -1)
+    return centre / total[:, None]
+
+
+def disc_mask(box: int, radius: float, edge: float = 2.0) -> np.ndarray:
+    """Soft disc (box, box): 1 inside ``radius``, cosine fall to 0 over ``edge`` pixels."""
+    grid = np.arange(box, dtype=np.float64) - box // 2
+    r = np.sqrt(grid[:, None] ** 2 + grid[None, :] ** 2)
+    t = np.clip((r - radius) / edge, 0.0, 1.0)
+    return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)

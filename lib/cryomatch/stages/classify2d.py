@@ -1,0 +1,757 @@
+"""Multi-reference 2D alignment and classification, iteration by iteration (SPARX
+sxmref_ali2d: Penczek, Radermacher and Frank 1992, Ultramicroscopy 40:33).
+
+Iteration 0 makes the initial references: the ``--references`` stack, or ``--classes K``
+averages of a random partition of the images (seeded by ``rand_seed``). Each iteration
+n >= 1 reads ``iter{n-1}/particles.star`` and ``iter{n-1}/references.mrcs`` and
+
+1. aligns every image to every reference over the full circle, both mirrors and the
+   ``+-xr, +-yr`` grid of step ``ts`` about the image's current shift
+   (:mod:`cryomatch.kernels.align2d`), and assigns it to the best reference;
+2. averages each class from its aligned images (Wiener filter with ``snr`` when ``CTF``),
+   and two half averages from a random split of its members, for the FRC;
+3. centres each average (``center=1``) by the centre of mass of its squared, low-passed
+   contrast, and composes the centring shift into its members' parameters;
+4. reseeds empty and tiny classes (fewer than ``min_class_size`` members) and, while the
+   largest class holds 1.5 times the mean class size, the smaller of the closest pair of
+   duplicate classes (two averages that differ, after alignment, little more than a
+   class's two half averages do): from a random subset (``rand_seed``) of the
+   worse-fitting half of the largest class, splitting it;
+5. low-passes each centred average where its FRC falls below 0.5: the next references.
+
+Outputs in ``OUT/classify2d/iterNNN/``: ``class_averages.mrcs``, ``references.mrcs``,
+``classes.csv`` (members, FRC resolution, centring shift, reseeding per class), ``frc.csv``
+(FRC per class against spatial frequency in 1/A), ``particles.star`` (RELION: rlnClassNumber,
+rlnAnglePsi, rlnOriginXAngst/YAngst, rlnIsFlip, and rlnParticleFigureOfMerit, the peak
+normalized cross-correlation) and ``class_averages.png``. Input files are only read; a line
+per iteration in the log says how many images changed class.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import geometry, provenance
+from ..backend import get_xp
+from ..errors import CryomatchError
+from ..io.atomic import Outputs
+from ..io.figures import image_montage, save_png
+from ..io.files import write_csv
+from ..io.mrc import read_images, write_mrc
+from ..io.particles import ImageReader, Particles, read_particles, write_particles
+from ..kernels import align2d
+from ..kernels import ctf as ctf_kernel
+from ..kernels.fourier import apply_ctf, rfft_frequencies
+from ..progress import progress
+
+FRC_THRESHOLD = 0.5  # the references are low-passed where the half-set FRC falls below this
+
+
+@dataclass
+class Settings:
+    """SPARX's parameters (sxmref_ali2d names and defaults, except xr = yr = 1)."""
+
+    ir: float = 1.0  # inner ring radius, pixels
+    ou: float = -1.0  # outer ring radius, pixels; -1: box/2 - 2
+    rs: float = 1.0  # ring step, pixels
+    xr: float = 1.0  # translation search range in x, pixels (0: rotation only)
+    yr: float = 1.0  # ... in y
+    ts: float = 1.0  # translation step, pixels
+    center: int = 1  # 1: centre the averages; 0: leave them
+    CTF: bool = False  # noqa: N815 (SPARX's name): phase-flip for alignment, Wiener averages
+    snr: float = 1.0  # signal-to-noise ratio of the Wiener filter (with CTF)
+    rand_seed: int = 1000  # seed of every random choice
+    min_class_size: int = 0  # reseed smaller classes; 0: max(4, 20% of images / classes)
+
+    def radius(self, box: int) -> float:
+        return box // 2 - 2 if self.ou == -1 else self.ou
+
+
+def check_settings(s: Settings, box: int) -> None:
+    """Bad parameters: one clear error each."""
+    limit = align2d.max_ring_radius(box)
+    ou = s.radius(box)
+    if not (s.rs > 0 and s.ts > 0 and s.snr > 0):
+        raise CryomatchError(f"rs, ts and snr must be positive (got {s.rs}, {s.ts}, {s.snr})")
+    if s.xr < 0 or s.yr < 0:
+        raise CryomatchError(f"xr and yr must not be negative (got {s.xr}, {s.yr})")
+    if not 1 <= s.ir <= ou:
+        raise CryomatchError(f"the rings must satisfy 1 <= ir <= ou (got ir={s.ir:g}, ou={ou:g})")
+    if ou > limit:
+        raise CryomatchError(
+            f"ou={ou:g} reaches beyond the {box}-pixel box (largest ring radius {limit})"
+        )
+    if ou + max(s.xr, s.yr) > limit:
+        raise CryomatchError(
+            f"the shift search xr={s.xr:g}, yr={s.yr:g} pushes rings of radius ou={ou:g} "
+            f"outside the {box}-pixel box: needs ou + max(xr, yr) <= {limit}"
+        )
+    if s.center not in (0, 1):
+        raise CryomatchError(f"center must be 0 or 1, got {s.center}")
+
+
+# --- parameters in and out of STAR tables ---------------------------------------------------
+def read_params(particles: Particles, use_table: bool):
+    """(psi, origin in pixels (n, 2), mirror, class) from the table, or zeros."""
+    table, n = particles.table, len(particles)
+    if not use_table:
+        return np.zeros(n), np.zeros((n, 2)), np.zeros(n, bool), np.zeros(n, np.int64)
+    pixel = particles.pixel_size()
+
+    def column(name, default=0.0):
+        return table[name].to_numpy(np.float64) if name in table else np.full(n, default)
+
+    origin = np.stack([column("rlnOriginXAngst"), column("rlnOriginYAngst")], -1) / pixel
+    return (
+        column("rlnAnglePsi"),
+        origin,
+        column("rlnIsFlip") > 0.5,
+        column("rlnClassNumber").astype(np.int64),
+    )
+
+
+def check_shifts(origin, ou: float, box: int, path) -> None:
+    """Each image's rings of radius ``ou`` about its centre ``-origin`` must fit the box."""
+    room = align2d.max_ring_radius(box) - ou
+    bad = np.flatnonzero(np.abs(origin).max(axis=1) > room + 1e-6)
+    if len(bad):
+        i = int(bad[0])
+        raise CryomatchError(
+            f"row {i + 1}: the shift ({origin[i, 0]:.2f}, {origin[i, 1]:.2f}) px pushes rings of "
+            f"radius ou={ou:g} outside the {box}-pixel image (at most {room:g} px per axis)",
+            path,
+        )
+
+
+def params_table(particles: Particles, classes, psi, origin, mirror, score=None):
+    """The particle table with the alignment columns replaced (origins in Angstrom)."""
+    table = particles.table.copy()
+    pixel = particles.pixel_size()
+    table["rlnClassNumber"] = np.asarray(classes, dtype=np.int64)
+    table["rlnAnglePsi"] = np.round(geometry.wrap_degrees(psi), 6)
+    table["rlnOriginXAngst"] = np.round(origin[:, 0] * pixel, 6)
+    table["rlnOriginYAngst"] = np.round(origin[:, 1] * pixel, 6)
+    table["rlnIsFlip"] = np.asarray(mirror, dtype=np.int64)
+    if score is not None:
+        table["rlnParticleFigureOfMerit"] = np.round(score, 6)
+    return Particles(table, particles.optics, particles.source)
+
+
+def image_names(particles: Particles, folder: Path) -> list[str]:
+    """rlnImageName entries relative to ``folder`` (so results stay relocatable)."""
+    table = particles.table
+    rel = {f: os.path.relpath(f, folder) for f in table["image_file"].unique()}
+    return [
+        f"{i + 1:06d}@{rel[f]}"
+        for i, f in zip(table["image_index"], table["image_file"], strict=True)
+    ]
+
+
+# --- images --------------------------------------------------------------------------------
+def normalize(images, inside):
+    """Zero mean and unit standard deviation over the pixels where ``inside`` is True."""
+    values = images[:, inside]
+    std = values.std(axis=1)
+    return (
+        (images - values.mean(axis=1)[:, None, None]) / np.where(std > 0, std, 1.0)[:, None, None]
+    ).astype(np.float32)
+
+
+def ctf_values(table: pd.DataFrame, box: int, pixel: float, defocus_angle=None):
+    """Per-image CTFs on the rfft grid (n, box, box//2+1)."""
+    ky, kx = rfft_frequencies(box, pixel)
+    angle = table["rlnDefocusAngle"].to_numpy() if defocus_angle is None else defocus_angle
+    return ctf_kernel.ctf(
+        kx,
+        ky,
+        table["rlnDefocusU"].to_numpy(),
+        table["rlnDefocusV"].to_numpy(),
+        angle,
+        table["rlnVoltage"].to_numpy(),
+        table["rlnSphericalAberration"].to_numpy(),
+        table["rlnAmplitudeContrast"].to_numpy(),
+        table["rlnPhaseShift"].to_numpy(),
+        table["rlnCtfBfactor"].to_numpy(),
+    )
+
+
+class Sums:
+    """Per-(class, half) sums of aligned images (or Wiener numerators and denominators)."""
+
+    def __init__(self, n_classes: int, box: int, ctf: bool):
+        self.k, self.box, self.ctf = n_classes, box, ctf
+        shape = (2 * n_classes, box * (box // 2 + 1)) if ctf else (2 * n_classes, box * box)
+        self.num = np.zeros(shape, dtype=np.complex128 if ctf else np.float64)
+        self.den = np.zeros(shape if ctf else (2 * n_classes,), dtype=np.float64)
+
+    def add(self, aligned, slot, ctf2=None):
+        """Add images (n, box, box) to slots (n,) = 2 class + half, as one matrix product."""
+        onehot = np.zeros((2 * self.k, len(slot)))
+        onehot[slot, np.arange(len(slot))] = 1.0
+        if self.ctf:
+            self.num += onehot @ np.fft.rfft2(aligned).reshape(len(slot), -1)
+            self.den += onehot @ ctf2.reshape(len(slot), -1)
+        else:
+            self.num += onehot @ aligned.reshape(len(slot), -1)
+            self.den += onehot.sum(axis=1)
+
+    def averages(self, snr: float):
+        """(full (K, box, box), halves (2, K, box, box)) averages."""
+        k, box = self.k, self.box
+        num, den = self.num.reshape(k, 2, -1), self.den.reshape(k, 2, -1)
+        pairs = [(num[:, 0], den[:, 0]), (num[:, 1], den[:, 1]), (num.sum(1), den.sum(1))]
+        out = []
+        for n_, d_ in pairs:
+            if self.ctf:
+                spectrum = (n_ / (d_ + 1.0 / snr)).reshape(k, box, box // 2 + 1)
+                out.append(np.fft.irfft2(spectrum, s=(box, box)))
+            else:
+                out.append((n_ / np.maximum(d_, 1.0)).reshape(k, box, box))
+        return out[2].astype(np.float32), np.stack(out[:2]).astype(np.float32)
+
+
+class ImageSource:
+    """Batches of normalized images (phase-flipped for alignment when CTF is on)."""
+
+    def __init__(self, particles: Particles, settings: Settings, inside, batch_size: int):
+        self.particles, self.settings, self.inside = particles, settings, inside
+        self.batch_size = batch_size
+        self.reader = ImageReader(particles)
+        self.box = self.reader.check()
+        self.pixel = particles.pixel_size()
+
+    def batches(self, desc: str):
+        n = len(self.particles)
+        for lo in progress(
+            range(0, n, self.batch_size),
+            total=math.ceil(n / self.batch_size),
+            desc=desc,
+            unit="batch",
+        ):
+            hi = min(n, lo + self.batch_size)
+            yield lo, hi, normalize(self.reader.read(lo, hi), self.inside)
+
+    def for_alignment(self, images, lo, hi):
+        if not self.settings.CTF:
+            return images
+        rows = self.particles.table.iloc[lo:hi]
+        return apply_ctf(images, np.sign(ctf_values(rows, self.box, self.pixel)))
+
+    def close(self):
+        self.reader.close()
+
+
+# --- one iteration ---------------------------------------------------------------------------
+def align(source: ImageSource, references, origin, settings: Settings, backend: str = "numpy"):
+    """Pass 1: (class 0-based, psi, origin, mirror, score) of every image."""
+    xp = get_xp(backend)
+    box = source.box
+    ou = settings.radius(box)
+    radii = align2d.ring_radii(settings.ir, ou, settings.rs)
+    n_angles = align2d.ring_points(ou)
+    sampler = align2d.ring_sampler(box, radii, n_angles)
+    refs = align2d.prepare_references(
+        xp.asarray(references),
+        radii,
+        n_angles,
+        settings.xr,
+        settings.yr,
+        settings.ts,
+        sampler=sampler,
+    )
+    n = len(source.particles)
+    cls, score = np.zeros(n, np.int64), np.zeros(n)
+    psi, new_origin, mirror = np.zeros(n), np.zeros((n, 2)), np.zeros(n, bool)
+    for lo, hi, images in source.batches("align"):
+        spectra = align2d.image_spectra(
+            xp.asarray(source.for_alignment(images, lo, hi)),
+            origin[lo:hi],
+            radii,
+            n_angles,
+            sampler,
+        )
+        result = align2d.search(spectra, refs)
+        cls[lo:hi], score[lo:hi] = result.reference, result.score
+        psi[lo:hi], new_origin[lo:hi], mirror[lo:hi] = result.to_params(origin[lo:hi])
+    room = align2d.max_ring_radius(box) - ou  # keep every image's rings inside it
+    return cls, psi, np.clip(new_origin, -room, room), mirror, score
+
+
+def random_halves(classes, n_classes: int, rng: np.random.Generator):
+    """Half (0 or 1) of each image: each class's members in random order, split in two."""
+    half = np.zeros(len(classes), np.int64)
+    for c in range(n_classes):  # one shuffle per class, not per image
+        members = rng.permutation(np.flatnonzero(classes == c))
+        half[members[len(members) // 2 :]] = 1
+    return half
+
+
+def average(source: ImageSource, classes, psi, origin, mirror, n_classes, rng):
+    """Pass 2: class averages (K, box, box), half averages (2, K, box, box), counts (K,)."""
+    box, settings = source.box, source.settings
+    half = random_halves(classes, n_classes, rng)
+    sums = Sums(n_classes, box, settings.CTF)
+    for lo, hi, images in source.batches("average"):
+        table = source.particles.table.iloc[lo:hi]
+        ctf2 = None
+        if settings.CTF:
+            images = apply_ctf(images, ctf_values(table, box, source.pixel))
+            angle = geometry.defocus_angle_in_reference_frame(
+                table["rlnDefocusAngle"].to_numpy(), psi[lo:hi], mirror[lo:hi]
+            )
+            ctf2 = ctf_values(table, box, source.pixel, angle) ** 2
+        aligned = align2d.to_reference_frame(images, psi[lo:hi], mirror[lo:hi], origin[lo:hi])
+        sums.add(aligned, 2 * classes[lo:hi] + half[lo:hi], ctf2)
+    full, halves = sums.averages(settings.snr)
+    return full, halves, np.bincount(classes, minlength=n_classes)
+
+
+def lowpass_cutoffs(frc, counts, min_size):
+    """Per class: the frequency (cycles/pixel) where its FRC first falls below 0.5."""
+    n_shells = frc.shape[1]
+    cut = np.full(len(frc), np.nan)
+    for c in range(len(frc)):  # per class
+        if counts[c] < max(min_size, 2):
+            continue
+        below = np.flatnonzero(frc[c, 1:] < FRC_THRESHOLD)
+        shell = below[0] + 1 if len(below) else n_shells - 1
+        cut[c] = shell / (2.0 * (n_shells - 1))
+    fallback = np.nanmedian(cut) if np.isfinite(cut).any() else 0.25
+    return np.clip(np.where(np.isfinite(cut), cut, fallback), 0.05, 0.5)
+
+
+def min_size(settings: Settings, n_images: int, n_classes: int) -> int:
+    if settings.min_class_size > 0:
+        return settings.min_class_size
+    return max(4, math.ceil(0.2 * n_images / n_classes))
+
+
+@dataclass
+class Result:
+    averages: np.ndarray
+    references: np.ndarray
+    frc: np.ndarray
+    counts: np.ndarray
+    centre_shift: np.ndarray  # (K, 2) pixels
+    cutoff: np.ndarray
+    reseeded: np.ndarray
+    classes: np.ndarray  # 0-based
+    psi: np.ndarray
+    origin: np.ndarray
+    mirror: np.ndarray
+    score: np.ndarray | None
+
+
+def finish(source: ImageSource, classes, psi, origin, mirror, score, n_classes, iteration):
+    """Averages, FRC, centring, reseeding and the next references (steps 2-5)."""
+    settings, box = source.settings, source.box
+    rng = np.random.default_rng([settings.rand_seed, iteration])
+    averages, halves, counts = average(source, classes, psi, origin, mirror, n_classes, rng)
+    frc = align2d.fourier_ring_correlation(halves[0], halves[1])
+    size = min_size(settings, len(classes), n_classes)
+    cutoff = lowpass_cutoffs(frc, counts, size)
+    ou = settings.radius(box)
+    references = align2d.lowpass(averages, cutoff)
+    shift = np.zeros((n_classes, 2))
+    if settings.center == 1:
+        shift = np.where(counts[:, None] > 0, align2d.centre_of_mass(references, ou), 0.0)
+        averages = align2d.fourier_shift(averages, -shift)
+        references = align2d.fourier_shift(references, -shift)
+        origin = geometry.recentre_origin(psi, origin, mirror, shift[classes])
+        room = align2d.max_ring_radius(box) - ou
+        origin = np.clip(origin, -room, room)
+    reseeded = np.zeros(n_classes, bool)
+    small = np.flatnonzero(counts < size)
+    if iteration > 0 and counts.max() >= 1.5 * len(classes) / n_classes:
+        twins = duplicates(
+            references,
+            align2d.lowpass(halves.reshape(-1, box, box), np.tile(cutoff, 2)).reshape(halves.shape),
+            counts,
+            settings,
+            box,
+        )
+        small = np.union1d(small, twins)
+    if len(small) and iteration > 0:
+        references = reseed(
+            source, references, small, classes, psi, origin, mirror, score, counts, cutoff, rng
+        )
+        reseeded[small] = True
+    return Result(
+        averages,
+        references.astype(np.float32),
+        frc,
+        counts,
+        shift,
+        cutoff,
+        reseeded,
+        classes,
+        psi,
+        origin,
+        mirror,
+        score,
+    )
+
+
+DUPLICATE_RATIO = 3.0  # classes closer than this many times their half-set distance are one
+
+
+def duplicates(references, halves, counts, settings: Settings, box: int):
+    """The smaller class of the closest pair of duplicate classes (at most one), as an array.
+
+    Two averages are duplicates when, after alignment, ``1 - NCC`` between them is less than
+    ``DUPLICATE_RATIO`` times the larger ``1 - NCC`` between either class's two half
+    averages: they differ little more than a class differs from itself (a view split in
+    two, while another class holds two views)."""
+    live = np.flatnonzero(counts >= 2)
+    if len(live) < 2:
+        return np.zeros(0, np.int64)
+    ou = settings.radius(box)
+    inside = align2d.disc_mask(box, ou) > 0.5
+    a, b = (h[:, inside] - h[:, inside].mean(1, keepdims=True) for h in halves)
+    self_distance = 1.0 - (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-30)
+    radii = align2d.ring_radii(settings.ir, ou, settings.rs)
+    n_angles = align2d.ring_points(ou)
+    sub = references[live]
+    refs = align2d.prepare_references(sub, radii, n_angles, settings.xr, settings.yr, settings.ts)
+    spectra = align2d.image_spectra(sub, np.zeros((len(live), 2)), radii, n_angles)
+    nearest = align2d.search(spectra, refs, exclude=np.arange(len(live)))
+    ci, cj = live, live[nearest.reference]
+    ratio = (1.0 - nearest.score) / np.maximum(self_distance[ci], self_distance[cj])
+    i = int(np.argmin(ratio))
+    if ratio[i] >= DUPLICATE_RATIO:
+        return np.zeros(0, np.int64)
+    pair = sorted([(counts[ci[i]], ci[i]), (counts[cj[i]], cj[i])])
+    return np.array([pair[0][1]], dtype=np.int64)
+
+
+def reseed(source, references, small, classes, psi, origin, mirror, score, counts, cutoff, rng):
+    """New references for the classes in ``small``: averages of random subsets of the
+    worse-fitting half of the largest classes (splitting them), deterministic from the rng."""
+    references = references.copy()
+    donors = [c for c in np.argsort(-counts, kind="stable") if c not in set(small)]
+    for i, c in enumerate(small):
+        donor = donors[i % len(donors)]
+        members = np.flatnonzero(classes == donor)
+        worse = members[np.argsort(score[members], kind="stable")[: max(1, len(members) // 2)]]
+        pick = np.sort(rng.choice(worse, size=max(1, len(worse) // 2), replace=False))
+        subset = ImageSource(
+            source.particles.subset(pick), source.settings, source.inside, source.batch_size
+        )
+        try:
+            avg, _, _ = average(
+                subset, np.zeros(len(pick), np.int64), psi[pick], origin[pick], mirror[pick], 1, rng
+            )
+        finally:
+            subset.close()
+        references[c] = align2d.lowpass(avg, cutoff[donor])[0]
+    return references
+
+
+# --- outputs --------------------------------------------------------------------------------
+def iteration_dir(out, iteration: int) -> Path:
+    return Path(out) / "classify2d" / f"iter{iteration:03d}"
+
+
+def write_iteration(folder: Path, particles: Particles, result: Result, prov, outputs):
+    pixel, box = particles.pixel_size(), result.averages.shape[-1]
+    labels = provenance.mrc_labels(prov)
+    counts = " ".join(str(int(c)) for c in result.counts)
+    labels = labels[:9] + [f"members per class: {counts}"[:80]]
+    write_mrc(folder / "class_averages.mrcs", result.averages, pixel, labels, outputs)
+    write_mrc(folder / "references.mrcs", result.references, pixel, labels, outputs)
+    table = params_table(
+        particles, result.classes + 1, result.psi, result.origin, result.mirror, result.score
+    )
+    write_particles(
+        folder / "particles.star",
+        table,
+        prov,
+        outputs,
+        image_names=image_names(particles, folder.resolve()),
+    )
+    shells = np.arange(1, result.frc.shape[1])  # shell 0 (the mean) is normalized away
+    freq = shells / (box * pixel)
+    frc = pd.DataFrame(
+        {"shell": shells, "frequency_inv_angstrom": freq, "resolution_angstrom": 1.0 / freq}
+    )
+    for c in range(len(result.frc)):
+        frc[f"class_{c + 1:03d}"] = np.where(result.counts[c] >= 2, result.frc[c, 1:], np.nan)
+    write_csv(folder / "frc.csv", frc, prov, outputs)
+    n = max(1, int(result.counts.sum()))
+    classes = pd.DataFrame(
+        {
+            "class": np.arange(1, len(result.counts) + 1),
+            "particles": result.counts,
+            "fraction": result.counts / n,
+            "lowpass_angstrom": pixel / result.cutoff,
+            "centre_shift_x_angstrom": result.centre_shift[:, 0] * pixel,
+            "centre_shift_y_angstrom": result.centre_shift[:, 1] * pixel,
+            "reseeded": result.reseeded,
+        }
+    )
+    write_csv(folder / "classes.csv", classes, prov, outputs)
+    titles = [f"{c + 1}: {int(m)}" for c, m in enumerate(result.counts)]
+    save_png(image_montage(result.averages, titles), folder / "class_averages.png", outputs)
+
+
+# --- the stage --------------------------------------------------------------------------------
+def _inside(mask_path, settings: Settings, box: int):
+    """Pixels for image normalization and the references' mask (a file, or a soft disc)."""
+    if mask_path is None:
+        mask = align2d.disc_mask(box, settings.radius(box))
+    else:
+        mask = read_images(mask_path)
+        if mask.shape[1:] != (box, box) or len(mask) != 1:
+            raise CryomatchError(
+                f"the mask must be one {box} x {box} image, found {mask.shape[0]} of "
+                f"{mask.shape[2]} x {mask.shape[1]}",
+                mask_path,
+            )
+        mask = mask[0]
+        if not np.isfinite(mask).all() or mask.max() <= 0:
+            raise CryomatchError("the mask must be finite with some positive pixels", mask_path)
+        mask = np.clip(mask / mask.max(), 0.0, 1.0)
+    return mask > 0.5, mask
+
+
+def read_references(path, box: int) -> np.ndarray:
+    """A reference stack, which must have the particles' box size."""
+    refs = read_images(path)
+    if refs.shape[1:] != (box, box):
+        raise CryomatchError(
+            f"the references are {refs.shape[2]} x {refs.shape[1]} pixels but the particles "
+            f"are {box} x {box}",
+            path,
+        )
+    return refs
+
+
+def _initial(
+    source: ImageSource, settings, references_path, n_classes, continue_params, mask
+) -> Result:
+    """Iteration 0: the given references, or averages of a random partition."""
+    particles, box = source.particles, source.box
+    psi, origin, mirror, _ = read_params(particles, continue_params)
+    check_shifts(origin, settings.radius(box), box, particles.source)
+    n = len(particles)
+    if references_path is not None:
+        refs = read_references(references_path, box)
+        k = len(refs)
+        return Result(
+            refs,
+            refs * mask,
+            np.full((k, box // 2 + 1), np.nan),
+            np.zeros(k, np.int64),
+            np.zeros((k, 2)),
+            np.full(k, 0.5),
+            np.zeros(k, bool),
+            np.full(n, -1),
+            psi,
+            origin,
+            mirror,
+            None,
+        )
+    if not 1 <= n_classes <= n:
+        raise CryomatchError(f"cannot seed {n_classes} classes from {n} images")
+    rng = np.random.default_rng([settings.rand_seed, 0])
+    classes = rng.permutation(np.arange(n) % n_classes)
+    result = finish(source, classes, psi, origin, mirror, np.zeros(n), n_classes, 0)
+    result.score = None
+    result.references *= mask
+    return result
+
+
+def classify2d(
+    particles: str | Path | None,
+    out: str | Path,
+    references: str | Path | None = None,
+    classes: int | None = None,
+    maxit: int = 10,
+    iteration: int | None = None,
+    settings: Settings | None = None,
+    mask: str | Path | None = None,
+    continue_params: bool = False,
+    batch_size: int = 256,
+    backend: str = "numpy",
+) -> Path:
+    """Run iteration ``iteration`` (reading the previous one's outputs), or iterations
+    0..maxit when None; the search runs on ``backend`` (numpy or cupy). Returns the last
+    iteration's folder."""
+    settings = settings or Settings()
+    if maxit < 0 or (iteration is not None and iteration < 0):
+        raise CryomatchError("maxit and iteration must not be negative")
+    todo = range(maxit + 1) if iteration is None else [iteration]
+    if todo[0] == 0 and particles is None:
+        raise CryomatchError("iteration 0 needs the particles (--particles)")
+    if todo[0] == 0 and (references is None) == (classes is None):
+        raise CryomatchError("iteration 0 needs initial references or a number of classes")
+    folder = None
+    for it in todo:
+        folder = _run_iteration(
+            particles,
+            out,
+            references,
+            classes,
+            it,
+            settings,
+            mask,
+            continue_params,
+            batch_size,
+            backend,
+        )
+    return folder
+
+
+def _run_iteration(
+    particles,
+    out,
+    references,
+    classes,
+    iteration,
+    settings,
+    mask_path,
+    continue_params,
+    batch_size,
+    backend,
+) -> Path:
+    params = {
+        "iteration": iteration,
+        "references": references,
+        "classes": classes,
+        "mask": mask_path,
+        "continue": continue_params,
+        **asdict(settings),
+    }
+    prov = provenance.record("classify2d", params)
+    folder = iteration_dir(out, iteration)
+    star = particles if iteration == 0 else iteration_dir(out, iteration - 1) / "particles.star"
+    data = read_particles(star, require_ctf=settings.CTF)
+    source = ImageSource(data, settings, None, batch_size)
+    try:
+        box = source.box
+        check_settings(settings, box)
+        source.inside, mask = _inside(mask_path, settings, box)
+        with Outputs() as outputs:
+            if iteration == 0:
+                result = _initial(source, settings, references, classes, continue_params, mask)
+            else:
+                refs = read_references(iteration_dir(out, iteration - 1) / "references.mrcs", box)
+                psi, origin, mirror, before = read_params(data, True)
+                check_shifts(origin, settings.radius(box), box, star)
+                cls, psi, origin, mirror, score = align(
+                    source, refs * mask, origin, settings, backend
+                )
+                result = finish(source, cls, psi, origin, mirror, score, len(refs), iteration)
+                print(
+                    f"iteration {iteration}: {np.mean(cls + 1 != before):.1%} of the images "
+                    f"changed class; members {result.counts.tolist()}; mean peak NCC "
+                    f"{score.mean():.4f}; reseeded {np.flatnonzero(result.reseeded) + 1}",
+                    file=sys.stderr,
+                )
+                result.references *= mask
+            write_iteration(folder, data, result, prov, outputs)
+    finally:
+        source.close()
+    return folder
+
+
+def add_arguments(p) -> None:
+    p.add_argument(
+        "--particles",
+        help="particles (RELION STAR or cryoSPARC .cs), needed for iteration 0; "
+        "iteration n reads OUT/classify2d/iter{n-1}",
+    )
+    p.add_argument("--out", required=True, help="output folder (results go to OUT/classify2d)")
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--references", help="initial references (MRC stack)")
+    init.add_argument("--classes", type=int, help="seed this many classes from random subsets")
+    p.add_argument("--maxit", type=int, default=10, help="number of iterations")
+    p.add_argument(
+        "--iteration",
+        type=int,
+        help="run this iteration only (0: initial references), reading the "
+        "previous one's outputs; default: 0..maxit",
+    )
+    d = Settings()
+    p.add_argument("--ir", type=float, default=d.ir, help="inner ring radius (pixels)")
+    p.add_argument("--ou", type=float, default=d.ou, help="outer ring radius; -1: box/2 - 2")
+    p.add_argument("--rs", type=float, default=d.rs, help="ring step (pixels)")
+    p.add_argument(
+        "--xr", type=float, default=d.xr, help="x search range (pixels, 0: rotation only)"
+    )
+    p.add_argument("--yr", type=float, default=d.yr, help="y search range (pixels)")
+    p.add_argument("--ts", type=float, default=d.ts, help="translation step (pixels)")
+    p.add_argument(
+        "--center",
+        type=int,
+        default=d.center,
+        choices=(0, 1),
+        help="1: centre the averages (sign-blind); 0: do not",
+    )
+    p.add_argument(
+        "--CTF",
+        action="store_true",
+        help="phase-flip images for alignment, Wiener-filter the averages",
+    )
+    p.add_argument("--snr", type=float, default=d.snr, help="SNR of the Wiener filter (--CTF)")
+    p.add_argument(
+        "--rand_seed",
+        "--rand-seed",
+        dest="rand_seed",
+        type=int,
+        default=d.rand_seed,
+        help="seed of every random choice",
+    )
+    p.add_argument(
+        "--min-class-size",
+        type=int,
+        default=d.min_class_size,
+        help="reseed smaller classes; 0: max(4, 20%% of the mean class size)",
+    )
+    p.add_argument("--mask", help="2D mask (MRC) for normalization and the references")
+    p.add_argument(
+        "--continue",
+        dest="continue_params",
+        action="store_true",
+        help="start from the particles' rlnAnglePsi, origins and rlnIsFlip",
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images held at a time")
+    p.add_argument(
+        "--backend", default="numpy", choices=("numpy", "cupy"), help="array backend of the search"
+    )
+
+
+def run(args) -> None:
+    settings = Settings(
+        args.ir,
+        args.ou,
+        args.rs,
+        args.xr,
+        args.yr,
+        args.ts,
+        args.center,
+        args.CTF,
+        args.snr,
+        args.rand_seed,
+        args.min_class_size,
+    )
+    classify2d(
+        args.particles,
+        args.out,
+        args.references,
+        args.classes,
+        args.maxit,
+        args.iteration,
+        settings,
+        args.mask,
+        args.continue_params,
+        args.batch_size,
+        args.backend,
+    )

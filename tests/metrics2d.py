@@ -1,0 +1,83 @@
+"""Scoring 2D classification results against simulated truth (used by the classify2d tests)."""
+
+from __future__ import annotations
+
+from math import comb
+
+import numpy as np
+
+from cryomatch import geometry
+
+
+def adjusted_rand_index(a, b) -> float:
+    """Hubert and Arabie's adjusted Rand index of two labelings."""
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    table = np.zeros((ia.max() + 1, ib.max() + 1), dtype=np.int64)
+    np.add.at(table, (ia, ib), 1)
+    pairs = sum(comb(int(x), 2) for x in table.ravel())
+    rows = sum(comb(int(x), 2) for x in table.sum(1))
+    cols = sum(comb(int(x), 2) for x in table.sum(0))
+    expected = rows * cols / comb(len(a), 2)
+    return (pairs - expected) / (0.5 * (rows + cols) - expected)
+
+
+def pose_errors(truth, estimate, pixel_size):
+    """Per image: angle error (degrees), shift error (pixels, image frame), mirror right, and
+    whether its class is the majority class of its true view.
+
+    An average is its view turned, mirrored and shifted by some G, the same for all of its
+    members: ``image = view o T_true = avg o T_est`` with ``avg = view o G``, so
+    ``G = T_true o T_est^-1`` per image. G is taken per class by consensus (majority mirror,
+    circular mean angle, median shift) and each image is scored against ``G o T_est``.
+    """
+
+    def params(table):
+        origin = table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / pixel_size
+        return (table["rlnAnglePsi"].to_numpy(), table["rlnIsFlip"].to_numpy() > 0.5, origin)
+
+    t_true, t_est = params(truth), params(estimate)
+    view, cls = truth["rlnClassNumber"].to_numpy(), estimate["rlnClassNumber"].to_numpy()
+    g = geometry.compose_inplane(*geometry.invert_inplane(*t_est), *t_true)
+    angle = np.full(len(cls), np.nan)
+    shift = np.full(len(cls), np.nan)
+    mirror_ok = np.zeros(len(cls), bool)
+    correct = np.zeros(len(cls), bool)
+    for c in np.unique(cls):
+        members = cls == c
+        values, counts = np.unique(view[members], return_counts=True)
+        correct |= members & (view == values[np.argmax(counts)])
+        m = np.median(g[1][members]) > 0.5
+        same = members & (g[1] == m)
+        psi = np.rad2deg(np.angle(np.exp(1j * np.deg2rad(g[0][same])).mean()))
+        origin = np.median(g[2][same], axis=0)
+        pred = geometry.compose_inplane(
+            t_est[0][members], t_est[1][members], t_est[2][members], psi, m, origin
+        )
+        angle[members] = np.abs(geometry.wrap_degrees(pred[0] - t_true[0][members]))
+        shift[members] = np.linalg.norm(pred[2] - t_true[2][members], axis=1)
+        mirror_ok[members] = pred[1] == t_true[1][members]
+    return angle, shift, mirror_ok, correct
+
+
+def cramer_rao(views, noise_sigma):
+    """Cramer-Rao bounds (standard deviations) for the in-plane angle (degrees) and the shift
+    per axis (pixels) of one image of each view (V, box, box) in white noise: the inverse of
+    the Fisher information ``J^T J / sigma^2`` for (angle, x, y) jointly, J the derivatives of
+    the noise-free image (spectral x and y derivatives; angle: -y d/dx + x d/dy)."""
+    views = np.asarray(views, dtype=np.float64)
+    box = views.shape[-1]
+    k = np.fft.fftfreq(box) * 2 * np.pi
+    spectrum = np.fft.fft2(views)
+    dx = np.fft.ifft2(spectrum * 1j * k[None, None, :]).real
+    dy = np.fft.ifft2(spectrum * 1j * k[None, :, None]).real
+    g = np.arange(box) - box // 2
+    y, x = np.meshgrid(g, g, indexing="ij")
+    dtheta = -y * dx + x * dy
+    angle, shift = [], []
+    for j in zip(dtheta, dx, dy, strict=True):
+        jac = np.stack([d.ravel() for d in j], axis=1)
+        bound = np.linalg.inv(jac.T @ jac / noise_sigma**2)
+        angle.append(np.rad2deg(np.sqrt(bound[0, 0])))
+        shift.append(np.sqrt(0.5 * (bound[1, 1] + bound[2, 2])))
+    return np.array(angle), np.array(shift)

@@ -1,0 +1,396 @@
+"""Search of images against template views over displacements and in-plane rotations, with
+the best normalized cross-correlation and the BioEM integrated log-likelihood per image.
+
+Notation (see shared notes section 1): images Y_m and templates T_s on the polar grid
+(:mod:`.polar_fourier`), quadrature weights w_r per ring, image CTFs C_m, displacements d.
+The image is multiplied by its own CTF (``<C T, Y> = <T, C Y>``) and shifted back by d
+(``Y_d(k) = Y(k) exp(2 pi i k.d)``: the particle sits at d from the box centre). In-plane
+rotation is a cyclic shift along the angle, so for all W rotations at once
+
+    cc[m, s, d, k] = sum_r w_r sum_l (C_m Y_m,d)(r, l) conj T_s(r, l - k)
+                   = irfft_q( sum_r w_r A_m,d(r, q) conj B_s(r, q) )[k]
+
+(A, B the angular spectra). The sum over r is a matrix product per q, compressed without
+loss at the working precision: per q an SVD of the templates [S x R] keeps the H_q <= R
+directions that carry all but ``tolerance^2`` of the templates' energy (a radial SVD in the
+spirit of Rangan 2023, Inverse Problems 39:024003), so the images are projected once onto
+H_q directions and the product is [M*D x H_q] @ [H_q x S].
+
+Normalized cross-correlation (CryoLike's): rho = cc / sqrt(S_yy S_cc), with
+S_yy = sum (y - mean y)^2 over the N pixels (real space) and
+S_cc(m, s, k) = sum w |C_m|^2 |T_s(l - k)|^2 - (C_m(0) T_s(0))^2 / N the template's power
+under the CTF without its mean (a rotational correlation too: astigmatic CTFs make it
+depend on k).
+
+BioEM log-likelihood (Cossio and Hummer 2013, J. Struct. Biol. 184:427): for the model
+y = a c + b + noise (white Gaussian, sigma) with flat priors on a >= 0 and b and Jeffreys'
+1/sigma, the integrals over a, b and sigma give, per pose,
+
+    log L = lgamma((N-2)/2) - log 2 - (N-2)/2 log(pi S_yy (1 - rho_+^2)) - 1/2 log(N S_cc),
+
+rho_+ = max(rho, 0) (the half-line a >= 0 in the limit rho sqrt(N) >> 1). The integrated
+log-likelihood is log sum over poses of prior * L, with prior = view weight / (D W).
+
+Pruning (exact to a stated tolerance): |cc[k]| <= (|X_0| + 2 sum_q |X_q| + |X_W/2|) / W for
+the product spectrum X, so a (image, view, displacement) whose bound is below the image's
+best rho cannot hold its optimum, and one whose bound on log L is below the running maximum
+minus ``log(n_poses / ll_tolerance)`` adds at most ``ll_tolerance`` of the total; only the
+rest go through the inverse FFT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import gammaln
+
+from ..backend import array_module, fft_module, to_numpy
+from ..errors import CryomatchError
+from .polar_fourier import PolarGrid
+
+
+# --- displacements and the likelihood formula --------------------------------------------
+def displacement_grid(max_displacement: float, n_x: int, n_y: int) -> np.ndarray:
+    """CryoLike's grid: (D, 2) x, y, linspace(-max, max, n) per axis, x fastest; (0, 0)
+    alone when n_x * n_y <= 1."""
+    if n_x * n_y <= 1:
+        return np.zeros((1, 2))
+    if n_x < 1 or n_y < 1:
+        raise CryomatchError(f"n_displacements_x and _y must be at least 1, got {n_x}, {n_y}")
+    x, y = np.meshgrid(np.linspace(-max_displacement, max_displacement, n_x),
+                       np.linspace(-max_displacement, max_displacement, n_y))
+    return np.stack([x.ravel(), y.ravel()], axis=1)
+
+
+def bioem_constant(n_pixels: int, syy) -> np.ndarray:
+    """The pose-independent part of log L per image: lgamma((N-2)/2) - log 2 -
+    (N-2)/2 log(pi S_yy)."""
+    syy = np.asarray(syy, dtype=np.float64)
+    return gammaln((n_pixels - 2) / 2.0) - math.log(2.0) - (n_pixels - 2) / 2.0 * np.log(np.pi * syy)
+
+
+def bioem_log_likelihood(rho, scc, syy, n_pixels: int):
+    """log L per pose (see module docstring) from rho, S_cc and S_yy (broadcasting)."""
+    xp = array_module(rho)
+    rho_p = xp.maximum(rho, 0.0)
+    return (
+        bioem_constant(n_pixels, syy)
+        - (n_pixels - 2) / 2.0 * xp.log1p(-rho_p * rho_p)
+        - 0.5 * xp.log(n_pixels * scc)
+    )
+
+
+# --- templates ---------------------------------------------------------------------------
+@dataclass
+class TemplateBank:
+    """Templates prepared for the search (see :func:`prepare_templates`)."""
+
+    bases: list  # per q: (R, H_q) complex64, sqrt-weighted directions the images project onto
+    coefficients: list  # per q: (H_q, S) complex64
+    power_spectra: object  # (S, R, Q) complex: angular spectra of |T|^2 (for S_cc)
+    dc: np.ndarray  # (S,) T_s(0), the projections' sums
+    log_weights: np.ndarray  # (S,) log view weights (normalized)
+    n_inplanes: int
+    ring_weights: np.ndarray  # (R,)
+    error: float  # relative energy left out by the compression (sqrt)
+
+    @property
+    def n_templates(self) -> int:
+        return len(self.dc)
+
+    @property
+    def ranks(self) -> list[int]:
+        return [b.shape[1] for b in self.bases]
+
+
+def prepare_templates(templates, grid: PolarGrid, view_weights, dc, tolerance: float = 1e-4,
+                      xp=np) -> TemplateBank:
+    """Angular spectra and per-q compression of templates (S, R, W) complex.
+
+    ``tolerance``: the compression keeps, over all q, the largest singular directions until
+    the energy left out is at most tolerance^2 of the total (0: no compression, exact).
+    """
+    s, r, w = templates.shape
+    if w != grid.n_inplanes or r != grid.n_shells:
+        raise CryomatchError(f"templates are {r} x {w} but the polar grid is {grid.n_shells} x {grid.n_inplanes}")
+    q_count = w // 2 + 1
+    t = np.asarray(to_numpy(templates), dtype=np.complex128)
+    spectra = np.fft.fft(t, axis=-1)[..., :q_count]  # (S, R, Q)
+    sw = np.sqrt(grid.weights)
+    # SVD per q of [sqrt(w) T_hat(:, :, q)] = U diag(sig) V^H; X = y @ V @ diag(sig) U^H
+    svds = [np.linalg.svd(spectra[:, :, q] * sw, full_matrices=False) for q in range(q_count)]
+    energy = np.concatenate([sv[1] ** 2 for sv in svds])
+    total = energy.sum()
+    threshold = 0.0
+    if tolerance > 0 and total > 0:
+        ordered = np.sort(energy)
+        dropped = np.cumsum(ordered) <= tolerance**2 * total
+        threshold = ordered[dropped][-1] if dropped.any() else 0.0
+    bases, coefs, left = [], [], 0.0
+    for u, sig, vh in svds:
+        keep = max(1, int(np.sum(sig**2 > threshold)))
+        left += float(np.sum(sig[keep:] ** 2))
+        bases.append(xp.asarray(np.ascontiguousarray((vh[:keep].conj().T * sw[:, None]).astype(np.complex64))))
+        coefs.append(xp.asarray(np.ascontiguousarray((sig[:keep, None] * u[:, :keep].conj().T).astype(np.complex64))))
+    power = np.fft.rfft(np.abs(t) ** 2, axis=-1)
+    weights = np.asarray(view_weights, dtype=np.float64)
+    return TemplateBank(
+        bases=bases,
+        coefficients=coefs,
+        power_spectra=xp.asarray(power.astype(np.complex64)),
+        dc=np.asarray(dc, dtype=np.float64).reshape(-1) * np.ones(s),
+        log_weights=np.log(weights / weights.sum()),
+        n_inplanes=w,
+        ring_weights=grid.weights,
+        error=math.sqrt(left / total) if total > 0 else 0.0,
+    )
+
+
+def split_bank(bank: TemplateBank, size: int) -> list[tuple[slice, list]]:
+    """Contiguous per-q coefficient blocks of ``size`` templates: [(slice, [(H_q, Sb)])]."""
+    xp = array_module(bank.coefficients[0])
+    out = []
+    for lo in range(0, bank.n_templates, size):
+        sl = slice(lo, min(bank.n_templates, lo + size))
+        out.append((sl, [xp.ascontiguousarray(c[:, sl]) for c in bank.coefficients]))
+    return out
+
+
+# --- images ------------------------------------------------------------------------------
+@dataclass
+class ImageBatch:
+    """Images prepared for the search (see :func:`prepare_images`)."""
+
+    projected: list  # per q: (M*D, H_q) complex64
+    syy: np.ndarray  # (M,) real-space sum of squares about the mean
+    scc: object  # (W, M, S) float32: S_cc per rotation
+    n_pixels: int
+    n_displacements: int
+
+    @property
+    def n_images(self) -> int:
+        return len(self.syy)
+
+
+def shift_phases(grid: PolarGrid, displacements, xp=np):
+    """exp(2 pi i k.d) on the polar grid for displacements (..., 2) in pixels: (..., R, W)
+    complex64 (multiplying an image's transform by it moves the particle from d to 0)."""
+    kx, ky = grid.points()
+    d = np.asarray(displacements, dtype=np.float64)
+    phase = d[..., 0, None, None] * kx + d[..., 1, None, None] * ky
+    return xp.asarray(np.exp(2j * np.pi * phase).astype(np.complex64))
+
+
+def prepare_images(values, ctf, syy, ctf0, grid: PolarGrid, bank: TemplateBank, displacements,
+                   centres=None) -> ImageBatch:
+    """CTF-multiplied, displaced, compressed images and their S_cc.
+
+    values (M, R, W) complex: transforms of the mean-removed images; ctf (M, R, W) real;
+    syy (M,) sums of squares about the mean; ctf0 (M,) the CTF at k = 0; displacements
+    (D, 2) pixels; centres (M, 2) pixels added to every displacement (prior shifts) or None.
+    """
+    xp = array_module(values)
+    fft = fft_module(xp)
+    m, r, w = values.shape
+    d = np.asarray(displacements, dtype=np.float64).reshape(-1, 2)
+    q_count = w // 2 + 1
+    weighted = values * xp.asarray(ctf, dtype=xp.float32)
+    if centres is None:
+        shifted = weighted[:, None] * shift_phases(grid, d, xp)[None]
+    else:
+        shifted = weighted[:, None] * shift_phases(grid, d[None] + np.asarray(centres)[:, None], xp)
+    spectra = fft.fft(shifted, axis=-1)[..., :q_count]  # (M, D, R, Q)
+    del shifted
+    flat = spectra.reshape(m * len(d), r, q_count)
+    projected = [xp.ascontiguousarray(flat[:, :, q]) @ bank.bases[q] for q in range(q_count)]
+    del spectra, flat
+    # S_cc(m, s, k) = sum_r w_r sum_l C^2(l) |T|^2(l - k) - (C(0) T(0))^2 / N, as (W, M, S)
+    c2 = fft.rfft(xp.asarray(ctf, dtype=xp.float32) ** 2, axis=-1)  # (M, R, Q)
+    wr = xp.asarray(grid.weights, dtype=xp.float32)
+    prod = xp.matmul(
+        xp.ascontiguousarray(xp.moveaxis(c2 * wr[:, None], -1, 0)),  # (Q, M, R)
+        xp.ascontiguousarray(xp.moveaxis(xp.conj(bank.power_spectra), -1, 0)).transpose(0, 2, 1),
+    )  # (Q, M, S)
+    n_pixels = grid.box * grid.box
+    scc = fft.irfft(prod, n=w, axis=0)
+    scc -= xp.asarray(((np.asarray(ctf0)[:, None] * bank.dc[None, :]) ** 2 / n_pixels).astype(np.float32))
+    return ImageBatch(projected, np.asarray(syy, dtype=np.float64), scc, n_pixels, len(d))
+
+
+# --- search ------------------------------------------------------------------------------
+@dataclass
+class SearchResult:
+    """Per image: best normalized cross-correlation and where (template, displacement index,
+    rotation step k of the engine), log L there, and the integrated log L."""
+
+    rho: np.ndarray
+    template: np.ndarray
+    displacement: np.ndarray
+    rotation: np.ndarray
+    ll_optimal: np.ndarray
+    ll_integrated: np.ndarray
+    n_evaluated: int = 0  # (image, view, displacement) triples that went through the inverse FFT
+    n_triples: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class _Accumulator:
+    """Running best pose and log-sum-exp per image (host arrays)."""
+
+    def __init__(self, m: int):
+        self.rho = np.full(m, -np.inf)
+        self.template = np.zeros(m, dtype=np.int64)
+        self.displacement = np.zeros(m, dtype=np.int64)
+        self.rotation = np.zeros(m, dtype=np.int64)
+        self.ll_best = np.full(m, -np.inf)  # max over poses of (pose part of log L + log prior)
+        self.ll_sum = np.zeros(m)  # sum of exp(ll - ll_best)
+        self.ll_at_best_rho = np.full(m, -np.inf)
+
+    def add_best(self, img, rho, template, disp, rot, ll_pose):
+        """Candidates (arrays over some poses): keep each image's largest rho."""
+        order = np.lexsort((-rho, img))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = img[order][1:] != img[order][:-1]
+        pick = order[first]
+        i = img[pick]
+        better = rho[pick] > self.rho[i]
+        i, pick = i[better], pick[better]
+        self.rho[i] = rho[pick]
+        self.template[i] = template[pick]
+        self.displacement[i] = disp[pick]
+        self.rotation[i] = rot[pick]
+        self.ll_at_best_rho[i] = ll_pose[pick]
+
+    def add_logsumexp(self, img, block_max, block_sum):
+        """Per-candidate max and sum of exp(ll - max) folded into each image's total."""
+        new = self.ll_best.copy()
+        np.maximum.at(new, img, block_max)
+        scale = np.exp(np.where(np.isfinite(self.ll_best), self.ll_best - new, -np.inf))
+        self.ll_sum *= scale
+        np.add.at(self.ll_sum, img, block_sum * np.exp(block_max - new[img]))
+        self.ll_best = new
+
+
+def search(batch: ImageBatch, bank: TemplateBank, template_block: int = 64,
+           ll_tolerance: float = 1e-6, prune: bool = True, full_output=None) -> SearchResult:
+    """Best pose and log-likelihoods of every image of ``batch`` against ``bank``.
+
+    ``full_output``: an array-like (M, S, D, W) that receives every normalized
+    cross-correlation (no pruning then). ``ll_tolerance``: the share of the integrated
+    likelihood that pruning may leave out.
+    """
+    xp = array_module(batch.projected[0])
+    m, dcount, w = batch.n_images, batch.n_displacements, bank.n_inplanes
+    q_count = w // 2 + 1
+    n = batch.n_pixels
+    ctx = _Context(
+        xp=xp,
+        fft=fft_module(xp),
+        w=w,
+        half_n=(n - 2) / 2.0,
+        dcount=dcount,
+        img_of_row=np.repeat(np.arange(m), dcount),
+        disp_of_row=np.tile(np.arange(dcount), m),
+    )
+    acc = _Accumulator(m)
+    scc = xp.maximum(batch.scc, 1e-30)
+    inv = (1.0 / xp.sqrt(scc * xp.asarray(batch.syy, dtype=xp.float32)[None, :, None])).astype(xp.float32)
+    lscc = (-0.5 * xp.log(n * scc)).astype(xp.float32)  # (W, M, S)
+    lprior = bank.log_weights - math.log(dcount * w)  # (S,)
+    # |cc[k]| <= sum_q c_q |X_q| (irfft's 1/W and the doubled q = 1..W/2-1 in c_q)
+    cq = np.full(q_count, 2.0 / w, dtype=np.float32)
+    cq[0] = 1.0 / w
+    if w % 2 == 0:
+        cq[-1] = 1.0 / w
+    cq = xp.asarray(cq)
+    margin = math.log(bank.n_templates * dcount * w / ll_tolerance)
+    prune = prune and full_output is None
+    n_eval = 0
+    for sl, coefs in split_bank(bank, template_block):
+        sb = sl.stop - sl.start
+        x = xp.empty((q_count, m * dcount, sb), dtype=xp.complex64)
+        for q in range(q_count):
+            xp.matmul(batch.projected[q], coefs[q], out=x[q])
+        block = _Block(x, inv[:, :, sl], lscc[:, :, sl], lprior[sl], sl.start, sb)
+        if not prune:
+            cc = _evaluate(acc, ctx, block, np.arange(m * dcount * sb))
+            n_eval += m * dcount * sb
+            if full_output is not None:
+                cc = cc.reshape(w, m, dcount, sb)
+                full_output[:, sl] = to_numpy(xp.transpose(cc, (1, 3, 2, 0)))
+            continue
+        bound = (cq @ xp.abs(x).reshape(q_count, -1)).reshape(m, dcount, sb)
+        bound *= inv[:, :, sl].max(axis=0)[:, None, :]
+        bound = to_numpy(bound)
+        ll_bound = (
+            -ctx.half_n * np.log1p(-np.minimum(bound, 1.0 - 1e-7) ** 2)
+            + to_numpy(block.lscc.max(axis=0))[:, None, :]
+            + block.lprior[None, None, :]
+        )
+        # each image's most promising triple first (raises its running best), then the rest
+        first = np.arange(m) * (dcount * sb) + np.argmax(bound.reshape(m, -1), axis=1)
+        _evaluate(acc, ctx, block, first)
+        keep = (bound >= acc.rho[:, None, None]) | (ll_bound >= acc.ll_best[:, None, None] - margin)
+        keep = keep.reshape(-1)
+        keep[first] = False
+        rest = np.flatnonzero(keep)
+        if len(rest):
+            _evaluate(acc, ctx, block, rest)
+        n_eval += m + len(rest)
+    c = bioem_constant(n, batch.syy)
+    return SearchResult(
+        rho=acc.rho,
+        template=acc.template,
+        displacement=acc.displacement,
+        rotation=acc.rotation,
+        ll_optimal=c + acc.ll_at_best_rho,
+        ll_integrated=c + acc.ll_best + np.log(acc.ll_sum),
+        n_evaluated=n_eval,
+        n_triples=m * dcount * bank.n_templates,
+    )
+
+
+@dataclass
+class _Context:
+    xp: object
+    fft: object
+    w: int
+    half_n: float
+    dcount: int
+    img_of_row: np.ndarray
+    disp_of_row: np.ndarray
+
+
+@dataclass
+class _Block:
+    x: object  # (Q, M*D, Sb) product spectra
+    inv: object  # (W, M, Sb) 1 / sqrt(S_yy S_cc)
+    lscc: object  # (W, M, Sb) -1/2 log(N S_cc)
+    lprior: np.ndarray  # (Sb,)
+    s0: int
+    sb: int
+
+
+def _evaluate(acc: _Accumulator, ctx: _Context, block: _Block, flat: np.ndarray):
+    """Exact rho and log L over all rotations for the triples ``flat`` (indices into
+    (M*D, Sb)); folds them into ``acc`` and returns rho (W, len(flat))."""
+    xp = ctx.xp
+    rows, cols = np.divmod(flat, block.sb)
+    img = ctx.img_of_row[rows]
+    rows_x, cols_x, img_x = xp.asarray(rows), xp.asarray(cols), xp.asarray(img)
+    rho = ctx.fft.irfft(block.x[:, rows_x, cols_x], n=ctx.w, axis=0)  # (W, n)
+    rho *= block.inv[:, img_x, cols_x]
+    rot = xp.argmax(rho, axis=0)
+    best = xp.take_along_axis(rho, rot[None], axis=0)[0]
+    pos = xp.maximum(rho, 0.0)
+    pose = -ctx.half_n * xp.log1p(-pos * pos) + block.lscc[:, img_x, cols_x]  # log L - constant
+    at_best = xp.take_along_axis(pose, rot[None], axis=0)[0]
+    pose += xp.asarray(block.lprior[cols].astype(np.float32))[None, :]
+    top = pose.max(axis=0)
+    total = xp.exp(pose - top[None]).sum(axis=0)
+    acc.add_best(img, to_numpy(best), cols + block.s0, ctx.disp_of_row[rows], to_numpy(rot),
+                 to_numpy(at_best))
+    acc.add_logsumexp(img, to_numpy(top).astype(np.float64), to_numpy(total).astype(np.float64))
+    return rho

@@ -48,6 +48,7 @@ from scipy.special import gammaln
 
 from ..backend import array_module, fft_module, to_numpy
 from ..errors import CryomatchError
+from .polar import hermitian_angular_spectra
 from .polar_fourier import PolarGrid
 
 
@@ -148,13 +149,22 @@ def prepare_templates(templates, grid: PolarGrid, view_weights, dc, tolerance: f
     )
 
 
-def split_bank(bank: TemplateBank, size: int) -> list[tuple[slice, list]]:
-    """Contiguous per-q coefficient blocks of ``size`` templates: [(slice, [(H_q, Sb)])]."""
+def split_bank(bank: TemplateBank, size: int) -> list[tuple[np.ndarray, list]]:
+    """Per-q coefficient blocks: [(template indices, [(H_q, Sb)])].
+
+    The views are taken in a fixed pseudo-random order, in blocks growing from 8 to ``size``:
+    every block samples the whole sphere, so the first small ones bring each image's
+    running best near its final value early, which lets pruning skip most of the rest.
+    """
     xp = array_module(bank.coefficients[0])
-    out = []
-    for lo in range(0, bank.n_templates, size):
-        sl = slice(lo, min(bank.n_templates, lo + size))
-        out.append((sl, [xp.ascontiguousarray(c[:, sl]) for c in bank.coefficients]))
+    order = np.random.default_rng(0).permutation(bank.n_templates)
+    out, lo, step = [], 0, min(8, size)
+    while lo < bank.n_templates:
+        index = order[lo : lo + step]
+        sel = xp.asarray(index)
+        out.append((index, [xp.ascontiguousarray(c[:, sel]) for c in bank.coefficients]))
+        lo += step
+        step = min(size, 2 * step)
     return out
 
 
@@ -174,40 +184,49 @@ class ImageBatch:
         return len(self.syy)
 
 
-def shift_phases(grid: PolarGrid, displacements, xp=np):
+def shift_phases(grid: PolarGrid, displacements, xp=np, half: bool = False):
     """exp(2 pi i k.d) on the polar grid for displacements (..., 2) in pixels: (..., R, W)
-    complex64 (multiplying an image's transform by it moves the particle from d to 0)."""
-    kx, ky = grid.points()
+    complex64 (multiplying an image's transform by it moves the particle from d to 0);
+    ``half``: the first half of the angles only."""
+    kx, ky = grid.points(half=half)
     d = np.asarray(displacements, dtype=np.float64)
     phase = d[..., 0, None, None] * kx + d[..., 1, None, None] * ky
     return xp.asarray(np.exp(2j * np.pi * phase).astype(np.complex64))
 
 
 def prepare_images(values, ctf, syy, ctf0, grid: PolarGrid, bank: TemplateBank, displacements,
-                   centres=None) -> ImageBatch:
+                   centres=None, group: int = 4) -> ImageBatch:
     """CTF-multiplied, displaced, compressed images and their S_cc.
 
     values (M, R, W) complex: transforms of the mean-removed images; ctf (M, R, W) real;
     syy (M,) sums of squares about the mean; ctf0 (M,) the CTF at k = 0; displacements
     (D, 2) pixels; centres (M, 2) pixels added to every displacement (prior shifts) or None.
+    Works on ``group`` images at a time (cache-sized), on half the angles (the values of
+    real images are Hermitian, and so are the CTF and the shift phases).
     """
     xp = array_module(values)
     fft = fft_module(xp)
     m, r, w = values.shape
+    half = w // 2
+    q_count = half + 1
     d = np.asarray(displacements, dtype=np.float64).reshape(-1, 2)
-    q_count = w // 2 + 1
-    weighted = values * xp.asarray(ctf, dtype=xp.float32)
-    if centres is None:
-        shifted = weighted[:, None] * shift_phases(grid, d, xp)[None]
-    else:
-        shifted = weighted[:, None] * shift_phases(grid, d[None] + np.asarray(centres)[:, None], xp)
-    spectra = fft.fft(shifted, axis=-1)[..., :q_count]  # (M, D, R, Q)
-    del shifted
-    flat = spectra.reshape(m * len(d), r, q_count)
-    projected = [xp.ascontiguousarray(flat[:, :, q]) @ bank.bases[q] for q in range(q_count)]
-    del spectra, flat
+    dcount = len(d)
+    ctf = xp.asarray(ctf, dtype=xp.float32)
+    weighted = values[..., :half] * ctf[..., :half]  # (M, R, W/2)
+    shared = shift_phases(grid, d, xp, half=True) if centres is None else None
+    projected = [xp.empty((m * dcount, b.shape[1]), dtype=xp.complex64) for b in bank.bases]
+    for g0 in range(0, m, group):
+        g1 = min(m, g0 + group)
+        if shared is None:
+            phases = shift_phases(grid, d[None] + np.asarray(centres)[g0:g1, None], xp, half=True)
+        else:
+            phases = shared[None]
+        spectra = hermitian_angular_spectra(weighted[g0:g1, None] * phases, w)  # (g, D, R, Q)
+        spectra = xp.ascontiguousarray(xp.moveaxis(spectra.reshape(-1, r, q_count), -1, 0))
+        for q in range(q_count):
+            xp.matmul(spectra[q], bank.bases[q], out=projected[q][g0 * dcount : g1 * dcount])
     # S_cc(m, s, k) = sum_r w_r sum_l C^2(l) |T|^2(l - k) - (C(0) T(0))^2 / N, as (W, M, S)
-    c2 = fft.rfft(xp.asarray(ctf, dtype=xp.float32) ** 2, axis=-1)  # (M, R, Q)
+    c2 = fft.rfft(ctf * ctf, axis=-1)  # (M, R, Q)
     wr = xp.asarray(grid.weights, dtype=xp.float32)
     prod = xp.matmul(
         xp.ascontiguousarray(xp.moveaxis(c2 * wr[:, None], -1, 0)),  # (Q, M, R)
@@ -216,7 +235,7 @@ def prepare_images(values, ctf, syy, ctf0, grid: PolarGrid, bank: TemplateBank, 
     n_pixels = grid.box * grid.box
     scc = fft.irfft(prod, n=w, axis=0)
     scc -= xp.asarray(((np.asarray(ctf0)[:, None] * bank.dc[None, :]) ** 2 / n_pixels).astype(np.float32))
-    return ImageBatch(projected, np.asarray(syy, dtype=np.float64), scc, n_pixels, len(d))
+    return ImageBatch(projected, np.asarray(syy, dtype=np.float64), scc, n_pixels, dcount)
 
 
 # --- search ------------------------------------------------------------------------------
@@ -237,16 +256,18 @@ class SearchResult:
 
 
 class _Accumulator:
-    """Running best pose and log-sum-exp per image (host arrays)."""
+    """Running best pose, log-sum-exp and pruning floor per image (host arrays)."""
 
-    def __init__(self, m: int):
+    def __init__(self, m: int, margin: float):
         self.rho = np.full(m, -np.inf)
         self.template = np.zeros(m, dtype=np.int64)
         self.displacement = np.zeros(m, dtype=np.int64)
         self.rotation = np.zeros(m, dtype=np.int64)
-        self.ll_best = np.full(m, -np.inf)  # max over poses of (pose part of log L + log prior)
-        self.ll_sum = np.zeros(m)  # sum of exp(ll - ll_best)
         self.ll_at_best_rho = np.full(m, -np.inf)
+        self.ll_ref = np.full(m, -np.inf)  # reference of the log-sum-exp
+        self.ll_sum = np.zeros(m)  # sum over evaluated poses of exp(log L + log prior - ref)
+        self.floor = np.full(m, -np.inf)  # largest log L + log prior seen (pruning)
+        self.margin = margin
 
     def add_best(self, img, rho, template, disp, rot, ll_pose):
         """Candidates (arrays over some poses): keep each image's largest rho."""
@@ -263,93 +284,24 @@ class _Accumulator:
         self.rotation[i] = rot[pick]
         self.ll_at_best_rho[i] = ll_pose[pick]
 
+    def add_floor(self, img, block_max):
+        np.maximum.at(self.floor, img, block_max)
+
     def add_logsumexp(self, img, block_max, block_sum):
         """Per-candidate max and sum of exp(ll - max) folded into each image's total."""
-        new = self.ll_best.copy()
+        new = self.ll_ref.copy()
         np.maximum.at(new, img, block_max)
-        scale = np.exp(np.where(np.isfinite(self.ll_best), self.ll_best - new, -np.inf))
+        scale = np.exp(np.where(np.isfinite(self.ll_ref), self.ll_ref - new, -np.inf))
         self.ll_sum *= scale
         np.add.at(self.ll_sum, img, block_sum * np.exp(block_max - new[img]))
-        self.ll_best = new
+        self.ll_ref = new
 
-
-def search(batch: ImageBatch, bank: TemplateBank, template_block: int = 64,
-           ll_tolerance: float = 1e-6, prune: bool = True, full_output=None) -> SearchResult:
-    """Best pose and log-likelihoods of every image of ``batch`` against ``bank``.
-
-    ``full_output``: an array-like (M, S, D, W) that receives every normalized
-    cross-correlation (no pruning then). ``ll_tolerance``: the share of the integrated
-    likelihood that pruning may leave out.
-    """
-    xp = array_module(batch.projected[0])
-    m, dcount, w = batch.n_images, batch.n_displacements, bank.n_inplanes
-    q_count = w // 2 + 1
-    n = batch.n_pixels
-    ctx = _Context(
-        xp=xp,
-        fft=fft_module(xp),
-        w=w,
-        half_n=(n - 2) / 2.0,
-        dcount=dcount,
-        img_of_row=np.repeat(np.arange(m), dcount),
-        disp_of_row=np.tile(np.arange(dcount), m),
-    )
-    acc = _Accumulator(m)
-    scc = xp.maximum(batch.scc, 1e-30)
-    inv = (1.0 / xp.sqrt(scc * xp.asarray(batch.syy, dtype=xp.float32)[None, :, None])).astype(xp.float32)
-    lscc = (-0.5 * xp.log(n * scc)).astype(xp.float32)  # (W, M, S)
-    lprior = bank.log_weights - math.log(dcount * w)  # (S,)
-    # |cc[k]| <= sum_q c_q |X_q| (irfft's 1/W and the doubled q = 1..W/2-1 in c_q)
-    cq = np.full(q_count, 2.0 / w, dtype=np.float32)
-    cq[0] = 1.0 / w
-    if w % 2 == 0:
-        cq[-1] = 1.0 / w
-    cq = xp.asarray(cq)
-    margin = math.log(bank.n_templates * dcount * w / ll_tolerance)
-    prune = prune and full_output is None
-    n_eval = 0
-    for sl, coefs in split_bank(bank, template_block):
-        sb = sl.stop - sl.start
-        x = xp.empty((q_count, m * dcount, sb), dtype=xp.complex64)
-        for q in range(q_count):
-            xp.matmul(batch.projected[q], coefs[q], out=x[q])
-        block = _Block(x, inv[:, :, sl], lscc[:, :, sl], lprior[sl], sl.start, sb)
-        if not prune:
-            cc = _evaluate(acc, ctx, block, np.arange(m * dcount * sb))
-            n_eval += m * dcount * sb
-            if full_output is not None:
-                cc = cc.reshape(w, m, dcount, sb)
-                full_output[:, sl] = to_numpy(xp.transpose(cc, (1, 3, 2, 0)))
-            continue
-        bound = (cq @ xp.abs(x).reshape(q_count, -1)).reshape(m, dcount, sb)
-        bound *= inv[:, :, sl].max(axis=0)[:, None, :]
-        bound = to_numpy(bound)
-        ll_bound = (
-            -ctx.half_n * np.log1p(-np.minimum(bound, 1.0 - 1e-7) ** 2)
-            + to_numpy(block.lscc.max(axis=0))[:, None, :]
-            + block.lprior[None, None, :]
-        )
-        # each image's most promising triple first (raises its running best), then the rest
-        first = np.arange(m) * (dcount * sb) + np.argmax(bound.reshape(m, -1), axis=1)
-        _evaluate(acc, ctx, block, first)
-        keep = (bound >= acc.rho[:, None, None]) | (ll_bound >= acc.ll_best[:, None, None] - margin)
-        keep = keep.reshape(-1)
-        keep[first] = False
-        rest = np.flatnonzero(keep)
-        if len(rest):
-            _evaluate(acc, ctx, block, rest)
-        n_eval += m + len(rest)
-    c = bioem_constant(n, batch.syy)
-    return SearchResult(
-        rho=acc.rho,
-        template=acc.template,
-        displacement=acc.displacement,
-        rotation=acc.rotation,
-        ll_optimal=c + acc.ll_at_best_rho,
-        ll_integrated=c + acc.ll_best + np.log(acc.ll_sum),
-        n_evaluated=n_eval,
-        n_triples=m * dcount * bank.n_templates,
-    )
+    def alive(self, bound, img, view_ll_max, half_n) -> np.ndarray:
+        """Which triples, given bounds on their rho, could beat their image's best rho or
+        add more than the tolerance to its integrated likelihood."""
+        b = np.clip(bound, 0.0, 1.0 - 1e-7)
+        ll_bound = -half_n * np.log1p(-b * b) + view_ll_max
+        return (bound >= self.rho[img]) | (ll_bound >= self.floor[img] - self.margin)
 
 
 @dataclass
@@ -359,38 +311,165 @@ class _Context:
     w: int
     half_n: float
     dcount: int
-    img_of_row: np.ndarray
-    disp_of_row: np.ndarray
+    inv: object  # (W, M, S) 1 / sqrt(S_yy S_cc)
+    lscc: object  # (W, M, S) -1/2 log(N S_cc)
+    lprior: np.ndarray  # (S,) log view weight - log(D W)
+    cq: np.ndarray  # (Q,) weights of |X_q| in the bound on |cc|
+    inv_rows: object = None  # (M*S, W) inv and lscc, one row per (image, view), for gathers
+    lscc_rows: object = None
 
 
 @dataclass
 class _Block:
-    x: object  # (Q, M*D, Sb) product spectra
-    inv: object  # (W, M, Sb) 1 / sqrt(S_yy S_cc)
-    lscc: object  # (W, M, Sb) -1/2 log(N S_cc)
-    lprior: np.ndarray  # (Sb,)
-    s0: int
-    sb: int
+    """Product spectra x (Q, M*D, Sb) of every image with Sb views; views (M, Sb) per image
+    (the same row for every image, except in the seeding pass)."""
+
+    x: object
+    views: np.ndarray
+
+    @property
+    def sb(self) -> int:
+        return self.views.shape[1]
 
 
-def _evaluate(acc: _Accumulator, ctx: _Context, block: _Block, flat: np.ndarray):
+def search(batch: ImageBatch, bank: TemplateBank, template_block: int = 64,
+           ll_tolerance: float = 1e-6, prune: bool = True, full_output=None,
+           seed_views: int = 4) -> SearchResult:
+    """Best pose and log-likelihoods of every image of ``batch`` against ``bank``.
+
+    ``full_output``: an array-like (M, S, D, W) that receives every normalized
+    cross-correlation (no pruning then). ``ll_tolerance``: the share of the integrated
+    likelihood that pruning may leave out. ``seed_views``: views per image evaluated
+    first (those best at the central displacement), to start pruning from a good floor.
+    """
+    xp = array_module(batch.projected[0])
+    m, dcount, w = batch.n_images, batch.n_displacements, bank.n_inplanes
+    q_count = w // 2 + 1
+    n = batch.n_pixels
+    scc = xp.maximum(batch.scc, 1e-30)
+    cq = np.full(q_count, 2.0 / w, dtype=np.float32)  # irfft's 1/W, q = 1..W/2-1 doubled
+    cq[0] = 1.0 / w
+    if w % 2 == 0:
+        cq[-1] = 1.0 / w
+    ctx = _Context(
+        xp=xp,
+        fft=fft_module(xp),
+        w=w,
+        half_n=(n - 2) / 2.0,
+        dcount=dcount,
+        inv=(1.0 / xp.sqrt(scc * xp.asarray(batch.syy, dtype=xp.float32)[None, :, None])).astype(xp.float32),
+        lscc=(-0.5 * xp.log(n * scc)).astype(xp.float32),
+        lprior=bank.log_weights - math.log(dcount * w),
+        cq=cq,
+    )
+    ctx.inv_rows = xp.ascontiguousarray(ctx.inv.reshape(w, -1).T)
+    ctx.lscc_rows = xp.ascontiguousarray(ctx.lscc.reshape(w, -1).T)
+    acc = _Accumulator(m, math.log(bank.n_templates * dcount * w / ll_tolerance))
+    prune = prune and full_output is None
+    if prune and seed_views > 0:
+        _seed(acc, ctx, batch, bank, seed_views)
+    n_eval = 0
+    for index, coefs in split_bank(bank, template_block):
+        sb = len(index)
+        x = xp.empty((q_count, m * dcount, sb), dtype=xp.complex64)
+        if prune:  # bound sum_q c_q |X_q| accumulated while each X_q is still in cache
+            bound = xp.zeros((m * dcount, sb), dtype=xp.float32)
+            mag = xp.empty((m * dcount, sb), dtype=xp.float32)
+        for q in range(q_count):
+            xp.matmul(batch.projected[q], coefs[q], out=x[q])
+            if prune:
+                xp.abs(x[q], out=mag)
+                mag *= cq[q]
+                bound += mag
+        block = _Block(x, np.broadcast_to(index, (m, sb)))
+        if not prune:
+            everything = np.arange(m * dcount * sb)
+            cc = _evaluate(acc, ctx, block, everything, chunk=len(everything) if full_output is not None else 1024)
+            n_eval += m * dcount * sb
+            if full_output is not None:
+                cc = cc.reshape(w, m, dcount, sb)
+                full_output[:, index] = to_numpy(xp.transpose(cc, (1, 3, 2, 0)))
+            continue
+        sel = xp.asarray(index)
+        inv_max = ctx.inv[:, :, sel].max(axis=0)  # (M, Sb)
+        view_ll_max = to_numpy(ctx.lscc[:, :, sel].max(axis=0)) + ctx.lprior[index][None, :]
+        bound = to_numpy(bound.reshape(m, dcount, sb) * inv_max[:, None, :]).reshape(-1)
+        rows, cols = np.divmod(np.arange(bound.size), sb)
+        img = rows // dcount
+        alive = np.flatnonzero(acc.alive(bound, img, view_ll_max[img, cols], ctx.half_n))
+        if len(alive):
+            _evaluate(acc, ctx, block, alive)
+        n_eval += len(alive)
+    c = bioem_constant(n, batch.syy)
+    return SearchResult(
+        rho=acc.rho,
+        template=acc.template,
+        displacement=acc.displacement,
+        rotation=acc.rotation,
+        ll_optimal=c + acc.ll_at_best_rho,
+        ll_integrated=c + acc.ll_ref + np.log(acc.ll_sum),
+        n_evaluated=n_eval,
+        n_triples=m * dcount * bank.n_templates,
+    )
+
+
+def _seed(acc: _Accumulator, ctx: _Context, batch: ImageBatch, bank: TemplateBank, k: int):
+    """Raise each image's best rho and pruning floor before the main pass: rho of every view
+    at the central displacement (1/D of the work), then every displacement of the image's
+    ``k`` best views, evaluated exactly (these values count for the best pose and the floor
+    only; the main pass sums them into the likelihood)."""
+    xp = ctx.xp
+    m, dcount = batch.n_images, batch.n_displacements
+    k = min(k, bank.n_templates)
+    centre = dcount // 2  # the grid's middle point (0, 0) for odd sizes
+    rows = xp.asarray(np.arange(m) * dcount + centre)
+    x0 = xp.stack([xp.take(p, rows, axis=0) @ c for p, c in zip(batch.projected, bank.coefficients, strict=True)])
+    rho0 = (ctx.fft.irfft(x0, n=ctx.w, axis=0) * ctx.inv).max(axis=0)  # (M, S)
+    top = np.argpartition(-to_numpy(rho0), k - 1, axis=1)[:, :k]  # (M, k)
+    top_x = xp.asarray(top)
+    x = xp.stack([
+        xp.matmul(p.reshape(m, dcount, -1), xp.moveaxis(c[:, top_x], 1, 0))  # (M, D, k)
+        for p, c in zip(batch.projected, bank.coefficients, strict=True)
+    ]).reshape(len(batch.projected), m * dcount, k)
+    _evaluate(acc, ctx, _Block(x, top), np.arange(m * dcount * k), accumulate=False)
+
+
+def _evaluate(acc: _Accumulator, ctx: _Context, block: _Block, flat: np.ndarray,
+              accumulate: bool = True, chunk: int = 1024):
     """Exact rho and log L over all rotations for the triples ``flat`` (indices into
-    (M*D, Sb)); folds them into ``acc`` and returns rho (W, len(flat))."""
+    (M*D, Sb)), in cache-sized chunks; folds them into ``acc``. Returns rho (W, len(flat))
+    when ``chunk`` covers them all (the dense path), else None."""
+    out = None
+    for lo in range(0, len(flat), chunk):
+        out = _evaluate_chunk(acc, ctx, block, flat[lo : lo + chunk], accumulate)
+    return out if len(flat) <= chunk else None
+
+
+def _evaluate_chunk(acc, ctx, block, flat, accumulate):
     xp = ctx.xp
     rows, cols = np.divmod(flat, block.sb)
-    img = ctx.img_of_row[rows]
-    rows_x, cols_x, img_x = xp.asarray(rows), xp.asarray(cols), xp.asarray(img)
-    rho = ctx.fft.irfft(block.x[:, rows_x, cols_x], n=ctx.w, axis=0)  # (W, n)
-    rho *= block.inv[:, img_x, cols_x]
+    img = rows // ctx.dcount
+    views = block.views[img, cols]
+    q_count = block.x.shape[0]
+    rho = ctx.fft.irfft(xp.take(block.x.reshape(q_count, -1), xp.asarray(flat), axis=1), n=ctx.w, axis=0)
+    pair = xp.asarray(img * ctx.inv.shape[2] + views)  # (image, view) row of inv_rows, lscc_rows
+    rho *= xp.take(ctx.inv_rows, pair, axis=0).T
     rot = xp.argmax(rho, axis=0)
     best = xp.take_along_axis(rho, rot[None], axis=0)[0]
-    pos = xp.maximum(rho, 0.0)
-    pose = -ctx.half_n * xp.log1p(-pos * pos) + block.lscc[:, img_x, cols_x]  # log L - constant
+    pose = xp.maximum(rho, 0.0)
+    pose *= pose
+    xp.negative(pose, out=pose)
+    xp.log1p(pose, out=pose)
+    pose *= -ctx.half_n
+    pose += xp.take(ctx.lscc_rows, pair, axis=0).T
     at_best = xp.take_along_axis(pose, rot[None], axis=0)[0]
-    pose += xp.asarray(block.lprior[cols].astype(np.float32))[None, :]
+    pose += xp.asarray(ctx.lprior[views].astype(np.float32))[None, :]
     top = pose.max(axis=0)
-    total = xp.exp(pose - top[None]).sum(axis=0)
-    acc.add_best(img, to_numpy(best), cols + block.s0, ctx.disp_of_row[rows], to_numpy(rot),
-                 to_numpy(at_best))
-    acc.add_logsumexp(img, to_numpy(top).astype(np.float64), to_numpy(total).astype(np.float64))
+    acc.add_best(img, to_numpy(best), views, rows % ctx.dcount, to_numpy(rot), to_numpy(at_best))
+    top_host = to_numpy(top).astype(np.float64)
+    acc.add_floor(img, top_host)
+    if accumulate:
+        pose -= top[None]
+        xp.exp(pose, out=pose)
+        acc.add_logsumexp(img, top_host, to_numpy(pose.sum(axis=0)).astype(np.float64))
     return rho

@@ -48,3 +48,25 @@ def rotational_correlation(a_hat, b_hat, weights, n_angles: int):
     prod = xp.matmul(a_q, xp.swapaxes(b_q, -1, -2))  # (Q, M, S)
     prod = xp.ascontiguousarray(xp.moveaxis(prod, 0, -1))  # (M, S, Q)
     return fft.irfft(prod, n=n_angles, axis=-1)
+
+
+def hermitian_angular_spectra(half_values, n_angles: int):
+    """:func:`angular_spectra` of values with F(r, theta + pi) = conj F(r, theta) (transforms
+    of real images), given on the first half of the angles: (..., R, W/2) -> (..., R, W/2+1).
+
+    With y_l the first W/2 values, A(q) = sum_l (y_l + (-1)^q conj y_l) e^{-2 pi i q l / W}:
+    even q = 2p are 2 rfft_{W/2}(Re y)(p), odd q = 2p+1 are 2i fft_{W/2}(Im y e^{-2 pi i l/W})(p),
+    about half the work of the full FFT (W divisible by 4; otherwise the full FFT is used).
+    """
+    xp = array_module(half_values)
+    fft = fft_module(xp)
+    half = half_values.shape[-1]
+    if n_angles != 2 * half:
+        raise ValueError(f"{half} half-circle values do not fit {n_angles} angles")
+    if n_angles % 4:
+        return angular_spectra(xp.concatenate([half_values, xp.conj(half_values)], axis=-1))
+    out = xp.empty(half_values.shape[:-1] + (half + 1,), dtype=xp.result_type(half_values, xp.complex64))
+    out[..., 0::2] = 2 * fft.rfft(half_values.real, axis=-1)
+    twiddle = xp.exp(-2j * np.pi * xp.arange(half) / n_angles).astype(out.dtype)
+    out[..., 1::2] = 2j * fft.fft(half_values.imag * twiddle, axis=-1)[..., : half // 2]
+    return out

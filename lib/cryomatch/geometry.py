@@ -124,3 +124,18 @@ def recentre_origin(psi, origin, mirror, centre_shift):
     """
     linv = inplane_matrix(psi) @ _mirror_matrix(mirror)
     return np.asarray(origin) - np.einsum("...ij,...j->...i", linv, np.asarray(centre_shift))
+
+
+# --- polar Fourier search: in-plane turns ---------------------------------------------------
+def psi_from_polar_turn(turn, n_inplanes: int):
+    """RELION psi (degrees, [0, 360)) of an image best matched by a psi = 0 template turned by
+    ``turn`` angle steps in :func:`cryomatch.kernels.polar.rotational_correlation` (which
+    correlates image(l) with reference(l - turn)). The transform of an image at psi is
+    the template's at theta + psi (F_img(k) = F_V(A^T k), A = Rz(psi) A0), so
+    turn = -psi / step."""
+    return np.mod(-360.0 * np.asarray(turn, dtype=np.float64) / n_inplanes, 360.0)
+
+
+def polar_turn_from_psi(psi, n_inplanes: int):
+    """Inverse of :func:`psi_from_polar_turn`: the (real-valued) turn in angle steps, [0, n)."""
+    return np.mod(-np.asarray(psi, dtype=np.float64) * n_inplanes / 360.0, n_inplanes)

@@ -131,7 +131,7 @@ def prepare_templates(templates, grid: PolarGrid, view_weights, dc, tolerance: f
         threshold = ordered[dropped][-1] if dropped.any() else 0.0
     bases, coefs, left = [], [], 0.0
     for u, sig, vh in svds:
-        keep = max(1, int(np.sum(sig**2 > threshold)))
+        keep = int(np.sum(sig**2 > threshold))
         left += float(np.sum(sig[keep:] ** 2))
         bases.append(xp.asarray(np.ascontiguousarray((vh[:keep].conj().T * sw[:, None]).astype(np.complex64))))
         coefs.append(xp.asarray(np.ascontiguousarray((sig[:keep, None] * u[:, :keep].conj().T).astype(np.complex64))))

@@ -8,4 +8,8 @@ Each stage module offers a Python function, plus ``add_arguments(parser)`` and
 COMMANDS = [
     ("simulate", "simulate", "make demo data with known answers (particles, ...)"),
     ("preprocess", "preprocess", "normalize, Fourier-crop and split particle stacks"),
+    ("fourier-stack", "fourier_stack", "a preprocessed stack on the polar Fourier grid"),
+    ("templates", "templates", "a structure's projections on the polar Fourier grid, per view"),
+    ("likelihood", "likelihood", "best pose and log-likelihoods: one template set x one stack"),
+    ("likelihood-gather", "likelihood_gather", "likelihood matrix, best poses and figure"),
 ]

@@ -2,7 +2,7 @@
 # stack), then the likelihood matrix and best poses over all structures.
 import re
 
-from cryomatch.stages.templates import structure_name
+from cryomatch.stages.templates import unique_structure_names
 
 LIKELIHOOD = config["likelihood"]
 FFT = f"{OUT}/particles/fft"
@@ -10,31 +10,18 @@ TEMPLATES_DIR = f"{OUT}/templates"
 LIKELIHOOD_DIR = f"{OUT}/likelihood"
 
 
-def _structures():
-    """The structure files: the config's list, or the demo phantoms."""
-    if LIKELIHOOD["structures"] is None:
-        n = config["demo"]["particles"]["n_structures"]
-        return [
-            f"{OUT}/demo/particles/structures/structure_{k:02d}.mrc"
-            for k in range(1, n + 1)
-        ]
-    return list(LIKELIHOOD["structures"])
-
-
-def _unique_names(paths):
-    names, seen = [], {}
-    for p in paths:
-        name = structure_name(p)
-        seen[name] = seen.get(name, 0) + 1
-        names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
-    return names
-
-
-STRUCTURES = _structures()
+# the structure files: the config's list, or the demo phantoms
+STRUCTURES = LIKELIHOOD["structures"] or [
+    f"{OUT}/demo/particles/structures/structure_{k:02d}.mrc"
+    for k in range(1, config["demo"]["particles"]["n_structures"] + 1)
+]
 if not STRUCTURES:
     raise WorkflowError("likelihood.structures: the structure list is empty")
-STRUCTURE_NAMES = _unique_names(STRUCTURES)
+STRUCTURE_NAMES = unique_structure_names(STRUCTURES)
 TEMPLATE_INDEX = list(range(len(STRUCTURES)))
+TEMPLATE_FILES = [
+    f"{TEMPLATES_DIR}/templates_fourier_{name}.npy" for name in STRUCTURE_NAMES
+]
 LIKELIHOOD_OUTPUTS = {
     "cross_correlation": "cross_correlation/cross_correlation_stack_{stack}.npy",
     "template": "optimal_pose/optimal_template_stack_{stack}.npy",
@@ -56,10 +43,6 @@ DISPLACEMENT_FLAGS = {
     "n_displacements_x": "--n-displacements-x",
     "n_displacements_y": "--n-displacements-y",
 }
-
-
-def _template_npy(name):
-    return f"{TEMPLATES_DIR}/templates_fourier_{name}.npy"
 
 
 rule fourier_stack:
@@ -132,7 +115,7 @@ rule templates:
 
 rule template_list:
     input:
-        templates=[_template_npy(n) for n in STRUCTURE_NAMES],
+        templates=TEMPLATE_FILES,
         code=code("templates"),
     output:
         f"{TEMPLATES_DIR}/template_file_list.npy",
@@ -154,10 +137,8 @@ rule likelihood:
     input:
         fft=f"{FFT}/particles_fourier_stack_{{stack}}.npy",
         fft_meta=f"{FFT}/particles_fourier_stack_{{stack}}.npz",
-        templates=lambda wildcards: _template_npy(STRUCTURE_NAMES[int(wildcards.i)]),
-        templates_meta=lambda wildcards: _template_npy(
-            STRUCTURE_NAMES[int(wildcards.i)]
-        ).replace(".npy", ".npz"),
+        templates=lambda wildcards: TEMPLATE_FILES[int(wildcards.i)],
+        templates_meta=lambda wildcards: f"{TEMPLATE_FILES[int(wildcards.i)][:-4]}.npz",
         code=code("likelihood"),
     output:
         **{
@@ -204,12 +185,12 @@ rule likelihood:
 rule likelihood_gather:
     input:
         results=[
-            f"{LIKELIHOOD_DIR}/template{i}/" + path.format(stack=stack)
+            f"{LIKELIHOOD_DIR}/template{i}/{path.format(stack=stack)}"
             for i in TEMPLATE_INDEX
             for stack in STACKS
             for path in LIKELIHOOD_OUTPUTS.values()
         ],
-        templates=[_template_npy(n) for n in STRUCTURE_NAMES],
+        templates=TEMPLATE_FILES,
         stacks=expand(f"{OUT}/particles/stack_{{stack}}.star", stack=STACKS),
         code=code("likelihood_gather"),
     output:

@@ -38,6 +38,16 @@ def structure_name(path: str | Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "structure"
 
 
+def unique_structure_names(paths) -> list[str]:
+    """:func:`structure_name` of each path, repeated names suffixed _2, _3, ..."""
+    names, seen = [], {}
+    for p in paths:
+        name = structure_name(p)
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return names
+
+
 def make_templates(
     structure: str | Path,
     grid: PolarGrid,

@@ -65,12 +65,13 @@ def map_templates(volume, grid: PolarGrid, matrices, eps: float = 1e-6, method: 
 
 
 def atom_templates(coords_px, amplitudes, sigmas_px, grid: PolarGrid, matrices,
-                   chunk: int = 4_000_000):
+                   method: str = "auto", chunk: int = 4_000_000):
     """Exact transforms of Gaussian-atom projections on the polar grid: complex64 (S, R, W).
 
     coords_px (a, 3) x, y, z in pixels about the centre; amplitudes (a,) peak densities;
-    sigmas_px (a,) in pixels. Atoms with equal sigma share the radial factor; with finufft
-    each group is one type-3 NUFFT, otherwise a direct sum in blocks.
+    sigmas_px (a,) in pixels. With finufft and few distinct widths, one type-3 NUFFT per
+    width (its radial factor shared); otherwise a direct sum in blocks. ``method``: 'auto',
+    'finufft' or 'direct'.
     """
     points = slice_points(grid, matrices)
     s, r, h, _ = points.shape
@@ -79,30 +80,26 @@ def atom_templates(coords_px, amplitudes, sigmas_px, grid: PolarGrid, matrices,
     coords = np.asarray(coords_px, dtype=np.float64)
     sigmas = np.asarray(sigmas_px, dtype=np.float64)
     strength = np.asarray(amplitudes, dtype=np.float64) * (2 * np.pi * sigmas**2) ** 1.5
+    widths = np.unique(sigmas)
     total = np.zeros(len(flat), dtype=np.complex128)
-    for sigma in np.unique(sigmas):
-        group = sigmas == sigma
-        total += np.exp(-2 * np.pi**2 * sigma**2 * k2) * _structure_factor(
-            coords[group], strength[group], flat, chunk
-        )
-    return full_circle(total.reshape(s, r, h).astype(np.complex64))
-
-
-def _structure_factor(coords, strength, points, chunk):
-    """sum_a strength_a exp(-2 pi i k.x_a) at points (P, 3)."""
-    if finufft_available():
+    if method == "auto":
+        method = "finufft" if finufft_available() and len(widths) <= 32 else "direct"
+    if method == "finufft":
         import finufft
 
-        x, y, z = (np.ascontiguousarray(coords[:, i]) for i in range(3))
-        kx, ky, kz = (np.ascontiguousarray(2 * np.pi * points[:, i]) for i in range(3))
-        return finufft.nufft3d3(x, y, z, strength.astype(np.complex128), kx, ky, kz,
-                                eps=1e-7, isign=-1)
-    out = np.empty(len(points), dtype=np.complex128)
-    step = max(1, chunk // max(1, len(coords)))
-    for lo in range(0, len(points), step):
-        phase = points[lo : lo + step] @ coords.T  # (p, a)
-        out[lo : lo + step] = np.exp(-2j * np.pi * phase) @ strength
-    return out
+        k = [np.ascontiguousarray(2 * np.pi * flat[:, i]) for i in range(3)]
+        for sigma in widths:  # one type-3 NUFFT per width, then its radial factor
+            g = sigmas == sigma
+            x = [np.ascontiguousarray(coords[g, i]) for i in range(3)]
+            total += np.exp(-2 * np.pi**2 * sigma**2 * k2) * finufft.nufft3d3(
+                *x, strength[g].astype(np.complex128), *k, eps=1e-7, isign=-1)
+    else:  # direct sum in blocks: exp(-2 pi i k.x - 2 pi^2 s^2 |k|^2) per (point, atom)
+        step = max(1, chunk // len(coords))
+        for lo in range(0, len(flat), step):
+            p = flat[lo : lo + step]
+            arg = -2j * np.pi * (p @ coords.T) - 2 * np.pi**2 * np.outer(k2[lo : lo + step], sigmas**2)
+            total[lo : lo + step] = np.exp(arg) @ strength
+    return full_circle(total.reshape(s, r, h).astype(np.complex64))
 
 
 def view_matrices(rot, tilt, psi=None) -> np.ndarray:

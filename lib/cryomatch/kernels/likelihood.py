@@ -291,8 +291,8 @@ class _Accumulator:
         """Per-candidate max and sum of exp(ll - max) folded into each image's total."""
         new = self.ll_ref.copy()
         np.maximum.at(new, img, block_max)
-        scale = np.exp(np.where(np.isfinite(self.ll_ref), self.ll_ref - new, -np.inf))
-        self.ll_sum *= scale
+        seen = np.isfinite(self.ll_ref)
+        self.ll_sum[seen] *= np.exp(self.ll_ref[seen] - new[seen])
         np.add.at(self.ll_sum, img, block_sum * np.exp(block_max - new[img]))
         self.ll_ref = new
 

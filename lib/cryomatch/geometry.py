@@ -139,3 +139,11 @@ def psi_from_polar_turn(turn, n_inplanes: int):
 def polar_turn_from_psi(psi, n_inplanes: int):
     """Inverse of :func:`psi_from_polar_turn`: the (real-valued) turn in angle steps, [0, n)."""
     return np.mod(-np.asarray(psi, dtype=np.float64) * n_inplanes / 360.0, n_inplanes)
+
+
+def inplane_angle_between(a1, a2) -> np.ndarray:
+    """In-plane (twist) angle in degrees, (-180, 180], of the rotation a1 a2^T about the image
+    z axis (swing-twist decomposition): the in-plane error of pose a1 against a2 (RELION
+    matrices (..., 3, 3)), apart from any change of viewing direction."""
+    rel = np.asarray(a1) @ np.swapaxes(np.asarray(a2), -1, -2)
+    return np.rad2deg(np.arctan2(rel[..., 0, 1] - rel[..., 1, 0], rel[..., 0, 0] + rel[..., 1, 1]))

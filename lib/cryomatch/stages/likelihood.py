@@ -40,7 +40,10 @@ from ..io.atomic import Outputs
 from ..io.files import write_json, write_npy
 from ..io.polar_files import CTF_FIELDS, ArrayWriter, read_fourier_stack, read_templates
 from ..kernels import ctf as ctf_kernel
+from ..io.structures import read_map, read_model
 from ..kernels import likelihood as lk
+from ..kernels.nufft import MapInterpolator
+from ..kernels.refine import atom_slicer, map_slicer, refine_pose
 from ..progress import progress
 
 
@@ -175,9 +178,7 @@ def likelihood(
         write_npy(paths["ll_integrated"], res["ll_integrated"], outputs)
         write_npy(paths["ll_optimal"], res["ll_optimal"], outputs)
         if refine:
-            from ..kernels.refine import refine_stack
-
-            refined = refine_stack(stack, temps, res, disp, centre, xp, atom_selection, atom_sigma)
+            refined = refine_stack(stack, temps, res, disp, centre, atom_selection, atom_sigma)
             write_npy(paths["refined"], refined, outputs)
         prov["summary"] = {
             "images": n, "views": s, "displacements": d, "rotations": w,
@@ -186,6 +187,36 @@ def likelihood(
         }
         write_json(paths["provenance"], prov, outputs)
     return paths
+
+
+def refine_stack(stack, temps, res: dict, disp, centre, atom_selection="all", atom_sigma=1.0):
+    """Refined poses (n, 6): rot, tilt, psi (degrees), x, y (Angstrom), rho; see
+    :mod:`cryomatch.kernels.refine`. The structure is re-read from the template set's source."""
+    kind, source = str(temps.meta["kind"]), str(temps.meta["source"])
+    scale, pixel, grid = float(temps.meta["scale"]), stack.pixel_size, stack.grid
+    if kind == "map":
+        volume, _ = read_map(source)
+        slicer = map_slicer(MapInterpolator(volume * scale, eps=1e-4))
+    else:
+        atoms = read_model(source, atom_selection, atom_sigma)
+        slicer = atom_slicer(atoms.coords / pixel, atoms.amplitudes * pixel**3 * scale, atoms.sigmas / pixel)
+    dc = float(temps.meta["dc"][0])
+    angle_step = np.degrees(float(temps.meta.get("viewing_distance", 0.1)))
+    grid_step = np.max(np.ptp(disp, axis=0) / np.maximum(1, np.array([len(np.unique(disp[:, 0])),
+                                                                       len(np.unique(disp[:, 1]))]) - 1))
+    shift_step = float(grid_step) if grid_step > 0 else 1.0
+    out = np.empty((len(stack), 6))
+    for i in progress(range(len(stack)), total=len(stack), desc="refine", unit="img"):
+        view = res["template"][i]
+        psi = geometry.psi_from_polar_turn(res["rotation"][i], grid.n_inplanes)
+        start = geometry.euler_to_matrix(temps.meta["rot"][view], temps.meta["tilt"][view], psi)
+        ctf, ctf0 = polar_ctf(stack, slice(i, i + 1))
+        matrix, shift, rho = refine_pose(
+            np.asarray(stack.values[i]), ctf[0], float(stack.meta["image_ss"][i]), float(ctf0[0]), grid,
+            slicer, dc, start, disp[res["displacement"][i]] + centre[i], angle_step, shift_step)
+        rot, tilt, psi = geometry.matrix_to_euler(matrix)
+        out[i] = [rot, tilt, psi, shift[0] * pixel, shift[1] * pixel, rho]
+    return out
 
 
 def add_arguments(p) -> None:

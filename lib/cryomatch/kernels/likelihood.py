@@ -212,17 +212,21 @@ def prepare_images(values, ctf, syy, ctf0, grid: PolarGrid, bank: TemplateBank, 
     d = np.asarray(displacements, dtype=np.float64).reshape(-1, 2)
     dcount = len(d)
     ctf = xp.asarray(ctf, dtype=xp.float32)
-    weighted = values[..., :half] * ctf[..., :half]  # (M, R, W/2)
-    shared = shift_phases(grid, d, xp, half=True) if centres is None else None
+    # angles first: (W/2, M, R); the FFTs over the angle then run across contiguous rows
+    weighted = xp.ascontiguousarray(xp.moveaxis(values[..., :half] * ctf[..., :half], -1, 0))
+    shared = None
+    if centres is None:
+        shared = xp.ascontiguousarray(xp.moveaxis(shift_phases(grid, d, xp, half=True), -1, 0))  # (W/2, D, R)
     projected = [xp.empty((m * dcount, b.shape[1]), dtype=xp.complex64) for b in bank.bases]
     for g0 in range(0, m, group):
         g1 = min(m, g0 + group)
         if shared is None:
             phases = shift_phases(grid, d[None] + np.asarray(centres)[g0:g1, None], xp, half=True)
+            phases = xp.moveaxis(phases, -1, 0)  # (W/2, g, D, R)
         else:
-            phases = shared[None]
-        spectra = hermitian_angular_spectra(weighted[g0:g1, None] * phases, w)  # (g, D, R, Q)
-        spectra = xp.ascontiguousarray(xp.moveaxis(spectra.reshape(-1, r, q_count), -1, 0))
+            phases = shared[:, None]
+        shifted = weighted[:, g0:g1, None, :] * phases  # (W/2, g, D, R)
+        spectra = hermitian_angular_spectra(shifted, w, axis=0).reshape(q_count, -1, r)  # (Q, g*D, R)
         for q in range(q_count):
             xp.matmul(spectra[q], bank.bases[q], out=projected[q][g0 * dcount : g1 * dcount])
     # S_cc(m, s, k) = sum_r w_r sum_l C^2(l) |T|^2(l - k) - (C(0) T(0))^2 / N, as (W, M, S)
@@ -333,8 +337,8 @@ class _Block:
 
 
 def search(batch: ImageBatch, bank: TemplateBank, template_block: int = 64,
-           ll_tolerance: float = 1e-6, prune: bool = True, full_output=None,
-           seed_views: int = 4) -> SearchResult:
+           ll_tolerance: float = 1e-4, prune: bool = True, full_output=None,
+           seed_views: int = 8) -> SearchResult:
     """Best pose and log-likelihoods of every image of ``batch`` against ``bank``.
 
     ``full_output``: an array-like (M, S, D, W) that receives every normalized
@@ -387,8 +391,8 @@ def search(batch: ImageBatch, bank: TemplateBank, template_block: int = 64,
             cc = _evaluate(acc, ctx, block, everything, chunk=len(everything) if full_output is not None else 1024)
             n_eval += m * dcount * sb
             if full_output is not None:
-                cc = cc.reshape(w, m, dcount, sb)
-                full_output[:, index] = to_numpy(xp.transpose(cc, (1, 3, 2, 0)))
+                cc = cc.reshape(m, dcount, sb, w)
+                full_output[:, index] = to_numpy(xp.transpose(cc, (0, 2, 1, 3)))
             continue
         sel = xp.asarray(index)
         inv_max = ctx.inv[:, :, sel].max(axis=0)  # (M, Sb)
@@ -437,7 +441,7 @@ def _seed(acc: _Accumulator, ctx: _Context, batch: ImageBatch, bank: TemplateBan
 def _evaluate(acc: _Accumulator, ctx: _Context, block: _Block, flat: np.ndarray,
               accumulate: bool = True, chunk: int = 1024):
     """Exact rho and log L over all rotations for the triples ``flat`` (indices into
-    (M*D, Sb)), in cache-sized chunks; folds them into ``acc``. Returns rho (W, len(flat))
+    (M*D, Sb)), in cache-sized chunks; folds them into ``acc``. Returns rho (len(flat), W)
     when ``chunk`` covers them all (the dense path), else None."""
     out = None
     for lo in range(0, len(flat), chunk):
@@ -446,30 +450,32 @@ def _evaluate(acc: _Accumulator, ctx: _Context, block: _Block, flat: np.ndarray,
 
 
 def _evaluate_chunk(acc, ctx, block, flat, accumulate):
+    """One chunk of :func:`_evaluate`, laid out (triple, rotation): every gather contiguous."""
     xp = ctx.xp
     rows, cols = np.divmod(flat, block.sb)
     img = rows // ctx.dcount
     views = block.views[img, cols]
     q_count = block.x.shape[0]
-    rho = ctx.fft.irfft(xp.take(block.x.reshape(q_count, -1), xp.asarray(flat), axis=1), n=ctx.w, axis=0)
+    spectra = xp.ascontiguousarray(xp.take(block.x.reshape(q_count, -1), xp.asarray(flat), axis=1).T)
+    rho = ctx.fft.irfft(spectra, n=ctx.w, axis=-1)  # (n, W)
     pair = xp.asarray(img * ctx.inv.shape[2] + views)  # (image, view) row of inv_rows, lscc_rows
-    rho *= xp.take(ctx.inv_rows, pair, axis=0).T
-    rot = xp.argmax(rho, axis=0)
-    best = xp.take_along_axis(rho, rot[None], axis=0)[0]
+    rho *= xp.take(ctx.inv_rows, pair, axis=0)
+    rot = xp.argmax(rho, axis=1)
+    best = xp.take_along_axis(rho, rot[:, None], axis=1)[:, 0]
     pose = xp.maximum(rho, 0.0)
     pose *= pose
     xp.negative(pose, out=pose)
     xp.log1p(pose, out=pose)
     pose *= -ctx.half_n
-    pose += xp.take(ctx.lscc_rows, pair, axis=0).T
-    at_best = xp.take_along_axis(pose, rot[None], axis=0)[0]
-    pose += xp.asarray(ctx.lprior[views].astype(np.float32))[None, :]
-    top = pose.max(axis=0)
+    pose += xp.take(ctx.lscc_rows, pair, axis=0)
+    at_best = xp.take_along_axis(pose, rot[:, None], axis=1)[:, 0]
+    pose += xp.asarray(ctx.lprior[views].astype(np.float32))[:, None]
+    top = pose.max(axis=1)
     acc.add_best(img, to_numpy(best), views, rows % ctx.dcount, to_numpy(rot), to_numpy(at_best))
     top_host = to_numpy(top).astype(np.float64)
     acc.add_floor(img, top_host)
     if accumulate:
-        pose -= top[None]
+        pose -= top[:, None]
         xp.exp(pose, out=pose)
-        acc.add_logsumexp(img, top_host, to_numpy(pose.sum(axis=0)).astype(np.float64))
+        acc.add_logsumexp(img, top_host, to_numpy(pose.sum(axis=1)).astype(np.float64))
     return rho

@@ -118,7 +118,7 @@ def likelihood(
     full_cross_correlation: bool = False,
     refine: bool = False,
     compression_tolerance: float = 1e-4,
-    ll_tolerance: float = 1e-6,
+    ll_tolerance: float = 1e-4,
     memory_mb: float = 1000.0,
     backend: str = "numpy",
     atom_selection: str = "all",
@@ -234,7 +234,7 @@ def add_arguments(p) -> None:
     p.add_argument("--refine", action="store_true", help="refine each best pose below the grid spacing")
     p.add_argument("--compression-tolerance", type=float, default=1e-4,
                    help="relative template energy the per-q SVD may leave out (0: none)")
-    p.add_argument("--ll-tolerance", type=float, default=1e-6,
+    p.add_argument("--ll-tolerance", type=float, default=1e-4,
                    help="share of the integrated likelihood pruning may leave out")
     p.add_argument("--memory-mb", type=float, default=1000.0, help="memory budget of the batches")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])

@@ -70,6 +70,21 @@ def test_search_matches_direct_sum(rng, tolerance, prune):
         np.testing.assert_allclose(full, rho, atol=2e-5)
 
 
+def test_templates_streamed_in_chunks_give_the_same_result(rng):
+    grid, templates, values, ctf, syy, ctf0, dc, weights = _problem(rng, s=11)
+    disp = lk.displacement_grid(1.0, 3, 3)
+    results = []
+    for max_bytes in (1e9, 1.0):  # all coefficients in memory; recomputed per chunk of 3 views
+        bank = lk.prepare_templates(templates, grid, weights, dc, 1e-5, max_bytes=max_bytes, chunk=4, min_chunk=3)
+        assert (bank.cache is None) == (max_bytes == 1.0)
+        batch = lk.prepare_images(values.astype(np.complex64), ctf, syy, ctf0, grid, bank, disp)
+        results.append(lk.search(batch, bank, template_block=2))
+    a, b = results
+    np.testing.assert_array_equal(a.template, b.template)
+    np.testing.assert_allclose(a.rho, b.rho, atol=1e-6)
+    np.testing.assert_allclose(a.ll_integrated, b.ll_integrated, atol=1e-3)
+
+
 def test_compression_error_is_reported_and_small(rng):
     grid, templates, *_ = _problem(rng, s=20)
     templates = templates * np.exp(-30 * grid.radii)[None, :, None]  # little power at high k

@@ -84,18 +84,48 @@ def bioem_log_likelihood(rho, scc, syy, n_pixels: int):
 
 
 # --- templates ---------------------------------------------------------------------------
+def _spectra(chunk, q_count):
+    """Angular spectra (c, R, Q) of templates and of their power |T|^2."""
+    t = np.asarray(to_numpy(chunk), dtype=np.complex128)
+    return np.fft.fft(t, axis=-1)[..., :q_count], np.fft.rfft(np.abs(t) ** 2, axis=-1)
+
+
+def _bases(grams, tolerance: float):
+    """Per q the eigenvectors (R, H_q) of the Gram matrices B^H B that keep all but
+    tolerance^2 of the total energy (smallest eigenvalues over all q dropped first)."""
+    eig = [np.linalg.eigh(g) for g in grams]
+    values = [np.clip(e[0][::-1], 0.0, None) for e in eig]  # descending
+    energy = np.concatenate(values)
+    total = energy.sum()
+    threshold = -1.0
+    if tolerance > 0 and total > 0:
+        ordered = np.sort(energy)
+        dropped = np.cumsum(ordered) <= tolerance**2 * total
+        threshold = ordered[dropped][-1] if dropped.any() else -1.0
+    bases, left = [], 0.0
+    for (_, vectors), lam in zip(eig, values, strict=True):
+        keep = int(np.sum(lam > max(threshold, 0.0)))
+        left += float(lam[keep:].sum())
+        bases.append(vectors[:, ::-1][:, :keep])
+    return bases, (math.sqrt(left / total) if total > 0 else 0.0)
+
+
 @dataclass
 class TemplateBank:
-    """Templates prepared for the search (see :func:`prepare_templates`)."""
+    """Templates prepared for the search (see :func:`prepare_templates`): per q the
+    directions (bases) both sides project onto; the templates' coefficients in them, kept in
+    memory or recomputed per chunk of views from ``source``."""
 
-    bases: list  # per q: (R, H_q) complex64, sqrt-weighted directions the images project onto
-    coefficients: list  # per q: (H_q, S) complex64
-    power_spectra: object  # (S, R, Q) complex: angular spectra of |T|^2 (for S_cc)
+    bases: list  # per q: (R, H_q) complex64, sqrt(w) V: spectra project onto these
+    power_bases: list  # per q: (R, H'_q) complex64, the same for |CTF|^2 and |T|^2
     dc: np.ndarray  # (S,) T_s(0), the projections' sums
     log_weights: np.ndarray  # (S,) log view weights (normalized)
     n_inplanes: int
     ring_weights: np.ndarray  # (R,)
-    error: float  # relative energy left out by the compression (sqrt)
+    error: float  # sqrt of the relative energy the compression leaves out
+    chunk_size: int  # views per chunk of the search
+    source: object = None  # (S, R, W) templates (a memory map is fine) when not cached
+    cache: tuple | None = None  # (coefficients per q (H_q, S), power coefficients per q)
 
     @property
     def n_templates(self) -> int:
@@ -105,67 +135,90 @@ class TemplateBank:
     def ranks(self) -> list[int]:
         return [b.shape[1] for b in self.bases]
 
+    def chunks(self) -> list[np.ndarray]:
+        """View indices of each chunk, in a fixed pseudo-random order (every chunk and
+        block samples the whole sphere)."""
+        order = np.random.default_rng(0).permutation(self.n_templates)
+        return [order[lo : lo + self.chunk_size] for lo in range(0, self.n_templates, self.chunk_size)]
+
+    def coefficients(self, index):
+        """(per q (H_q, len(index)), per q (H'_q, len(index))) complex64 for these views."""
+        xp = array_module(self.bases[0])
+        if self.cache is not None:
+            sel = xp.asarray(index)
+            return ([xp.ascontiguousarray(c[:, sel]) for c in self.cache[0]],
+                    [xp.ascontiguousarray(c[:, sel]) for c in self.cache[1]])
+        order = np.argsort(index)  # read the memory map in file order
+        chunk = np.asarray(self.source[np.asarray(index)[order]])
+        coefs, power = _project(chunk, self, xp)
+        back = xp.asarray(np.argsort(order))
+        return [c[:, back] for c in coefs], [c[:, back] for c in power]
+
+
+def _project(chunk, bank: TemplateBank, xp):
+    """Coefficients of templates (c, R, W) in the bank's bases: conj(B V)^T = V^H B^H per q
+    (B the sqrt(w)-weighted spectra, so that X = (y sqrt(w) V) @ coefficients)."""
+    q_count = len(bank.bases)
+    spectra, power = _spectra(chunk, q_count)
+    coefs = [xp.asarray(np.ascontiguousarray(
+        (spectra[:, :, q] @ to_numpy(bank.bases[q]).astype(np.complex128)).conj().T.astype(np.complex64)))
+        for q in range(q_count)]
+    pcoefs = [xp.asarray(np.ascontiguousarray(
+        (power[:, :, q] @ to_numpy(bank.power_bases[q]).astype(np.complex128)).conj().T.astype(np.complex64)))
+        for q in range(q_count)]
+    return coefs, pcoefs
+
 
 def prepare_templates(templates, grid: PolarGrid, view_weights, dc, tolerance: float = 1e-4,
-                      xp=np) -> TemplateBank:
-    """Angular spectra and per-q compression of templates (S, R, W) complex.
+                      xp=np, max_bytes: float = 512e6, chunk: int = 256, min_chunk: int = 64) -> TemplateBank:
+    """Per-q compression of templates (S, R, W) complex (a memory map is fine: read in
+    chunks of ``chunk`` views, so memory does not grow with S beyond the coefficients).
 
-    ``tolerance``: the compression keeps, over all q, the largest singular directions until
-    the energy left out is at most tolerance^2 of the total (0: no compression, exact).
+    ``tolerance``: the compression keeps, over all q, the largest singular directions of
+    the sqrt(w)-weighted template spectra until the energy left out is at most tolerance^2
+    of the total (0: exact). The bases come from the Gram matrices B^H B (R x R per q),
+    accumulated over chunks. The coefficients (about (sum H_q + sum H'_q) x 8 bytes per
+    view) are kept in memory when they fit ``max_bytes``, else recomputed for each chunk
+    of views (at least ``min_chunk``) that the search takes.
     """
     s, r, w = templates.shape
     if w != grid.n_inplanes or r != grid.n_shells:
         raise CryomatchError(f"templates are {r} x {w} but the polar grid is {grid.n_shells} x {grid.n_inplanes}")
     q_count = w // 2 + 1
-    t = np.asarray(to_numpy(templates), dtype=np.complex128)
-    spectra = np.fft.fft(t, axis=-1)[..., :q_count]  # (S, R, Q)
     sw = np.sqrt(grid.weights)
-    # SVD per q of [sqrt(w) T_hat(:, :, q)] = U diag(sig) V^H; X = y @ V @ diag(sig) U^H
-    svds = [np.linalg.svd(spectra[:, :, q] * sw, full_matrices=False) for q in range(q_count)]
-    energy = np.concatenate([sv[1] ** 2 for sv in svds])
-    total = energy.sum()
-    threshold = 0.0
-    if tolerance > 0 and total > 0:
-        ordered = np.sort(energy)
-        dropped = np.cumsum(ordered) <= tolerance**2 * total
-        threshold = ordered[dropped][-1] if dropped.any() else 0.0
-    bases, coefs, left = [], [], 0.0
-    for u, sig, vh in svds:
-        keep = int(np.sum(sig**2 > threshold))
-        left += float(np.sum(sig[keep:] ** 2))
-        bases.append(xp.asarray(np.ascontiguousarray((vh[:keep].conj().T * sw[:, None]).astype(np.complex64))))
-        coefs.append(xp.asarray(np.ascontiguousarray((sig[:keep, None] * u[:, :keep].conj().T).astype(np.complex64))))
-    power = np.fft.rfft(np.abs(t) ** 2, axis=-1)
+    grams = np.zeros((q_count, r, r), dtype=np.complex128)
+    pgrams = np.zeros((q_count, r, r), dtype=np.complex128)
+    for lo in range(0, s, chunk):
+        spectra, power = _spectra(templates[lo : lo + chunk], q_count)
+        b = np.moveaxis(spectra * sw[:, None], -1, 0)  # (Q, c, R)
+        grams += np.conj(b).transpose(0, 2, 1) @ b
+        p = np.moveaxis(power * sw[:, None], -1, 0)
+        pgrams += np.conj(p).transpose(0, 2, 1) @ p
+    bases, error = _bases(grams, tolerance)
+    # S_cc enters rho and log L only through sqrt and log: the same tolerance is ample
+    power_bases, _ = _bases(pgrams, tolerance)
     weights = np.asarray(view_weights, dtype=np.float64)
-    return TemplateBank(
-        bases=bases,
-        coefficients=coefs,
-        power_spectra=xp.asarray(power.astype(np.complex64)),
+    bank = TemplateBank(
+        bases=[xp.asarray(np.ascontiguousarray((sw[:, None] * v).astype(np.complex64))) for v in bases],
+        power_bases=[xp.asarray(np.ascontiguousarray((sw[:, None] * v).astype(np.complex64)))
+                     for v in power_bases],
         dc=np.asarray(dc, dtype=np.float64).reshape(-1) * np.ones(s),
         log_weights=np.log(weights / weights.sum()),
         n_inplanes=w,
         ring_weights=grid.weights,
-        error=math.sqrt(left / total) if total > 0 else 0.0,
+        error=error,
+        chunk_size=s,
+        source=templates,
     )
-
-
-def split_bank(bank: TemplateBank, size: int) -> list[tuple[np.ndarray, list]]:
-    """Per-q coefficient blocks: [(template indices, [(H_q, Sb)])].
-
-    The views are taken in a fixed pseudo-random order, in blocks growing from 8 to ``size``:
-    every block samples the whole sphere, so the first small ones bring each image's
-    running best near its final value early, which lets pruning skip most of the rest.
-    """
-    xp = array_module(bank.coefficients[0])
-    order = np.random.default_rng(0).permutation(bank.n_templates)
-    out, lo, step = [], 0, min(8, size)
-    while lo < bank.n_templates:
-        index = order[lo : lo + step]
-        sel = xp.asarray(index)
-        out.append((index, [xp.ascontiguousarray(c[:, sel]) for c in bank.coefficients]))
-        lo += step
-        step = min(size, 2 * step)
-    return out
+    per_view = 8 * (sum(bank.ranks) + sum(v.shape[1] for v in power_bases))
+    if per_view * s <= max_bytes:
+        parts = [_project(templates[lo : lo + chunk], bank, xp) for lo in range(0, s, chunk)]
+        bank.cache = tuple([xp.concatenate([p[i][q] for p in parts], axis=1) for q in range(q_count)]
+                           for i in range(2))
+        bank.source = None
+    else:
+        bank.chunk_size = max(min_chunk, int(max_bytes // per_view))
+    return bank
 
 
 # --- images ------------------------------------------------------------------------------
@@ -174,8 +227,9 @@ class ImageBatch:
     """Images prepared for the search (see :func:`prepare_images`)."""
 
     projected: list  # per q: (M*D, H_q) complex64
+    power: list  # per q: (M, H'_q) complex64, |CTF|^2 spectra in the power bases
     syy: np.ndarray  # (M,) real-space sum of squares about the mean
-    scc: object  # (W, M, S) float32: S_cc per rotation
+    ctf0: np.ndarray  # (M,) CTF at k = 0
     n_pixels: int
     n_displacements: int
 
@@ -196,7 +250,7 @@ def shift_phases(grid: PolarGrid, displacements, xp=np, half: bool = False):
 
 def prepare_images(values, ctf, syy, ctf0, grid: PolarGrid, bank: TemplateBank, displacements,
                    centres=None, group: int = 4) -> ImageBatch:
-    """CTF-multiplied, displaced, compressed images and their S_cc.
+    """CTF-multiplied, displaced, compressed images (and their |CTF|^2 for S_cc).
 
     values (M, R, W) complex: transforms of the mean-removed images; ctf (M, R, W) real;
     syy (M,) sums of squares about the mean; ctf0 (M,) the CTF at k = 0; displacements
@@ -229,17 +283,21 @@ def prepare_images(values, ctf, syy, ctf0, grid: PolarGrid, bank: TemplateBank, 
         spectra = hermitian_angular_spectra(shifted, w, axis=0).reshape(q_count, -1, r)  # (Q, g*D, R)
         for q in range(q_count):
             xp.matmul(spectra[q], bank.bases[q], out=projected[q][g0 * dcount : g1 * dcount])
-    # S_cc(m, s, k) = sum_r w_r sum_l C^2(l) |T|^2(l - k) - (C(0) T(0))^2 / N, as (W, M, S)
-    c2 = fft.rfft(ctf * ctf, axis=-1)  # (M, R, Q)
-    wr = xp.asarray(grid.weights, dtype=xp.float32)
-    prod = xp.matmul(
-        xp.ascontiguousarray(xp.moveaxis(c2 * wr[:, None], -1, 0)),  # (Q, M, R)
-        xp.ascontiguousarray(xp.moveaxis(xp.conj(bank.power_spectra), -1, 0)).transpose(0, 2, 1),
-    )  # (Q, M, S)
-    n_pixels = grid.box * grid.box
-    scc = fft.irfft(prod, n=w, axis=0)
-    scc -= xp.asarray(((np.asarray(ctf0)[:, None] * bank.dc[None, :]) ** 2 / n_pixels).astype(np.float32))
-    return ImageBatch(projected, np.asarray(syy, dtype=np.float64), scc, n_pixels, dcount)
+    # |CTF|^2 spectra in the power bases, for S_cc(m, s, k) (see :func:`_scc`)
+    c2 = xp.moveaxis(fft.rfft(ctf * ctf, axis=-1), -1, 0)  # (Q, M, R)
+    power = [xp.ascontiguousarray(c2[q]) @ bank.power_bases[q] for q in range(q_count)]
+    return ImageBatch(projected, power, np.asarray(syy, dtype=np.float64), np.asarray(ctf0, dtype=np.float64),
+                      grid.box * grid.box, dcount)
+
+
+def _scc(batch: ImageBatch, power_coefficients, dc, w: int):
+    """S_cc(k, m, s) = sum_r w_r sum_l C_m^2(l) |T_s|^2(l - k) - (C_m(0) T_s(0))^2 / N for the
+    views of ``power_coefficients``: (W, M, S) float32."""
+    xp = array_module(batch.power[0])
+    prod = xp.stack([p @ c for p, c in zip(batch.power, power_coefficients, strict=True)])  # (Q, M, S)
+    scc = fft_module(xp).irfft(prod, n=w, axis=0)
+    scc -= xp.asarray(((batch.ctf0[:, None] * dc[None, :]) ** 2 / batch.n_pixels).astype(np.float32))
+    return xp.maximum(scc, 1e-30)
 
 
 # --- search ------------------------------------------------------------------------------
@@ -315,12 +373,13 @@ class _Context:
     w: int
     half_n: float
     dcount: int
-    inv: object  # (W, M, S) 1 / sqrt(S_yy S_cc)
+    inv: object  # (W, M, S) 1 / sqrt(S_yy S_cc), S the chunk's views
     lscc: object  # (W, M, S) -1/2 log(N S_cc)
     lprior: np.ndarray  # (S,) log view weight - log(D W)
     cq: np.ndarray  # (Q,) weights of |X_q| in the bound on |cc|
-    inv_rows: object = None  # (M*S, W) inv and lscc, one row per (image, view), for gathers
-    lscc_rows: object = None
+    view_ids: np.ndarray  # (S,) template numbers of the chunk's views
+    inv_rows: object  # (M*S, W) inv and lscc, one row per (image, view), for gathers
+    lscc_rows: object
 
 
 @dataclass
@@ -336,7 +395,7 @@ class _Block:
         return self.views.shape[1]
 
 
-def search(batch: ImageBatch, bank: TemplateBank, template_block: int = 64,
+def search(batch: ImageBatch, bank: TemplateBank, template_block: int = 32,
            ll_tolerance: float = 1e-4, prune: bool = True, full_output=None,
            seed_views: int = 8) -> SearchResult:
     """Best pose and log-likelihoods of every image of ``batch`` against ``bank``.
@@ -344,66 +403,39 @@ def search(batch: ImageBatch, bank: TemplateBank, template_block: int = 64,
     ``full_output``: an array-like (M, S, D, W) that receives every normalized
     cross-correlation (no pruning then). ``ll_tolerance``: the share of the integrated
     likelihood that pruning may leave out. ``seed_views``: views per image evaluated
-    first (those best at the central displacement), to start pruning from a good floor.
+    first in each chunk (those best at the central displacement), to start pruning from a
+    good floor.
     """
     xp = array_module(batch.projected[0])
     m, dcount, w = batch.n_images, batch.n_displacements, bank.n_inplanes
     q_count = w // 2 + 1
     n = batch.n_pixels
-    scc = xp.maximum(batch.scc, 1e-30)
     cq = np.full(q_count, 2.0 / w, dtype=np.float32)  # irfft's 1/W, q = 1..W/2-1 doubled
     cq[0] = 1.0 / w
     if w % 2 == 0:
         cq[-1] = 1.0 / w
-    ctx = _Context(
-        xp=xp,
-        fft=fft_module(xp),
-        w=w,
-        half_n=(n - 2) / 2.0,
-        dcount=dcount,
-        inv=(1.0 / xp.sqrt(scc * xp.asarray(batch.syy, dtype=xp.float32)[None, :, None])).astype(xp.float32),
-        lscc=(-0.5 * xp.log(n * scc)).astype(xp.float32),
-        lprior=bank.log_weights - math.log(dcount * w),
-        cq=cq,
-    )
-    ctx.inv_rows = xp.ascontiguousarray(ctx.inv.reshape(w, -1).T)
-    ctx.lscc_rows = xp.ascontiguousarray(ctx.lscc.reshape(w, -1).T)
     acc = _Accumulator(m, math.log(bank.n_templates * dcount * w / ll_tolerance))
     prune = prune and full_output is None
-    if prune and seed_views > 0:
-        _seed(acc, ctx, batch, bank, seed_views)
+    syy = xp.asarray(batch.syy, dtype=xp.float32)[None, :, None]
+    lprior = bank.log_weights - math.log(dcount * w)
     n_eval = 0
-    for index, coefs in split_bank(bank, template_block):
-        sb = len(index)
-        x = xp.empty((q_count, m * dcount, sb), dtype=xp.complex64)
-        if prune:  # bound sum_q c_q |X_q| accumulated while each X_q is still in cache
-            bound = xp.zeros((m * dcount, sb), dtype=xp.float32)
-            mag = xp.empty((m * dcount, sb), dtype=xp.float32)
-        for q in range(q_count):
-            xp.matmul(batch.projected[q], coefs[q], out=x[q])
-            if prune:
-                xp.abs(x[q], out=mag)
-                mag *= cq[q]
-                bound += mag
-        block = _Block(x, np.broadcast_to(index, (m, sb)))
-        if not prune:
-            everything = np.arange(m * dcount * sb)
-            cc = _evaluate(acc, ctx, block, everything, chunk=len(everything) if full_output is not None else 1024)
-            n_eval += m * dcount * sb
-            if full_output is not None:
-                cc = cc.reshape(m, dcount, sb, w)
-                full_output[:, index] = to_numpy(xp.transpose(cc, (0, 2, 1, 3)))
-            continue
-        sel = xp.asarray(index)
-        inv_max = ctx.inv[:, :, sel].max(axis=0)  # (M, Sb)
-        view_ll_max = to_numpy(ctx.lscc[:, :, sel].max(axis=0)) + ctx.lprior[index][None, :]
-        bound = to_numpy(bound.reshape(m, dcount, sb) * inv_max[:, None, :]).reshape(-1)
-        rows, cols = np.divmod(np.arange(bound.size), sb)
-        img = rows // dcount
-        alive = np.flatnonzero(acc.alive(bound, img, view_ll_max[img, cols], ctx.half_n))
-        if len(alive):
-            _evaluate(acc, ctx, block, alive)
-        n_eval += len(alive)
+    for c, views in enumerate(bank.chunks()):
+        coefficients, power = bank.coefficients(views)
+        scc = _scc(batch, power, bank.dc[views], w)  # (W, M, c)
+        inv = (1.0 / xp.sqrt(scc * syy)).astype(xp.float32)
+        lscc = (-0.5 * xp.log(n * scc)).astype(xp.float32)
+        ctx = _Context(xp=xp, fft=fft_module(xp), w=w, half_n=(n - 2) / 2.0, dcount=dcount, inv=inv,
+                       lscc=lscc, lprior=lprior[views], cq=cq, view_ids=views,
+                       inv_rows=xp.ascontiguousarray(inv.reshape(w, -1).T),
+                       lscc_rows=xp.ascontiguousarray(lscc.reshape(w, -1).T))
+        if prune and seed_views > 0:
+            _seed(acc, ctx, batch, coefficients, seed_views)
+        lo, step = 0, min(template_block, 8 if c == 0 else template_block)
+        while lo < len(views):
+            local = np.arange(lo, min(len(views), lo + step))
+            lo += step
+            step = min(template_block, 2 * step)
+            n_eval += _search_block(acc, ctx, batch, coefficients, local, prune, full_output)
     c = bioem_constant(n, batch.syy)
     return SearchResult(
         rho=acc.rho,
@@ -417,23 +449,60 @@ def search(batch: ImageBatch, bank: TemplateBank, template_block: int = 64,
     )
 
 
-def _seed(acc: _Accumulator, ctx: _Context, batch: ImageBatch, bank: TemplateBank, k: int):
-    """Raise each image's best rho and pruning floor before the main pass: rho of every view
-    at the central displacement (1/D of the work), then every displacement of the image's
-    ``k`` best views, evaluated exactly (these values count for the best pose and the floor
+def _search_block(acc, ctx, batch, coefficients, local, prune, full_output) -> int:
+    """The products of every image x displacement with the views ``local`` (indices into
+    the chunk), their bound, and the exact evaluation of the triples that survive it.
+    Returns the number of triples evaluated."""
+    xp = ctx.xp
+    m, dcount, w, sb = batch.n_images, ctx.dcount, ctx.w, len(local)
+    q_count = len(coefficients)
+    sel = xp.asarray(local)
+    x = xp.empty((q_count, m * dcount, sb), dtype=xp.complex64)
+    if prune:  # bound sum_q c_q |X_q| accumulated while each X_q is still in cache
+        bound = xp.zeros((m * dcount, sb), dtype=xp.float32)
+        mag = xp.empty((m * dcount, sb), dtype=xp.float32)
+    for q in range(q_count):
+        xp.matmul(batch.projected[q], xp.ascontiguousarray(coefficients[q][:, sel]), out=x[q])
+        if prune:
+            xp.abs(x[q], out=mag)
+            mag *= ctx.cq[q]
+            bound += mag
+    block = _Block(x, np.broadcast_to(local, (m, sb)))
+    if not prune:
+        everything = np.arange(m * dcount * sb)
+        cc = _evaluate(acc, ctx, block, everything, chunk=len(everything) if full_output is not None else 1024)
+        if full_output is not None:
+            full_output[:, ctx.view_ids[local]] = to_numpy(xp.transpose(cc.reshape(m, dcount, sb, w), (0, 2, 1, 3)))
+        return len(everything)
+    inv_max = ctx.inv[:, :, sel].max(axis=0)  # (M, Sb)
+    view_ll_max = to_numpy(ctx.lscc[:, :, sel].max(axis=0)) + ctx.lprior[local][None, :]
+    bound = to_numpy(bound.reshape(m, dcount, sb) * inv_max[:, None, :]).reshape(-1)
+    rows, cols = np.divmod(np.arange(bound.size), sb)
+    img = rows // dcount
+    alive = np.flatnonzero(acc.alive(bound, img, view_ll_max[img, cols], ctx.half_n))
+    if len(alive):
+        _evaluate(acc, ctx, block, alive)
+    return len(alive)
+
+
+def _seed(acc: _Accumulator, ctx: _Context, batch: ImageBatch, coefficients, k: int):
+    """Raise each image's best rho and pruning floor before a chunk's main pass: rho of every
+    view at the central displacement (1/D of the work), then every displacement of the
+    image's ``k`` best views, evaluated exactly (these count for the best pose and the floor
     only; the main pass sums them into the likelihood)."""
     xp = ctx.xp
     m, dcount = batch.n_images, batch.n_displacements
-    k = min(k, bank.n_templates)
+    n_views = coefficients[0].shape[1]
+    k = min(k, n_views)
     centre = dcount // 2  # the grid's middle point (0, 0) for odd sizes
     rows = xp.asarray(np.arange(m) * dcount + centre)
-    x0 = xp.stack([xp.take(p, rows, axis=0) @ c for p, c in zip(batch.projected, bank.coefficients, strict=True)])
+    x0 = xp.stack([xp.take(p, rows, axis=0) @ c for p, c in zip(batch.projected, coefficients, strict=True)])
     rho0 = (ctx.fft.irfft(x0, n=ctx.w, axis=0) * ctx.inv).max(axis=0)  # (M, S)
     top = np.argpartition(-to_numpy(rho0), k - 1, axis=1)[:, :k]  # (M, k)
     top_x = xp.asarray(top)
     x = xp.stack([
         xp.matmul(p.reshape(m, dcount, -1), xp.moveaxis(c[:, top_x], 1, 0))  # (M, D, k)
-        for p, c in zip(batch.projected, bank.coefficients, strict=True)
+        for p, c in zip(batch.projected, coefficients, strict=True)
     ]).reshape(len(batch.projected), m * dcount, k)
     _evaluate(acc, ctx, _Block(x, top), np.arange(m * dcount * k), accumulate=False)
 
@@ -471,7 +540,7 @@ def _evaluate_chunk(acc, ctx, block, flat, accumulate):
     at_best = xp.take_along_axis(pose, rot[:, None], axis=1)[:, 0]
     pose += xp.asarray(ctx.lprior[views].astype(np.float32))[:, None]
     top = pose.max(axis=1)
-    acc.add_best(img, to_numpy(best), views, rows % ctx.dcount, to_numpy(rot), to_numpy(at_best))
+    acc.add_best(img, to_numpy(best), ctx.view_ids[views], rows % ctx.dcount, to_numpy(rot), to_numpy(at_best))
     top_host = to_numpy(top).astype(np.float64)
     acc.add_floor(img, top_host)
     if accumulate:

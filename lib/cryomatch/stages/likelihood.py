@@ -21,8 +21,10 @@ image's shift from its STAR file. Outputs in CryoLike's layout under ``OUT/templ
   x, y, rho], degrees and Angstrom), see :mod:`cryomatch.kernels.refine`;
 * ``provenance_stack_STACK.json``.
 
-Images go in batches sized to ``memory_mb``; template views in blocks: peak memory depends
-on neither the number of images nor of views beyond the per-batch arrays.
+Memory: images go in batches sized to ``memory_mb``; the template set is read from its
+memory map in chunks, compressed, and its coefficients kept when they fit a quarter of the
+budget, else recomputed per chunk of views: peak memory follows the budget, not the number
+of images or views.
 """
 
 from __future__ import annotations
@@ -97,13 +99,18 @@ def check_compatible(stack, templates) -> None:
             f"{stack.pixel_size:g} A by more than 1%", templates.path)
 
 
-def batch_size_for(memory_mb: float, n_views: int, n_displacements: int, grid, ranks) -> int:
-    """Images per batch so that the per-batch arrays fit ``memory_mb``: S_cc and its
-    companions (5 x W x S float32), the compressed images (D x sum H_q complex64) and one
-    template block's products and bound (Q x D x 64 complex64 + D x 64 float32)."""
-    w, q = grid.n_inplanes, grid.n_inplanes // 2 + 1
-    per_image = 5 * 4 * w * n_views + 8 * n_displacements * sum(ranks) + 12 * q * n_displacements * 64
-    return max(1, min(256, int(memory_mb * 2**20 // per_image)))
+BATCH_IMAGES = 32  # larger batches gain nothing: the products of a block then leave the caches
+
+
+def batch_size_for(memory_mb: float, bank, n_displacements: int) -> int:
+    """Images per batch so that the per-batch arrays fit half of ``memory_mb`` (the template
+    coefficients take at most a quarter): per image, S_cc and its companions for one chunk
+    of views (5 x W x chunk float32), the compressed images (D x sum H_q complex64) and one
+    block's products and bound (Q x D x 64 complex64 + D x 64 float32)."""
+    w, q = bank.n_inplanes, bank.n_inplanes // 2 + 1
+    per_image = (5 * 4 * w * bank.chunk_size + 8 * n_displacements * sum(bank.ranks)
+                 + 12 * q * n_displacements * 64)
+    return max(1, min(BATCH_IMAGES, int(memory_mb * 2**20 / 2 // per_image)))
 
 
 def likelihood(
@@ -137,10 +144,10 @@ def likelihood(
     paths = output_paths(out, i_template, label, full_cross_correlation, refine)
     grid, pixel = stack.grid, stack.pixel_size
     disp = lk.displacement_grid(max_displacement_pixels, n_displacements_x, n_displacements_y)
-    bank = lk.prepare_templates(np.asarray(temps.values), grid, temps.meta["view_weights"],
-                                temps.meta["dc"], compression_tolerance, xp)
+    bank = lk.prepare_templates(temps.values, grid, temps.meta["view_weights"], temps.meta["dc"],
+                                compression_tolerance, xp, max_bytes=memory_mb * 2**20 / 4)
     n, s, d, w = len(stack), bank.n_templates, len(disp), grid.n_inplanes
-    batch = batch_size_for(memory_mb, s, d, grid, bank.ranks)
+    batch = batch_size_for(memory_mb, bank, d)
     prior = np.asarray(stack.meta["prior_displacement"], dtype=np.float64)
     keys = ["rho", "template", "displacement", "rotation", "ll_optimal", "ll_integrated"]
     res = {k: np.empty(n, dtype=np.int64 if k in ("template", "displacement", "rotation") else np.float64)

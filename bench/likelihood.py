@@ -35,7 +35,6 @@ import tracemalloc  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-
 from cryomatch import geometry  # noqa: E402
 from cryomatch.io.mrc import read_images, read_volume  # noqa: E402
 from cryomatch.io.particles import read_particles  # noqa: E402
@@ -47,8 +46,16 @@ from cryomatch.stages.simulate.particles import simulate_particles  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 CRYOLIKE = 27.5e6  # pose evaluations per CPU-second, 64 px, 65 x 128, 49 displacements
-CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration",
-               "rlnAmplitudeContrast", "rlnPhaseShift", "rlnCtfBfactor")
+CTF_COLUMNS = (
+    "rlnDefocusU",
+    "rlnDefocusV",
+    "rlnDefocusAngle",
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+    "rlnPhaseShift",
+    "rlnCtfBfactor",
+)
 
 
 def matmul_rate(repeats: int = 5) -> float:
@@ -67,9 +74,16 @@ def matmul_rate(repeats: int = 5) -> float:
 
 
 def simulate(folder: Path, n: int, seed: int = 1):
-    star = simulate_particles(folder, n=n, snr=0.1, box=64, seed=seed, maps=[str(REAL / "maps" / "emd_1832.map")],
-                              max_shift=3.0,
-                              ctf_star=str(REAL / "particles" / "metadata_only" / "relion31.6opticsgroups.star"))
+    star = simulate_particles(
+        folder,
+        n=n,
+        snr=0.1,
+        box=64,
+        seed=seed,
+        maps=[str(REAL / "maps" / "emd_1832.map")],
+        max_shift=3.0,
+        ctf_star=str(REAL / "particles" / "metadata_only" / "relion31.6opticsgroups.star"),
+    )
     particles = read_particles(star)
     images = read_images(folder / "particles.mrcs").astype(np.float64)
     return particles.table, images
@@ -99,17 +113,28 @@ def run_search(values, ctf, syy, ctf0, grid, bank, disp, batch=32, **kwargs):
         for k in keys:
             out[k].append(getattr(res, k))
     seconds = time.process_time() - t0
-    return {k: np.concatenate(v) for k, v in out.items()}, seconds, evaluated / (len(values) * bank.n_templates * len(disp))
+    return (
+        {k: np.concatenate(v) for k, v in out.items()},
+        seconds,
+        evaluated / (len(values) * bank.n_templates * len(disp)),
+    )
 
 
 def pose_errors(table, res, rot, tilt, disp, n_inplanes, pixel):
-    a_t = geometry.euler_to_matrix(*(table[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
+    a_t = geometry.euler_to_matrix(
+        *(table[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))
+    )
     psi = geometry.psi_from_polar_turn(res["rotation"], n_inplanes)
     a_e = geometry.euler_to_matrix(rot[res["template"]], tilt[res["template"]], psi)
-    view = geometry.angle_between_directions(geometry.viewing_direction(table["rlnAngleRot"], table["rlnAngleTilt"]),
-                                             geometry.viewing_direction(rot[res["template"]], tilt[res["template"]]))
+    view = geometry.angle_between_directions(
+        geometry.viewing_direction(table["rlnAngleRot"], table["rlnAngleTilt"]),
+        geometry.viewing_direction(rot[res["template"]], tilt[res["template"]]),
+    )
     twist = np.abs(geometry.inplane_angle_between(a_e, a_t))
-    true_disp = geometry.displacement_from_origin(table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()) / pixel
+    true_disp = (
+        geometry.displacement_from_origin(table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy())
+        / pixel
+    )
     shift = np.hypot(*(disp[res["displacement"]] - true_disp).T)
     return view, twist, shift
 
@@ -125,18 +150,32 @@ def peak_memory(folder: Path, n_images: int, viewing_distance: float, memory_mb:
     noise = rng.normal(size=(n_images, 64, 64)).astype(np.float32)
     values = polar_transform(noise - noise.mean(axis=(1, 2), keepdims=True), grid, "dft")
     base = {**grid.as_dict(), "resolution_factor": 1.0, "pixel_size": pixel}
-    meta = {**base, "defocus_u": np.full(n_images, 15000.0), "defocus_v": np.full(n_images, 14500.0),
-            "defocus_angle": np.full(n_images, 30.0), "voltage": np.full(n_images, 300.0),
-            "spherical_aberration": np.full(n_images, 2.7), "amplitude_contrast": np.full(n_images, 0.1),
-            "phase_shift": np.zeros(n_images), "ctf_bfactor": np.zeros(n_images),
-            "image_mean": np.zeros(n_images), "image_ss": np.sum(noise.astype(np.float64) ** 2, axis=(1, 2)),
-            "prior_displacement": np.zeros((n_images, 2))}
+    meta = {
+        **base,
+        "defocus_u": np.full(n_images, 15000.0),
+        "defocus_v": np.full(n_images, 14500.0),
+        "defocus_angle": np.full(n_images, 30.0),
+        "voltage": np.full(n_images, 300.0),
+        "spherical_aberration": np.full(n_images, 2.7),
+        "amplitude_contrast": np.full(n_images, 0.1),
+        "phase_shift": np.zeros(n_images),
+        "ctf_bfactor": np.zeros(n_images),
+        "image_mean": np.zeros(n_images),
+        "image_ss": np.sum(noise.astype(np.float64) ** 2, axis=(1, 2)),
+        "prior_displacement": np.zeros((n_images, 2)),
+    }
     fft = folder / f"particles_fourier_stack_{n_images:06d}.npy"
     write_set(fft, values, meta, {})
-    temps, rot, tilt, weights, dc, _ = make_templates(REAL / "maps" / "emd_1832.map", grid, pixel, viewing_distance)
+    temps, rot, tilt, weights, dc, _ = make_templates(
+        REAL / "maps" / "emd_1832.map", grid, pixel, viewing_distance
+    )
     tfile = folder / f"templates_fourier_vd{viewing_distance}.npy"
-    write_set(tfile, temps, {**base, "rot": rot, "tilt": tilt, "view_weights": weights,
-                             "dc": np.full(len(rot), dc)}, {})
+    write_set(
+        tfile,
+        temps,
+        {**base, "rot": rot, "tilt": tilt, "view_weights": weights, "dc": np.full(len(rot), dc)},
+        {},
+    )
     tracemalloc.start()
     likelihood(fft, tfile, folder / "out", 0, memory_mb=memory_mb)
     peak = tracemalloc.get_traced_memory()[1] / 2**20
@@ -167,52 +206,81 @@ def main() -> None:
         bank_seconds = time.process_time() - t0
         n, s, d, w = len(values), bank.n_templates, len(disp), grid.n_inplanes
         poses = n * s * d * w
-        print(f"\n{n} images x {s} views x {d} displacements x {w} rotations = {poses / 1e9:.2f} G poses; "
-              f"{grid.n_shells} shells; compression ranks mean {np.mean(bank.ranks):.1f} of {grid.n_shells}, "
-              f"energy left out {bank.error:.1e}; template set prepared in {bank_seconds:.2f} CPU-s (once per job)")
+        print(
+            f"\n{n} images x {s} views x {d} displacements x {w} rotations = "
+            f"{poses / 1e9:.2f} G poses; {grid.n_shells} shells; compression ranks mean "
+            f"{np.mean(bank.ranks):.1f} of {grid.n_shells}, energy left out {bank.error:.1e}; "
+            f"template set prepared in {bank_seconds:.2f} CPU-s (once per job)"
+        )
         res, seconds, evaluated = run_search(values, ctf, syy, ctf0, grid, bank, disp)
         rate = poses / seconds
+        with_bank = poses / (seconds + bank_seconds)
         dense_flops = 8.0 * grid.n_shells * (w // 2 + 1) * n * s * d
         executed = 8.0 * sum(bank.ranks) * n * s * d
-        print(f"search: {seconds:.2f} CPU-s -> {rate / 1e6:.1f} M pose evaluations per CPU-second, "
-              f"{rate / CRYOLIKE:.1f}x CryoLike's 27.5 M (with the template set's preparation: "
-              f"{poses / (seconds + bank_seconds) / 1e6:.1f} M, {poses / (seconds + bank_seconds) / CRYOLIKE:.1f}x); "
-              f"{evaluated:.1%} of (image, view, displacement) went through the inverse FFT")
-        print(f"effective FLOP rate {dense_flops / seconds / 1e9:.1f} GFLOP/s = "
-              f"{dense_flops / seconds / 1e9 / gflops:.2f} x numpy's matmul; executed (compressed) "
-              f"{executed / seconds / 1e9:.1f} GFLOP/s = {executed / seconds / 1e9 / gflops:.2f} x")
+        print(
+            f"search: {seconds:.2f} CPU-s -> {rate / 1e6:.1f} M pose evaluations per CPU-second, "
+            f"{rate / CRYOLIKE:.1f}x CryoLike's 27.5 M (with the template set's preparation: "
+            f"{with_bank / 1e6:.1f} M, {with_bank / CRYOLIKE:.1f}x); "
+            f"{evaluated:.1%} of (image, view, displacement) went through the inverse FFT"
+        )
+        print(
+            f"effective FLOP rate {dense_flops / seconds / 1e9:.1f} GFLOP/s = "
+            f"{dense_flops / seconds / 1e9 / gflops:.2f} x numpy's matmul; executed (compressed) "
+            f"{executed / seconds / 1e9:.1f} GFLOP/s = {executed / seconds / 1e9 / gflops:.2f} x"
+        )
         # equal accuracy: exact search of a subset (no compression, no pruning)
         k = min(args.exact_subset, n)
-        exact_bank = lk.prepare_templates(templates, grid, weights, float(volume.sum()), tolerance=0.0)
-        exact, exact_seconds, _ = run_search(values[:k], ctf[:k], syy[:k], ctf0[:k], grid, exact_bank, disp,
-                                             prune=False)
-        same = np.mean((exact["template"] == res["template"][:k]) & (exact["displacement"] == res["displacement"][:k])
-                       & (exact["rotation"] == res["rotation"][:k]))
-        print(f"equal accuracy on {k} images against the exact search (no compression, no pruning, "
-              f"{k * s * d * w / exact_seconds / 1e6:.1f} M/CPU-s): same best pose {same:.0%}; "
-              f"max |d rho| {np.abs(exact['rho'] - res['rho'][:k]).max():.1e}, "
-              f"max |d log L optimal| {np.abs(exact['ll_optimal'] - res['ll_optimal'][:k]).max():.1e}, "
-              f"max |d log L integrated| {np.abs(exact['ll_integrated'] - res['ll_integrated'][:k]).max():.1e}")
+        exact_bank = lk.prepare_templates(
+            templates, grid, weights, float(volume.sum()), tolerance=0.0
+        )
+        exact, exact_seconds, _ = run_search(
+            values[:k], ctf[:k], syy[:k], ctf0[:k], grid, exact_bank, disp, prune=False
+        )
+
+        def diff(key):
+            return np.abs(exact[key] - res[key][:k]).max()
+
+        same = np.mean(
+            (exact["template"] == res["template"][:k])
+            & (exact["displacement"] == res["displacement"][:k])
+            & (exact["rotation"] == res["rotation"][:k])
+        )
+        print(
+            f"equal accuracy on {k} images against the exact search (no compression, no pruning, "
+            f"{k * s * d * w / exact_seconds / 1e6:.1f} M/CPU-s): same best pose {same:.0%}; "
+            f"max |d rho| {diff('rho'):.1e}, max |d log L optimal| {diff('ll_optimal'):.1e}, "
+            f"max |d log L integrated| {diff('ll_integrated'):.1e}"
+        )
         view, twist, shift = pose_errors(table, res, rot, tilt, disp, w, pixel)
-        print(f"against the truth: view error median {np.median(view):.2f} deg (views every "
-              f"{np.degrees(args.viewing_distance):.1f}); in-plane within one step {np.mean(twist <= 360 / w):.1%}; "
-              f"shift within 1 px {np.mean(shift <= 1.0):.1%}")
+        print(
+            f"against the truth: view error median {np.median(view):.2f} deg (views every "
+            f"{np.degrees(args.viewing_distance):.1f}); in-plane within one step "
+            f"{np.mean(twist <= 360 / w):.1%}; "
+            f"shift within 1 px {np.mean(shift <= 1.0):.1%}"
+        )
         # worst case for pruning: no signal at all
         noise = np.random.default_rng(3).normal(size=images.shape)
         nvalues, _, nsyy, _ = polar_inputs(table, noise, grid, pixel)
         m = min(32, n)
-        _, noise_seconds, noise_eval = run_search(nvalues[:m], ctf[:m], nsyy[:m], ctf0[:m], grid, bank, disp)
+        _, noise_seconds, noise_eval = run_search(
+            nvalues[:m], ctf[:m], nsyy[:m], ctf0[:m], grid, bank, disp
+        )
         noise_rate = m * s * d * w / noise_seconds
-        print(f"pure-noise images (pruning's worst case): {noise_rate / 1e6:.1f} M/CPU-s = "
-              f"{noise_rate / CRYOLIKE:.1f}x CryoLike; {noise_eval:.0%} evaluated")
+        print(
+            f"pure-noise images (pruning's worst case): {noise_rate / 1e6:.1f} M/CPU-s = "
+            f"{noise_rate / CRYOLIKE:.1f}x CryoLike; {noise_eval:.0%} evaluated"
+        )
         if not args.skip_memory:
             mem = tmp / "memory"
             mem.mkdir()
             small = peak_memory(mem, 64, 0.3, 200)
             more_images = peak_memory(mem, 128, 0.3, 200)
             more_views = peak_memory(mem, 64, 0.21, 200)
-            print(f"peak traced memory of the likelihood stage (memory_mb 200): 64 images {small:.0f} MB, "
-                  f"128 images {more_images:.0f} MB, 64 images with twice the views {more_views:.0f} MB")
+            print(
+                f"peak traced memory of the likelihood stage (memory_mb 200): 64 images "
+                f"{small:.0f} MB, 128 images {more_images:.0f} MB, 64 images with twice the "
+                f"views {more_views:.0f} MB"
+            )
 
 
 if __name__ == "__main__":

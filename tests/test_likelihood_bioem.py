@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from cryomatch import geometry
 from cryomatch.kernels import ctf as ctf_kernel
 from cryomatch.kernels import likelihood as lk
@@ -19,11 +18,24 @@ def simulate_gaussian(rng, n=48, box=32, apix=4.0):
     atoms = random_structure(rng, 90, 0.28 * box * apix, 1.6 * apix)
     rot, tilt, psi = geometry.rotation_to_euler(geometry.random_rotations(n, rng))
     shift = rng.uniform(-1.5, 1.5, size=(n, 2)) * apix
-    clean = project_atoms(atoms.coords, atoms.amplitudes, atoms.sigmas,
-                          geometry.euler_to_matrix(rot, tilt, psi), box, apix, shift)
+    clean = project_atoms(
+        atoms.coords,
+        atoms.amplitudes,
+        atoms.sigmas,
+        geometry.euler_to_matrix(rot, tilt, psi),
+        box,
+        apix,
+        shift,
+    )
     du = rng.uniform(8000, 20000, n)
-    params = dict(defocus_u=du, defocus_v=du + rng.normal(0, 500, n), defocus_angle=rng.uniform(0, 180, n),
-                  voltage=np.full(n, 300.0), cs=np.full(n, 2.7), amplitude_contrast=np.full(n, 0.1))
+    params = dict(
+        defocus_u=du,
+        defocus_v=du + rng.normal(0, 500, n),
+        defocus_angle=rng.uniform(0, 180, n),
+        voltage=np.full(n, 300.0),
+        cs=np.full(n, 2.7),
+        amplitude_contrast=np.full(n, 0.1),
+    )
     ky, kx = rfft_frequencies(box, apix)
     signal = apply_ctf(clean, ctf_kernel.ctf(kx, ky, *params.values())).astype(np.float64)
     signal /= signal.std(axis=(1, 2)).mean()
@@ -45,8 +57,9 @@ def integrated(images, params, atoms, box=32, apix=4.0, viewing_distance=0.35):
     ctf = ctf_kernel.ctf(kx / apix, ky / apix, *params.values()).astype(np.float32)
     ctf0 = ctf_kernel.ctf(np.zeros(1), np.zeros(1), *params.values())[:, 0]
     rot, tilt, w = viewing_directions(viewing_distance)
-    templates = atom_templates(atoms.coords / apix, atoms.amplitudes, atoms.sigmas / apix, grid,
-                               view_matrices(rot, tilt))
+    templates = atom_templates(
+        atoms.coords / apix, atoms.amplitudes, atoms.sigmas / apix, grid, view_matrices(rot, tilt)
+    )
     dc = np.sum(atoms.amplitudes * (2 * np.pi * (atoms.sigmas / apix) ** 2) ** 1.5)
     bank = lk.prepare_templates(templates, grid, w, dc)
     disp = lk.displacement_grid(1.5, 3, 3)
@@ -83,7 +96,14 @@ def test_bioem_formula_matches_numerical_integration():
     a = np.linspace(0, 3, 241)[:, None, None]
     b = np.linspace(-3, 3, 241)[None, :, None]
     sig = np.geomspace(0.3, 3.0, 241)[None, None, :]
-    q = (y @ y - 2 * a * (y @ c) - 2 * b * y.sum() + a * a * (c @ c) + 2 * a * b * c.sum() + n * b * b)
+    q = (
+        y @ y
+        - 2 * a * (y @ c)
+        - 2 * b * y.sum()
+        + a * a * (c @ c)
+        + 2 * a * b * c.sum()
+        + n * b * b
+    )
     log_f = -n / 2 * np.log(2 * np.pi * sig**2) - q / (2 * sig**2) - np.log(sig)
     top = log_f.max()
     val = simpson(simpson(simpson(np.exp(log_f - top), x=sig[0, 0]), x=b[0, :, 0]), x=a[:, 0, 0])

@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-from scipy.special import logsumexp
-
 from cryomatch.kernels import likelihood as lk
 from cryomatch.kernels.polar_fourier import polar_grid
+from scipy.special import logsumexp
 
 
 def _direct(values, ctf, syy, ctf0, grid, templates, dc, weights, disp, centres=None):
@@ -25,7 +24,9 @@ def _direct(values, ctf, syy, ctf0, grid, templates, dc, weights, disp, centres=
                     y = ctf[i] * values[i] * lk.shift_phases(grid, disp[e] + centres[i])
                     cc = np.sum(wr * y * np.conj(t)).real
                     rho[i, j, e, k] = cc / np.sqrt(syy[i] * scc)
-                    ll[i, j, e, k] = lk.bioem_log_likelihood(np.array(rho[i, j, e, k]), scc, syy[i], n)
+                    ll[i, j, e, k] = lk.bioem_log_likelihood(
+                        np.array(rho[i, j, e, k]), scc, syy[i], n
+                    )
     prior = np.log(weights / weights.sum())[None, :, None, None] - np.log(d * w)
     return rho, ll, logsumexp(ll + prior, axis=(1, 2, 3))
 
@@ -43,7 +44,16 @@ def _problem(rng, m=3, s=7, box=12, signal=3.0):
     ctf = np.cos(7 * grid.radii[:, None] + 0.3 * np.cos(2 * grid.angles))[None] * np.ones((m, 1, 1))
     ctf = ctf + 0.05 * np.arange(m)[:, None, None]
     syy = np.sum(grid.weights[:, None] * np.abs(values) ** 2, axis=(1, 2)) * 1.3
-    return grid, templates, values, ctf, syy, np.full(m, 0.1), rng.uniform(1, 3, s), rng.uniform(0.5, 2, s)
+    return (
+        grid,
+        templates,
+        values,
+        ctf,
+        syy,
+        np.full(m, 0.1),
+        rng.uniform(1, 3, s),
+        rng.uniform(0.5, 2, s),
+    )
 
 
 @pytest.mark.parametrize("tolerance", [0.0, 1e-5])
@@ -52,9 +62,13 @@ def test_search_matches_direct_sum(rng, tolerance, prune):
     grid, templates, values, ctf, syy, ctf0, dc, weights = _problem(rng)
     disp = lk.displacement_grid(1.0, 3, 2)
     centres = rng.uniform(-1, 1, size=(len(values), 2))
-    rho, ll, integrated = _direct(values, ctf, syy, ctf0, grid, templates, dc, weights, disp, centres)
+    rho, ll, integrated = _direct(
+        values, ctf, syy, ctf0, grid, templates, dc, weights, disp, centres
+    )
     bank = lk.prepare_templates(templates.astype(np.complex64), grid, weights, dc, tolerance)
-    batch = lk.prepare_images(values.astype(np.complex64), ctf, syy, ctf0, grid, bank, disp, centres)
+    batch = lk.prepare_images(
+        values.astype(np.complex64), ctf, syy, ctf0, grid, bank, disp, centres
+    )
     full = np.zeros(rho.shape, dtype=np.float32) if not prune else None
     res = lk.search(batch, bank, template_block=3, prune=prune, full_output=full)
     flat = rho.reshape(len(rho), -1)
@@ -64,7 +78,9 @@ def test_search_matches_direct_sum(rng, tolerance, prune):
     np.testing.assert_array_equal(res.displacement, d)
     np.testing.assert_array_equal(res.rotation, k)
     np.testing.assert_allclose(res.rho, flat.max(axis=1), atol=2e-5)
-    np.testing.assert_allclose(res.ll_optimal, ll.reshape(len(ll), -1)[np.arange(len(ll)), best], atol=2e-2)
+    np.testing.assert_allclose(
+        res.ll_optimal, ll.reshape(len(ll), -1)[np.arange(len(ll)), best], atol=2e-2
+    )
     np.testing.assert_allclose(res.ll_integrated, integrated, atol=2e-2)
     if full is not None:
         np.testing.assert_allclose(full, rho, atol=2e-5)
@@ -75,7 +91,9 @@ def test_templates_streamed_in_chunks_give_the_same_result(rng):
     disp = lk.displacement_grid(1.0, 3, 3)
     results = []
     for max_bytes in (1e9, 1.0):  # all coefficients in memory; recomputed per chunk of 3 views
-        bank = lk.prepare_templates(templates, grid, weights, dc, 1e-5, max_bytes=max_bytes, chunk=4, min_chunk=3)
+        bank = lk.prepare_templates(
+            templates, grid, weights, dc, 1e-5, max_bytes=max_bytes, chunk=4, min_chunk=3
+        )
         assert (bank.cache is None) == (max_bytes == 1.0)
         batch = lk.prepare_images(values.astype(np.complex64), ctf, syy, ctf0, grid, bank, disp)
         results.append(lk.search(batch, bank, template_block=2))

@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-
 from cryomatch import geometry
 from cryomatch.kernels.nufft import nufft3d2
 from cryomatch.kernels.phantom import random_structure
-from cryomatch.kernels.polar import rotational_correlation, angular_spectra
+from cryomatch.kernels.polar import angular_spectra, rotational_correlation
 from cryomatch.kernels.polar_fourier import finufft_available, polar_grid, polar_transform
 from cryomatch.kernels.projection import (
     project_atoms,
@@ -14,7 +13,12 @@ from cryomatch.kernels.projection import (
     spline_coefficients,
     voxelize_atoms,
 )
-from cryomatch.kernels.templates import atom_templates, map_templates, view_matrices, viewing_directions
+from cryomatch.kernels.templates import (
+    atom_templates,
+    map_templates,
+    view_matrices,
+    viewing_directions,
+)
 
 METHODS = ["dft"] + (["finufft"] if finufft_available() else [])
 
@@ -52,8 +56,9 @@ def test_parseval_and_hermitian_symmetry():
     yy, xx = np.mgrid[-32:32, -32:32]
     image = np.exp(-(xx**2 + (yy - 3) ** 2) / (2 * 3.0**2))[None].astype(np.float32)
     values = polar_transform(image, grid, "dft")
-    np.testing.assert_allclose(np.sum(grid.weights[:, None] * np.abs(values[0]) ** 2), np.sum(image**2),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.sum(grid.weights[:, None] * np.abs(values[0]) ** 2), np.sum(image**2), rtol=1e-5
+    )
     half = grid.n_inplanes // 2
     np.testing.assert_allclose(values[..., half:], np.conj(values[..., :half]))
 
@@ -64,7 +69,9 @@ def test_nufft_matches_direct_dft(rng, method):
     volume = rng.normal(size=(n, n, n))
     k = rng.uniform(-0.5, 0.5, size=(3, 300))
     x = np.arange(n) - n // 2
-    want = np.einsum("zyx,pz,py,px->p", volume, *(np.exp(-2j * np.pi * np.outer(k[i], x)) for i in range(3)))
+    want = np.einsum(
+        "zyx,pz,py,px->p", volume, *(np.exp(-2j * np.pi * np.outer(k[i], x)) for i in range(3))
+    )
     got = nufft3d2(volume, *k, eps=1e-6, method=method)
     assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
 
@@ -76,7 +83,9 @@ def test_viewing_directions_cover_the_sphere_with_weights():
     # quadrature integrates z^2 over the sphere: mean 1/3
     assert np.sum(weights * dirs[:, 2] ** 2) == pytest.approx(1 / 3, abs=1e-6)
     # every direction on the sphere lies within about the spacing of a view
-    probe = geometry.viewing_direction(*np.random.default_rng(0).uniform([0, 0], [360, 180], (500, 2)).T)
+    probe = geometry.viewing_direction(
+        *np.random.default_rng(0).uniform([0, 0], [360, 180], (500, 2)).T
+    )
     nearest = np.degrees(np.arccos(np.clip(probe @ dirs.T, -1, 1))).min(axis=1)
     assert nearest.max() < np.degrees(0.3)
 
@@ -97,9 +106,13 @@ def test_templates_equal_transforms_of_real_space_projections(phantom):
     mats = view_matrices(rot, tilt)
     volume = voxelize_atoms(atoms.coords, atoms.amplitudes, atoms.sigmas, box, apix)
     from_map = map_templates(volume, grid, mats)
-    from_atoms = atom_templates(atoms.coords / apix, atoms.amplitudes, atoms.sigmas / apix, grid, mats)
+    from_atoms = atom_templates(
+        atoms.coords / apix, atoms.amplitudes, atoms.sigmas / apix, grid, mats
+    )
     spline = polar_transform(project_volume(spline_coefficients(volume), mats), grid, "dft")
-    exact = polar_transform(project_atoms(atoms.coords, atoms.amplitudes, atoms.sigmas, mats, box, apix), grid, "dft")
+    exact = polar_transform(
+        project_atoms(atoms.coords, atoms.amplitudes, atoms.sigmas, mats, box, apix), grid, "dft"
+    )
     for got, want in [(from_map, spline), (from_atoms, exact), (from_map, exact)]:
         err = np.linalg.norm(got - want, axis=(1, 2)) / np.linalg.norm(want, axis=(1, 2))
         assert err.max() < 1e-3
@@ -109,12 +122,25 @@ def test_templates_equal_transforms_of_real_space_projections(phantom):
 def test_psi_from_polar_turn_matches_a_projection_at_psi(phantom, psi):
     atoms, box, apix = phantom
     grid = polar_grid(box)
-    image = project_atoms(atoms.coords, atoms.amplitudes, atoms.sigmas,
-                          geometry.euler_to_matrix(30.0, 60.0, psi)[None], box, apix)
+    image = project_atoms(
+        atoms.coords,
+        atoms.amplitudes,
+        atoms.sigmas,
+        geometry.euler_to_matrix(30.0, 60.0, psi)[None],
+        box,
+        apix,
+    )
     values = polar_transform(image, grid, "dft")
-    template = atom_templates(atoms.coords / apix, atoms.amplitudes, atoms.sigmas / apix, grid,
-                              view_matrices([30.0], [60.0]))
-    cc = rotational_correlation(angular_spectra(values), angular_spectra(template), grid.weights, grid.n_inplanes)
+    template = atom_templates(
+        atoms.coords / apix,
+        atoms.amplitudes,
+        atoms.sigmas / apix,
+        grid,
+        view_matrices([30.0], [60.0]),
+    )
+    cc = rotational_correlation(
+        angular_spectra(values), angular_spectra(template), grid.weights, grid.n_inplanes
+    )
     turn = int(np.argmax(cc[0, 0]))
     step = 360.0 / grid.n_inplanes
     got = geometry.psi_from_polar_turn(turn, grid.n_inplanes)

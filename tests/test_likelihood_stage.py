@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
-
 from cryomatch import geometry
 from cryomatch.cli import main
 from cryomatch.errors import CryomatchError
@@ -25,7 +24,9 @@ BOX, APIX, SPACING = 32, 4.0, 0.3
 def run(tmp_path_factory):
     """Simulate (2 structures, 3 optics groups), preprocess into 2 stacks, run every stage."""
     root = tmp_path_factory.mktemp("likelihood")
-    star = simulate_particles(root / "demo", n=32, snr=1.0, box=BOX, seed=11, pixel_size=APIX, max_shift=1.5)
+    star = simulate_particles(
+        root / "demo", n=32, snr=1.0, box=BOX, seed=11, pixel_size=APIX, max_shift=1.5
+    )
     preprocess(star, root, stack_size=16)
     stacks = [root / "particles" / f"stack_{i:06d}.star" for i in range(2)]
     ffts = [fourier_stack(s, root / "particles" / "fft") for s in stacks]
@@ -33,8 +34,15 @@ def run(tmp_path_factory):
     temps = [templates(m, ffts[0], root / "templates", viewing_distance=SPACING) for m in maps]
     for i, t in enumerate(temps):
         for f in ffts:
-            likelihood(f, t, root / "likelihood", i, max_displacement_pixels=2.0,
-                       n_displacements_x=5, n_displacements_y=5)
+            likelihood(
+                f,
+                t,
+                root / "likelihood",
+                i,
+                max_displacement_pixels=2.0,
+                n_displacements_x=5,
+                n_displacements_y=5,
+            )
     gathered = likelihood_gather(root / "likelihood", temps, stacks, 2.0, 5, 5)
     return root, star, ffts, temps, gathered
 
@@ -64,9 +72,12 @@ def test_best_structure_and_pose_recover_the_truth(run):
     assert np.mean(truth["rlnClassNumber"].to_numpy() == best["rlnClassNumber"].to_numpy()) >= 0.75
     view_error = geometry.angle_between_directions(
         geometry.viewing_direction(truth["rlnAngleRot"], truth["rlnAngleTilt"]),
-        geometry.viewing_direction(best["rlnAngleRot"], best["rlnAngleTilt"]))
+        geometry.viewing_direction(best["rlnAngleRot"], best["rlnAngleTilt"]),
+    )
     assert np.median(view_error) < np.degrees(SPACING)
-    shift = np.hypot(*(truth[c].to_numpy() - best[c].to_numpy() for c in ("rlnOriginXAngst", "rlnOriginYAngst")))
+    shift = np.hypot(
+        *(truth[c].to_numpy() - best[c].to_numpy() for c in ("rlnOriginXAngst", "rlnOriginYAngst"))
+    )
     assert np.mean(shift <= APIX) >= 0.75  # within the 1 px grid spacing
     csv = pd.read_csv(gathered["csv"], comment="#")
     assert list(csv.columns[:2]) == ["image", "ll_integrated_structure_01"]
@@ -101,7 +112,9 @@ def _map(path, box, voxel):
     return path
 
 
-@pytest.mark.parametrize("box, voxel, problem", [(40, APIX, "box is 40"), (BOX, 1.02 * APIX, "voxel size")])
+@pytest.mark.parametrize(
+    "box, voxel, problem", [(40, APIX, "box is 40"), (BOX, 1.02 * APIX, "voxel size")]
+)
 def test_map_not_matching_the_particles(run, tmp_path, box, voxel, problem):
     _, _, ffts, *_ = run
     with pytest.raises(CryomatchError, match=problem):
@@ -111,7 +124,12 @@ def test_map_not_matching_the_particles(run, tmp_path, box, voxel, problem):
 
 def test_map_within_one_percent_is_accepted(run, tmp_path):
     _, _, ffts, *_ = run
-    out = templates(_map(tmp_path / "ok.mrc", BOX, 1.005 * APIX), ffts[0], tmp_path / "out", viewing_distance=1.0)
+    out = templates(
+        _map(tmp_path / "ok.mrc", BOX, 1.005 * APIX),
+        ffts[0],
+        tmp_path / "out",
+        viewing_distance=1.0,
+    )
     assert out.is_file()
 
 
@@ -121,9 +139,12 @@ def test_missing_ctf_columns(run, tmp_path, capsys):
     blocks = starfile.read(star, always_dict=True)
     blocks["particles"] = blocks["particles"].drop(columns=["rlnDefocusV"])
     blocks["particles"]["rlnImageName"] = [
-        n.replace("@", f"@{root / 'particles'}/") for n in blocks["particles"]["rlnImageName"]]
+        n.replace("@", f"@{root / 'particles'}/") for n in blocks["particles"]["rlnImageName"]
+    ]
     starfile.write(blocks, tmp_path / "no_ctf.star")
-    code = main(["fourier-stack", "--star", str(tmp_path / "no_ctf.star"), "--out", str(tmp_path / "fft")])
+    code = main(
+        ["fourier-stack", "--star", str(tmp_path / "no_ctf.star"), "--out", str(tmp_path / "fft")]
+    )
     assert code == 2
     assert "rlnDefocusV" in capsys.readouterr().err
     assert not (tmp_path / "fft").exists() or not any((tmp_path / "fft").iterdir())
@@ -135,8 +156,8 @@ def test_empty_structure_list(run, tmp_path):
         write_template_list(tmp_path / "list.npy", [])
     with pytest.raises(CryomatchError, match="empty"):
         likelihood_gather(root / "likelihood", [], [root / "particles" / "stack_000000.star"])
-    from snakemake.utils import validate
     import yaml
+    from snakemake.utils import validate
 
     repo = Path(__file__).resolve().parents[1]
     config = yaml.safe_load((repo / "config" / "config.yaml").read_text())
@@ -150,7 +171,17 @@ def test_unreadable_model_file(run, tmp_path, capsys, text):
     _, _, ffts, *_ = run
     model = tmp_path / "broken.pdb"
     model.write_text(text)
-    code = main(["templates", "--structure", str(model), "--grid-from", str(ffts[0]), "--out", str(tmp_path / "t")])
+    code = main(
+        [
+            "templates",
+            "--structure",
+            str(model),
+            "--grid-from",
+            str(ffts[0]),
+            "--out",
+            str(tmp_path / "t"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "broken.pdb" in err
     assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
@@ -166,5 +197,7 @@ def test_templates_from_atomic_models(run, real_data, tmp_path):
     assert ta.shape == tb.shape and np.all(np.isfinite(ta))
     # the two descriptions of one protein agree at low resolution (first shells)
     low = slice(0, 6)
-    corr = np.abs(np.vdot(ta[:, low], tb[:, low])) / (np.linalg.norm(ta[:, low]) * np.linalg.norm(tb[:, low]))
+    corr = np.abs(np.vdot(ta[:, low], tb[:, low])) / (
+        np.linalg.norm(ta[:, low]) * np.linalg.norm(tb[:, low])
+    )
     assert corr > 0.95

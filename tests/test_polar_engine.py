@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from cryomatch.kernels.polar import angular_spectra, rotational_correlation
 
 

@@ -64,7 +64,9 @@ class ArrayWriter:
         return False
 
 
-def write_set(npy: str | os.PathLike, values, meta: dict, prov: dict, outputs: Outputs | None = None):
+def write_set(
+    npy: str | os.PathLike, values, meta: dict, prov: dict, outputs: Outputs | None = None
+):
     """Write a whole set (values in memory) and its .npz."""
     with ArrayWriter(npy, values.shape, outputs) as w:
         w.array[...] = values
@@ -72,8 +74,9 @@ def write_set(npy: str | os.PathLike, values, meta: dict, prov: dict, outputs: O
 
 
 def write_meta(npy: str | os.PathLike, meta: dict, prov: dict, outputs: Outputs | None = None):
-    write_npz(Path(npy).with_suffix(".npz"), outputs, provenance=json.dumps(prov, sort_keys=True),
-              **meta)
+    write_npz(
+        Path(npy).with_suffix(".npz"), outputs, provenance=json.dumps(prov, sort_keys=True), **meta
+    )
 
 
 class PolarSet:
@@ -92,22 +95,31 @@ class PolarSet:
                 self.meta = {k: z[k] for k in z.files}
         except (ValueError, OSError, EOFError) as exc:
             raise CryomatchError(f"not a readable cryomatch polar set ({exc})", npy) from exc
-        missing = [k for k in ("box", "radii", "shell_weights", "n_inplanes", "pixel_size", *required)
-                   if k not in self.meta]
+        missing = [
+            k
+            for k in ("box", "radii", "shell_weights", "n_inplanes", "pixel_size", *required)
+            if k not in self.meta
+        ]
         if missing:
             raise CryomatchError(f"metadata lacks {', '.join(missing)}", meta_path)
         self.path = npy
         self.grid = PolarGrid.from_dict(self.meta)
         self.pixel_size = float(self.meta["pixel_size"])
         n = len(self.values)
-        if self.values.ndim != 3 or self.values.shape[1:] != (self.grid.n_shells, self.grid.n_inplanes):
+        if self.values.ndim != 3 or self.values.shape[1:] != (
+            self.grid.n_shells,
+            self.grid.n_inplanes,
+        ):
             raise CryomatchError(
                 f"array shape {self.values.shape} does not match the grid "
-                f"({self.grid.n_shells} shells x {self.grid.n_inplanes} angles)", npy)
+                f"({self.grid.n_shells} shells x {self.grid.n_inplanes} angles)",
+                npy,
+            )
         for key in required:
             if np.ndim(self.meta[key]) >= 1 and len(self.meta[key]) != n:
-                raise CryomatchError(f"metadata {key} has {len(self.meta[key])} entries for {n} items",
-                                     meta_path)
+                raise CryomatchError(
+                    f"metadata {key} has {len(self.meta[key])} entries for {n} items", meta_path
+                )
 
     def __len__(self) -> int:
         return len(self.values)

@@ -27,10 +27,26 @@ MODEL_SUFFIXES = {".pdb", ".ent", ".cif", ".mmcif"}
 
 # residue volumes in A^3 (Zamyatnin 1972)
 RESIDUE_VOLUMES = {
-    "GLY": 60.1, "ALA": 88.6, "SER": 89.0, "CYS": 108.5, "ASP": 111.1, "PRO": 112.7,
-    "ASN": 114.1, "THR": 116.1, "GLU": 138.4, "VAL": 140.0, "GLN": 143.8, "HIS": 153.2,
-    "MET": 162.9, "ILE": 166.7, "LEU": 166.7, "LYS": 168.6, "ARG": 173.4, "PHE": 189.9,
-    "TYR": 193.6, "TRP": 227.8,
+    "GLY": 60.1,
+    "ALA": 88.6,
+    "SER": 89.0,
+    "CYS": 108.5,
+    "ASP": 111.1,
+    "PRO": 112.7,
+    "ASN": 114.1,
+    "THR": 116.1,
+    "GLU": 138.4,
+    "VAL": 140.0,
+    "GLN": 143.8,
+    "HIS": 153.2,
+    "MET": 162.9,
+    "ILE": 166.7,
+    "LEU": 166.7,
+    "LYS": 168.6,
+    "ARG": 173.4,
+    "PHE": 189.9,
+    "TYR": 193.6,
+    "TRP": 227.8,
 }
 _DEFAULT_VOLUME = 140.0
 
@@ -47,7 +63,8 @@ def structure_kind(path: str | os.PathLike) -> str:
         return "model"
     raise CryomatchError(
         f"unknown structure file type {suffix or '(none)'!r}: use an MRC map "
-        f"({', '.join(sorted(MAP_SUFFIXES))}) or an atomic model ({', '.join(sorted(MODEL_SUFFIXES))})",
+        f"({', '.join(sorted(MAP_SUFFIXES))}) or an atomic model "
+        f"({', '.join(sorted(MODEL_SUFFIXES))})",
         path,
     )
 

@@ -60,8 +60,10 @@ def displacement_grid(max_displacement: float, n_x: int, n_y: int) -> np.ndarray
         return np.zeros((1, 2))
     if n_x < 1 or n_y < 1:
         raise CryomatchError(f"n_displacements_x and _y must be at least 1, got {n_x}, {n_y}")
-    x, y = np.meshgrid(np.linspace(-max_displacement, max_displacement, n_x),
-                       np.linspace(-max_displacement, max_displacement, n_y))
+    x, y = np.meshgrid(
+        np.linspace(-max_displacement, max_displacement, n_x),
+        np.linspace(-max_displacement, max_displacement, n_y),
+    )
     return np.stack([x.ravel(), y.ravel()], axis=1)
 
 
@@ -69,7 +71,9 @@ def bioem_constant(n_pixels: int, syy) -> np.ndarray:
     """The pose-independent part of log L per image: lgamma((N-2)/2) - log 2 -
     (N-2)/2 log(pi S_yy)."""
     syy = np.asarray(syy, dtype=np.float64)
-    return gammaln((n_pixels - 2) / 2.0) - math.log(2.0) - (n_pixels - 2) / 2.0 * np.log(np.pi * syy)
+    return (
+        gammaln((n_pixels - 2) / 2.0) - math.log(2.0) - (n_pixels - 2) / 2.0 * np.log(np.pi * syy)
+    )
 
 
 def bioem_log_likelihood(rho, scc, syy, n_pixels: int):
@@ -139,15 +143,19 @@ class TemplateBank:
         """View indices of each chunk, in a fixed pseudo-random order (every chunk and
         block samples the whole sphere)."""
         order = np.random.default_rng(0).permutation(self.n_templates)
-        return [order[lo : lo + self.chunk_size] for lo in range(0, self.n_templates, self.chunk_size)]
+        return [
+            order[lo : lo + self.chunk_size] for lo in range(0, self.n_templates, self.chunk_size)
+        ]
 
     def coefficients(self, index):
         """(per q (H_q, len(index)), per q (H'_q, len(index))) complex64 for these views."""
         xp = array_module(self.bases[0])
         if self.cache is not None:
             sel = xp.asarray(index)
-            return ([xp.ascontiguousarray(c[:, sel]) for c in self.cache[0]],
-                    [xp.ascontiguousarray(c[:, sel]) for c in self.cache[1]])
+            return (
+                [xp.ascontiguousarray(c[:, sel]) for c in self.cache[0]],
+                [xp.ascontiguousarray(c[:, sel]) for c in self.cache[1]],
+            )
         order = np.argsort(index)  # read the memory map in file order
         chunk = np.asarray(self.source[np.asarray(index)[order]])
         coefs, power = _project(chunk, self, xp)
@@ -160,17 +168,40 @@ def _project(chunk, bank: TemplateBank, xp):
     (B the sqrt(w)-weighted spectra, so that X = (y sqrt(w) V) @ coefficients)."""
     q_count = len(bank.bases)
     spectra, power = _spectra(chunk, q_count)
-    coefs = [xp.asarray(np.ascontiguousarray(
-        (spectra[:, :, q] @ to_numpy(bank.bases[q]).astype(np.complex128)).conj().T.astype(np.complex64)))
-        for q in range(q_count)]
-    pcoefs = [xp.asarray(np.ascontiguousarray(
-        (power[:, :, q] @ to_numpy(bank.power_bases[q]).astype(np.complex128)).conj().T.astype(np.complex64)))
-        for q in range(q_count)]
+    coefs = [
+        xp.asarray(
+            np.ascontiguousarray(
+                (spectra[:, :, q] @ to_numpy(bank.bases[q]).astype(np.complex128))
+                .conj()
+                .T.astype(np.complex64)
+            )
+        )
+        for q in range(q_count)
+    ]
+    pcoefs = [
+        xp.asarray(
+            np.ascontiguousarray(
+                (power[:, :, q] @ to_numpy(bank.power_bases[q]).astype(np.complex128))
+                .conj()
+                .T.astype(np.complex64)
+            )
+        )
+        for q in range(q_count)
+    ]
     return coefs, pcoefs
 
 
-def prepare_templates(templates, grid: PolarGrid, view_weights, dc, tolerance: float = 1e-4,
-                      xp=np, max_bytes: float = 512e6, chunk: int = 256, min_chunk: int = 64) -> TemplateBank:
+def prepare_templates(
+    templates,
+    grid: PolarGrid,
+    view_weights,
+    dc,
+    tolerance: float = 1e-4,
+    xp=np,
+    max_bytes: float = 512e6,
+    chunk: int = 256,
+    min_chunk: int = 64,
+) -> TemplateBank:
     """Per-q compression of templates (S, R, W) complex (a memory map is fine: read in
     chunks of ``chunk`` views, so memory does not grow with S beyond the coefficients).
 
@@ -183,7 +214,9 @@ def prepare_templates(templates, grid: PolarGrid, view_weights, dc, tolerance: f
     """
     s, r, w = templates.shape
     if w != grid.n_inplanes or r != grid.n_shells:
-        raise CryomatchError(f"templates are {r} x {w} but the polar grid is {grid.n_shells} x {grid.n_inplanes}")
+        raise CryomatchError(
+            f"templates are {r} x {w} but the polar grid is {grid.n_shells} x {grid.n_inplanes}"
+        )
     q_count = w // 2 + 1
     sw = np.sqrt(grid.weights)
     grams = np.zeros((q_count, r, r), dtype=np.complex128)
@@ -199,9 +232,13 @@ def prepare_templates(templates, grid: PolarGrid, view_weights, dc, tolerance: f
     power_bases, _ = _bases(pgrams, tolerance)
     weights = np.asarray(view_weights, dtype=np.float64)
     bank = TemplateBank(
-        bases=[xp.asarray(np.ascontiguousarray((sw[:, None] * v).astype(np.complex64))) for v in bases],
-        power_bases=[xp.asarray(np.ascontiguousarray((sw[:, None] * v).astype(np.complex64)))
-                     for v in power_bases],
+        bases=[
+            xp.asarray(np.ascontiguousarray((sw[:, None] * v).astype(np.complex64))) for v in bases
+        ],
+        power_bases=[
+            xp.asarray(np.ascontiguousarray((sw[:, None] * v).astype(np.complex64)))
+            for v in power_bases
+        ],
         dc=np.asarray(dc, dtype=np.float64).reshape(-1) * np.ones(s),
         log_weights=np.log(weights / weights.sum()),
         n_inplanes=w,
@@ -213,8 +250,10 @@ def prepare_templates(templates, grid: PolarGrid, view_weights, dc, tolerance: f
     per_view = 8 * (sum(bank.ranks) + sum(v.shape[1] for v in power_bases))
     if per_view * s <= max_bytes:
         parts = [_project(templates[lo : lo + chunk], bank, xp) for lo in range(0, s, chunk)]
-        bank.cache = tuple([xp.concatenate([p[i][q] for p in parts], axis=1) for q in range(q_count)]
-                           for i in range(2))
+        bank.cache = tuple(
+            [xp.concatenate([p[i][q] for p in parts], axis=1) for q in range(q_count)]
+            for i in range(2)
+        )
         bank.source = None
     else:
         bank.chunk_size = max(min_chunk, int(max_bytes // per_view))
@@ -248,8 +287,17 @@ def shift_phases(grid: PolarGrid, displacements, xp=np, half: bool = False):
     return xp.asarray(np.exp(2j * np.pi * phase).astype(np.complex64))
 
 
-def prepare_images(values, ctf, syy, ctf0, grid: PolarGrid, bank: TemplateBank, displacements,
-                   centres=None, group: int = 4) -> ImageBatch:
+def prepare_images(
+    values,
+    ctf,
+    syy,
+    ctf0,
+    grid: PolarGrid,
+    bank: TemplateBank,
+    displacements,
+    centres=None,
+    group: int = 4,
+) -> ImageBatch:
     """CTF-multiplied, displaced, compressed images (and their |CTF|^2 for S_cc).
 
     values (M, R, W) complex: transforms of the mean-removed images; ctf (M, R, W) real;
@@ -270,7 +318,9 @@ def prepare_images(values, ctf, syy, ctf0, grid: PolarGrid, bank: TemplateBank, 
     weighted = xp.ascontiguousarray(xp.moveaxis(values[..., :half] * ctf[..., :half], -1, 0))
     shared = None
     if centres is None:
-        shared = xp.ascontiguousarray(xp.moveaxis(shift_phases(grid, d, xp, half=True), -1, 0))  # (W/2, D, R)
+        shared = xp.ascontiguousarray(
+            xp.moveaxis(shift_phases(grid, d, xp, half=True), -1, 0)
+        )  # (W/2, D, R)
     projected = [xp.empty((m * dcount, b.shape[1]), dtype=xp.complex64) for b in bank.bases]
     for g0 in range(0, m, group):
         g1 = min(m, g0 + group)
@@ -280,23 +330,35 @@ def prepare_images(values, ctf, syy, ctf0, grid: PolarGrid, bank: TemplateBank, 
         else:
             phases = shared[:, None]
         shifted = weighted[:, g0:g1, None, :] * phases  # (W/2, g, D, R)
-        spectra = hermitian_angular_spectra(shifted, w, axis=0).reshape(q_count, -1, r)  # (Q, g*D, R)
+        spectra = hermitian_angular_spectra(shifted, w, axis=0).reshape(
+            q_count, -1, r
+        )  # (Q, g*D, R)
         for q in range(q_count):
             xp.matmul(spectra[q], bank.bases[q], out=projected[q][g0 * dcount : g1 * dcount])
     # |CTF|^2 spectra in the power bases, for S_cc(m, s, k) (see :func:`_scc`)
     c2 = xp.moveaxis(fft.rfft(ctf * ctf, axis=-1), -1, 0)  # (Q, M, R)
     power = [xp.ascontiguousarray(c2[q]) @ bank.power_bases[q] for q in range(q_count)]
-    return ImageBatch(projected, power, np.asarray(syy, dtype=np.float64), np.asarray(ctf0, dtype=np.float64),
-                      grid.box * grid.box, dcount)
+    return ImageBatch(
+        projected,
+        power,
+        np.asarray(syy, dtype=np.float64),
+        np.asarray(ctf0, dtype=np.float64),
+        grid.box * grid.box,
+        dcount,
+    )
 
 
 def _scc(batch: ImageBatch, power_coefficients, dc, w: int):
     """S_cc(k, m, s) = sum_r w_r sum_l C_m^2(l) |T_s|^2(l - k) - (C_m(0) T_s(0))^2 / N for the
     views of ``power_coefficients``: (W, M, S) float32."""
     xp = array_module(batch.power[0])
-    prod = xp.stack([p @ c for p, c in zip(batch.power, power_coefficients, strict=True)])  # (Q, M, S)
+    prod = xp.stack(
+        [p @ c for p, c in zip(batch.power, power_coefficients, strict=True)]
+    )  # (Q, M, S)
     scc = fft_module(xp).irfft(prod, n=w, axis=0)
-    scc -= xp.asarray(((batch.ctf0[:, None] * dc[None, :]) ** 2 / batch.n_pixels).astype(np.float32))
+    scc -= xp.asarray(
+        ((batch.ctf0[:, None] * dc[None, :]) ** 2 / batch.n_pixels).astype(np.float32)
+    )
     return xp.maximum(scc, 1e-30)
 
 
@@ -395,9 +457,15 @@ class _Block:
         return self.views.shape[1]
 
 
-def search(batch: ImageBatch, bank: TemplateBank, template_block: int = 32,
-           ll_tolerance: float = 1e-4, prune: bool = True, full_output=None,
-           seed_views: int = 8) -> SearchResult:
+def search(
+    batch: ImageBatch,
+    bank: TemplateBank,
+    template_block: int = 32,
+    ll_tolerance: float = 1e-4,
+    prune: bool = True,
+    full_output=None,
+    seed_views: int = 8,
+) -> SearchResult:
     """Best pose and log-likelihoods of every image of ``batch`` against ``bank``.
 
     ``full_output``: an array-like (M, S, D, W) that receives every normalized
@@ -424,10 +492,20 @@ def search(batch: ImageBatch, bank: TemplateBank, template_block: int = 32,
         scc = _scc(batch, power, bank.dc[views], w)  # (W, M, c)
         inv = (1.0 / xp.sqrt(scc * syy)).astype(xp.float32)
         lscc = (-0.5 * xp.log(n * scc)).astype(xp.float32)
-        ctx = _Context(xp=xp, fft=fft_module(xp), w=w, half_n=(n - 2) / 2.0, dcount=dcount, inv=inv,
-                       lscc=lscc, lprior=lprior[views], cq=cq, view_ids=views,
-                       inv_rows=xp.ascontiguousarray(inv.reshape(w, -1).T),
-                       lscc_rows=xp.ascontiguousarray(lscc.reshape(w, -1).T))
+        ctx = _Context(
+            xp=xp,
+            fft=fft_module(xp),
+            w=w,
+            half_n=(n - 2) / 2.0,
+            dcount=dcount,
+            inv=inv,
+            lscc=lscc,
+            lprior=lprior[views],
+            cq=cq,
+            view_ids=views,
+            inv_rows=xp.ascontiguousarray(inv.reshape(w, -1).T),
+            lscc_rows=xp.ascontiguousarray(lscc.reshape(w, -1).T),
+        )
         if prune and seed_views > 0:
             _seed(acc, ctx, batch, coefficients, seed_views)
         lo, step = 0, min(template_block, 8 if c == 0 else template_block)
@@ -470,9 +548,13 @@ def _search_block(acc, ctx, batch, coefficients, local, prune, full_output) -> i
     block = _Block(x, np.broadcast_to(local, (m, sb)))
     if not prune:
         everything = np.arange(m * dcount * sb)
-        cc = _evaluate(acc, ctx, block, everything, chunk=len(everything) if full_output is not None else 1024)
+        cc = _evaluate(
+            acc, ctx, block, everything, chunk=len(everything) if full_output is not None else 1024
+        )
         if full_output is not None:
-            full_output[:, ctx.view_ids[local]] = to_numpy(xp.transpose(cc.reshape(m, dcount, sb, w), (0, 2, 1, 3)))
+            full_output[:, ctx.view_ids[local]] = to_numpy(
+                xp.transpose(cc.reshape(m, dcount, sb, w), (0, 2, 1, 3))
+            )
         return len(everything)
     inv_max = ctx.inv[:, :, sel].max(axis=0)  # (M, Sb)
     view_ll_max = to_numpy(ctx.lscc[:, :, sel].max(axis=0)) + ctx.lprior[local][None, :]
@@ -496,19 +578,29 @@ def _seed(acc: _Accumulator, ctx: _Context, batch: ImageBatch, coefficients, k: 
     k = min(k, n_views)
     centre = dcount // 2  # the grid's middle point (0, 0) for odd sizes
     rows = xp.asarray(np.arange(m) * dcount + centre)
-    x0 = xp.stack([xp.take(p, rows, axis=0) @ c for p, c in zip(batch.projected, coefficients, strict=True)])
+    x0 = xp.stack(
+        [xp.take(p, rows, axis=0) @ c for p, c in zip(batch.projected, coefficients, strict=True)]
+    )
     rho0 = (ctx.fft.irfft(x0, n=ctx.w, axis=0) * ctx.inv).max(axis=0)  # (M, S)
     top = np.argpartition(-to_numpy(rho0), k - 1, axis=1)[:, :k]  # (M, k)
     top_x = xp.asarray(top)
-    x = xp.stack([
-        xp.matmul(p.reshape(m, dcount, -1), xp.moveaxis(c[:, top_x], 1, 0))  # (M, D, k)
-        for p, c in zip(batch.projected, coefficients, strict=True)
-    ]).reshape(len(batch.projected), m * dcount, k)
+    x = xp.stack(
+        [
+            xp.matmul(p.reshape(m, dcount, -1), xp.moveaxis(c[:, top_x], 1, 0))  # (M, D, k)
+            for p, c in zip(batch.projected, coefficients, strict=True)
+        ]
+    ).reshape(len(batch.projected), m * dcount, k)
     _evaluate(acc, ctx, _Block(x, top), np.arange(m * dcount * k), accumulate=False)
 
 
-def _evaluate(acc: _Accumulator, ctx: _Context, block: _Block, flat: np.ndarray,
-              accumulate: bool = True, chunk: int = 1024):
+def _evaluate(
+    acc: _Accumulator,
+    ctx: _Context,
+    block: _Block,
+    flat: np.ndarray,
+    accumulate: bool = True,
+    chunk: int = 1024,
+):
     """Exact rho and log L over all rotations for the triples ``flat`` (indices into
     (M*D, Sb)), in cache-sized chunks; folds them into ``acc``. Returns rho (len(flat), W)
     when ``chunk`` covers them all (the dense path), else None."""
@@ -525,7 +617,9 @@ def _evaluate_chunk(acc, ctx, block, flat, accumulate):
     img = rows // ctx.dcount
     views = block.views[img, cols]
     q_count = block.x.shape[0]
-    spectra = xp.ascontiguousarray(xp.take(block.x.reshape(q_count, -1), xp.asarray(flat), axis=1).T)
+    spectra = xp.ascontiguousarray(
+        xp.take(block.x.reshape(q_count, -1), xp.asarray(flat), axis=1).T
+    )
     rho = ctx.fft.irfft(spectra, n=ctx.w, axis=-1)  # (n, W)
     pair = xp.asarray(img * ctx.inv.shape[2] + views)  # (image, view) row of inv_rows, lscc_rows
     rho *= xp.take(ctx.inv_rows, pair, axis=0)
@@ -540,7 +634,14 @@ def _evaluate_chunk(acc, ctx, block, flat, accumulate):
     at_best = xp.take_along_axis(pose, rot[:, None], axis=1)[:, 0]
     pose += xp.asarray(ctx.lprior[views].astype(np.float32))[:, None]
     top = pose.max(axis=1)
-    acc.add_best(img, to_numpy(best), ctx.view_ids[views], rows % ctx.dcount, to_numpy(rot), to_numpy(at_best))
+    acc.add_best(
+        img,
+        to_numpy(best),
+        ctx.view_ids[views],
+        rows % ctx.dcount,
+        to_numpy(rot),
+        to_numpy(at_best),
+    )
     top_host = to_numpy(top).astype(np.float64)
     acc.add_floor(img, top_host)
     if accumulate:

@@ -29,8 +29,9 @@ def nufft3d2(volume, kz, ky, kx, eps: float = 1e-6, method: str = "auto"):
     if method == "finufft":
         import finufft
 
-        return finufft.nufft3d2(2 * np.pi * kz, 2 * np.pi * ky, 2 * np.pi * kx, data,
-                                eps=eps, isign=-1)
+        return finufft.nufft3d2(
+            2 * np.pi * kz, 2 * np.pi * ky, 2 * np.pi * kx, data, eps=eps, isign=-1
+        )
     return _nufft3d2_numpy(data, (kz, ky, kx), eps)
 
 
@@ -40,7 +41,9 @@ def _kernel(eps: float):
 
     def phi(t):  # t in fine-grid units, support |t| < width / 2
         z = np.clip(2.0 * t / width, -1.0, 1.0)
-        return np.where(np.abs(2.0 * t / width) < 1.0, np.exp(beta * (np.sqrt(1.0 - z * z) - 1.0)), 0.0)
+        return np.where(
+            np.abs(2.0 * t / width) < 1.0, np.exp(beta * (np.sqrt(1.0 - z * z) - 1.0)), 0.0
+        )
 
     def phi_hat(xi):  # integral of phi(t) exp(-2 pi i xi t) dt (real, even), by quadrature
         z, wz = leggauss(4 * width + 40)
@@ -61,11 +64,17 @@ class MapInterpolator:
         # V'(X) = V(X) / phi_hat(X / N') per axis, placed at X mod N' in the fine grid
         offsets = [np.arange(n) - n // 2 for n in shape]
         corr = [1.0 / phi_hat(o / nf) for o, nf in zip(offsets, self.fine, strict=True)]
-        scaled = np.asarray(volume, dtype=np.complex128) * corr[0][:, None, None] * corr[1][None, :, None] \
+        scaled = (
+            np.asarray(volume, dtype=np.complex128)
+            * corr[0][:, None, None]
+            * corr[1][None, :, None]
             * corr[2][None, None, :]
+        )
         padded = np.zeros(self.fine, dtype=np.complex128)
         padded[np.ix_(*[o % nf for o, nf in zip(offsets, self.fine, strict=True)])] = scaled
-        self.grid = np.fft.fftn(padded).astype(np.complex64)  # G[m] = sum V'(X) e^{-2 pi i m X / N'}
+        self.grid = np.fft.fftn(padded).astype(
+            np.complex64
+        )  # G[m] = sum V'(X) e^{-2 pi i m X / N'}
 
     def at(self, kz, ky, kx, chunk: int = 8192) -> np.ndarray:
         points = [np.ravel(k).astype(np.float64) for k in (kz, ky, kx)]
@@ -78,7 +87,9 @@ class MapInterpolator:
                 m = np.ceil(u - self.width / 2.0)[:, None] + steps  # (p, w) neighbours
                 wts.append(self.phi(u[:, None] - m).astype(np.float32))
                 idx.append(m.astype(np.int64) % nf)
-            values = self.grid[idx[0][:, :, None, None], idx[1][:, None, :, None], idx[2][:, None, None, :]]
+            values = self.grid[
+                idx[0][:, :, None, None], idx[1][:, None, :, None], idx[2][:, None, None, :]
+            ]
             out[lo : lo + chunk] = np.einsum("pa,pb,pc,pabc->p", *wts, values, optimize=True)
         return out
 

@@ -49,11 +49,11 @@ class PolarGrid:
 
     @property
     def weights(self) -> np.ndarray:
-        """Per-ring weights w_j of every point on shell j (sum over rings * n_inplanes = disc area)."""
+        """Weight w_j of every point on shell j (sum of w_j x n_inplanes = the disc's area)."""
         return self.shell_weights * (2.0 * np.pi / self.n_inplanes)
 
     def points(self, half: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(kx, ky) in cycles per pixel, shape (n_shells, n_angles); ``half``: first half of the angles."""
+        """(kx, ky) in cycles per pixel, (n_shells, n_angles); ``half``: first half of angles."""
         theta = self.angles[: self.n_inplanes // 2] if half else self.angles
         return self.radii[:, None] * np.cos(theta), self.radii[:, None] * np.sin(theta)
 
@@ -67,8 +67,12 @@ class PolarGrid:
 
     @classmethod
     def from_dict(cls, d) -> PolarGrid:
-        return cls(int(d["box"]), np.asarray(d["radii"]), np.asarray(d["shell_weights"]),
-                   int(d["n_inplanes"]))
+        return cls(
+            int(d["box"]),
+            np.asarray(d["radii"]),
+            np.asarray(d["shell_weights"]),
+            int(d["n_inplanes"]),
+        )
 
     def same_as(self, other: PolarGrid) -> bool:
         return (
@@ -158,8 +162,9 @@ def polar_transform(images, grid: PolarGrid, method: str = "auto", matrices=None
         kx, ky = grid.points(half=True)
         # modes -n/2..(n-1)/2 are pixel offsets ix - n//2 (y first: the array is (y, x))
         data = np.ascontiguousarray(np.asarray(images, dtype=np.complex128))
-        out = finufft.nufft2d2(2 * np.pi * ky.ravel(), 2 * np.pi * kx.ravel(), data,
-                               eps=1e-7, isign=-1)
+        out = finufft.nufft2d2(
+            2 * np.pi * ky.ravel(), 2 * np.pi * kx.ravel(), data, eps=1e-7, isign=-1
+        )
         values = out.reshape(n, grid.n_shells, half).astype(np.complex64)
     elif method == "dft":
         values = xp.empty((n, grid.n_shells, half), dtype=xp.complex64)

@@ -24,7 +24,9 @@ def rho_at_pose(values, ctf, syy, ctf0, grid: PolarGrid, template_half, dc, shif
     of the angles (R, W/2), moved by ``shift_px`` (x, y pixels of the particle)."""
     kx, ky = grid.points(half=True)
     half = grid.n_inplanes // 2
-    model = ctf[:, :half] * template_half * np.exp(-2j * np.pi * (kx * shift_px[0] + ky * shift_px[1]))
+    model = (
+        ctf[:, :half] * template_half * np.exp(-2j * np.pi * (kx * shift_px[0] + ky * shift_px[1]))
+    )
     w = grid.weights[:, None]
     # sums over the full circle are twice the real part over the half (Hermitian values)
     cc = 2.0 * np.sum(w * values[:, :half] * np.conj(model)).real
@@ -32,8 +34,20 @@ def rho_at_pose(values, ctf, syy, ctf0, grid: PolarGrid, template_half, dc, shif
     return cc / np.sqrt(syy * max(scc, 1e-30))
 
 
-def refine_pose(values, ctf, syy, ctf0, grid: PolarGrid, slicer, dc, matrix, shift_px,
-                angle_step_deg: float, shift_step_px: float, max_evaluations: int = 200):
+def refine_pose(
+    values,
+    ctf,
+    syy,
+    ctf0,
+    grid: PolarGrid,
+    slicer,
+    dc,
+    matrix,
+    shift_px,
+    angle_step_deg: float,
+    shift_step_px: float,
+    max_evaluations: int = 200,
+):
     """(matrix, shift_px, rho) after local refinement of one image's pose (see module doc).
     ``slicer(points (..., 3) cycles/pixel as (x, y, z))`` returns the structure's transform."""
     matrix = np.asarray(matrix, dtype=np.float64)
@@ -46,12 +60,22 @@ def refine_pose(values, ctf, syy, ctf0, grid: PolarGrid, slicer, dc, matrix, shi
 
     def cost(p):
         a, d = pose(p)
-        return -rho_at_pose(values, ctf, syy, ctf0, grid, slicer(slice_points(grid, a[None])[0]), dc, d)
+        return -rho_at_pose(
+            values, ctf, syy, ctf0, grid, slicer(slice_points(grid, a[None])[0]), dc, d
+        )
 
     simplex = np.vstack([np.zeros(5), 0.5 * np.eye(5)])
-    result = minimize(cost, np.zeros(5), method="Nelder-Mead",
-                      options={"initial_simplex": simplex, "xatol": 0.02, "fatol": 1e-5,
-                               "maxfev": max_evaluations})
+    result = minimize(
+        cost,
+        np.zeros(5),
+        method="Nelder-Mead",
+        options={
+            "initial_simplex": simplex,
+            "xatol": 0.02,
+            "fatol": 1e-5,
+            "maxfev": max_evaluations,
+        },
+    )
     best = result.x if result.fun <= cost(np.zeros(5)) else np.zeros(5)
     a, d = pose(best)
     return a, d, -cost(best)
@@ -61,7 +85,9 @@ def map_slicer(interpolator):
     """slicer for a map: its DFT at (x, y, z) points through a :class:`~.nufft.MapInterpolator`."""
 
     def slicer(points):
-        return interpolator.at(points[..., 2], points[..., 1], points[..., 0]).reshape(points.shape[:-1])
+        return interpolator.at(points[..., 2], points[..., 1], points[..., 0]).reshape(
+            points.shape[:-1]
+        )
 
     return slicer
 
@@ -74,7 +100,9 @@ def atom_slicer(coords_px, amplitudes, sigmas_px):
 
     def slicer(points):
         flat = points.reshape(-1, 3)
-        arg = -2j * np.pi * (flat @ coords.T) - 2 * np.pi**2 * np.outer(np.sum(flat * flat, axis=1), sig2)
+        arg = -2j * np.pi * (flat @ coords.T) - 2 * np.pi**2 * np.outer(
+            np.sum(flat * flat, axis=1), sig2
+        )
         return (np.exp(arg) @ strength).reshape(points.shape[:-1])
 
     return slicer

@@ -48,11 +48,20 @@ def slice_points(grid: PolarGrid, matrices) -> np.ndarray:
     kx, ky = grid.points(half=True)
     matrices = np.asarray(matrices, dtype=np.float64).reshape(-1, 3, 3)
     # (A^T k)_i = sum_j A_ji k_j with k = (kx, ky, 0)
-    return kx[None, :, :, None] * matrices[:, None, None, 0, :] + ky[None, :, :, None] * matrices[:, None, None, 1, :]
+    return (
+        kx[None, :, :, None] * matrices[:, None, None, 0, :]
+        + ky[None, :, :, None] * matrices[:, None, None, 1, :]
+    )
 
 
-def map_templates(volume, grid: PolarGrid, matrices, eps: float = 1e-6, method: str = "auto",
-                  chunk_points: int = 2_000_000):
+def map_templates(
+    volume,
+    grid: PolarGrid,
+    matrices,
+    eps: float = 1e-6,
+    method: str = "auto",
+    chunk_points: int = 2_000_000,
+):
     """Central slices of a (z, y, x) map on the polar grid: complex64 (S, R, W)."""
     points = slice_points(grid, matrices)
     s, r, h, _ = points.shape
@@ -64,8 +73,15 @@ def map_templates(volume, grid: PolarGrid, matrices, eps: float = 1e-6, method: 
     return full_circle(out.reshape(s, r, h))
 
 
-def atom_templates(coords_px, amplitudes, sigmas_px, grid: PolarGrid, matrices,
-                   method: str = "auto", chunk: int = 4_000_000):
+def atom_templates(
+    coords_px,
+    amplitudes,
+    sigmas_px,
+    grid: PolarGrid,
+    matrices,
+    method: str = "auto",
+    chunk: int = 4_000_000,
+):
     """Exact transforms of Gaussian-atom projections on the polar grid: complex64 (S, R, W).
 
     coords_px (a, 3) x, y, z in pixels about the centre; amplitudes (a,) peak densities;
@@ -92,12 +108,15 @@ def atom_templates(coords_px, amplitudes, sigmas_px, grid: PolarGrid, matrices,
             g = sigmas == sigma
             x = [np.ascontiguousarray(coords[g, i]) for i in range(3)]
             total += np.exp(-2 * np.pi**2 * sigma**2 * k2) * finufft.nufft3d3(
-                *x, strength[g].astype(np.complex128), *k, eps=1e-7, isign=-1)
+                *x, strength[g].astype(np.complex128), *k, eps=1e-7, isign=-1
+            )
     else:  # direct sum in blocks: exp(-2 pi i k.x - 2 pi^2 s^2 |k|^2) per (point, atom)
         step = max(1, chunk // len(coords))
         for lo in range(0, len(flat), step):
             p = flat[lo : lo + step]
-            arg = -2j * np.pi * (p @ coords.T) - 2 * np.pi**2 * np.outer(k2[lo : lo + step], sigmas**2)
+            arg = -2j * np.pi * (p @ coords.T) - 2 * np.pi**2 * np.outer(
+                k2[lo : lo + step], sigmas**2
+            )
             total[lo : lo + step] = np.exp(arg) @ strength
     return full_circle(total.reshape(s, r, h).astype(np.complex64))
 

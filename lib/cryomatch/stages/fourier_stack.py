@@ -54,7 +54,9 @@ def fourier_stack(
         grid = polar_grid(box, resolution_factor, n_inplanes)
         if method not in ("auto", "dft", "finufft"):
             raise CryomatchError(f"unknown polar transform method {method!r} (auto, dft, finufft)")
-        matrices = dft_matrices(grid) if method == "dft" or (method == "auto" and xp is not np) else None
+        matrices = (
+            dft_matrices(grid) if method == "dft" or (method == "auto" and xp is not np) else None
+        )
         n = len(particles)
         means, sums = np.empty(n), np.empty(n)
         with ArrayWriter(npy, (n, grid.n_shells, grid.n_inplanes), outputs) as writer:
@@ -68,11 +70,15 @@ def fourier_stack(
                 batch = xp.asarray(images.astype(np.float32))
                 chosen = "dft" if matrices is not None else method
                 writer.array[start : start + len(images)] = to_numpy(
-                    polar_transform(batch, grid, chosen, matrices))
+                    polar_transform(batch, grid, chosen, matrices)
+                )
                 bar.update(len(images))
             bar.close()
-        origin = table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(dtype=np.float64) \
-            if {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(table) else np.zeros((n, 2))
+        origin = (
+            table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(dtype=np.float64)
+            if {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(table)
+            else np.zeros((n, 2))
+        )
         meta = {
             **grid_fields(grid, resolution_factor),
             "pixel_size": pixel,
@@ -81,8 +87,12 @@ def fourier_stack(
             "image_mean": means,
             "image_ss": sums,
             "prior_displacement": geometry.displacement_from_origin(origin) / pixel,
-            "image_names": np.array([f"{i + 1:06d}@{Path(f).name}" for i, f in
-                                     zip(table["image_index"], table["image_file"], strict=True)]),
+            "image_names": np.array(
+                [
+                    f"{i + 1:06d}@{Path(f).name}"
+                    for i, f in zip(table["image_index"], table["image_file"], strict=True)
+                ]
+            ),
         }
         write_meta(npy, meta, prov, outputs)
     return npy
@@ -91,15 +101,30 @@ def fourier_stack(
 def add_arguments(p) -> None:
     p.add_argument("--star", required=True, help="a preprocessed stack's STAR (stack_NNNNNN.star)")
     p.add_argument("--out", required=True, help="output folder (e.g. results/particles/fft)")
-    p.add_argument("--resolution-factor", type=float, default=1.0,
-                   help="largest polar radius as a multiple of Nyquist")
+    p.add_argument(
+        "--resolution-factor",
+        type=float,
+        default=1.0,
+        help="largest polar radius as a multiple of Nyquist",
+    )
     p.add_argument("--n-inplanes", type=int, help="in-plane angles (default 2 x box)")
-    p.add_argument("--method", default="auto", choices=["auto", "dft", "finufft"],
-                   help="exact transform: direct DFT (matrix products) or finufft")
+    p.add_argument(
+        "--method",
+        default="auto",
+        choices=["auto", "dft", "finufft"],
+        help="exact transform: direct DFT (matrix products) or finufft",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="images transformed at a time")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
 
 
 def run(args) -> None:
-    fourier_stack(args.star, args.out, args.resolution_factor, args.n_inplanes, args.method,
-                  args.batch_size, args.backend)
+    fourier_stack(
+        args.star,
+        args.out,
+        args.resolution_factor,
+        args.n_inplanes,
+        args.method,
+        args.batch_size,
+        args.backend,
+    )

@@ -38,7 +38,7 @@ from .likelihood import output_paths
 
 def _stack_label(star: str | Path) -> str:
     stem = Path(star).stem
-    return stem[len("stack_"):] if stem.startswith("stack_") else stem
+    return stem[len("stack_") :] if stem.startswith("stack_") else stem
 
 
 def _load(path: Path) -> np.ndarray:
@@ -76,8 +76,11 @@ def likelihood_gather(
             p = output_paths(out, i, label, refine=True)
             view = _load(p["template"]).astype(np.int64)
             if len(view) != len(particles) or view.max(initial=0) >= len(tset):
-                raise CryomatchError(f"holds {len(view)} images (views < {len(tset)}) but the stack has "
-                                     f"{len(particles)}", p["template"])
+                raise CryomatchError(
+                    f"holds {len(view)} images (views < {len(tset)}) but the stack has "
+                    f"{len(particles)}",
+                    p["template"],
+                )
             rows["ll"].append(_load(p["ll_integrated"]))
             rows["llo"].append(_load(p["ll_optimal"]))
             rows["cc"].append(_load(p["cross_correlation"]))
@@ -99,12 +102,21 @@ def likelihood_gather(
     posterior = np.exp(ll[best, cols] - logsumexp(ll, axis=0))
     table = pd.concat([p.table for p in parts], ignore_index=True)
     optics = parts[0].optics
-    image_names = [f"{i + 1:06d}@{Path(f).name}" for i, f in zip(table["image_index"], table["image_file"], strict=True)]
-    origin = geometry.origin_from_displacement(np.stack([mats["x"][best, cols], mats["y"][best, cols]], axis=1))
+    image_names = [
+        f"{i + 1:06d}@{Path(f).name}"
+        for i, f in zip(table["image_index"], table["image_file"], strict=True)
+    ]
+    origin = geometry.origin_from_displacement(
+        np.stack([mats["x"][best, cols], mats["y"][best, cols]], axis=1)
+    )
     table = table.assign(
-        rlnAngleRot=mats["rot"][best, cols], rlnAngleTilt=mats["tilt"][best, cols],
-        rlnAnglePsi=mats["psi"][best, cols], rlnOriginXAngst=origin[:, 0], rlnOriginYAngst=origin[:, 1],
-        rlnClassNumber=best + 1, rlnLogLikeliContribution=ll[best, cols],
+        rlnAngleRot=mats["rot"][best, cols],
+        rlnAngleTilt=mats["tilt"][best, cols],
+        rlnAnglePsi=mats["psi"][best, cols],
+        rlnOriginXAngst=origin[:, 0],
+        rlnOriginYAngst=origin[:, 1],
+        rlnClassNumber=best + 1,
+        rlnLogLikeliContribution=ll[best, cols],
         rlnMaxValueProbDistribution=posterior,
     )
     csv = pd.DataFrame({"image": image_names})
@@ -124,7 +136,9 @@ def likelihood_gather(
     with Outputs() as outputs:
         write_npy(paths["matrix"], ll, outputs)
         write_csv(paths["csv"], csv, prov, outputs)
-        write_particles(paths["star"], Particles(table, optics), prov, outputs, image_names=image_names)
+        write_particles(
+            paths["star"], Particles(table, optics), prov, outputs, image_names=image_names
+        )
         save_png(difference_figure(ll, names), paths["png"], outputs)
         write_npy(paths["displacements"], disp.T, outputs)
     return paths
@@ -165,5 +179,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> None:
-    likelihood_gather(args.results, args.templates, args.stacks, args.max_displacement_pixels,
-                      args.n_displacements_x, args.n_displacements_y)
+    likelihood_gather(
+        args.results,
+        args.templates,
+        args.stacks,
+        args.max_displacement_pixels,
+        args.n_displacements_x,
+        args.n_displacements_y,
+    )

@@ -68,20 +68,33 @@ def make_templates(
         if volume.shape[0] != grid.box:
             raise CryomatchError(
                 f"the map's box is {volume.shape[0]} voxels but the particles' is {grid.box} "
-                "pixels after preprocessing (resample the map, or set preprocess.box)", structure)
+                "pixels after preprocessing (resample the map, or set preprocess.box)",
+                structure,
+            )
         if voxel is None:
-            warnings.warn(f"{structure}: no voxel size in the header; assuming the particles' "
-                          f"{pixel_size:g} A", CryomatchWarning, stacklevel=2)
+            warnings.warn(
+                f"{structure}: no voxel size in the header; assuming the particles' "
+                f"{pixel_size:g} A",
+                CryomatchWarning,
+                stacklevel=2,
+            )
         elif abs(voxel - pixel_size) > 0.01 * pixel_size:
             raise CryomatchError(
                 f"the map's voxel size {voxel:g} A differs from the particles' pixel size "
-                f"{pixel_size:g} A after preprocessing by more than 1%", structure)
+                f"{pixel_size:g} A after preprocessing by more than 1%",
+                structure,
+            )
         values = map_templates(volume, grid, matrices, method=method)
         dc = float(np.sum(volume, dtype=np.float64))
     else:
         atoms = read_model(structure, selection, atom_sigma)
-        values = atom_templates(atoms.coords / pixel_size, atoms.amplitudes * pixel_size**3,
-                                atoms.sigmas / pixel_size, grid, matrices)
+        values = atom_templates(
+            atoms.coords / pixel_size,
+            atoms.amplitudes * pixel_size**3,
+            atoms.sigmas / pixel_size,
+            grid,
+            matrices,
+        )
         dc = float(np.sum(atoms.amplitudes * (2 * np.pi * atoms.sigmas**2) ** 1.5))
     return values, rot, tilt, weights, dc, kind
 
@@ -102,14 +115,21 @@ def templates(
     stack = read_fourier_stack(grid_from)
     name = name or structure_name(structure)
     values, rot, tilt, weights, dc, kind = make_templates(
-        structure, stack.grid, stack.pixel_size, viewing_distance, selection, atom_sigma, method)
-    power = np.sum(weights[:, None] * stack.grid.weights[None, :]
-                   * np.sum(np.abs(values.astype(np.complex128)) ** 2, axis=-1))
+        structure, stack.grid, stack.pixel_size, viewing_distance, selection, atom_sigma, method
+    )
+    power = np.sum(
+        weights[:, None]
+        * stack.grid.weights[None, :]
+        * np.sum(np.abs(values.astype(np.complex128)) ** 2, axis=-1)
+    )
     if not power > 0:
         raise CryomatchError("the structure's projections are zero", structure)
     scale = 1.0 / np.sqrt(power)
     meta = {
-        **{k: stack.meta[k] for k in ("box", "radii", "shell_weights", "n_inplanes", "resolution_factor")},
+        **{
+            k: stack.meta[k]
+            for k in ("box", "radii", "shell_weights", "n_inplanes", "resolution_factor")
+        },
         "pixel_size": stack.pixel_size,
         "rot": rot,
         "tilt": tilt,
@@ -136,18 +156,38 @@ def write_template_list(path: str | Path, files: list[str]) -> None:
 
 def add_arguments(p) -> None:
     p.add_argument("--structure", help="MRC map or PDB/mmCIF model")
-    p.add_argument("--grid-from", help="a Fourier stack (.npy) whose grid, box and pixel size to use")
+    p.add_argument(
+        "--grid-from", help="a Fourier stack (.npy) whose grid, box and pixel size to use"
+    )
     p.add_argument("--out", help="output folder (e.g. results/templates)")
-    p.add_argument("--viewing-distance", type=float, default=0.25,
-                   help="spacing of viewing directions on the sphere (radians)")
-    p.add_argument("--atoms", default="all", choices=["all", "ca"],
-                   help="atomic models: all atoms, or C-alpha with per-residue radii")
-    p.add_argument("--atom-sigma", type=float, default=1.0, help="Gaussian width of atoms (A), all-atom")
+    p.add_argument(
+        "--viewing-distance",
+        type=float,
+        default=0.25,
+        help="spacing of viewing directions on the sphere (radians)",
+    )
+    p.add_argument(
+        "--atoms",
+        default="all",
+        choices=["all", "ca"],
+        help="atomic models: all atoms, or C-alpha with per-residue radii",
+    )
+    p.add_argument(
+        "--atom-sigma", type=float, default=1.0, help="Gaussian width of atoms (A), all-atom"
+    )
     p.add_argument("--name", help="template name (default: the structure's file name)")
-    p.add_argument("--method", default="auto", choices=["auto", "numpy", "finufft"],
-                   help="non-uniform FFT of maps")
-    p.add_argument("--list", nargs="*", metavar="NPY",
-                   help="instead: write OUT (a .npy path) listing these template files")
+    p.add_argument(
+        "--method",
+        default="auto",
+        choices=["auto", "numpy", "finufft"],
+        help="non-uniform FFT of maps",
+    )
+    p.add_argument(
+        "--list",
+        nargs="*",
+        metavar="NPY",
+        help="instead: write OUT (a .npy path) listing these template files",
+    )
 
 
 def run(args) -> None:
@@ -156,9 +196,24 @@ def run(args) -> None:
             raise CryomatchError("--list needs --out (the list file)")
         write_template_list(args.out, args.list)
         return
-    missing = [f for f, v in (("--structure", args.structure), ("--grid-from", args.grid_from),
-                              ("--out", args.out)) if not v]
+    missing = [
+        f
+        for f, v in (
+            ("--structure", args.structure),
+            ("--grid-from", args.grid_from),
+            ("--out", args.out),
+        )
+        if not v
+    ]
     if missing:
         raise CryomatchError(f"missing {', '.join(missing)}")
-    templates(args.structure, args.grid_from, args.out, args.viewing_distance, args.atoms,
-              args.atom_sigma, args.name, args.method)
+    templates(
+        args.structure,
+        args.grid_from,
+        args.out,
+        args.viewing_distance,
+        args.atoms,
+        args.atom_sigma,
+        args.name,
+        args.method,
+    )

@@ -37,6 +37,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from cryomatch import geometry  # noqa: E402
 from cryomatch.io.mrc import read_images, read_volume  # noqa: E402
+from cryomatch.io.particles import CTF_COLUMNS as REQUIRED_CTF  # noqa: E402
 from cryomatch.io.particles import read_particles  # noqa: E402
 from cryomatch.kernels import ctf as ctf_kernel  # noqa: E402
 from cryomatch.kernels import likelihood as lk  # noqa: E402
@@ -46,16 +47,7 @@ from cryomatch.stages.simulate.particles import simulate_particles  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 CRYOLIKE = 27.5e6  # pose evaluations per CPU-second, 64 px, 65 x 128, 49 displacements
-CTF_COLUMNS = (
-    "rlnDefocusU",
-    "rlnDefocusV",
-    "rlnDefocusAngle",
-    "rlnVoltage",
-    "rlnSphericalAberration",
-    "rlnAmplitudeContrast",
-    "rlnPhaseShift",
-    "rlnCtfBfactor",
-)
+CTF_COLUMNS = (*REQUIRED_CTF, "rlnPhaseShift", "rlnCtfBfactor")
 
 
 def matmul_rate(repeats: int = 5) -> float:

@@ -165,30 +165,23 @@ class TemplateBank:
 
 def _project(chunk, bank: TemplateBank, xp):
     """Coefficients of templates (c, R, W) in the bank's bases: conj(B V)^T = V^H B^H per q
-    (B the sqrt(w)-weighted spectra, so that X = (y sqrt(w) V) @ coefficients)."""
-    q_count = len(bank.bases)
-    spectra, power = _spectra(chunk, q_count)
-    coefs = [
-        xp.asarray(
-            np.ascontiguousarray(
-                (spectra[:, :, q] @ to_numpy(bank.bases[q]).astype(np.complex128))
-                .conj()
-                .T.astype(np.complex64)
+    (B the sqrt(w)-weighted spectra, so that X = (y sqrt(w) V) @ coefficients); the same for
+    the power spectra in the power bases."""
+    spectra, power = _spectra(chunk, len(bank.bases))
+
+    def coefficients(values, bases):
+        return [
+            xp.asarray(
+                np.ascontiguousarray(
+                    (values[:, :, q] @ to_numpy(b).astype(np.complex128))
+                    .conj()
+                    .T.astype(np.complex64)
+                )
             )
-        )
-        for q in range(q_count)
-    ]
-    pcoefs = [
-        xp.asarray(
-            np.ascontiguousarray(
-                (power[:, :, q] @ to_numpy(bank.power_bases[q]).astype(np.complex128))
-                .conj()
-                .T.astype(np.complex64)
-            )
-        )
-        for q in range(q_count)
-    ]
-    return coefs, pcoefs
+            for q, b in enumerate(bases)
+        ]
+
+    return coefficients(spectra, bank.bases), coefficients(power, bank.power_bases)
 
 
 def prepare_templates(

@@ -221,8 +221,8 @@ def prepare_templates(
         p = np.moveaxis(power * sw[:, None], -1, 0)
         pgrams += np.conj(p).transpose(0, 2, 1) @ p
     bases, error = _bases(grams, tolerance)
-    # S_cc enters rho and log L only through sqrt and log: the same tolerance is ample
-    power_bases, _ = _bases(pgrams, tolerance)
+    # S_cc sets each rho's scale: its bases are kept whole (exact; cheap, one product per image)
+    power_bases, _ = _bases(pgrams, 0.0)
     weights = np.asarray(view_weights, dtype=np.float64)
     bank = TemplateBank(
         bases=[
@@ -457,7 +457,7 @@ def search(
     ll_tolerance: float = 1e-4,
     prune: bool = True,
     full_output=None,
-    seed_views: int = 8,
+    seed_views: int = 16,
 ) -> SearchResult:
     """Best pose and log-likelihoods of every image of ``batch`` against ``bank``.
 
@@ -560,30 +560,39 @@ def _search_block(acc, ctx, batch, coefficients, local, prune, full_output) -> i
     return len(alive)
 
 
-def _seed(acc: _Accumulator, ctx: _Context, batch: ImageBatch, coefficients, k: int):
-    """Raise each image's best rho and pruning floor before a chunk's main pass: rho of every
-    view at the central displacement (1/D of the work), then every displacement of the
-    image's ``k`` best views, evaluated exactly (these count for the best pose and the floor
-    only; the main pass sums them into the likelihood)."""
+def _seed(
+    acc: _Accumulator, ctx: _Context, batch: ImageBatch, coefficients, k: int, rounds: int = 2
+):
+    """Raise each image's best rho and pruning floor before a chunk's main pass. Each round:
+    rho of every view at one displacement per image (1/D of the work; the centre first,
+    then the image's best so far), then every displacement of the image's ``k`` best views
+    there, evaluated exactly. These count for the best pose and the floor only (the main
+    pass sums them into the likelihood)."""
     xp = ctx.xp
     m, dcount = batch.n_images, batch.n_displacements
-    n_views = coefficients[0].shape[1]
-    k = min(k, n_views)
-    centre = dcount // 2  # the grid's middle point (0, 0) for odd sizes
-    rows = xp.asarray(np.arange(m) * dcount + centre)
-    x0 = xp.stack(
-        [xp.take(p, rows, axis=0) @ c for p, c in zip(batch.projected, coefficients, strict=True)]
-    )
-    rho0 = (ctx.fft.irfft(x0, n=ctx.w, axis=0) * ctx.inv).max(axis=0)  # (M, S)
-    top = np.argpartition(-to_numpy(rho0), k - 1, axis=1)[:, :k]  # (M, k)
-    top_x = xp.asarray(top)
-    x = xp.stack(
-        [
-            xp.matmul(p.reshape(m, dcount, -1), xp.moveaxis(c[:, top_x], 1, 0))  # (M, D, k)
-            for p, c in zip(batch.projected, coefficients, strict=True)
-        ]
-    ).reshape(len(batch.projected), m * dcount, k)
-    _evaluate(acc, ctx, _Block(x, top), np.arange(m * dcount * k), accumulate=False)
+    k = min(k, coefficients[0].shape[1])
+    where = np.full(m, dcount // 2)  # the grid's middle point, (0, 0) for odd sizes
+    for _ in range(rounds):
+        rows = xp.asarray(np.arange(m) * dcount + where)
+        x0 = xp.stack(
+            [
+                xp.take(p, rows, axis=0) @ c
+                for p, c in zip(batch.projected, coefficients, strict=True)
+            ]
+        )
+        rho0 = (ctx.fft.irfft(x0, n=ctx.w, axis=0) * ctx.inv).max(axis=0)  # (M, S)
+        top = np.argpartition(-to_numpy(rho0), k - 1, axis=1)[:, :k]  # (M, k)
+        top_x = xp.asarray(top)
+        x = xp.stack(
+            [
+                xp.matmul(p.reshape(m, dcount, -1), xp.moveaxis(c[:, top_x], 1, 0))  # (M, D, k)
+                for p, c in zip(batch.projected, coefficients, strict=True)
+            ]
+        ).reshape(len(batch.projected), m * dcount, k)
+        _evaluate(acc, ctx, _Block(x, top), np.arange(m * dcount * k), accumulate=False)
+        if np.array_equal(acc.displacement, where):
+            break
+        where = acc.displacement.copy()
 
 
 def _evaluate(

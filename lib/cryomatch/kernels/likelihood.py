@@ -289,7 +289,7 @@ def prepare_images(
     bank: TemplateBank,
     displacements,
     centres=None,
-    group: int = 4,
+    group: int = 2,
 ) -> ImageBatch:
     """CTF-multiplied, displaced, compressed images (and their |CTF|^2 for S_cc).
 

@@ -11,8 +11,9 @@ rotation is a cyclic shift along the angle, so for all W rotations at once
                    = irfft_q( sum_r w_r A_m,d(r, q) conj B_s(r, q) )[k]
 
 (A, B the angular spectra). The sum over r is a matrix product per q, compressed without
-loss at the working precision: per q an SVD of the templates [S x R] keeps the H_q <= R
-directions that carry all but ``tolerance^2`` of the templates' energy (a radial SVD in the
+loss at the working precision: per q the singular directions of the templates [S x R]
+(eigenvectors of their R x R Gram matrix, accumulated over chunks of views) keep the
+H_q <= R that carry all but ``tolerance^2`` of the templates' energy (a radial SVD in the
 spirit of Rangan 2023, Inverse Problems 39:024003), so the images are projected once onto
 H_q directions and the product is [M*D x H_q] @ [H_q x S].
 
@@ -35,7 +36,10 @@ Pruning (exact to a stated tolerance): |cc[k]| <= (|X_0| + 2 sum_q |X_q| + |X_W/
 the product spectrum X, so a (image, view, displacement) whose bound is below the image's
 best rho cannot hold its optimum, and one whose bound on log L is below the running maximum
 minus ``log(n_poses / ll_tolerance)`` adds at most ``ll_tolerance`` of the total; only the
-rest go through the inverse FFT.
+rest go through the inverse FFT. The bound is accumulated while each q's product is in
+cache. A seeding pass (every view at one displacement, then all displacements of the best
+views) and views taken in a pseudo-random order, in blocks growing from 8, bring each
+image's floor near its final value early.
 """
 
 from __future__ import annotations

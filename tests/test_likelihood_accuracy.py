@@ -41,7 +41,7 @@ def _pose_errors(truth, est):
 
 @pytest.fixture(scope="module")
 def simulated(real_data, tmp_path_factory):
-    """200 images at 64 px, SNR 0.1, CTFs of a real 6-optics-group STAR, from EMD-1832 and a
+    """150 images at 64 px, SNR 0.1, CTFs of a real 6-optics-group STAR, from EMD-1832 and a
     variant with its distinct arm removed; the whole likelihood pipeline."""
     root = tmp_path_factory.mktemp("accuracy")
     volume, voxel = read_volume(real_data / "maps" / "emd_1832.map")
@@ -53,7 +53,7 @@ def simulated(real_data, tmp_path_factory):
     write_mrc(maps[1], variant, voxel)
     star = simulate_particles(
         root / "sim",
-        n=200,
+        n=150,
         snr=0.1,
         box=64,
         seed=1,
@@ -61,7 +61,7 @@ def simulated(real_data, tmp_path_factory):
         max_shift=3.0,
         ctf_star=str(real_data / "particles" / "metadata_only" / "relion31.6opticsgroups.star"),
     )
-    preprocess(star, root, stack_size=100)
+    preprocess(star, root, stack_size=75)
     stacks = [root / "particles" / f"stack_{i:06d}.star" for i in range(2)]
     ffts = [fourier_stack(s, root / "particles" / "fft") for s in stacks]
     temps = [templates(m, ffts[0], root / "templates", viewing_distance=SPACING) for m in maps]

@@ -20,8 +20,9 @@ report: "workflow/report/workflow.rst"
 include: "rules/common.smk"
 include: "rules/simulate.smk"
 include: "rules/preprocess.smk"
-include: "rules/tomo.smk"
+include: "rules/likelihood.smk"
 include: "rules/classify2d.smk"
+include: "rules/tomo.smk"
 
 
 check_resources()

@@ -37,3 +37,15 @@ def test_peak_recovers_known_rotation(rng):
     cc = rotational_correlation(angular_spectra(a), angular_spectra(b), np.ones(6), 32)
     assert int(np.argmax(cc[0, 0])) == 5
     assert cc[0, 0, 5] == pytest.approx(np.sum(b * b))
+
+
+@pytest.mark.parametrize("n_angles", [16, 18])
+def test_hermitian_spectra_match_full_fft(rng, n_angles):
+    from cryomatch.kernels.polar import hermitian_angular_spectra
+
+    half = rng.normal(size=(3, 5, n_angles // 2)) + 1j * rng.normal(size=(3, 5, n_angles // 2))
+    full = np.concatenate([half, half.conj()], axis=-1)
+    want = angular_spectra(full)
+    np.testing.assert_allclose(hermitian_angular_spectra(half, n_angles), want, atol=1e-12)
+    first = hermitian_angular_spectra(np.moveaxis(half, -1, 0), n_angles, axis=0)
+    np.testing.assert_allclose(np.moveaxis(first, 0, -1), want, atol=1e-12)

@@ -249,3 +249,26 @@ def defocus_angle_in_reference_frame(defocus_angle, psi, mirror):
     """
     angle = np.asarray(defocus_angle, dtype=np.float64) + np.asarray(psi, dtype=np.float64)
     return np.where(np.asarray(mirror, dtype=bool), -angle, angle)
+
+
+# --- polar Fourier search: in-plane turns ---------------------------------------------------
+def psi_from_polar_turn(turn, n_inplanes: int):
+    """RELION psi (degrees, [0, 360)) of an image best matched by a psi = 0 template turned by
+    ``turn`` angle steps in :func:`cryomatch.kernels.polar.rotational_correlation` (which
+    correlates image(l) with reference(l - turn)). The transform of an image at psi is
+    the template's at theta + psi (F_img(k) = F_V(A^T k), A = Rz(psi) A0), so
+    turn = -psi / step."""
+    return np.mod(-360.0 * np.asarray(turn, dtype=np.float64) / n_inplanes, 360.0)
+
+
+def polar_turn_from_psi(psi, n_inplanes: int):
+    """Inverse of :func:`psi_from_polar_turn`: the (real-valued) turn in angle steps, [0, n)."""
+    return np.mod(-np.asarray(psi, dtype=np.float64) * n_inplanes / 360.0, n_inplanes)
+
+
+def inplane_angle_between(a1, a2) -> np.ndarray:
+    """In-plane (twist) angle in degrees, (-180, 180], of the rotation a1 a2^T about the image
+    z axis (swing-twist decomposition): the in-plane error of pose a1 against a2 (RELION
+    matrices (..., 3, 3)), apart from any change of viewing direction."""
+    rel = np.asarray(a1) @ np.swapaxes(np.asarray(a2), -1, -2)
+    return np.rad2deg(np.arctan2(rel[..., 0, 1] - rel[..., 1, 0], rel[..., 0, 0] + rel[..., 1, 1]))

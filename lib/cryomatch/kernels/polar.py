@@ -46,3 +46,43 @@ def rotational_correlation(a_hat, b_hat, weights, n_angles: int):
     prod = xp.matmul(a_q, xp.swapaxes(b_q, -1, -2))  # (Q, M, S)
     prod = xp.ascontiguousarray(xp.moveaxis(prod, 0, -1))  # (M, S, Q)
     return fft.irfft(prod, n=n_angles, axis=-1)
+
+
+def hermitian_angular_spectra(half_values, n_angles: int, axis: int = -1):
+    """:func:`angular_spectra` of values with F(r, theta + pi) = conj F(r, theta) (transforms
+    of real images), given on the first half of the angles along ``axis`` (the first or the
+    last): W/2 values there
+    become the spectra for q = 0..W/2 (W/2 + 1 values) on the same axis.
+
+    With y_l the first W/2 values, A(q) = sum_l (y_l + (-1)^q conj y_l) e^{-2 pi i q l / W}:
+    even q = 2p are 2 rfft_{W/2}(Re y)(p), odd q = 2p+1 are 2i fft_{W/2}(Im y e^{-2 pi i l/W})(p),
+    about half the work of the full FFT (W divisible by 4; otherwise the full FFT is used).
+    ``axis=0`` with the other axes contiguous lets the FFTs run across them (vectorized) and
+    leaves each q's values contiguous.
+    """
+    xp = array_module(half_values)
+    fft = fft_module(xp)
+    if axis not in (0, -1, half_values.ndim - 1):
+        raise ValueError("the angle axis must be the first or the last")
+    values = half_values
+    ax = 0 if axis == 0 else -1
+    half = values.shape[ax]
+    if n_angles != 2 * half:
+        raise ValueError(f"{half} half-circle values do not fit {n_angles} angles")
+    if n_angles % 4:
+        full = xp.concatenate([values, xp.conj(values)], axis=ax)
+        out = fft.fft(full, axis=ax)
+        out = out[: half + 1] if ax == 0 else out[..., : half + 1]
+    else:
+        shape = list(values.shape)
+        shape[ax] = half + 1
+        out = xp.empty(shape, dtype=xp.result_type(values, xp.complex64))
+        twiddle = xp.exp(-2j * np.pi * xp.arange(half) / n_angles).astype(out.dtype)
+        if ax == 0:
+            out[0::2] = 2 * fft.rfft(values.real, axis=0)
+            twiddle = twiddle.reshape((half,) + (1,) * (values.ndim - 1))
+            out[1::2] = 2j * fft.fft(values.imag * twiddle, axis=0)[: half // 2]
+        else:
+            out[..., 0::2] = 2 * fft.rfft(values.real, axis=-1)
+            out[..., 1::2] = 2j * fft.fft(values.imag * twiddle, axis=-1)[..., : half // 2]
+    return out

@@ -11,4 +11,8 @@ COMMANDS = [
     ("tomo-align", "tomo.align", "align a tilt series (shifts, tilt axis) and reconstruct it"),
     ("tomo-refine", "tomo.refine", "refine tilt-series shifts by phase matching (mumott)"),
     ("classify2d", "classify2d", "2D multi-reference alignment and classification (mref_ali2d)"),
+    ("fourier-stack", "fourier_stack", "a preprocessed stack on the polar Fourier grid"),
+    ("templates", "templates", "a structure's projections on the polar Fourier grid, per view"),
+    ("likelihood", "likelihood", "best pose and log-likelihoods: one template set x one stack"),
+    ("likelihood-gather", "likelihood_gather", "likelihood matrix, best poses and figure"),
 ]

@@ -18,6 +18,8 @@ matrix product per q, [M x R] @ [R x S].
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..backend import array_module, fft_module
 
 

@@ -127,6 +127,9 @@ PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
         ]
 
     def stop(self) -> None:
+        """Kill the daemons started here by PID and remove the config written here (with it
+        left behind, every SLURM client, the Snakemake plugin's probes too, waits for a
+        controller that is gone)."""
         for pid in reversed(self.pids):
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -139,3 +142,5 @@ PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
                     break
                 time.sleep(0.1)
         self.pids.clear()
+        if CONF.exists() and MARK in CONF.read_text():
+            CONF.unlink()

@@ -64,19 +64,23 @@ def refine_pose(
             values, ctf, syy, ctf0, grid, slicer(slice_points(grid, a[None])[0]), dc, d
         )
 
-    simplex = np.vstack([np.zeros(5), 0.5 * np.eye(5)])
-    result = minimize(
-        cost,
-        np.zeros(5),
-        method="Nelder-Mead",
-        options={
-            "initial_simplex": simplex,
-            "xatol": 0.02,
-            "fatol": 1e-5,
-            "maxfev": max_evaluations,
-        },
-    )
-    best = result.x if result.fun <= cost(np.zeros(5)) else np.zeros(5)
+    # Nelder-Mead, restarted once from its result with a smaller simplex: the score is flat
+    # near the optimum and a single run can stop early in a shallow valley.
+    best, best_cost = np.zeros(5), cost(np.zeros(5))
+    for size in (0.5, 0.15):
+        result = minimize(
+            cost,
+            best,
+            method="Nelder-Mead",
+            options={
+                "initial_simplex": best + np.vstack([np.zeros(5), size * np.eye(5)]),
+                "xatol": 0.01,
+                "fatol": 1e-7,
+                "maxfev": max_evaluations // 2,
+            },
+        )
+        if result.fun <= best_cost:
+            best, best_cost = result.x, result.fun
     a, d = pose(best)
     return a, d, -cost(best)
 

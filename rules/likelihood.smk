@@ -128,6 +128,8 @@ rule template_list:
     threads: res("template_list", "cpus_per_task")
     resources:
         **rule_resources("template_list"),
+    params:
+        cryomatch=CRYOMATCH,
     shell:
         "{params.cryomatch} templates --list {input.templates} --out {output} > {log} 2>&1"
 

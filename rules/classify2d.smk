@@ -89,6 +89,11 @@ rule classify2d_initial:
             caption=C2D_CAPTION,
             category="Classify2D",
         ),
+        frc=report(
+            f"{C2D_OUT}/iter000/frc.png",
+            caption="../workflow/report/classify2d_frc.rst",
+            category="Classify2D",
+        ),
     log:
         f"{LOGS}/classify2d/iter000.log",
     benchmark:
@@ -126,6 +131,11 @@ rule classify2d_iteration:
             caption=C2D_CAPTION,
             category="Classify2D",
         ),
+        frc=report(
+            f"{C2D_OUT}/iter{{iteration}}/frc.png",
+            caption="../workflow/report/classify2d_frc.rst",
+            category="Classify2D",
+        ),
     log:
         f"{LOGS}/classify2d/iter{{iteration}}.log",
     benchmark:
@@ -151,5 +161,6 @@ rule classify2d_iteration:
 
 
 TARGETS["classify2d"] = [
-    f"{C2D_OUT}/iter{C2D['maxit']:03d}/{f}" for f in C2D_FILES + ["class_averages.png"]
+    f"{C2D_OUT}/iter{C2D['maxit']:03d}/{f}"
+    for f in C2D_FILES + ["class_averages.png", "frc.png"]
 ]

@@ -34,6 +34,7 @@ FILES = [
     "frc.csv",
     "classes.csv",
     "class_averages.png",
+    "frc.png",
 ]
 
 

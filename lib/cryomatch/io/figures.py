@@ -64,3 +64,20 @@ def orthogonal_slices(volume, title: str | None = None) -> Figure:
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
+
+
+def curves(x, ys: dict, xlabel: str, ylabel: str, title: str | None = None, hlines=()) -> Figure:
+    """Line plot of several named curves over one x axis, with optional horizontal lines."""
+    fig = new_figure(6.0, 3.6)
+    ax = fig.subplots()
+    for name, y in ys.items():
+        ax.plot(x, y, label=str(name), linewidth=1.2)
+    for level in hlines:
+        ax.axhline(level, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if 0 < len(ys) <= 12:
+        ax.legend(fontsize=7, ncols=2)
+    return fig

@@ -42,7 +42,7 @@ from .. import geometry, provenance
 from ..backend import get_xp
 from ..errors import CryomatchError
 from ..io.atomic import Outputs
-from ..io.figures import image_montage, save_png
+from ..io.figures import curves, image_montage, save_png
 from ..io.files import write_csv
 from ..io.mrc import read_images, write_mrc
 from ..io.particles import ImageReader, Particles, read_particles, write_particles
@@ -484,6 +484,14 @@ def write_iteration(folder: Path, particles: Particles, result: Result, prov, ou
     for c in range(len(result.frc)):
         frc[f"class_{c + 1:03d}"] = np.where(result.counts[c] >= 2, result.frc[c, 1:], np.nan)
     write_csv(folder / "frc.csv", frc, prov, outputs)
+    figure = curves(
+        freq,
+        {c: frc[c] for c in frc.columns if c.startswith("class_")},
+        "spatial frequency (1/A)",
+        "FRC between random half-sets",
+        hlines=(0.5, 0.143),
+    )
+    save_png(figure, folder / "frc.png", outputs)
     n = max(1, int(result.counts.sum()))
     classes = pd.DataFrame(
         {

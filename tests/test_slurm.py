@@ -61,3 +61,26 @@ def test_demo_through_slurm_equals_local_run(cluster, tmp_path):
     assert files == _outputs(local) and len(files) > 5
     for f in files:
         assert filecmp.cmp(on_slurm / "results" / f, local / "results" / f, shallow=False), f
+
+
+@pytest.mark.slow
+def test_likelihood_jobs_run_as_one_slurm_array(cluster, tmp_path):
+    import copy
+
+    from test_reruns import SMALL
+
+    config = copy.deepcopy(SMALL)
+    config["stages"] = ["preprocess", "likelihood"]
+    snakemake(
+        tmp_path,
+        "--profile",
+        str(REPO / "workflow/profiles/slurm"),
+        *FAST_STATUS,
+        configfile=write_config(tmp_path, config),
+    )
+    ran = [j for j in cluster.jobs() if j.get("WorkDir") == str(tmp_path)]
+    tasks = [j for j in ran if j["Comment"].startswith("rule_likelihood_wildcards")]
+    assert len(tasks) == 4  # 2 structures x 2 stacks
+    assert len({j["ArrayJobId"] for j in tasks}) == 1 and all(j.get("ArrayTaskId") for j in tasks)
+    assert all(j["JobState"] == "COMPLETED" for j in ran)
+    assert (tmp_path / "results/likelihood/likelihood_matrix.npy").is_file()

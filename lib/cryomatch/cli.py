@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(
             name,
             help=help_text,
-            description=mod.__doc__.strip().splitlines()[0],
+            description=mod.__doc__.strip().split("\n\n")[0],
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         mod.add_arguments(p)

@@ -45,25 +45,26 @@ def image_montage(images, titles=None, ncols: int | None = None, panel: float = 
 
 def orthogonal_slices(volume, title: str | None = None) -> Figure:
     """Central z, y and x slices of a (z, y, x) volume."""
-    volume = np.asarray(volume)
-    cz, cy, cx = (s // 2 for s in volume.shape)
     fig = new_figure(7.5, 2.8)
-    axes = fig.subplots(1, 3)
-    for ax, (name, plane) in zip(
-        axes,
-        [
-            ("xy (z centre)", volume[cz]),
-            ("xz (y centre)", volume[:, cy]),
-            ("yz (x centre)", volume[:, :, cx]),
-        ],
-        strict=True,
-    ):
-        ax.imshow(plane, cmap="gray", origin="lower")
-        ax.set_title(name, fontsize=8)
-        ax.set_axis_off()
+    draw_orthogonal_slices(fig.subplots(1, 3), volume)
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
+
+
+def draw_orthogonal_slices(axes, volume) -> None:
+    """Central xy, xz and yz slices of a (z, y, x) volume into three axes."""
+    volume = np.asarray(volume)
+    cz, cy, cx = (s // 2 for s in volume.shape)
+    planes = [
+        ("xy (z centre)", volume[cz]),
+        ("xz (y centre)", volume[:, cy]),
+        ("yz (x centre)", volume[:, :, cx]),
+    ]
+    for ax, (name, plane) in zip(axes, planes, strict=True):
+        ax.imshow(plane, cmap="gray", origin="lower")
+        ax.set_title(name, fontsize=8)
+        ax.set_axis_off()
 
 
 def curves(x, ys: dict, xlabel: str, ylabel: str, title: str | None = None, hlines=()) -> Figure:

@@ -16,7 +16,7 @@ def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, module, help_text in KINDS:
         mod = importlib.import_module(f"{__name__}.{module}")
-        p = sub.add_parser(kind, help=help_text, description=mod.__doc__.splitlines()[0])
+        p = sub.add_parser(kind, help=help_text, description=mod.__doc__.strip().split("\n\n")[0])
         mod.add_arguments(p)
         p.set_defaults(simulate_run=mod.run)
 

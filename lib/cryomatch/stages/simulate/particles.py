@@ -34,6 +34,7 @@ from ...kernels.fourier import apply_ctf, rfft_frequencies
 from ...kernels.phantom import PseudoAtoms, conformational_variant, random_structure
 from ...kernels.projection import project_atoms, project_volume, spline_coefficients, voxelize_atoms
 from ...progress import progress
+from .common import add_image_arguments
 
 PILOT = 64  # images whose mean signal variance sets the noise level
 
@@ -276,18 +277,13 @@ def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--phantom", action="store_true", help="seeded pseudo-atomic phantoms")
     src.add_argument("--map", action="append", metavar="MAP", help="MRC map (repeat for several)")
-    p.add_argument("--n", type=int, required=True, help="number of particle images")
-    p.add_argument("--snr", type=float, required=True, help="signal-to-noise variance ratio")
-    p.add_argument("--box", type=int, required=True, help="image size in pixels")
-    p.add_argument("--seed", type=int, required=True, help="random seed")
-    p.add_argument("--out", required=True, help="output folder")
+    add_image_arguments(p)
     p.add_argument(
         "--pixel-size",
         type=float,
         help="Angstrom per pixel (default: map header, 3.0 for phantoms)",
     )
     p.add_argument("--n-structures", type=int, default=2, help="phantom structures (default 2)")
-    p.add_argument("--max-shift", type=float, default=3.0, help="largest shift per axis, pixels")
     p.add_argument(
         "--optics-groups", type=int, default=3, help="number of optics groups (default 3)"
     )

@@ -36,6 +36,7 @@ from ...kernels.fourier import apply_ctf, rfft_frequencies
 from ...kernels.phantom import PseudoAtoms
 from ...kernels.projection import spline_coefficients
 from ...progress import progress
+from .common import add_image_arguments
 from .particles import Structure, _fit_box
 
 OPTICS = {"rlnVoltage": 300.0, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}
@@ -223,18 +224,13 @@ def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--phantom", action="store_true", help="a seeded pseudo-atomic phantom")
     src.add_argument("--map", help="MRC map to project")
-    p.add_argument("--n", type=int, required=True, help="number of particle images")
+    add_image_arguments(p)
     p.add_argument("--views", type=int, required=True, help="number of distinct views")
-    p.add_argument("--snr", type=float, required=True, help="signal-to-noise variance ratio")
-    p.add_argument("--box", type=int, required=True, help="image size in pixels")
-    p.add_argument("--seed", type=int, required=True, help="random seed")
-    p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--pixel-size",
         type=float,
         help="Angstrom per pixel (default: the map header's, 3.0 for the phantom)",
     )
-    p.add_argument("--max-shift", type=float, default=3.0, help="largest shift per axis, pixels")
     p.add_argument("--no-mirror", dest="mirror", action="store_false", help="no mirrored images")
     p.add_argument("--ctf", action="store_true", help="multiply the images by a CTF")
     p.add_argument(

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ... import geometry
 from ...errors import CryomatchError, CryomatchWarning
-from ...io.figures import new_figure
+from ...io.figures import draw_orthogonal_slices, new_figure
 from ...io.files import read_csv, write_csv
 from ...io.mrc import check_finite, open_mrc
 from ...io.tilts import TiltMetadata, read_angles, write_tlt, write_xf
@@ -191,19 +191,6 @@ def summary_figure(angles, shifts, volume, title: str, record=None):
         axes[1].set_ylabel("shift found (pixels)")
         axes[1].legend(fontsize=7)
         k = 2
-    volume = np.asarray(volume)
-    cz, cy, cx = (s // 2 for s in volume.shape)
-    for ax, (name, plane) in zip(
-        axes[k:],
-        [
-            ("xy (z centre)", volume[cz]),
-            ("xz (y centre)", volume[:, cy]),
-            ("yz (x centre)", volume[:, :, cx]),
-        ],
-        strict=True,
-    ):
-        ax.imshow(plane, cmap="gray", origin="lower")
-        ax.set_title(name, fontsize=8)
-        ax.set_axis_off()
+    draw_orthogonal_slices(axes[k:], volume)
     fig.suptitle(title, fontsize=9)
     return fig

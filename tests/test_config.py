@@ -57,3 +57,13 @@ def test_conda_environments_hold_the_package_dependencies():
         listed = {d.split(">")[0].split("=")[0].strip() for d in listed if isinstance(d, str)}
         assert names <= listed, (env, names - listed)
     assert "cupy" in (REPO / "envs/cryomatch-gpu.yaml").read_text()
+
+
+def test_every_rule_has_log_benchmark_resources_and_code_input():
+    import re
+
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        for block in re.split(r"(?m)^(?=rule \w+:)", smk.read_text())[1:]:
+            name = block.split(":", 1)[0].split()[1]
+            for section in ("log:", "benchmark:", "resources:", "conda:", "code=code("):
+                assert section in block, f"{smk.name}: rule {name} has no {section}"

@@ -89,15 +89,18 @@ PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
         if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
             Path("/run/munge").mkdir(parents=True, exist_ok=True)
             shutil.chown("/run/munge", "munge", "munge")
+            # munged runs as the munge user, which cannot enter pytest's root-only temporary
+            # folders: its PID file goes to its own run folder.
+            pid_file = Path("/run/munge/cryomatch-test-munged.pid")
             subprocess.run(
-                ["runuser", "-u", "munge", "--", "munged", "--pid-file", f"{f}/munged.pid"],
+                ["runuser", "-u", "munge", "--", "munged", "--pid-file", str(pid_file)],
                 check=True,
             )
-            self._track("munged.pid")
+            self._track(pid_file)
         subprocess.run(["slurmctld"], check=True)
-        self._track("slurmctld.pid")
+        self._track(f / "slurmctld.pid")
         subprocess.run(["slurmd"], check=True)
-        self._track("slurmd.pid")
+        self._track(f / "slurmd.pid")
         deadline = time.time() + timeout
         while time.time() < deadline:
             state = subprocess.run(
@@ -108,8 +111,7 @@ PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
             time.sleep(0.5)
         raise RuntimeError(f"SLURM node not idle after {timeout} s: {state!r}")
 
-    def _track(self, pid_file: str) -> None:
-        path = self.folder / pid_file
+    def _track(self, path: Path) -> None:
         for _ in range(50):
             if path.exists() and path.read_text().strip():
                 self.pids.append(int(path.read_text().split()[0]))

@@ -7,6 +7,7 @@ import importlib
 # (kind, module under cryomatch.stages.simulate, help); one line per kind.
 KINDS = [
     ("particles", "particles", "particle images of phantom structures or maps, with CTF and noise"),
+    ("subvolumes", "subvolumes", "subvolumes of phantoms, rotated, shifted, missing wedge, noise"),
 ]
 
 

@@ -1,0 +1,257 @@
+"""Subvolumes of seeded 3D phantoms at known rotations and shifts, with missing wedge and noise.
+
+Templates are seeded pseudo-atomic phantoms (asymmetric; the second and later ones are
+conformational variants of the first). Each subvolume is one template (its label drawn
+at random) rotated by angles drawn uniformly within ``+-max_angle`` degrees about each of
+the z, y, x axes (the rotation ``Rz Ry Rx`` of acryo's grids) and shifted by up to
+``max_shift`` voxels per axis, voxelized exactly from the moved atoms; then white Gaussian
+noise is added and the missing wedge of a single-axis tilt series about y (``tilt`` range,
+beam along z) is removed from signal and noise alike, the noise scaled so that
+variance(signal) / variance(noise) = SNR after the wedge.
+
+Outputs in OUT: ``subvolumes.mrcs`` (volume stack), ``subvolumes.star`` (the truth, RELION
+style: rlnImageName, rlnAngleRot/Tilt/Psi, rlnOriginX/Y/ZAngst, rlnClassNumber = label + 1;
+see :func:`cryomatch.geometry.subvolume_pose_to_relion`), ``templates/template_NN.mrc`` and
+``mask.mrc`` (a soft sphere). With ``--tomogram`` also ``tomogram.mrc``: the same particles
+on a grid in one volume (noise and wedge applied to the whole tomogram),
+``particles.star`` (RELION 5 style, positions only: rlnTomoName and
+rlnCenteredCoordinateX/Y/ZAngst, the particles' nominal centres) and ``truth.star`` (the
+same rows with the true poses).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.spatial.transform import Rotation
+
+from ... import geometry, provenance
+from ...alignment.rotations import euler_zyx_to_rotation
+from ...alignment.tilt import single_axis
+from ...errors import CryomatchError
+from ...io.atomic import Outputs
+from ...io.mrc import write_mrc
+from ...io.star import write_star
+from ...io.volumes import VolumeStackWriter
+from ...kernels.projection import voxelize_atoms
+from ...kernels.volumes import fourier_filter, soft_sphere
+from ...progress import progress
+from .particles import phantom_structures
+
+
+def place_atoms(coords, quat, shift_zyx, box: int, pixel_size: float) -> np.ndarray:
+    """Atom coordinates (x, y, z) in Angstrom about the box centre after moving them as
+    ``p -> R (p - c) + c + shift`` in voxel (z, y, x) indices (acryo's centre c)."""
+    rot = Rotation.from_quat(quat).as_matrix()
+    p = coords[:, ::-1] / pixel_size + geometry.relion_centre((box,) * 3)
+    c = geometry.acryo_centre((box,) * 3)
+    moved = (p - c) @ rot.T + c + np.asarray(shift_zyx)
+    return (moved - geometry.relion_centre((box,) * 3))[:, ::-1] * pixel_size
+
+
+def draw_poses(n: int, n_templates: int, max_angle: float, max_shift: float, rng):
+    """(labels (n,), quaternions (n, 4), shifts (n, 3) z, y, x voxels)."""
+    labels = rng.integers(0, n_templates, size=n)
+    angles = rng.uniform(-max_angle, max_angle, size=(n, 3))
+    shifts = rng.uniform(-max_shift, max_shift, size=(n, 3))
+    return labels, euler_zyx_to_rotation(angles).as_quat(), shifts
+
+
+def truth_table(labels, quats, shifts, box: int, pixel_size: float) -> pd.DataFrame:
+    """RELION columns of the true poses (see :func:`geometry.subvolume_pose_to_relion`)."""
+    rot, tilt, psi, origin = geometry.subvolume_pose_to_relion(quats, shifts, (box,) * 3)
+    return pd.DataFrame(
+        {
+            "rlnAngleRot": rot,
+            "rlnAngleTilt": tilt,
+            "rlnAnglePsi": psi,
+            "rlnOriginXAngst": origin[:, 0] * pixel_size,
+            "rlnOriginYAngst": origin[:, 1] * pixel_size,
+            "rlnOriginZAngst": origin[:, 2] * pixel_size,
+            "rlnClassNumber": np.asarray(labels) + 1,
+        }
+    )
+
+
+def optics_table(box: int, pixel_size: float) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "rlnOpticsGroup": 1,
+                "rlnOpticsGroupName": "opticsGroup1",
+                "rlnImagePixelSize": pixel_size,
+                "rlnImageSize": box,
+                "rlnImageDimensionality": 3,
+            }
+        ]
+    )
+
+
+def simulate_subvolumes(
+    out: str | Path,
+    n: int,
+    snr: float,
+    box: int,
+    seed: int,
+    pixel_size: float = 8.0,
+    n_templates: int = 1,
+    max_angle: float = 10.0,
+    max_shift: float = 3.0,
+    tilt: tuple[float, float] | None = (-60.0, 60.0),
+    tomogram: bool = False,
+    batch_size: int = 32,
+) -> Path:
+    """Write a simulated subvolume set to ``out``; returns the truth STAR (module doc)."""
+    out = Path(out)
+    if n < 1:
+        raise CryomatchError(f"the number of subvolumes must be at least 1, got {n}")
+    if not snr > 0:
+        raise CryomatchError(f"the SNR must be positive, got {snr}")
+    if box < 16:
+        raise CryomatchError(f"the box must be at least 16 voxels, got {box}")
+    if n_templates < 1:
+        raise CryomatchError(f"the number of templates must be at least 1, got {n_templates}")
+    params = {k: v for k, v in locals().items() if k != "out"}
+    prov = provenance.record("simulate subvolumes", params)
+    labels_mrc = provenance.mrc_labels(prov)
+    rng = np.random.default_rng([seed, 0])
+    noise_rng = np.random.default_rng([seed, 1])
+    shape = (box,) * 3
+    atoms = phantom_structures(n_templates, box, pixel_size, rng)
+    templates = [voxelize_atoms(a.coords, a.amplitudes, a.sigmas, box, pixel_size) for a in atoms]
+    labels, quats, shifts = draw_poses(n, n_templates, max_angle, max_shift, rng)
+    wedge = single_axis(tilt).rfft_mask(None, shape)
+    # noise: white of variance sigma^2 keeps (kept fraction) * sigma^2 after the wedge
+    hermitian = np.full(wedge.shape[-1], 2.0)
+    hermitian[0] = 1.0
+    hermitian[-1] = 1.0 if box % 2 == 0 else 2.0
+    kept = float((wedge * hermitian).sum()) / box**3
+    signal_var = float(np.var(fourier_filter(templates[0], wedge)))
+    sigma = np.sqrt(signal_var / snr / kept)
+
+    def clean(i):
+        a = atoms[labels[i]]
+        c = place_atoms(a.coords, quats[i], shifts[i], box, pixel_size)
+        return voxelize_atoms(c, a.amplitudes, a.sigmas, box, pixel_size)
+
+    table = truth_table(labels, quats, shifts, box, pixel_size)
+    table.insert(0, "rlnImageName", [f"{i + 1:06d}@subvolumes.mrcs" for i in range(n)])
+    table["rlnOpticsGroup"] = 1
+    with Outputs() as outputs:
+        for k, t in enumerate(templates, start=1):
+            write_mrc(
+                out / "templates" / f"template_{k:02d}.mrc", t, pixel_size, labels_mrc, outputs
+            )
+        write_mrc(
+            out / "mask.mrc",
+            soft_sphere(shape, 0.36 * box, 0.08 * box),
+            pixel_size,
+            labels_mrc,
+            outputs,
+        )
+        with VolumeStackWriter(
+            out / "subvolumes.mrcs", n, shape, pixel_size, labels_mrc, outputs
+        ) as w:
+            for lo in progress(range(0, n, batch_size), desc="simulate", unit="batch"):
+                idx = range(lo, min(n, lo + batch_size))
+                vol = np.stack([clean(i) for i in idx])
+                vol += sigma * noise_rng.standard_normal(vol.shape, dtype=np.float32)
+                w.write(fourier_filter(vol, wedge))
+        blocks = {"optics": optics_table(box, pixel_size), "particles": table}
+        write_star(out / "subvolumes.star", blocks, prov, outputs)
+        if tomogram:
+            _write_tomogram(
+                out,
+                [clean(i) for i in range(n)],
+                table,
+                tilt,
+                sigma,
+                box,
+                pixel_size,
+                noise_rng,
+                prov,
+                outputs,
+            )
+    return out / "subvolumes.star"
+
+
+def _write_tomogram(out, volumes, truth, tilt, sigma, box, pixel_size, rng, prov, outputs):
+    """The particles on a grid (one box apart, a margin of half a box) in one tomogram."""
+    n = len(volumes)
+    nx = int(np.ceil(np.sqrt(n)))
+    ny = int(np.ceil(n / nx))
+    shape = (2 * box, (ny + 1) * box, (nx + 1) * box)
+    tomo = np.zeros(shape, dtype=np.float32)
+    centres = np.zeros((n, 3), dtype=np.int64)
+    for i, vol in enumerate(volumes):
+        iy, ix = divmod(i, nx)
+        corner = np.array([box // 2, box // 2 + iy * box, box // 2 + ix * box])
+        centres[i] = corner + box // 2
+        tomo[
+            corner[0] : corner[0] + box, corner[1] : corner[1] + box, corner[2] : corner[2] + box
+        ] += vol
+    tomo += sigma * rng.standard_normal(shape, dtype=np.float32)
+    tomo = fourier_filter(tomo, single_axis(tilt).rfft_mask(None, shape))
+    write_mrc(out / "tomogram.mrc", tomo, pixel_size, provenance.mrc_labels(prov), outputs)
+    centred = (centres - np.array(shape) // 2)[:, ::-1] * pixel_size  # x, y, z Angstrom
+    particles = pd.DataFrame(
+        {
+            "rlnTomoName": "tomogram",
+            "rlnCenteredCoordinateXAngst": centred[:, 0],
+            "rlnCenteredCoordinateYAngst": centred[:, 1],
+            "rlnCenteredCoordinateZAngst": centred[:, 2],
+            "rlnOpticsGroup": 1,
+        }
+    )
+    optics = optics_table(box, pixel_size)
+    write_star(out / "particles.star", {"optics": optics, "particles": particles}, prov, outputs)
+    truth_rows = pd.concat(
+        [particles, truth.drop(columns=["rlnImageName", "rlnOpticsGroup"])], axis=1
+    )
+    write_star(out / "truth.star", {"optics": optics, "particles": truth_rows}, prov, outputs)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--n", type=int, required=True, help="number of subvolumes")
+    p.add_argument("--snr", type=float, required=True, help="signal-to-noise variance ratio")
+    p.add_argument("--box", type=int, required=True, help="subvolume size in voxels")
+    p.add_argument("--seed", type=int, required=True, help="random seed")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--pixel-size", type=float, default=8.0, help="Angstrom per voxel")
+    p.add_argument("--n-templates", type=int, default=1, help="phantom templates")
+    p.add_argument("--max-angle", type=float, default=10.0, help="largest angle per axis, degrees")
+    p.add_argument("--max-shift", type=float, default=3.0, help="largest shift per axis, voxels")
+    p.add_argument(
+        "--tilt",
+        type=float,
+        nargs=2,
+        default=(-60.0, 60.0),
+        metavar=("MIN", "MAX"),
+        help="tilt range about y in degrees (the missing wedge)",
+    )
+    p.add_argument("--no-wedge", action="store_true", help="no missing wedge")
+    p.add_argument(
+        "--tomogram",
+        action="store_true",
+        help="also write the particles into one tomogram with a RELION 5 STAR",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="subvolumes rendered at a time")
+
+
+def run(args) -> None:
+    simulate_subvolumes(
+        args.out,
+        args.n,
+        args.snr,
+        args.box,
+        args.seed,
+        args.pixel_size,
+        args.n_templates,
+        args.max_angle,
+        args.max_shift,
+        None if args.no_wedge else tuple(args.tilt),
+        args.tomogram,
+        args.batch_size,
+    )

@@ -193,8 +193,9 @@ class _BatchedModel(TomographyInput):
         xp = be.xp
         n = len(imgs)
         if tuple(imgs.shape[1:]) != self.input_shape:
+            shape = tuple(imgs.shape[1:])
             raise CryomatchError(
-                f"the subvolumes have shape {tuple(imgs.shape[1:])}, the template {self.input_shape}"
+                f"the subvolumes have shape {shape}, the template {self.input_shape}"
             )
         max_shifts = check_max_shifts(max_shifts, self.input_shape)
         if quaternions is None:
@@ -451,7 +452,6 @@ class PCCAlignment(_BatchedModel):
         return (_unit_modulus(rfft_spectra(v)) * prep.filt,)
 
     def _scores(self, data, prep, coords, column=None, local=None):
-        xp = array_module(data[0])
         (a,) = data
         if column is None and local is None:
             return window_correlation(a, prep.templates, self.input_shape, coords) / prep.norm

@@ -100,24 +100,24 @@ class VolumeStackWriter:
         return False
 
 
-def extract_boxes(tomogram, centres, box: int) -> np.ndarray:
-    """Cubic boxes (n, box, box, box) float32 of a (memory-mapped) tomogram around integer
-    voxel centres (n, 3) (z, y, x): the centre lands at index box // 2. Parts outside the
-    tomogram are filled with the mean of the part inside."""
+def extract_boxes(tomogram, centres, shape) -> np.ndarray:
+    """Boxes (n, *shape) float32 of a (memory-mapped) tomogram around integer voxel centres
+    (n, 3) (z, y, x): a centre lands at index ``shape // 2`` of its box. Parts outside the
+    tomogram are filled with the mean of the part inside; a box wholly outside is an error."""
     centres = np.asarray(centres, dtype=np.int64).reshape(-1, 3)
-    shape = np.array(tomogram.shape)
-    out = np.empty((len(centres), box, box, box), dtype=np.float32)
+    box = np.asarray(shape, dtype=np.int64)
+    limit = np.array(tomogram.shape)
+    out = np.empty((len(centres), *shape), dtype=np.float32)
     for i, c in enumerate(centres):  # one slicing per box: reads only that region
         lo = c - box // 2
-        a, b = np.maximum(lo, 0), np.minimum(lo + box, shape)
+        a, b = np.maximum(lo, 0), np.minimum(lo + box, limit)
         if np.any(b <= a):
             raise CryomatchError(
-                f"box {i + 1} centred at (z, y, x) {tuple(c)} lies outside the "
-                f"tomogram of shape {tuple(shape)}"
+                f"box {i + 1} centred at (z, y, x) {tuple(int(v) for v in c)} lies outside the "
+                f"tomogram of shape {tuple(int(v) for v in limit)}"
             )
         part = np.asarray(tomogram[a[0] : b[0], a[1] : b[1], a[2] : b[2]], dtype=np.float32)
+        (i0, j0, k0), (i1, j1, k1) = a - lo, b - lo
         out[i] = part.mean()
-        out[
-            i, a[0] - lo[0] : b[0] - lo[0], a[1] - lo[1] : b[1] - lo[1], a[2] - lo[2] : b[2] - lo[2]
-        ] = part
+        out[i, i0:i1, j0:j1, k0:k1] = part
     return out

@@ -77,8 +77,10 @@ def parabolic_peaks(scores: np.ndarray):
         lo, hi = np.clip(lo, 0, np.array(w) - 1), np.clip(hi, 0, np.array(w) - 1)
         ym = flat[rows, lo[:, 0], lo[:, 1], lo[:, 2]]
         yp = flat[rows, hi[:, 0], hi[:, 1], hi[:, 2]]
+        finite = np.isfinite(ym) & np.isfinite(yp)
+        ym, yp = np.where(finite, ym, best), np.where(finite, yp, best)
         denom = ym - 2 * best + yp
-        ok = inside & (denom < 0)
+        ok = inside & finite & (denom < 0)
         delta = np.clip(np.where(ok, 0.5 * (ym - yp) / np.where(ok, denom, -1.0), 0.0), -0.5, 0.5)
         pos[:, a] += delta
         value -= np.where(ok, (ym - yp) * delta / 4, 0.0)

@@ -8,4 +8,5 @@ Each stage module offers a Python function, plus ``add_arguments(parser)`` and
 COMMANDS = [
     ("simulate", "simulate", "make demo data with known answers (particles, ...)"),
     ("preprocess", "preprocess", "normalize, Fourier-crop and split particle stacks"),
+    ("subtomo", "subtomo", "align subvolumes to templates (ZNCC/PCC, rotations, missing wedge)"),
 ]

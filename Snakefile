@@ -17,6 +17,7 @@ validate(config, "config/schema.yaml")
 include: "rules/common.smk"
 include: "rules/simulate.smk"
 include: "rules/preprocess.smk"
+include: "rules/subtomo.smk"
 
 
 check_resources()

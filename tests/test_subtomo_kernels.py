@@ -109,19 +109,26 @@ def test_butterworth_formula():
     assert np.all(butterworth((16, 16, 16), None) == 1)
 
 
-def test_peak_fits_recover_known_maxima(rng):
+def test_peak_fits_recover_known_maxima():
     centre = np.array([0.3, -0.2, 0.45])
     grid = np.stack(np.meshgrid(*[[-1.0, 0.0, 1.0]] * 3, indexing="ij"), -1) * 0.5
-    f = 2.0 - np.sum((grid - centre * 0.5) ** 2 * np.array([1.0, 2.0, 0.5]), axis=-1)
-    offset, value = stencil_maximum(f[None], 0.5)
+    quadratic = 2.0 - np.sum((grid - centre * 0.5) ** 2 * np.array([1.0, 2.0, 0.5]), axis=-1)
+    offset, value = stencil_maximum(quadratic[None], 0.5)
     np.testing.assert_allclose(offset[0], centre * 0.5, atol=1e-9)
     assert value[0] == pytest.approx(2.0)
+    gaussian = 3.0 * np.exp(-np.sum((grid - centre * 0.5) ** 2 / np.array([1.0, 2.0, 0.5]), axis=-1))
+    offset, value = stencil_maximum(gaussian[None], 0.5, log=True)
+    np.testing.assert_allclose(offset[0], centre * 0.5, atol=1e-9)
+    assert value[0] == pytest.approx(3.0)
     z, y, x = np.meshgrid(*[np.arange(9.0)] * 3, indexing="ij")
     peak = np.array([4.3, 3.6, 5.2])
     gauss = np.exp(-((z - peak[0]) ** 2 + (y - peak[1]) ** 2 + (x - peak[2]) ** 2) / 18)
     pos, val = grid_peaks(gauss[None])
     np.testing.assert_allclose(pos[0], peak, atol=0.05)
     assert val[0] == pytest.approx(1.0, abs=1e-2)
+    pos, val = grid_peaks(gauss[None], log=True)
+    np.testing.assert_allclose(pos[0], peak, atol=1e-6)
+    assert val[0] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_spline_rotation_matches_exact_phantom():

@@ -231,7 +231,7 @@ class _BatchedModel(TomographyInput):
         scores = to_numpy(self._scores(data, prep, grid))  # (S, C, wz, wy, wx)
         # compare columns by their sub-voxel peaks (quadratic fits on the integer grid):
         # the integer maxima favour whichever column's peak falls near a voxel
-        position, value = grid_peaks(scores)  # (S, C, 3), (S, C)
+        position, value = grid_peaks(scores, self._gaussian_peaks)  # (S, C, 3), (S, C)
         centres = origin + position
         column = np.argmax(value, axis=1)
         d0 = centres[rows, column]
@@ -299,7 +299,7 @@ class _BatchedModel(TomographyInput):
         centres = np.clip(centres, -limit, limit)
         coords = [centres[..., a, None] + h * np.array([-1.0, 0.0, 1.0]) for a in range(3)]
         sample = to_numpy(self._scores(data, prep, coords, cols, local))  # (S, K, 3, 3, 3)
-        offset, values = stencil_maximum(sample.reshape(-1, 3, 3, 3), h)
+        offset, values = stencil_maximum(sample.reshape(-1, 3, 3, 3), h, self._gaussian_peaks)
         shifts = np.clip(centres + offset.reshape(s, k, 3), -limit, limit)
         return shifts, values.reshape(s, k)
 
@@ -382,6 +382,8 @@ class _BatchedModel(TomographyInput):
 class ZNCCAlignment(_BatchedModel):
     """Masked, locally normalized cross-correlation (see the module docstring)."""
 
+    _gaussian_peaks = True  # correlation peaks of smooth maps: fit logarithms
+
     def _template_spectra(self, xp, filt, t, m):
         """Filtered templates t made zero-mean and unit-norm under their masks m."""
         fft = fft_module(xp)
@@ -437,6 +439,8 @@ class ZNCCAlignment(_BatchedModel):
 
 class PCCAlignment(_BatchedModel):
     """Phase correlation (see the module docstring)."""
+
+    _gaussian_peaks = False  # sinc-like peaks of whitened spectra
 
     def _template_spectra(self, xp, filt, t, m):
         return _unit_modulus(rfft_spectra(t * m))

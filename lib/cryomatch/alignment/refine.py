@@ -3,9 +3,9 @@
 Interpolation (no extra templates): each rotation R_j near the best grid rotation R_b is
 written ``R_j = exp(v_j) R_b`` (v_j its rotation vector relative to R_b, in degrees); a
 quadratic in v (:mod:`cryomatch.kernels.peaks`) is fitted by least squares to the
-neighbours' sub-voxel peak scores (the 3x3x3 block of a (max, step) grid, else the 27
-nearest rotations), and its maximum, when it lies within the neighbourhood, gives
-``exp(v*) R_b``.
+neighbours' sub-voxel peak scores (the 3x3x3 block of a (max, step) grid, moved inwards
+at the grid's boundary, else the 27 nearest rotations), and its maximum, when it lies
+within the neighbourhood, gives ``exp(v*) R_b``.
 
 Local refinement: around that rotation, seven rotations (it and +-``step / 2`` about each
 axis) are built from the template afresh and scored; a quadratic per axis through them
@@ -25,10 +25,13 @@ from .rotations import rotation_grid
 
 @dataclass
 class NeighbourTable:
-    """Per rotation r: neighbour indices (R, K) (-1: none), least-squares operators
-    (R, 10, K) from neighbour scores to quadratic coefficients, neighbourhood radius in
-    degrees (R,; 0 where no fit is possible) and the grid step in degrees."""
+    """Per rotation r: the rotation the fit is centred on (R,) (r itself, or on a grid's
+    boundary the nearest rotation with a full 3x3x3 block), its neighbours' indices (R, K)
+    (-1: none), least-squares operators (R, 10, K) from their scores to quadratic
+    coefficients, the neighbourhood radius in degrees (R,; 0 where no fit is possible)
+    and the grid step in degrees."""
 
+    centre: np.ndarray
     index: np.ndarray
     operator: np.ndarray
     radius: np.ndarray
@@ -44,6 +47,8 @@ def neighbour_table(quaternions: np.ndarray, rotations_arg=None) -> NeighbourTab
         axes = [np.unique(grid[:, a]) for a in range(3)]
         ijk = np.stack([np.searchsorted(axes[a], grid[:, a]) for a in range(3)], axis=-1)
         dims = np.array([len(a) for a in axes])
+        ijk = np.where(dims >= 3, np.clip(ijk, 1, np.maximum(dims - 2, 1)), ijk)
+        centre = np.ravel_multi_index(tuple(ijk.T), dims)
         offsets = np.stack(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij"), -1).reshape(-1, 3)
         cand = ijk[:, None, :] + offsets[None]
         ok = np.all((cand >= 0) & (cand < dims), axis=-1)
@@ -53,12 +58,13 @@ def neighbour_table(quaternions: np.ndarray, rotations_arg=None) -> NeighbourTab
         k = min(27, n)
         angles = np.stack([(rot * rot[i].inv()).magnitude() for i in range(n)])
         index = np.argsort(angles, axis=1)[:, :k]
+        centre = np.arange(n)
     operator = np.zeros((n, N_COEFFICIENTS, index.shape[1]))
     radius = np.zeros(n)
     spacing = []
     for r in range(n):
         valid = index[r] >= 0
-        v = np.rad2deg((rot[index[r][valid]] * rot[r].inv()).as_rotvec())
+        v = np.rad2deg((rot[index[r][valid]] * rot[centre[r]].inv()).as_rotvec())
         design = monomials(v)
         norms = np.linalg.norm(v, axis=1)
         if norms.size > 1:
@@ -67,15 +73,16 @@ def neighbour_table(quaternions: np.ndarray, rotations_arg=None) -> NeighbourTab
             operator[r][:, valid] = np.linalg.pinv(design)
             radius[r] = norms.max()
     step = float(np.median(spacing)) if spacing else 0.0
-    return NeighbourTable(index, operator, radius, step)
+    return NeighbourTable(centre, index, operator, radius, step)
 
 
 def interpolate_rotation(values, rot_index, quaternions, table: NeighbourTable, fallback=None):
-    """Quaternions (S, 4): the grid rotation ``rot_index`` (S,) of each subvolume moved to
-    the maximum of a quadratic fitted to its neighbours' scores ``values`` (S, K) (in the
-    order of ``table.index[rot_index]``), or ``fallback`` (S, 4) (default: the grid
-    rotation) where the fit has no maximum within the neighbourhood; also the fitted
-    quadratics' coefficients (S, 10) (degrees about the grid rotation; 0 where unused)."""
+    """Quaternions (S, 4): the maximum of a quadratic fitted to the scores ``values``
+    (S, K) of the neighbourhood of each subvolume's best grid rotation ``rot_index`` (S,)
+    (in the order of ``table.index[rot_index]``), or ``fallback`` (S, 4) (default: the
+    best grid rotation) where the fit has no maximum within the neighbourhood; also the
+    fitted quadratics' coefficients (S, 10) (degrees about the fit's centre; 0 where
+    unused)."""
     values = np.where(np.isfinite(values), values, 0.0)  # missing neighbours weigh 0
     coef = np.einsum("sck,sk->sc", table.operator[rot_index], values)
     v, _, ok = quadratic_maximum(coef)
@@ -85,7 +92,7 @@ def interpolate_rotation(values, rot_index, quaternions, table: NeighbourTable, 
     out = (quaternions[rot_index] if fallback is None else np.asarray(fallback)).copy()
     if ok.any():
         turn = Rotation.from_rotvec(np.deg2rad(v[ok]))
-        out[ok] = (turn * Rotation.from_quat(quaternions[rot_index[ok]])).as_quat()
+        out[ok] = (turn * Rotation.from_quat(quaternions[table.centre[rot_index[ok]]])).as_quat()
     return out, np.where(ok[:, None], coef, 0.0)
 
 

@@ -46,12 +46,17 @@ _STENCIL = np.stack(np.meshgrid(*[[-1.0, 0.0, 1.0]] * 3, indexing="ij"), -1).res
 STENCIL_FIT = np.linalg.pinv(monomials(_STENCIL))  # (10, 27)
 
 
-def stencil_maximum(samples: np.ndarray, spacing: float):
+def stencil_maximum(samples: np.ndarray, spacing: float, log: bool = False):
     """Maximum of a quadratic fitted to 3x3x3 samples (N, 3, 3, 3) at ``spacing``: (offset
-    from the stencil centre (N, 3), value (N,)). Where the fit has no maximum within the
+    from the stencil centre (N, 3), value (N,)). With ``log``, where all samples are
+    positive, the fit is to their logarithms (a Gaussian peak: exact for the Gaussian-like
+    peaks of correlations of smooth maps). Where the fit has no maximum within the
     stencil, the best sample."""
     flat = samples.reshape(len(samples), 27).astype(np.float64)
-    v, value, ok = quadratic_maximum(flat @ STENCIL_FIT.T)
+    positive = np.all(flat > 0, axis=1) & log
+    fitted = np.where(positive[:, None], np.log(np.where(positive[:, None], flat, 1.0)), flat)
+    v, value, ok = quadratic_maximum(fitted @ STENCIL_FIT.T)
+    value = np.where(positive, np.exp(np.minimum(value, 700)), value)
     best = np.argmax(flat, axis=1)
     inside = ok & np.all(np.abs(v) <= 1.0, axis=1)
     v = np.where(inside[:, None], v, _STENCIL[best])
@@ -87,10 +92,10 @@ def parabolic_peaks(scores: np.ndarray):
     return pos.reshape(*lead, 3), value.reshape(lead)
 
 
-def grid_peaks(scores: np.ndarray):
+def grid_peaks(scores: np.ndarray, log: bool = False):
     """Maxima over the last three axes of (..., wz, wy, wx) refined by a quadratic fitted
-    to the 3x3x3 samples around the best one (by parabolas per axis where an axis has
-    fewer than 3 samples): (positions (..., 3) in samples, values (...))."""
+    to the 3x3x3 samples around the best one (see :func:`stencil_maximum`; parabolas per
+    axis where an axis has fewer than 3 samples): (positions (..., 3) in samples, values)."""
     lead, w = scores.shape[:-3], np.array(scores.shape[-3:])
     if np.any(w < 3):
         return parabolic_peaks(scores)
@@ -100,5 +105,5 @@ def grid_peaks(scores: np.ndarray):
     off = _STENCIL.astype(np.int64)  # (27, 3)
     pts = centre[:, None, :] + off[None]
     samples = flat[np.arange(len(flat))[:, None], pts[..., 0], pts[..., 1], pts[..., 2]]
-    offset, value = stencil_maximum(samples.reshape(-1, 3, 3, 3), 1.0)
+    offset, value = stencil_maximum(samples.reshape(-1, 3, 3, 3), 1.0, log)
     return (centre + offset).reshape(*lead, 3), value.reshape(lead)

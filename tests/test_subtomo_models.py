@@ -31,14 +31,17 @@ def phantoms():
 
 
 def subvolume(atoms, angles, shift, wedge=(-60, 60), noise=0.0, seed=0):
+    """An exact subvolume: rendered and wedge-filtered in a twice larger box, then cropped
+    (as a window of a tomogram)."""
     quat = euler_zyx_to_rotation(angles).as_quat()
     moved = place_atoms(atoms.coords, quat, shift, BOX, APIX)
-    vol = voxelize_atoms(moved, atoms.amplitudes, atoms.sigmas, BOX, APIX)
+    vol = voxelize_atoms(moved, atoms.amplitudes, atoms.sigmas, 2 * BOX, APIX)
     if noise:
         vol = vol + noise * vol.std() * np.random.default_rng(seed).standard_normal(vol.shape)
     if wedge is not None:
         vol = fourier_filter(vol.astype(np.float32), single_axis(wedge).rfft_mask(None, vol.shape))
-    return vol.astype(np.float32), quat
+    inner = slice(BOX // 2, BOX // 2 + BOX)
+    return vol[inner, inner, inner].astype(np.float32), quat
 
 
 def rotation_error(q1, q2) -> float:

@@ -70,7 +70,7 @@ BATCH_BYTES = 4 * 2**20  # window scores of one batch of subvolumes
 class _Prepared:
     """Template-side arrays for one backend and one wedge orientation."""
 
-    filt: object  # (nz, ny, nx//2+1) float32 weights for subvolume spectra
+    filt: object  # (subvolume weights (nz, ny, nx//2+1), template weights or None)
     templates: object  # (2, P, nz, T*R) float32, template_layout
     masks: object = None  # ZNCC: (2, P, nz, Rm) mask spectra, Rm = 1 or R
     mask_sum: object = None  # ZNCC: (Rm,) sum of each mask
@@ -151,10 +151,7 @@ class _BatchedModel(TomographyInput):
             if len(self._prepared) >= 4:
                 self._prepared.pop(next(iter(self._prepared)))
             shape = self.input_shape
-            wedge = self._tilt_model.rfft_mask(
-                Rotation.from_quat(np.asarray(quat, dtype=np.float64)), shape, xp
-            )
-            filt = butterworth(shape, self._cutoff, xp=xp) * wedge * without_nyquist(shape, xp)
+            filt = self._filters(xp, Rotation.from_quat(np.asarray(quat, dtype=np.float64)))
             if self.has_rotation:
                 templates, masks = self.rotated_templates()
             else:
@@ -163,12 +160,20 @@ class _BatchedModel(TomographyInput):
             self._prepared[key] = self._prepare_templates(xp, filt, templates, masks)
         return self._prepared[key]
 
+    def _filters(self, xp, orientation):
+        """(weights of the subvolumes' spectra, weights for the templates) for a wedge
+        orientation; see the subclasses."""
+        shape = self.input_shape
+        wedge = self._tilt_model.rfft_mask(orientation, shape, xp)
+        return butterworth(shape, self._cutoff, xp=xp) * wedge * without_nyquist(shape, xp), None
+
     def _prepare_templates(self, xp, filt, templates, masks) -> _Prepared:
         """Spectra of templates (n, *shape) in layout; masks (1 or n, *shape) (the mask of
-        template i is ``masks[i % len(masks)]``). Processed a few at a time."""
+        template i is ``masks[i % len(masks)]``); filt from :meth:`_filters`. Processed a
+        few at a time."""
         out = None
-        for lo in range(0, len(templates), 32):
-            t = xp.asarray(templates[lo : lo + 32])
+        for lo in range(0, len(templates), 8):
+            t = xp.asarray(templates[lo : lo + 8])
             m = _masks_for(xp, masks, lo, len(t))
             layout = template_layout(self._template_spectra(xp, filt, t, m))
             if out is None:
@@ -384,11 +389,30 @@ class ZNCCAlignment(_BatchedModel):
 
     _gaussian_peaks = True  # correlation peaks of smooth maps: fit logarithms
 
+    def _filters(self, xp, orientation):
+        """Subvolumes: low-pass only (they hold the wedge already; zeroing it again in the
+        box would wrap the streaks of their window around). Templates: low-pass and wedge
+        on a twice larger box, as the tomogram was filtered before the subvolumes were cut
+        out of it."""
+        shape = self.input_shape
+        big = tuple(2 * n for n in shape)
+        wedge = self._tilt_model.rfft_mask(orientation, big, xp)
+        return (
+            butterworth(shape, self._cutoff, xp=xp) * without_nyquist(shape, xp),
+            butterworth(big, self._cutoff, xp=xp) * wedge,
+        )
+
     def _template_spectra(self, xp, filt, t, m):
         """Filtered templates t made zero-mean and unit-norm under their masks m."""
         fft = fft_module(xp)
         n = len(t)
-        tw = fft.irfftn(rfft_spectra(t) * filt, s=self.input_shape, axes=(-3, -2, -1))
+        shape = self.input_shape
+        big = tuple(2 * k for k in shape)
+        inner = (slice(None),) + tuple(slice(k // 2, k // 2 + k) for k in shape)
+        padded = xp.empty((n, *big), dtype=xp.float32)
+        padded[...] = _face_means(t)[:, None, None, None]  # what lies beyond the box
+        padded[inner] = t
+        tw = fft.irfftn(rfft_spectra(padded) * filt[1], s=big, axes=(-3, -2, -1))[inner]
         msum = m.reshape(len(m), -1).sum(axis=1)
         mu = (m * tw).reshape(n, -1).sum(axis=1) / msum
         dev = tw - mu[:, None, None, None]
@@ -402,7 +426,7 @@ class ZNCCAlignment(_BatchedModel):
     def _subvolume_data(self, v, prep):
         xp = array_module(v)
         fft = fft_module(xp)
-        a = rfft_spectra(v) * prep.filt
+        a = rfft_spectra(v) * prep.filt[0]
         vf = fft.irfftn(a, s=self.input_shape, axes=(-3, -2, -1))
         a2 = rfft_spectra(vf * vf) * without_nyquist(self.input_shape, xp)
         return a, a2
@@ -449,11 +473,11 @@ class PCCAlignment(_BatchedModel):
         nz, ny, nx = self.input_shape
         hermitian = xp.full(nx // 2 + 1, 2.0, dtype=xp.float32)
         hermitian[0] = 1.0
-        norm = float((filt * hermitian).sum()) / (nz * ny * nx)
+        norm = float((filt[0] * hermitian).sum()) / (nz * ny * nx)
         return _Prepared(filt, layout, norm=norm)
 
     def _subvolume_data(self, v, prep):
-        return (_unit_modulus(rfft_spectra(v)) * prep.filt,)
+        return (_unit_modulus(rfft_spectra(v)) * prep.filt[0],)
 
     def _scores(self, data, prep, coords, column=None, local=None):
         (a,) = data
@@ -470,6 +494,13 @@ def _masks_for(xp, masks, lo: int, n: int):
     if len(masks) == 1:
         return xp.asarray(masks)
     return xp.asarray(masks[np.arange(lo, lo + n) % len(masks)])
+
+
+def _face_means(v):
+    """Mean of the six faces of each volume (n, *shape): the value beyond the box."""
+    xp = array_module(v)
+    faces = [v[:, 0], v[:, -1], v[:, :, 0], v[:, :, -1], v[:, :, :, 0], v[:, :, :, -1]]
+    return xp.mean(xp.stack([f.reshape(len(v), -1).mean(axis=1) for f in faces]), axis=0)
 
 
 def _standardize(v):

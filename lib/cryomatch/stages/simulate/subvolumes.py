@@ -7,13 +7,14 @@ the z, y, x axes (the rotation ``Rz Ry Rx`` of acryo's grids) and shifted by up 
 ``max_shift`` voxels per axis, voxelized exactly from the moved atoms; then white Gaussian
 noise is added and the missing wedge of a single-axis tilt series about y (``tilt`` range,
 beam along z) is removed from signal and noise alike, the noise scaled so that
-variance(signal) / variance(noise) = SNR after the wedge.
+variance(signal) / variance(noise) = SNR after the wedge. As in a tomogram, the wedge
+filter acts on a twice larger box that is then cropped (no wrap-around of its streaks).
 
 Outputs in OUT: ``subvolumes.mrcs`` (volume stack), ``subvolumes.star`` (the truth, RELION
 style: rlnImageName, rlnAngleRot/Tilt/Psi, rlnOriginX/Y/ZAngst, rlnClassNumber = label + 1;
 see :func:`cryomatch.geometry.subvolume_pose_to_relion`), ``templates/template_NN.mrc`` and
 ``mask.mrc`` (a soft sphere). With ``--tomogram`` also ``tomogram.mrc``: the same particles
-on a grid in one volume (noise and wedge applied to the whole tomogram),
+on a grid in one volume, two boxes apart (noise and wedge applied to the whole tomogram),
 ``particles.star`` (RELION 5 style, positions only: rlnTomoName and
 rlnCenteredCoordinateX/Y/ZAngst, the particles' nominal centres) and ``truth.star`` (the
 same rows with the true poses).
@@ -101,7 +102,7 @@ def simulate_subvolumes(
     max_shift: float = 3.0,
     tilt: tuple[float, float] | None = (-60.0, 60.0),
     tomogram: bool = False,
-    batch_size: int = 32,
+    batch_size: int = 8,
 ) -> Path:
     """Write a simulated subvolume set to ``out``; returns the truth STAR (module doc)."""
     out = Path(out)
@@ -122,19 +123,22 @@ def simulate_subvolumes(
     atoms = phantom_structures(n_templates, box, pixel_size, rng)
     templates = [voxelize_atoms(a.coords, a.amplitudes, a.sigmas, box, pixel_size) for a in atoms]
     labels, quats, shifts = draw_poses(n, n_templates, max_angle, max_shift, rng)
-    wedge = single_axis(tilt).rfft_mask(None, shape)
+    big = 2 * box  # rendered and filtered in a padded box, then cropped
+    crop = (slice(None),) + (slice(box // 2, box // 2 + box),) * 3
+    wedge = single_axis(tilt).rfft_mask(None, (big,) * 3)
     # noise: white of variance sigma^2 keeps (kept fraction) * sigma^2 after the wedge
     hermitian = np.full(wedge.shape[-1], 2.0)
-    hermitian[0] = 1.0
-    hermitian[-1] = 1.0 if box % 2 == 0 else 2.0
-    kept = float((wedge * hermitian).sum()) / box**3
-    signal_var = float(np.var(fourier_filter(templates[0], wedge)))
+    hermitian[0] = hermitian[-1] = 1.0
+    kept = float((wedge * hermitian).sum()) / big**3
+    a0 = atoms[0]
+    padded = voxelize_atoms(a0.coords, a0.amplitudes, a0.sigmas, big, pixel_size)
+    signal_var = float(np.var(fourier_filter(padded[None], wedge)[crop]))
     sigma = np.sqrt(signal_var / snr / kept)
 
-    def clean(i):
+    def clean(i, size=big):
         a = atoms[labels[i]]
         c = place_atoms(a.coords, quats[i], shifts[i], box, pixel_size)
-        return voxelize_atoms(c, a.amplitudes, a.sigmas, box, pixel_size)
+        return voxelize_atoms(c, a.amplitudes, a.sigmas, size, pixel_size)
 
     table = truth_table(labels, quats, shifts, box, pixel_size)
     table.insert(0, "rlnImageName", [f"{i + 1:06d}@subvolumes.mrcs" for i in range(n)])
@@ -158,13 +162,13 @@ def simulate_subvolumes(
                 idx = range(lo, min(n, lo + batch_size))
                 vol = np.stack([clean(i) for i in idx])
                 vol += sigma * noise_rng.standard_normal(vol.shape, dtype=np.float32)
-                w.write(fourier_filter(vol, wedge))
+                w.write(fourier_filter(vol, wedge)[crop])
         blocks = {"optics": optics_table(box, pixel_size), "particles": table}
         write_star(out / "subvolumes.star", blocks, prov, outputs)
         if tomogram:
             _write_tomogram(
                 out,
-                [clean(i) for i in range(n)],
+                [clean(i, box) for i in range(n)],
                 table,
                 tilt,
                 sigma,
@@ -178,20 +182,21 @@ def simulate_subvolumes(
 
 
 def _write_tomogram(out, volumes, truth, tilt, sigma, box, pixel_size, rng, prov, outputs):
-    """The particles on a grid (one box apart, a margin of half a box) in one tomogram."""
+    """The particles on a grid two boxes apart (so that the wedge's streaks of one stay out
+    of the others' boxes) in one tomogram two boxes thick."""
     n = len(volumes)
     nx = int(np.ceil(np.sqrt(n)))
     ny = int(np.ceil(n / nx))
-    shape = (2 * box, (ny + 1) * box, (nx + 1) * box)
+    step = 2 * box
+    shape = (2 * box, ny * step, nx * step)
     tomo = np.zeros(shape, dtype=np.float32)
     centres = np.zeros((n, 3), dtype=np.int64)
     for i, vol in enumerate(volumes):
         iy, ix = divmod(i, nx)
-        corner = np.array([box // 2, box // 2 + iy * box, box // 2 + ix * box])
+        corner = np.array([box // 2, box // 2 + iy * step, box // 2 + ix * step])
         centres[i] = corner + box // 2
-        tomo[
-            corner[0] : corner[0] + box, corner[1] : corner[1] + box, corner[2] : corner[2] + box
-        ] += vol
+        region = tuple(slice(c, c + box) for c in corner)
+        tomo[region] += vol
     tomo += sigma * rng.standard_normal(shape, dtype=np.float32)
     tomo = fourier_filter(tomo, single_axis(tilt).rfft_mask(None, shape))
     write_mrc(out / "tomogram.mrc", tomo, pixel_size, provenance.mrc_labels(prov), outputs)
@@ -237,7 +242,7 @@ def add_arguments(p) -> None:
         action="store_true",
         help="also write the particles into one tomogram with a RELION 5 STAR",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="subvolumes rendered at a time")
+    p.add_argument("--batch-size", type=int, default=8, help="subvolumes rendered at a time")
 
 
 def run(args) -> None:

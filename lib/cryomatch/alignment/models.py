@@ -242,9 +242,11 @@ class _BatchedModel(TomographyInput):
         d0 = centres[rows, column]
         quats = self.quaternions[column % n_rot]
         if self.has_rotation and self.refine:
-            column, d0, quats, coef = self._around_best(data, prep, column, centres, max_shifts)
+            column, d0, quats, neighbours = self._around_best(
+                data, prep, column, centres, max_shifts
+            )
             quats, d0, local = self._refine_locally(
-                data, prep, column // n_rot, quats, coef, d0, max_shifts
+                data, prep, column // n_rot, quats, neighbours, d0, max_shifts
             )
             shift, score = self._subvoxel(data, prep, d0, max_shifts, local=local)
             return column // n_rot, shift, quats, score
@@ -282,10 +284,11 @@ class _BatchedModel(TomographyInput):
             column = best  # one more round around the new best
         best_k = np.argmax(values, axis=1)
         column, d0 = cols[rows, best_k], peaks[rows, best_k]
-        quats, coef = refine_rotation.interpolate_rotation(
+        quats, _ = refine_rotation.interpolate_rotation(
             values, r0, self.quaternions, table, self.quaternions[column % n_rot]
         )
-        return column, d0, quats, coef
+        neighbours = (self.quaternions[cols % n_rot], values, self.quaternions[table.centre[r0]])
+        return column, d0, quats, neighbours
 
     def _neighbour_table(self):
         if self._neighbours is None:
@@ -308,10 +311,12 @@ class _BatchedModel(TomographyInput):
         shifts = np.clip(centres + offset.reshape(s, k, 3), -limit, limit)
         return shifts, values.reshape(s, k)
 
-    def _refine_locally(self, data, prep, label, quats, coef, d0, max_shifts):
+    def _refine_locally(self, data, prep, label, quats, neighbours, d0, max_shifts):
         """Score seven rotations around each subvolume's (rotations built afresh), move the
-        rotation to the maximum of a quadratic through them (see :mod:`.refine`). Returns
-        (quats (S, 4), shifts (S, 3), the templates at the new rotations, prepared)."""
+        rotation to the maximum of a quadratic fitted to them and to the grid neighbours
+        (``neighbours``: their quaternions (S, K, 4), scores (S, K) and the fit's centre
+        (S, 4); see :mod:`.refine`). Returns (quats (S, 4), shifts (S, 3), the templates
+        at the new rotations, prepared)."""
         xp = array_module(data[0])
         s = len(quats)
         step = self._neighbour_table().step / 2
@@ -319,7 +324,11 @@ class _BatchedModel(TomographyInput):
         local = self._templates_at(xp, prep, np.repeat(label, 7), stencil.reshape(-1, 4))
         centres = np.repeat(d0[:, None], 7, axis=1)
         peaks, values = self._stencil_peaks(data, prep, None, centres, max_shifts, local=local)
-        quats = refine_rotation.stencil_rotation(values, quats, coef, step)
+        points = np.concatenate([neighbours[0], stencil], axis=1)
+        scores = np.concatenate([neighbours[1], values], axis=1)
+        table = self._neighbour_table()
+        radius = np.full(s, table.radius.max())
+        quats = refine_rotation.fit_rotation(points, scores, neighbours[2], quats, 2 * step, radius)
         best = np.argmax(values, axis=1)
         return quats, peaks[np.arange(s), best], self._templates_at(xp, prep, label, quats)
 

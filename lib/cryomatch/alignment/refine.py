@@ -8,8 +8,9 @@ at the grid's boundary, else the 27 nearest rotations), and its maximum, when it
 within the neighbourhood, gives ``exp(v*) R_b``.
 
 Local refinement: around that rotation, seven rotations (it and +-``step / 2`` about each
-axis) are built from the template afresh and scored; a quadratic per axis through them
-(the cross terms kept from the interpolation) moves the rotation once more.
+axis) are built from the template afresh and scored; a quadratic fitted to them and to the
+grid neighbours together, weighted towards the interpolated rotation, moves the rotation
+once more.
 """
 
 from __future__ import annotations
@@ -108,27 +109,24 @@ def local_stencil(quats, step: float) -> np.ndarray:
     return np.stack([(turn[j] * base).as_quat() for j in range(7)], axis=1)
 
 
-def stencil_rotation(values, quats, coef, step: float):
-    """Move each rotation (S, 4) to the maximum of a quadratic through its stencil scores
-    ``values`` (S, 7) (see :func:`local_stencil`): per axis a parabola, cross terms from
-    the interpolation's coefficients ``coef`` (S, 10) (0 when there were none)."""
-    s = len(quats)
-    f0, fm, fp = values[:, 0], values[:, 1::2], values[:, 2::2]  # (S,), (S, 3), (S, 3)
-    g = (fp - fm) / (2 * step)
-    diag = (fp + fm - 2 * f0[:, None]) / step**2
-    h = np.zeros((s, 3, 3))
-    h[:, [0, 1, 2], [0, 1, 2]] = diag
-    h[:, 0, 1] = h[:, 1, 0] = coef[:, 7]
-    h[:, 0, 2] = h[:, 2, 0] = coef[:, 8]
-    h[:, 1, 2] = h[:, 2, 1] = coef[:, 9]
-    ok = np.all(np.linalg.eigvalsh(h) < 0, axis=1) & np.all(np.isfinite(values), axis=1)
-    v = np.zeros((s, 3))
+def fit_rotation(points, values, centre, estimate, width: float, radius):
+    """Rotations (S, 4) at the maximum of quadratics fitted by weighted least squares to
+    scores ``values`` (S, P) (-inf: missing) at rotations ``points`` (S, P, 4), in rotation
+    vectors (degrees) about ``centre`` (S, 4); weights fall off as a Gaussian of ``width``
+    degrees from ``estimate`` (S, 4), which is kept where the fit has no maximum within
+    ``radius`` (S,) degrees of the centre."""
+    s, p = values.shape
+    base = Rotation.from_quat(np.repeat(centre, p, axis=0))
+    v = np.rad2deg((Rotation.from_quat(points.reshape(-1, 4)) * base.inv()).as_rotvec()).reshape(s, p, 3)
+    v0 = np.rad2deg((Rotation.from_quat(estimate) * Rotation.from_quat(centre).inv()).as_rotvec())
+    valid = np.isfinite(values)
+    w = np.where(valid, np.exp(-np.sum((v - v0[:, None]) ** 2, axis=-1) / (2 * width**2)), 0.0)
+    sw = np.sqrt(w)[..., None]
+    coef = np.einsum("sck,sk->sc", np.linalg.pinv(sw * monomials(v)), sw[..., 0] * np.where(valid, values, 0.0))
+    vmax, _, ok = quadratic_maximum(coef)
+    ok &= (valid.sum(axis=1) >= N_COEFFICIENTS) & (np.linalg.norm(vmax, axis=1) <= radius)
+    out = np.asarray(estimate, dtype=np.float64).copy()
     if ok.any():
-        v[ok] = -np.linalg.solve(h[ok], g[ok][..., None])[..., 0]
-    ok &= np.linalg.norm(v, axis=1) <= 2 * step
-    out = quats.copy()
-    if ok.any():
-        out[ok] = (
-            Rotation.from_rotvec(np.deg2rad(v[ok])) * Rotation.from_quat(quats[ok])
-        ).as_quat()
+        turn = Rotation.from_rotvec(np.deg2rad(vmax[ok]))
+        out[ok] = (turn * Rotation.from_quat(centre[ok])).as_quat()
     return out

@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.spatial.transform import Rotation
-
 from cryomatch import geometry
 from cryomatch.alignment import PCCAlignment, ZNCCAlignment
 from cryomatch.io.mrc import read_volume
 from cryomatch.io.star import read_star
 from cryomatch.io.volumes import VolumeStackReader
 from cryomatch.stages.simulate.subvolumes import simulate_subvolumes
+from scipy.spatial.transform import Rotation
 
 BOX, MAX_SHIFTS, ROTATIONS, TILT = 48, (4, 4, 4), [(10, 5)] * 3, (-60, 60)
 
@@ -46,7 +45,8 @@ def load(folder: Path):
 
 def errors(quat, shift, quats, shifts) -> str:
     rot = np.rad2deg((Rotation.from_quat(quat) * Rotation.from_quat(quats).inv()).magnitude())
-    return f"shift error {np.linalg.norm(shift - shifts, axis=1).mean():.2f} voxel, rotation error {rot.mean():.2f} deg"
+    shift_error = np.linalg.norm(shift - shifts, axis=1).mean()
+    return f"shift error {shift_error:.2f} voxel, rotation error {rot.mean():.2f} deg"
 
 
 def matmul_gflops() -> float:
@@ -68,9 +68,11 @@ def run_cryomatch(name, model, volumes, quats, shifts, n_single):
     t = time.perf_counter()
     _, shift, quat, _ = model.align_batch(volumes, MAX_SHIFTS)
     batch = time.perf_counter() - t
-    print(f"{name}: setup {setup:.1f} s; one at a time {per_one:.3f} s/subvolume; batch of "
-          f"{len(volumes)}: {len(volumes) / batch:.1f} subvolumes/s ({len(volumes) / (batch + setup):.1f}"
-          f" with setup); {errors(quat, shift, quats, shifts)}")
+    print(
+        f"{name}: setup {setup:.1f} s; one at a time {per_one:.3f} s/subvolume; batch of "
+        f"{len(volumes)}: {len(volumes) / batch:.1f} subvolumes/s "
+        f"({len(volumes) / (batch + setup):.1f} with setup); {errors(quat, shift, quats, shifts)}"
+    )
     del single
     return per_one
 
@@ -87,8 +89,10 @@ def run_acryo(cls_name, volumes, template, quats, shifts, n):
     per_one = (time.perf_counter() - t) / n
     shift = np.array([r.shift for r in results])
     quat = np.array([r.quat for r in results])
-    print(f"acryo {cls_name} (no mask, its best): setup {setup:.1f} s; {per_one:.2f} s/subvolume "
-          f"over {n}; {errors(quat, shift, quats[:n], shifts[:n])}")
+    print(
+        f"acryo {cls_name} (no mask, its best): setup {setup:.1f} s; {per_one:.2f} s/subvolume "
+        f"over {n}; {errors(quat, shift, quats[:n], shifts[:n])}"
+    )
     return per_one
 
 
@@ -99,24 +103,54 @@ def main() -> None:
     p.add_argument("--refine-n", type=int, default=10, help="subvolumes with local refinement")
     p.add_argument("--seed", type=int, default=2026)
     args = p.parse_args()
-    print(f"cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; numpy float32 "
-          f"matmul {matmul_gflops():.0f} GFLOPS")
+    print(
+        f"cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; numpy float32 "
+        f"matmul {matmul_gflops():.0f} GFLOPS"
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        simulate_subvolumes(tmp, n=args.n, snr=0.1, box=BOX, seed=args.seed, n_templates=1,
-                            max_angle=10.0, max_shift=3.0, tilt=TILT)
+        simulate_subvolumes(
+            tmp,
+            n=args.n,
+            snr=0.1,
+            box=BOX,
+            seed=args.seed,
+            n_templates=1,
+            max_angle=10.0,
+            max_shift=3.0,
+            tilt=TILT,
+        )
         volumes, template, mask, quats, shifts = load(Path(tmp))
-    print(f"{args.n} subvolumes {BOX}^3, {len(ROTATIONS[0]) and 125} rotations, max shifts {MAX_SHIFTS}")
-    zncc = run_cryomatch("cryomatch ZNCC", ZNCCAlignment(template, mask=mask, rotations=ROTATIONS, tilt=TILT),
-                         volumes, quats, shifts, n_single=10)
-    run_cryomatch("cryomatch ZNCC, no mask", ZNCCAlignment(template, rotations=ROTATIONS, tilt=TILT),
-                  volumes, quats, shifts, n_single=10)
-    pcc = run_cryomatch("cryomatch PCC (cutoff 0.25)",
-                        PCCAlignment(template, mask=mask, rotations=ROTATIONS, tilt=TILT, cutoff=0.25),
-                        volumes, quats, shifts, n_single=10)
+    print(f"{args.n} subvolumes {BOX}^3, 125 rotations, max shifts {MAX_SHIFTS}")
+    zncc = run_cryomatch(
+        "cryomatch ZNCC",
+        ZNCCAlignment(template, mask=mask, rotations=ROTATIONS, tilt=TILT),
+        volumes,
+        quats,
+        shifts,
+        n_single=10,
+    )
+    run_cryomatch(
+        "cryomatch ZNCC, no mask",
+        ZNCCAlignment(template, rotations=ROTATIONS, tilt=TILT),
+        volumes,
+        quats,
+        shifts,
+        n_single=10,
+    )
+    pcc = run_cryomatch(
+        "cryomatch PCC (cutoff 0.15)",
+        PCCAlignment(template, mask=mask, rotations=ROTATIONS, tilt=TILT, cutoff=0.15),
+        volumes,
+        quats,
+        shifts,
+        n_single=10,
+    )
     if args.refine_n:
         model = ZNCCAlignment(template, mask=mask, rotations=ROTATIONS, tilt=TILT, refine=True)
         k = args.refine_n
-        run_cryomatch("cryomatch ZNCC refined", model, volumes[:k], quats[:k], shifts[:k], n_single=min(k, 3))
+        run_cryomatch(
+            "cryomatch ZNCC refined", model, volumes[:k], quats[:k], shifts[:k], n_single=min(k, 3)
+        )
     try:
         import acryo  # noqa: F401
     except ImportError:
@@ -125,8 +159,10 @@ def main() -> None:
     if args.acryo_n:
         acryo_zncc = run_acryo("ZNCCAlignment", volumes, template, quats, shifts, args.acryo_n)
         acryo_pcc = run_acryo("PCCAlignment", volumes, template, quats, shifts, args.acryo_n)
-        print(f"speed-up, one subvolume at a time: ZNCC {acryo_zncc / zncc:.0f}x, PCC {acryo_pcc / pcc:.0f}x "
-              f"(acryo's ZNCC over cryomatch's ZNCC and PCC over PCC, same run)")
+        print(
+            f"speed-up, one subvolume at a time: ZNCC {acryo_zncc / zncc:.0f}x, "
+            f"PCC {acryo_pcc / pcc:.0f}x (acryo's over cryomatch's, same run)"
+        )
 
 
 if __name__ == "__main__":

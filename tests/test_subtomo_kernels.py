@@ -3,8 +3,6 @@ missing wedge, low-pass, peak fits, rotations, and the subvolume geometry helper
 
 import numpy as np
 import pytest
-from scipy.spatial.transform import Rotation
-
 from cryomatch import geometry
 from cryomatch.alignment.rotations import euler_zyx_to_rotation, normalize_rotations
 from cryomatch.alignment.tilt import dual_axis, single_axis
@@ -23,6 +21,7 @@ from cryomatch.kernels.rotate import rotate_volumes
 from cryomatch.kernels.wedge import butterworth, rfft_indices, without_nyquist
 from cryomatch.stages.simulate.particles import phantom_structures
 from cryomatch.stages.simulate.subvolumes import place_atoms
+from scipy.spatial.transform import Rotation
 
 SHAPE = (12, 14, 16)
 
@@ -87,7 +86,9 @@ def test_wedge_keeps_the_sampled_region():
     assert np.all(mask[inside] == 1) and np.all(mask[outside & (kx > 0)] == 0)
     assert np.all(mask[(kz == 0) & (kx == 0)] == 1)  # the ky axis and the origin
     full = single_axis((-60, 60)).create_mask(None, shape)
-    np.testing.assert_array_equal(full, full[(-np.arange(16)) % 16][:, (-np.arange(16)) % 16][..., (-np.arange(16)) % 16])
+    np.testing.assert_array_equal(
+        full, full[(-np.arange(16)) % 16][:, (-np.arange(16)) % 16][..., (-np.arange(16)) % 16]
+    )
     both = dual_axis((-60, 60), (-60, 60)).rfft_mask(None, shape)
     assert np.all(both >= mask) and both.mean() > mask.mean()
 
@@ -116,7 +117,9 @@ def test_peak_fits_recover_known_maxima():
     offset, value = stencil_maximum(quadratic[None], 0.5)
     np.testing.assert_allclose(offset[0], centre * 0.5, atol=1e-9)
     assert value[0] == pytest.approx(2.0)
-    gaussian = 3.0 * np.exp(-np.sum((grid - centre * 0.5) ** 2 / np.array([1.0, 2.0, 0.5]), axis=-1))
+    gaussian = 3.0 * np.exp(
+        -np.sum((grid - centre * 0.5) ** 2 / np.array([1.0, 2.0, 0.5]), axis=-1)
+    )
     offset, value = stencil_maximum(gaussian[None], 0.5, log=True)
     np.testing.assert_allclose(offset[0], centre * 0.5, atol=1e-9)
     assert value[0] == pytest.approx(3.0)
@@ -137,7 +140,9 @@ def test_spline_rotation_matches_exact_phantom():
     quat = euler_zyx_to_rotation([10, -5, 7]).as_quat()
     moved = place_atoms(atoms.coords, quat, [0, 0, 0], 32, 8.0)
     exact = voxelize_atoms(moved, atoms.amplitudes, atoms.sigmas, 32, 8.0)
-    turned = rotate_volumes(template, Rotation.from_quat(quat).as_matrix()[None], geometry.acryo_centre((32,) * 3))[0]
+    turned = rotate_volumes(
+        template, Rotation.from_quat(quat).as_matrix()[None], geometry.acryo_centre((32,) * 3)
+    )[0]
     assert np.linalg.norm(turned - exact) / np.linalg.norm(exact) < 0.01
 
 

@@ -3,9 +3,6 @@ invariances, custom models, backends and bad input."""
 
 import numpy as np
 import pytest
-from scipy import ndimage
-from scipy.spatial.transform import Rotation
-
 from cryomatch.alignment import (
     AlignmentResult,
     PCCAlignment,
@@ -19,6 +16,8 @@ from cryomatch.kernels.projection import voxelize_atoms
 from cryomatch.kernels.volumes import fourier_filter, soft_sphere
 from cryomatch.stages.simulate.particles import phantom_structures
 from cryomatch.stages.simulate.subvolumes import place_atoms
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 BOX, APIX = 32, 8.0
 
@@ -80,7 +79,9 @@ def test_rotation_below_the_grid_step(phantoms, zncc):
 
 
 def test_batch_equals_single_and_fit_moves_onto_template(phantoms, zncc):
-    imgs = np.stack([subvolume(phantoms[0][0], [0, 4, -4], s)[0] for s in ([1, 0, 0], [0, -2, 1.5])])
+    imgs = np.stack(
+        [subvolume(phantoms[0][0], [0, 4, -4], s)[0] for s in ([1, 0, 0], [0, -2, 1.5])]
+    )
     labels, shifts, quats, scores = zncc.align_batch(imgs, (3, 3, 3))
     single = zncc.align(imgs[1], (3, 3, 3))
     np.testing.assert_allclose(shifts[1], single.shift, atol=1e-6)
@@ -124,8 +125,13 @@ def test_zncc_ignores_offset_and_scale(phantoms, zncc):
 
 
 def test_pcc_recovers_shift_and_rotation(phantoms):
-    model = PCCAlignment(phantoms[1][0], mask=soft_sphere((BOX,) * 3, 12, 3),
-                         rotations=[(4, 4)] * 3, tilt=(-60, 60), cutoff=0.3)
+    model = PCCAlignment(
+        phantoms[1][0],
+        mask=soft_sphere((BOX,) * 3, 12, 3),
+        rotations=[(4, 4)] * 3,
+        tilt=(-60, 60),
+        cutoff=0.3,
+    )
     img, quat = subvolume(phantoms[0][0], [-4, 0, 4], [-1.2, 0.3, 0.8])
     result = model.align(img, (3, 3, 3))
     np.testing.assert_allclose(result.shift, [-1.2, 0.3, 0.8], atol=0.15)

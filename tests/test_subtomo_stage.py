@@ -9,7 +9,6 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
-
 from cryomatch import geometry
 from cryomatch.cli import main
 from cryomatch.io.star import read_star
@@ -25,8 +24,18 @@ ROTATIONS = [(4, 4)] * 3
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("subvolumes")
-    simulate_subvolumes(out, n=10, snr=2.0, box=32, seed=5, pixel_size=APIX, n_templates=2,
-                        max_angle=4.0, max_shift=1.5, tomogram=True)
+    simulate_subvolumes(
+        out,
+        n=10,
+        snr=2.0,
+        box=32,
+        seed=5,
+        pixel_size=APIX,
+        n_templates=2,
+        max_angle=4.0,
+        max_shift=1.5,
+        tomogram=True,
+    )
     return out
 
 
@@ -36,7 +45,9 @@ def _templates(demo):
 
 def _poses(star):
     t = read_star(star)["particles"]
-    a = geometry.euler_to_matrix(*(t[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
+    a = geometry.euler_to_matrix(
+        *(t[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))
+    )
     origin = t[["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"]].to_numpy(float)
     return a, origin, t["rlnClassNumber"].to_numpy()
 
@@ -50,8 +61,14 @@ def _errors(result_star, truth_star):
 
 
 def test_stack_recovers_the_truth(demo, tmp_path):
-    table = subtomo_align(tmp_path, _templates(demo), subvolumes=demo / "subvolumes.mrcs",
-                          mask=demo / "mask.mrc", max_shifts=(2, 2, 2), rotations=ROTATIONS)
+    table = subtomo_align(
+        tmp_path,
+        _templates(demo),
+        subvolumes=demo / "subvolumes.mrcs",
+        mask=demo / "mask.mrc",
+        max_shifts=(2, 2, 2),
+        rotations=ROTATIONS,
+    )
     assert len(table) == 10
     rot, shift, labels = _errors(tmp_path / "subtomo.star", demo / "subvolumes.star")
     assert labels == 1.0
@@ -66,8 +83,13 @@ def test_stack_recovers_the_truth(demo, tmp_path):
 
 
 def test_tomogram_chunks_merge_to_the_whole(demo, tmp_path):
-    common = dict(star=demo / "particles.star", tomograms=[demo / "tomogram.mrc"],
-                  mask=demo / "mask.mrc", max_shifts=(2, 2, 2), rotations=ROTATIONS)
+    common = dict(
+        star=demo / "particles.star",
+        tomograms=[demo / "tomogram.mrc"],
+        mask=demo / "mask.mrc",
+        max_shifts=(2, 2, 2),
+        rotations=ROTATIONS,
+    )
     whole = subtomo_align(tmp_path / "whole", _templates(demo), **common)
     for k in range(2):
         subtomo_align(tmp_path / "chunked", _templates(demo), chunk=k, chunk_size=5, **common)
@@ -79,8 +101,10 @@ def test_tomogram_chunks_merge_to_the_whole(demo, tmp_path):
     np.testing.assert_allclose(o1, o2, atol=0.01)
     np.testing.assert_array_equal(c1, c2)
     np.testing.assert_allclose(merged["rlnCryomatchScore"], whole["rlnCryomatchScore"], atol=1e-4)
-    with mrcfile.open(tmp_path / "whole" / "average_01.mrc") as a, \
-            mrcfile.open(tmp_path / "chunked" / "average_01.mrc") as b:
+    with (
+        mrcfile.open(tmp_path / "whole" / "average_01.mrc") as a,
+        mrcfile.open(tmp_path / "chunked" / "average_01.mrc") as b,
+    ):
         np.testing.assert_allclose(a.data, b.data, atol=5e-3)
     rot, shift, labels = _errors(tmp_path / "whole" / "subtomo.star", demo / "truth.star")
     assert labels == 1.0 and shift < 0.3 and rot < 2.5  # grid step 4 degrees, box 32
@@ -97,8 +121,19 @@ def test_bad_mask_shape(demo, tmp_path, capsys):
     with mrcfile.new(mask) as mrc:
         mrc.set_data(np.ones((32, 32, 20), np.float32))
     out = tmp_path / "out"
-    code, err = _cli(["--subvolumes", demo / "subvolumes.mrcs", "--template", _templates(demo)[0],
-                      "--mask", mask, "--out", out], capsys)
+    code, err = _cli(
+        [
+            "--subvolumes",
+            demo / "subvolumes.mrcs",
+            "--template",
+            _templates(demo)[0],
+            "--mask",
+            mask,
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert code == 2 and f"{mask}: the mask has shape" in err
     assert not out.exists() or not any(out.rglob("*"))
 
@@ -107,13 +142,28 @@ def test_subvolumes_of_another_shape(demo, tmp_path, capsys):
     stack = tmp_path / "small.mrcs"
     with VolumeStackWriter(stack, 2, (20, 20, 20), APIX) as w:
         w.write(np.zeros((2, 20, 20, 20), np.float32))
-    code, err = _cli(["--subvolumes", stack, "--template", _templates(demo)[0], "--out", tmp_path / "o"], capsys)
+    code, err = _cli(
+        ["--subvolumes", stack, "--template", _templates(demo)[0], "--out", tmp_path / "o"], capsys
+    )
     assert code == 2 and f"{stack}: the subvolumes have shape (20, 20, 20)" in err
 
 
 def test_max_shifts_beyond_half_the_box(demo, tmp_path, capsys):
-    code, err = _cli(["--subvolumes", demo / "subvolumes.mrcs", "--template", _templates(demo)[0],
-                      "--out", tmp_path / "o", "--max-shifts", "2", "16", "2"], capsys)
+    code, err = _cli(
+        [
+            "--subvolumes",
+            demo / "subvolumes.mrcs",
+            "--template",
+            _templates(demo)[0],
+            "--out",
+            tmp_path / "o",
+            "--max-shifts",
+            "2",
+            "16",
+            "2",
+        ],
+        capsys,
+    )
     assert code == 2 and "half the box" in err
     assert not (tmp_path / "o" / "subtomo.star").exists()
 
@@ -122,16 +172,34 @@ def test_tomogram_name_without_tomogram(demo, tmp_path, capsys):
     star = tmp_path / "two.star"
     text = (demo / "particles.star").read_text()
     star.write_text(text.replace("tomogram\t", "other\t", 1))
-    code, err = _cli(["--star", star, "--tomogram", demo / "tomogram.mrc", "--tomogram",
-                      demo / "subvolumes.mrcs", "--template", _templates(demo)[0],
-                      "--out", tmp_path / "o"], capsys)
+    code, err = _cli(
+        [
+            "--star",
+            star,
+            "--tomogram",
+            demo / "tomogram.mrc",
+            "--tomogram",
+            demo / "subvolumes.mrcs",
+            "--template",
+            _templates(demo)[0],
+            "--out",
+            tmp_path / "o",
+        ],
+        capsys,
+    )
     assert code == 2 and "no tomogram given for rlnTomoName 'other'" in err
 
 
 def test_inputs_are_not_modified(demo, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in demo.rglob("*")}
-    subtomo_align(tmp_path, _templates(demo)[:1], subvolumes=demo / "subvolumes.mrcs",
-                  max_shifts=(1, 1, 1), rotations=[(0, 0)] * 3, angpix=APIX)
+    subtomo_align(
+        tmp_path,
+        _templates(demo)[:1],
+        subvolumes=demo / "subvolumes.mrcs",
+        max_shifts=(1, 1, 1),
+        rotations=[(0, 0)] * 3,
+        angpix=APIX,
+    )
     assert before == {p: p.stat().st_mtime_ns for p in demo.rglob("*")}
 
 
@@ -140,9 +208,24 @@ def test_workflow_dry_run_lists_chunks(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO / "lib"))
     (tmp_path / "extra.yaml").write_text("subtomo:\n  chunk_size: 5\n")
     done = subprocess.run(
-        [sys.executable, "-m", "snakemake", "subtomo_merge", "-n", "--cores", "1", "-s",
-         str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(tmp_path / "extra.yaml")],
-        capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "subtomo_merge",
+            "-n",
+            "--cores",
+            "1",
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(tmp_path),
+            "--configfile",
+            str(tmp_path / "extra.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     n = 24  # the demo's subvolumes (config/config.yaml) in chunks of 5

@@ -117,12 +117,16 @@ def fit_rotation(points, values, centre, estimate, width: float, radius):
     ``radius`` (S,) degrees of the centre."""
     s, p = values.shape
     base = Rotation.from_quat(np.repeat(centre, p, axis=0))
-    v = np.rad2deg((Rotation.from_quat(points.reshape(-1, 4)) * base.inv()).as_rotvec()).reshape(s, p, 3)
+    v = np.rad2deg((Rotation.from_quat(points.reshape(-1, 4)) * base.inv()).as_rotvec()).reshape(
+        s, p, 3
+    )
     v0 = np.rad2deg((Rotation.from_quat(estimate) * Rotation.from_quat(centre).inv()).as_rotvec())
     valid = np.isfinite(values)
     w = np.where(valid, np.exp(-np.sum((v - v0[:, None]) ** 2, axis=-1) / (2 * width**2)), 0.0)
     sw = np.sqrt(w)[..., None]
-    coef = np.einsum("sck,sk->sc", np.linalg.pinv(sw * monomials(v)), sw[..., 0] * np.where(valid, values, 0.0))
+    coef = np.einsum(
+        "sck,sk->sc", np.linalg.pinv(sw * monomials(v)), sw[..., 0] * np.where(valid, values, 0.0)
+    )
     vmax, _, ok = quadratic_maximum(coef)
     ok &= (valid.sum(axis=1) >= N_COEFFICIENTS) & (np.linalg.norm(vmax, axis=1) <= radius)
     out = np.asarray(estimate, dtype=np.float64).copy()

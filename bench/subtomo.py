@@ -16,31 +16,13 @@ import argparse
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-from cryomatch import geometry
 from cryomatch.alignment import PCCAlignment, ZNCCAlignment
-from cryomatch.io.mrc import read_volume
-from cryomatch.io.star import read_star
-from cryomatch.io.volumes import VolumeStackReader
-from cryomatch.stages.simulate.subvolumes import simulate_subvolumes
+from cryomatch.stages.simulate.subvolumes import read_simulated, simulate_subvolumes
 from scipy.spatial.transform import Rotation
 
 BOX, MAX_SHIFTS, ROTATIONS, TILT = 48, (4, 4, 4), [(10, 5)] * 3, (-60, 60)
-
-
-def load(folder: Path):
-    truth = read_star(folder / "subvolumes.star")["particles"]
-    origin = truth[["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"]].to_numpy() / 8.0
-    quats, shifts = geometry.relion_to_subvolume_pose(
-        truth["rlnAngleRot"], truth["rlnAngleTilt"], truth["rlnAnglePsi"], origin, (BOX,) * 3
-    )
-    with VolumeStackReader(folder / "subvolumes.mrcs") as reader:
-        volumes = reader.read(0, len(reader))
-    template = read_volume(folder / "templates" / "template_01.mrc")[0]
-    mask = read_volume(folder / "mask.mrc")[0]
-    return volumes, template, mask, quats, shifts
 
 
 def errors(quat, shift, quats, shifts) -> str:
@@ -119,7 +101,8 @@ def main() -> None:
             max_shift=3.0,
             tilt=TILT,
         )
-        volumes, template, mask, quats, shifts = load(Path(tmp))
+        volumes, templates, mask, _, quats, shifts = read_simulated(tmp)
+    template = templates[0]
     print(f"{args.n} subvolumes {BOX}^3, 125 rotations, max shifts {MAX_SHIFTS}")
     zncc = run_cryomatch(
         "cryomatch ZNCC",

@@ -10,32 +10,28 @@ For reference, acryo's ZNCC gets about 0.49 voxel and 1.8 degrees on such data, 
 
 import numpy as np
 import pytest
-from cryomatch import geometry
 from cryomatch.alignment import PCCAlignment, ZNCCAlignment
-from cryomatch.io.mrc import read_volume
-from cryomatch.io.star import read_star
-from cryomatch.io.volumes import VolumeStackReader
-from cryomatch.stages.simulate.subvolumes import simulate_subvolumes
+from cryomatch.stages.simulate.subvolumes import read_simulated, simulate_subvolumes
 from scipy.spatial.transform import Rotation
 
 pytestmark = pytest.mark.slow
 BOX, N, MAX_SHIFTS, ROTATIONS = 48, 40, (4, 4, 4), [(10, 5)] * 3
 
 
-def load(folder, n_templates):
-    truth = read_star(folder / "subvolumes.star")["particles"]
-    origin = truth[["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"]].to_numpy() / 8.0
-    quats, shifts = geometry.relion_to_subvolume_pose(
-        truth["rlnAngleRot"], truth["rlnAngleTilt"], truth["rlnAnglePsi"], origin, (BOX,) * 3
+def simulated(tmp_path_factory, seed, n_templates):
+    out = tmp_path_factory.mktemp(f"accuracy{n_templates}")
+    simulate_subvolumes(
+        out,
+        n=N,
+        snr=0.1,
+        box=BOX,
+        seed=seed,
+        n_templates=n_templates,
+        max_angle=10.0,
+        max_shift=3.0,
+        tilt=(-60.0, 60.0),
     )
-    with VolumeStackReader(folder / "subvolumes.mrcs") as reader:
-        volumes = reader.read(0, len(reader))
-    templates = [
-        read_volume(folder / "templates" / f"template_{k:02d}.mrc")[0]
-        for k in range(1, n_templates + 1)
-    ]
-    mask = read_volume(folder / "mask.mrc")[0]
-    return volumes, templates, mask, truth["rlnClassNumber"].to_numpy() - 1, quats, shifts
+    return read_simulated(out)
 
 
 def errors(result, quats, shifts):
@@ -46,19 +42,7 @@ def errors(result, quats, shifts):
 
 @pytest.fixture(scope="module")
 def one_template(tmp_path_factory):
-    out = tmp_path_factory.mktemp("accuracy1")
-    simulate_subvolumes(
-        out,
-        n=N,
-        snr=0.1,
-        box=BOX,
-        seed=2026,
-        n_templates=1,
-        max_angle=10.0,
-        max_shift=3.0,
-        tilt=(-60.0, 60.0),
-    )
-    volumes, templates, mask, _, quats, shifts = load(out, 1)
+    volumes, templates, mask, _, quats, shifts = simulated(tmp_path_factory, 2026, 1)
     model = ZNCCAlignment(templates[0], mask=mask, rotations=ROTATIONS, tilt=(-60, 60))
     return model, volumes, quats, shifts
 
@@ -97,21 +81,8 @@ def test_pcc_is_better_than_acryos(one_template):
 
 
 def test_two_templates_labels(tmp_path_factory):
-    out = tmp_path_factory.mktemp("accuracy2")
-    simulate_subvolumes(
-        out,
-        n=N,
-        snr=0.1,
-        box=BOX,
-        seed=7,
-        n_templates=2,
-        max_angle=10.0,
-        max_shift=3.0,
-        tilt=(-60.0, 60.0),
-    )
-    volumes, templates, mask, labels, quats, shifts = load(out, 2)
-    model = ZNCCAlignment(templates, mask=mask, rotations=ROTATIONS, tilt=(-60, 60))
-    result = model.align_batch(volumes, MAX_SHIFTS)
-    right = np.mean(result[0] == labels)
+    volumes, templates, mask, labels, _, _ = simulated(tmp_path_factory, 7, 2)
+    model = ZNCCAlignment(list(templates), mask=mask, rotations=ROTATIONS, tilt=(-60, 60))
+    right = np.mean(model.align_batch(volumes, MAX_SHIFTS)[0] == labels)
     print(f"two templates: right label for {100 * right:.0f}%")
     assert right >= 0.95

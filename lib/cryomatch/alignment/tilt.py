@@ -116,3 +116,21 @@ def as_tilt_model(tilt) -> TiltSeriesModel:
             f"tilt must be (min, max) degrees or a tilt model, got {tilt!r}"
         ) from None
     return SingleAxis((lo, hi), "y")
+
+
+def add_tilt_arguments(parser) -> None:
+    """``--tilt MIN MAX`` (about y, default -60 60) and ``--no-wedge`` of a command."""
+    parser.add_argument(
+        "--tilt",
+        type=float,
+        nargs=2,
+        default=(-60.0, 60.0),
+        metavar=("MIN", "MAX"),
+        help="tilt range about y in degrees (the missing wedge)",
+    )
+    parser.add_argument("--no-wedge", action="store_true", help="no missing wedge")
+
+
+def tilt_from_arguments(args):
+    """The (min, max) tilt range of :func:`add_tilt_arguments`, or None for no wedge."""
+    return None if args.no_wedge else tuple(args.tilt)

@@ -32,7 +32,7 @@ import pandas as pd
 from .. import geometry, provenance
 from ..alignment import PCCAlignment, ZNCCAlignment
 from ..alignment.base import AlignmentResult, transform_subvolume
-from ..alignment.tilt import single_axis
+from ..alignment.tilt import add_tilt_arguments, single_axis, tilt_from_arguments
 from ..backend import get_xp
 from ..errors import CryomatchError, CryomatchWarning
 from ..io.atomic import Outputs
@@ -286,24 +286,20 @@ def align_rows(model, source, start, stop, max_shifts, angpix, backend, batch_si
         bar.update(hi - lo)
     bar.close()
     labels, shifts, quats, scores = (np.concatenate(x) for x in (labels, shifts, quats, scores))
-    return result_columns(labels, shifts, quats, scores, shape, angpix), sums, counts
+    columns = pose_columns(labels, quats, shifts, shape, angpix)
+    columns[SCORE_COLUMN] = scores
+    return columns, sums, counts
 
 
-def result_columns(labels, shifts, quats, scores, shape, angpix) -> pd.DataFrame:
-    """RELION columns of alignment results (see :func:`geometry.subvolume_pose_to_relion`)."""
+def pose_columns(labels, quats, shifts, shape, angpix) -> pd.DataFrame:
+    """RELION columns (angles, origins in Angstrom, class = label + 1) of poses in the
+    alignment API's conventions (see :func:`geometry.subvolume_pose_to_relion`)."""
     rot, tilt, psi, origin = geometry.subvolume_pose_to_relion(quats, shifts, shape)
-    return pd.DataFrame(
-        {
-            "rlnAngleRot": rot,
-            "rlnAngleTilt": tilt,
-            "rlnAnglePsi": psi,
-            "rlnOriginXAngst": origin[:, 0] * angpix,
-            "rlnOriginYAngst": origin[:, 1] * angpix,
-            "rlnOriginZAngst": origin[:, 2] * angpix,
-            "rlnClassNumber": np.asarray(labels) + 1,
-            SCORE_COLUMN: scores,
-        }
-    )
+    columns = {"rlnAngleRot": rot, "rlnAngleTilt": tilt, "rlnAnglePsi": psi}
+    for i, axis in enumerate("XYZ"):
+        columns[f"rlnOrigin{axis}Angst"] = origin[:, i] * angpix
+    columns["rlnClassNumber"] = np.asarray(labels) + 1
+    return pd.DataFrame(columns)
 
 
 def subtomo_align(
@@ -466,15 +462,7 @@ def add_arguments(p) -> None:
         help="rotation search about z, y, x: (max, step) degrees each",
     )
     a.add_argument("--cutoff", type=float, help="low-pass cutoff, relative frequency (0.5 Nyquist)")
-    a.add_argument(
-        "--tilt",
-        type=float,
-        nargs=2,
-        default=(-60.0, 60.0),
-        metavar=("MIN", "MAX"),
-        help="tilt range about y in degrees (the missing wedge)",
-    )
-    a.add_argument("--no-wedge", action="store_true", help="no missing wedge")
+    add_tilt_arguments(a)
     a.add_argument(
         "--no-interpolate",
         dest="interpolate",
@@ -510,7 +498,7 @@ def run(args) -> None:
         tuple(args.max_shifts),
         [(r[0], r[1]), (r[2], r[3]), (r[4], r[5])],
         args.cutoff,
-        None if args.no_wedge else tuple(args.tilt),
+        tilt_from_arguments(args),
         args.interpolate,
         args.refine,
         args.angpix,

@@ -34,7 +34,7 @@ from scipy.spatial.transform import Rotation
 
 from ... import geometry, provenance
 from ...alignment.rotations import euler_zyx_to_rotation
-from ...alignment.tilt import single_axis
+from ...alignment.tilt import add_tilt_arguments, single_axis, tilt_from_arguments
 from ...errors import CryomatchError
 from ...io.atomic import Outputs
 from ...io.mrc import write_mrc
@@ -43,6 +43,7 @@ from ...io.volumes import VolumeStackWriter
 from ...kernels.projection import voxelize_atoms
 from ...kernels.volumes import fourier_filter, soft_sphere
 from ...progress import progress
+from ..subtomo import pose_columns
 from .particles import phantom_structures
 
 
@@ -86,22 +87,6 @@ def draw_poses(n: int, n_templates: int, max_angle: float, max_shift: float, rng
     angles = rng.uniform(-max_angle, max_angle, size=(n, 3))
     shifts = rng.uniform(-max_shift, max_shift, size=(n, 3))
     return labels, euler_zyx_to_rotation(angles).as_quat(), shifts
-
-
-def truth_table(labels, quats, shifts, box: int, pixel_size: float) -> pd.DataFrame:
-    """RELION columns of the true poses (see :func:`geometry.subvolume_pose_to_relion`)."""
-    rot, tilt, psi, origin = geometry.subvolume_pose_to_relion(quats, shifts, (box,) * 3)
-    return pd.DataFrame(
-        {
-            "rlnAngleRot": rot,
-            "rlnAngleTilt": tilt,
-            "rlnAnglePsi": psi,
-            "rlnOriginXAngst": origin[:, 0] * pixel_size,
-            "rlnOriginYAngst": origin[:, 1] * pixel_size,
-            "rlnOriginZAngst": origin[:, 2] * pixel_size,
-            "rlnClassNumber": np.asarray(labels) + 1,
-        }
-    )
 
 
 def optics_table(box: int, pixel_size: float) -> pd.DataFrame:
@@ -168,7 +153,7 @@ def simulate_subvolumes(
         c = place_atoms(a.coords, quats[i], shifts[i], box, pixel_size)
         return voxelize_atoms(c, a.amplitudes, a.sigmas, size, pixel_size)
 
-    table = truth_table(labels, quats, shifts, box, pixel_size)
+    table = pose_columns(labels, quats, shifts, shape, pixel_size)
     table.insert(0, "rlnImageName", [f"{i + 1:06d}@subvolumes.mrcs" for i in range(n)])
     table["rlnOpticsGroup"] = 1
     with Outputs() as outputs:
@@ -246,6 +231,29 @@ def _write_tomogram(out, volumes, truth, tilt, sigma, box, pixel_size, rng, prov
     write_star(out / "truth.star", {"optics": optics, "particles": truth_rows}, prov, outputs)
 
 
+def read_simulated(folder):
+    """A simulated set read back: (subvolumes (n, *shape), templates (T, *shape), mask,
+    labels (n,) 0-based, quaternions (n, 4) and shifts (n, 3) in the alignment API's
+    conventions (see :func:`geometry.relion_to_subvolume_pose`))."""
+    from ...io.mrc import read_volume
+    from ...io.star import read_star
+    from ...io.volumes import VolumeStackReader
+
+    folder = Path(folder)
+    blocks = read_star(folder / "subvolumes.star")
+    truth, pixel_size = blocks["particles"], float(blocks["optics"]["rlnImagePixelSize"].iloc[0])
+    with VolumeStackReader(folder / "subvolumes.mrcs") as reader:
+        volumes = reader.read(0, len(reader))
+    origin = truth[[f"rlnOrigin{a}Angst" for a in "XYZ"]].to_numpy(float) / pixel_size
+    angles = (truth[c].to_numpy(float) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))
+    quats, shifts = geometry.relion_to_subvolume_pose(*angles, origin, volumes.shape[1:])
+    paths = sorted((folder / "templates").glob("template_*.mrc"))
+    templates = np.stack([read_volume(p)[0] for p in paths])
+    mask = read_volume(folder / "mask.mrc")[0]
+    labels = truth["rlnClassNumber"].to_numpy() - 1
+    return volumes, templates, mask, labels, quats, shifts
+
+
 def add_arguments(p) -> None:
     p.add_argument("--n", type=int, required=True, help="number of subvolumes")
     p.add_argument("--snr", type=float, required=True, help="signal-to-noise variance ratio")
@@ -256,15 +264,7 @@ def add_arguments(p) -> None:
     p.add_argument("--n-templates", type=int, default=1, help="phantom templates")
     p.add_argument("--max-angle", type=float, default=10.0, help="largest angle per axis, degrees")
     p.add_argument("--max-shift", type=float, default=3.0, help="largest shift per axis, voxels")
-    p.add_argument(
-        "--tilt",
-        type=float,
-        nargs=2,
-        default=(-60.0, 60.0),
-        metavar=("MIN", "MAX"),
-        help="tilt range about y in degrees (the missing wedge)",
-    )
-    p.add_argument("--no-wedge", action="store_true", help="no missing wedge")
+    add_tilt_arguments(p)
     p.add_argument(
         "--tomogram",
         action="store_true",
@@ -284,7 +284,7 @@ def run(args) -> None:
         args.n_templates,
         args.max_angle,
         args.max_shift,
-        None if args.no_wedge else tuple(args.tilt),
+        tilt_from_arguments(args),
         args.tomogram,
         args.batch_size,
     )

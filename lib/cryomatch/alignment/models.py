@@ -1,18 +1,19 @@
 """ZNCC and PCC alignment: all rotations of a batch of subvolumes as matrix products.
 
 Per model (once): every template is rotated by every rotation (cubic spline, about
-``shape / 2 - 0.5``); per tilt orientation (once): the rotated templates are low-pass
-and missing-wedge filtered, masked, and their spectra kept. Per subvolume: one forward
-FFT (plus two for ZNCC's local statistics); the correlations over the window of shifts
-``|d| <= max_shifts`` for all rotations come from :mod:`cryomatch.kernels.correlation3d`
-(no inverse FFT per rotation). Columns (template, rotation) are compared by their
-sub-voxel peaks: a parabola per axis on the integer grid, then, for the best column and
-its neighbouring rotations, a quadratic fit to 3x3x3 samples half a voxel apart (the same
-correlation evaluated between voxels: band-limited interpolation). With ``interpolate``
-(default) the rotation moves below the grid step to the maximum of a quadratic fitted to
-those neighbours' scores; with ``refine`` seven rotations around it are built afresh and
-scored (:mod:`cryomatch.alignment.refine`). The shift is last searched on a 0.1-voxel
-grid around the peak, with a 3-point parabola per axis.
+``shape / 2 - 0.5``); per wedge orientation (once): the rotated templates are filtered,
+masked, and their spectra kept. Per subvolume: one forward FFT (ZNCC: two more for its
+local statistics); the correlations over the window of shifts ``|d| <= max_shifts`` for
+all rotations come from :mod:`cryomatch.kernels.correlation3d` (no inverse FFT per
+rotation). Columns (template, rotation) are compared by their sub-voxel peaks, quadratics
+fitted to the 3x3x3 samples around each column's best shift (to logarithms for ZNCC's
+Gaussian-like peaks; the integer maxima alone favour whichever column's peak falls near a
+voxel). With ``interpolate`` (default) the rotation moves between grid points to the
+maximum of a quadratic fitted to the best column's neighbouring rotations; with ``refine``
+those neighbours are scored more exactly (samples half a voxel apart: the same correlation
+evaluated between voxels is its band-limited interpolation) together with seven rotations
+around the interpolated one built afresh (:mod:`cryomatch.alignment.refine`). The shift is
+last searched on a 0.1-voxel grid around the peak, with a 3-point parabola per axis.
 
 ZNCC is the masked, locally normalized cross-correlation (FLCF; Roseman, Ultramicroscopy
 94, 225, 2003): the filtered, rotated template t is masked by the rotated mask M and made
@@ -20,14 +21,18 @@ zero-mean and unit-norm under it, ``t' = M (t - mu) / sqrt(sum M (t - mu)^2)``, 
 
     score(d) = sum_x t'(x) v(x + d) / sqrt(sum M v(.+d)^2 - (sum M v(.+d))^2 / sum M)
 
-with v the low-pass and wedge-filtered subvolume: the Pearson correlation under the mask
-that moves with the template. It is invariant to offsets and scalings of the subvolume
-(acryo subtracts a global mean and masks the subvolume at a fixed place instead).
+with v the low-passed subvolume: the Pearson correlation under the mask that moves with
+the template, invariant to offsets and scalings of the subvolume (acryo subtracts a global
+mean and masks the subvolume at a fixed place instead, which biases shifts towards the
+centre). Subvolumes are windows cut out of a wedge-filtered tomogram, so the templates get
+the wedge (and low-pass) on a twice larger box, cropped: filtering in the box itself would
+wrap the wedge's streaks around.
 
 PCC is phase correlation (Kuglin and Hines, 1975): both spectra reduced to unit modulus,
 weighted by the low-pass and the wedge, normalized so that a perfect match scores 1. Unlike
-a raw correlation magnitude, it does not favour rotations that put more of the template's
-power inside the sampled wedge.
+a raw correlation magnitude (acryo's), it does not favour rotations that put more of the
+template's power inside the sampled wedge. Whitening amplifies noise: at low SNR it needs
+a low-pass ``cutoff``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Templates are seeded pseudo-atomic phantoms, the second and later ones conformational
 variants of the first. The first is drawn until it is clearly asymmetric under rotation:
 turned by 5 degrees about any of the three axes, it correlates with itself by less than
-0.996 (random blob clouds are often nearly cylindrical or globular at low resolution;
+0.995 (random blob clouds are often nearly cylindrical or globular at low resolution;
 about such an axis no aligner can find the rotation, and alignment accuracy then says
 more about the phantom than about the method). Each subvolume is one template (its label drawn
 at random) rotated by angles drawn uniformly within ``+-max_angle`` degrees about each of
@@ -61,7 +61,7 @@ def rotational_contrast(atoms, box: int, pixel_size: float, angle: float = 5.0) 
     return worst
 
 
-def asymmetric_phantoms(n: int, box: int, pixel_size: float, rng, min_contrast: float = 0.004):
+def asymmetric_phantoms(n: int, box: int, pixel_size: float, rng, min_contrast: float = 0.005):
     """``n`` related phantoms (see :func:`phantom_structures`), the first one drawn until
     its :func:`rotational_contrast` reaches ``min_contrast``."""
     for _ in range(100):

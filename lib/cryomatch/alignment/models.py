@@ -68,7 +68,10 @@ from .base import (
 )
 
 FINE_STEP = 0.1  # voxels: the sub-voxel shift grid around the integer peak
-BATCH_BYTES = 4 * 2**20  # window scores of one batch of subvolumes
+# window scores of one batch of subvolumes: on CPUs the rotations alone fill the matrix
+# products (batching more subvolumes only streams a larger accumulator, measured slower);
+# GPUs want large batches
+BATCH_BYTES = {"numpy": 2**19, "cupy": 2**26}
 
 
 @dataclass
@@ -214,7 +217,7 @@ class _BatchedModel(TomographyInput):
         labels = np.zeros(n, dtype=np.int64)
         shifts, quats, scores = np.zeros((n, 3)), np.zeros((n, 4)), np.zeros(n)
         keys = [self._wedge_key(q) for q in quaternions]
-        batch = self._batch_size(max_shifts)
+        batch = self._batch_size(max_shifts, xp.__name__)
         for key in dict.fromkeys(keys):
             rows = np.flatnonzero([k == key for k in keys])
             prep = self._prepare(xp, quaternions[rows[0]])
@@ -224,12 +227,12 @@ class _BatchedModel(TomographyInput):
                 labels[sel], shifts[sel], quats[sel], scores[sel] = out
         return labels, shifts, quats, scores
 
-    def _batch_size(self, max_shifts) -> int:
-        """Subvolumes per batch: the window scores of a batch (S x columns x window) stay
-        within BATCH_BYTES, the cache-sized accumulator of the correlations."""
+    def _batch_size(self, max_shifts, backend: str = "numpy") -> int:
+        """Subvolumes per batch: their window scores (S x columns x window), the
+        accumulator of the correlations, stay within BATCH_BYTES of the backend."""
         window = np.prod([2 * int(m) + 1 for m in max_shifts])
         columns = len(self._template) * len(self.quaternions)
-        return int(np.clip(BATCH_BYTES // (window * columns * 4), 1, 64))
+        return int(np.clip(BATCH_BYTES[backend] // (window * columns * 4), 1, 64))
 
     def _search(self, v, prep: _Prepared, max_shifts):
         s = len(v)

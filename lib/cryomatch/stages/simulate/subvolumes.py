@@ -2,7 +2,8 @@
 
 Templates are seeded pseudo-atomic phantoms, the second and later ones conformational
 variants of the first. The first is drawn until it is clearly asymmetric under rotation:
-turned by 5 degrees about any of the three axes, it correlates with itself by less than
+turned about any of the three axes by 5 degrees (in a 48-voxel box; by 5 * 48 / box
+degrees in general, the same motion in voxels), it correlates with itself by less than
 0.995 (random blob clouds are often nearly cylindrical or globular at low resolution;
 about such an axis no aligner can find the rotation, and alignment accuracy then says
 more about the phantom than about the method). Each subvolume is one template (its label drawn
@@ -66,7 +67,7 @@ def asymmetric_phantoms(n: int, box: int, pixel_size: float, rng, min_contrast: 
     its :func:`rotational_contrast` reaches ``min_contrast``."""
     for _ in range(100):
         atoms = phantom_structures(n, box, pixel_size, rng)
-        if rotational_contrast(atoms[0], box, pixel_size) >= min_contrast:
+        if rotational_contrast(atoms[0], box, pixel_size, 5.0 * 48 / box) >= min_contrast:
             return atoms
     raise CryomatchError("could not draw a phantom that is asymmetric under rotation")
 

@@ -23,6 +23,7 @@ include: "rules/preprocess.smk"
 include: "rules/likelihood.smk"
 include: "rules/classify2d.smk"
 include: "rules/tomo.smk"
+include: "rules/subtomo.smk"
 
 
 check_resources()

@@ -11,7 +11,7 @@ from workflow_helpers import planned_jobs, snakemake, write_config
 pytestmark = pytest.mark.workflow
 
 SMALL = {
-    "stages": ["preprocess", "likelihood", "classify2d", "tomo"],
+    "stages": ["preprocess", "likelihood", "classify2d", "tomo", "subtomo"],
     "demo": {
         "seed": 5,
         "particles": {
@@ -32,6 +32,16 @@ SMALL = {
             "tilt_axis": 2.0,
             "pixel_size": 10.0,
         },
+        "subvolumes": {
+            "n": 8,
+            "snr": 0.5,
+            "box": 24,
+            "pixel_size": 8.0,
+            "n_templates": 2,
+            "max_angle": 4.0,
+            "max_shift": 1.0,
+            "tomogram": True,
+        },
     },
     "preprocess": {"stack_size": 12},
     "likelihood": {
@@ -42,6 +52,7 @@ SMALL = {
     },
     "classify2d": {"classes": 2, "maxit": 2, "ou": 9, "xr": 1, "yr": 1},
     "tomo": {"refine": {"maxiter": 3}},
+    "subtomo": {"chunk_size": 4, "max_shifts": [2, 2, 2]},
 }
 PLOTS = [
     "projections.png",
@@ -51,6 +62,7 @@ PLOTS = [
     "frc.png",
     "alignment.png",
     "refinement.png",
+    "average_01.png",
 ]
 STRUCTURES = [f"results/demo/particles/structures/structure_0{k}.mrc" for k in (1, 2)]
 
@@ -102,6 +114,12 @@ def test_raising_maxit_runs_only_the_new_iterations(run):
     folder, config = run
     jobs = _changed(folder, config, lambda c: c["classify2d"].update(maxit=4), "maxit.yaml")
     assert jobs == {"classify2d_iteration": 2, "all": 1}
+
+
+def test_subtomo_parameter_reruns_only_subtomo_jobs(run):
+    folder, config = run
+    jobs = _changed(folder, config, lambda c: c["subtomo"].update(method="pcc"), "pcc.yaml")
+    assert jobs == {"subtomo_align": 2, "subtomo_merge": 1, "all": 1}  # 8 subvolumes, 4 a job
 
 
 def test_report_holds_every_stages_plots(run):

@@ -272,3 +272,63 @@ def inplane_angle_between(a1, a2) -> np.ndarray:
     matrices (..., 3, 3)), apart from any change of viewing direction."""
     rel = np.asarray(a1) @ np.swapaxes(np.asarray(a2), -1, -2)
     return np.rad2deg(np.arctan2(rel[..., 0, 1] - rel[..., 1, 0], rel[..., 0, 0] + rel[..., 1, 1]))
+
+
+# --- 3D subvolumes: rotations acting on array (z, y, x) vectors ----------------------------
+# Subvolume alignment (acryo's convention, kept so that user code ports): a rotation R acts
+# on (z, y, x) index vectors about a centre c, and a subvolume is the template moved as
+# ``x -> R (x - c) + c + shift``, i.e. ``subvolume(x) = template(R^T (x - c - shift) + c)``.
+# acryo rotates about c = shape / 2 - 0.5; RELION's box centre is shape // 2.
+def acryo_centre(shape) -> np.ndarray:
+    """acryo's rotation centre ``shape / 2 - 0.5`` of a (z, y, x) box."""
+    return np.asarray(shape, dtype=np.float64) / 2 - 0.5
+
+
+def relion_centre(shape) -> np.ndarray:
+    """RELION's box centre ``shape // 2`` of a (z, y, x) box."""
+    return (np.asarray(shape) // 2).astype(np.float64)
+
+
+def change_rotation_centre(shift, matrix, old_centre, new_centre) -> np.ndarray:
+    """The shift that describes the same motion about another centre.
+
+    ``R (x - c1) + c1 + s1 == R (x - c2) + c2 + s2`` for ``s2 = s1 + (I - R)(c1 - c2)``.
+    shift (..., 3), matrix (..., 3, 3), centres (3,), all in one axis order.
+    """
+    d = np.asarray(old_centre, dtype=np.float64) - np.asarray(new_centre, dtype=np.float64)
+    rd = np.einsum("...ij,j->...i", np.asarray(matrix, dtype=np.float64), d)
+    return np.asarray(shift, dtype=np.float64) + d - rd
+
+
+def zyx_to_relion_matrix(matrix_zyx) -> np.ndarray:
+    """RELION's A (acting on (x, y, z)) of a subvolume rotation R acting on (z, y, x).
+
+    RELION's subtomogram is ``S(p) = V(A^T (p + origin))`` (p = (x, y, z) about the box
+    centre); with ``S(x) = V(R^T (x - d))`` in (z, y, x) order this is A = P R P with P the
+    axis reversal, and origin = -d in (x, y, z) order.
+    """
+    return np.asarray(matrix_zyx, dtype=np.float64)[..., ::-1, ::-1]
+
+
+def relion_to_zyx_matrix(matrix_xyz) -> np.ndarray:
+    """Inverse of :func:`zyx_to_relion_matrix` (the axis reversal is its own inverse)."""
+    return np.asarray(matrix_xyz, dtype=np.float64)[..., ::-1, ::-1]
+
+
+def subvolume_pose_to_relion(quat, shift_zyx, shape):
+    """(rot, tilt, psi) in degrees and RELION origins (..., 3) as (x, y, z) pixels of
+    subvolume poses given as scipy quaternions (x, y, z, w) acting on (z, y, x) about
+    acryo's centre, and shifts (..., 3) in (z, y, x) pixels (see the section comment)."""
+    matrix = Rotation.from_quat(np.asarray(quat, dtype=np.float64)).as_matrix()
+    shift = change_rotation_centre(shift_zyx, matrix, acryo_centre(shape), relion_centre(shape))
+    rot, tilt, psi = matrix_to_euler(zyx_to_relion_matrix(matrix))
+    return rot, tilt, psi, origin_from_displacement(shift[..., ::-1])
+
+
+def relion_to_subvolume_pose(rot, tilt, psi, origin_xyz, shape):
+    """Inverse of :func:`subvolume_pose_to_relion`: quaternions (x, y, z, w) acting on
+    (z, y, x) about acryo's centre and shifts (..., 3) in (z, y, x) pixels."""
+    matrix = relion_to_zyx_matrix(euler_to_matrix(rot, tilt, psi))
+    shift = displacement_from_origin(np.asarray(origin_xyz, dtype=np.float64))[..., ::-1]
+    shift = change_rotation_centre(shift, matrix, relion_centre(shape), acryo_centre(shape))
+    return Rotation.from_matrix(matrix).as_quat(), shift

@@ -9,6 +9,7 @@ KINDS = [
     ("particles", "particles", "particle images of phantom structures or maps, with CTF and noise"),
     ("tiltseries", "tiltseries", "tilt series of an ellipsoid-and-bead phantom, known shifts"),
     ("views", "views", "images of a few distinct views, turned, mirrored, shifted (2D classes)"),
+    ("subvolumes", "subvolumes", "subvolumes of phantoms, rotated, shifted, missing wedge, noise"),
 ]
 
 

@@ -1,0 +1,157 @@
+"""Cross-correlations of 3D volumes over a small window of shifts, as matrix products.
+
+For a subvolume v and a template t (real, (z, y, x), box n),
+
+    c(d) = sum_x t(x) v(x + d) = 1/N sum_k V(k) conj(T(k)) exp(2 pi i k.d / n)
+
+(N voxels; circular in the box). Only shifts |d| <= max_shifts are wanted, so instead of
+one inverse FFT per (subvolume, rotation) pair the inverse DFT is evaluated on the window
+alone, separably: a contraction over kz with an (w, nz) phase matrix, then ky, then kx.
+The kz contraction is batched over the (ky, kx) pairs as one matrix product of
+[subvolumes x window] by [kz] by [rotations] per pair, so the rotated templates' spectra
+are read once per batch of subvolumes. Complex products run as four real ones
+(OpenBLAS multi-threads many small complex products badly; real ones take its
+small-matrix path). Shifts need not be integers: the same sum is the
+band-limited interpolation of the correlation (Nyquist planes must be zero), which the
+sub-voxel peak search uses (cf. the matrix-multiply DFT of Guizar-Sicairos, Thurman and
+Fienup, Opt. Lett. 33, 156, 2008).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import array_module, fft_module
+
+CHUNK_BYTES = 8 * 2**20  # working set of one block of (ky, kx) pairs
+
+
+def rfft_spectra(volumes):
+    """rfftn over the last three axes as complex64: (..., nz, ny, nx) -> (..., nz, ny, nx//2+1)."""
+    xp = array_module(volumes)
+    fft = fft_module(xp)
+    return fft.rfftn(volumes, axes=(-3, -2, -1)).astype(xp.complex64, copy=False)
+
+
+def template_layout(spectra):
+    """Templates' spectra (R, nz, ny, kx) in the layout the correlations read: the real and
+    imaginary parts of their conjugates as float32 (2, ny * kx, nz, R), contiguous."""
+    xp = array_module(spectra)
+    r, nz, ny, kx = spectra.shape
+    conj = xp.conj(spectra).reshape(r, nz, ny * kx).transpose(2, 1, 0)
+    return xp.ascontiguousarray(xp.stack([conj.real, conj.imag]).astype(xp.float32, copy=False))
+
+
+def columns_of(layout, index=None):
+    """Templates by column, (n, P, nz) complex64, from a :func:`template_layout` (all
+    columns, or those in ``index``)."""
+    xp = array_module(layout)
+    if index is not None:
+        layout = layout[..., xp.asarray(index)]
+    return xp.ascontiguousarray(
+        (layout[0] + 1j * layout[1]).transpose(2, 0, 1).astype(xp.complex64)
+    )
+
+
+def _cmatmul(ar, ai, br, bi):
+    """(ar + i ai) @ (br + i bi) as real and imaginary parts, by four real products."""
+    xp = array_module(ar)
+    re = xp.matmul(ar, br)
+    re -= xp.matmul(ai, bi)
+    im = xp.matmul(ar, bi)
+    im += xp.matmul(ai, br)
+    return re, im
+
+
+def shift_grid(max_shifts, step: float = 1.0, centre=(0.0, 0.0, 0.0)) -> list[np.ndarray]:
+    """Per-axis shift coordinates ``centre +- max_shift`` at ``step`` (z, y, x)."""
+    out = []
+    for m, c in zip(max_shifts, centre, strict=True):
+        n = int(np.floor(m / step + 1e-9))
+        out.append(c + step * np.arange(-n, n + 1, dtype=np.float64))
+    return out
+
+
+def _phases(n: int, coords, half: bool, xp):
+    """exp(2 pi i k d / n) as (*coords.shape, K) complex64, k = fftfreq (or rfftfreq) * n."""
+    k = np.fft.rfftfreq(n) * n if half else np.fft.fftfreq(n) * n
+    e = np.exp(2j * np.pi * np.asarray(coords, dtype=np.float64)[..., None] * k / n)
+    return xp.asarray(e.astype(np.complex64))
+
+
+def window_correlation(spectra, templates, shape, coords):
+    """Correlations over a window of shifts, for every (subvolume, template) pair.
+
+    spectra (S, nz, ny, nx//2+1): rfftn of the subvolumes (Nyquist planes zero);
+    templates (2, P, nz, R): :func:`template_layout` of R templates' rfftn; shape
+    (nz, ny, nx); coords: shift coordinates (z, y, x) in voxels, each a 1D array (see
+    :func:`shift_grid`). Returns float32 (S, R, wz, wy, wx): ``sum_x t_r(x) v_s(x + d)``.
+    The (ky, kx) pairs are taken a block at a time (working set ~ CHUNK_BYTES), and their
+    inverse DFT to (dy, dx) is one real matrix product per block.
+    """
+    xp = array_module(spectra)
+    nz, ny, nx = shape
+    s, r = spectra.shape[0], templates.shape[-1]
+    kx = nx // 2 + 1
+    cz, cy, cx = coords
+    wz, wy, wx = len(cz), len(cy), len(cx)
+    m = s * wz * r
+    ez = _phases(nz, cz, False, xp)  # (wz, nz)
+    ey = _phases(ny, cy, False, xp)  # (wy, ny)
+    # kx half-spectrum: the other half is the complex conjugate (weight 2), except kx = 0
+    # (and the Nyquist plane, which is zero); 1/N normalizes the inverse DFT.
+    hermitian = np.full(kx, 2.0)
+    hermitian[0] = 1.0
+    ex = _phases(nx, cx, True, xp) * xp.asarray((hermitian / (nz * ny * nx)).astype(np.float32))
+    er, ei = ez.real[None, None], ez.imag[None, None]
+    # the (ky, kx) -> (dy, dx) inverse DFT as one matrix: E[(dy, dx), (ky, kx)]
+    e2 = (ey[:, None, :, None] * ex[None, :, None, :]).reshape(wy * wx, ny * kx)
+    e2r, e2i = xp.ascontiguousarray(e2.real), xp.ascontiguousarray(e2.imag)
+    out = xp.zeros((wy * wx, m), dtype=xp.float32)
+    a_all = spectra.reshape(s, nz, ny * kx)
+    step = max(1, int(CHUNK_BYTES // (m * 8)))
+    for p0 in range(0, ny * kx, step):
+        pairs = slice(p0, min(ny * kx, p0 + step))
+        # contraction over kz, batched over the (ky, kx) pairs: [S*wz, nz] @ [nz, R]
+        a = a_all[:, :, pairs].transpose(2, 0, 1)[:, :, None, :]  # (Pc, S, 1, nz)
+        sr, si = a.real, a.imag
+        ar = (sr * er - si * ei).reshape(-1, s * wz, nz)
+        ai = (sr * ei + si * er).reshape(-1, s * wz, nz)
+        cr, ci = _cmatmul(ar, ai, templates[0, pairs], templates[1, pairs])  # (Pc, S*wz, R)
+        # contraction over these (ky, kx) pairs, real part only, accumulated
+        out += e2r[:, pairs] @ cr.reshape(-1, m)
+        out -= e2i[:, pairs] @ ci.reshape(-1, m)
+    c = out.reshape(wy, wx, s, wz, r).transpose(2, 4, 3, 0, 1)
+    return xp.ascontiguousarray(c)
+
+
+def paired_window_correlation(spectra, columns, shape, coords):
+    """Like :func:`window_correlation`, with K templates and K windows per subvolume.
+
+    columns (S*K, P, nz): templates' conjugated spectra by column, see :func:`columns_of`
+    (column s*K + k pairs with subvolume s), or (1, P, nz) (one for all); coords: three
+    (S, K, w) arrays of shifts (or (S, w) for K = 1). Returns float32 (S, K, wz, wy, wx)
+    (or (S, wz, wy, wx)).
+    """
+    xp = array_module(spectra)
+    nz, ny, nx = shape
+    s = spectra.shape[0]
+    kx = nx // 2 + 1
+    single = np.ndim(coords[0]) == 2
+    cz, cy, cx = (np.asarray(c, dtype=np.float64).reshape(s, -1, np.shape(c)[-1]) for c in coords)
+    k = cz.shape[1]
+    wz, wy, wx = cz.shape[-1], cy.shape[-1], cx.shape[-1]
+    hermitian = np.full(kx, 2.0)
+    hermitian[0] = 1.0
+    ez = _phases(nz, cz, False, xp)  # (S, K, wz, nz)
+    ey = _phases(ny, cy, False, xp)  # (S, K, wy, ny)
+    ex = _phases(nx, cx, True, xp) * xp.asarray((hermitian / (nz * ny * nx)).astype(np.float32))
+    b = columns.reshape(s, k, ny * kx, nz) if len(columns) > 1 else columns[None]
+    a = spectra.reshape(s, 1, nz, ny * kx).transpose(0, 1, 3, 2)  # (S, 1, P, nz)
+    c = xp.matmul(a * b, xp.swapaxes(ez, -1, -2))  # contraction over kz: (S, K, P, wz)
+    c = xp.matmul(ey, c.reshape(s, k, ny, kx * wz))  # over ky: (S, K, wy, kx * wz)
+    c = c.reshape(s, k, wy, kx, wz).transpose(0, 1, 2, 4, 3).reshape(s, k, wy * wz, kx)
+    c = xp.matmul(c, xp.swapaxes(ex, -1, -2)).real  # over kx: (S, K, wy * wz, wx)
+    c = c.reshape(s, k, wy, wz, wx).transpose(0, 1, 3, 2, 4)
+    c = xp.ascontiguousarray(c.astype(xp.float32, copy=False))
+    return c[:, 0] if single else c

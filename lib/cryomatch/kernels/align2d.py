@@ -102,17 +102,17 @@ def ring_sampler(box: int, radii, n_angles: int) -> scipy.sparse.csr_matrix:
 
 def sample_rings(images, sampler, n_rings: int):
     """Ring values (n, R, W) of images (n, box, box) about their centres; ``sampler`` from
-    :func:`ring_sampler` (applied from the right, so that images stay rows)."""
+    :func:`ring_sampler`. One sparse product ``sampler @ pixels`` with the images as columns
+    (pixel-major: each ring point is then 4 vector updates over the whole batch)."""
     xp = array_module(images)
     n = len(images)
-    pixels = images.reshape(n, -1).astype(xp.float32, copy=False)
+    pixels = xp.ascontiguousarray(images.reshape(n, -1).astype(xp.float32, copy=False).T)
     if xp is not np:  # pragma: no cover - GPU path: sparse @ dense on the device
         import cupyx.scipy.sparse
 
-        rings = (cupyx.scipy.sparse.csr_matrix(sampler) @ pixels.T).T
-    else:
-        rings = pixels @ sampler.T  # (n, R * W)
-    return xp.ascontiguousarray(rings).reshape(n, n_rings, -1)
+        sampler = cupyx.scipy.sparse.csr_matrix(sampler)
+    rings = sampler @ pixels  # (R * W, n)
+    return xp.ascontiguousarray(rings.T).reshape(n, n_rings, -1)
 
 
 def ring_weights(radii) -> np.ndarray:
@@ -125,14 +125,18 @@ def normalized_spectra(rings, weights):
     """Angular spectra (n, R, W//2+1) of rings (n, R, W) after removing their weighted mean
     and scaling to unit weighted norm: ``sum_r w_r sum_l a(r, l)^2 = 1`` (complex64)."""
     xp = array_module(rings)
-    n_angles = rings.shape[-1]
+    n, n_rings, n_angles = rings.shape
     w = xp.asarray(weights, dtype=xp.float32)
     spectra = angular_spectra(rings.astype(xp.float32, copy=False))
+    n_freq = spectra.shape[-1]
     mean = (spectra[..., 0].real @ w) / n_angles  # weighted mean ring value
     spectra[..., 0] -= n_angles * mean[:, None]
-    power = spectra.real**2 + spectra.imag**2
-    power[..., 1 : (n_angles + 1) // 2] *= 2.0  # each q counted with its conjugate W - q
-    norm = xp.sqrt((power.sum(axis=-1) @ w) / n_angles)
+    # Parseval: sum_l a(l)^2 = (1/W) sum_q g_q |A_q|^2, g_q = 2 where q pairs with W - q
+    g = np.ones(n_freq, dtype=np.float32)
+    g[1 : (n_angles + 1) // 2] = 2.0
+    parts = spectra.view(xp.float32).reshape(n, n_rings, 2 * n_freq)  # re, im interleaved
+    power = (parts * parts) @ xp.asarray(np.repeat(g, 2))  # (n, R)
+    norm = xp.sqrt((power @ w) / n_angles)
     spectra *= (1.0 / xp.where(norm > 0, norm, 1.0))[:, None, None]
     return spectra
 
@@ -168,63 +172,156 @@ def shift_grid(xr: float, yr: float, ts: float) -> tuple[np.ndarray, int, int]:
     return np.stack([gx.ravel(), gy.ravel()], axis=1), nx, ny
 
 
-def reference_rings(references, shifts, sampler, n_rings: int):
-    """Rings (S * D, R, W) of each reference about each grid point ``e`` (reference-frame
-    pixels): the reference moved by ``-e`` (exact Fourier shift) sampled about the centre.
-    Order: reference-major, ``n = s * D + d``."""
-    xp = array_module(references)
-    s, d = len(references), len(shifts)
-    moved = fourier_shift(
-        xp.repeat(references.astype(xp.float32), d, axis=0),
-        -xp.tile(xp.asarray(shifts, dtype=xp.float64), (s, 1)),
-    )
-    return sample_rings(moved, sampler, n_rings)
-
-
-# --- the search ----------------------------------------------------------------------------
-def _fold_index(n_angles: int, fold: int):
-    """For each folded frequency j = 0..W/(2 fold) and term t: the rfft index and whether
-    the term is conjugated (q > W/2 uses conj of W - q)."""
-    n_out = n_angles // fold
-    j = np.arange(n_out // 2 + 1)
-    q = j[:, None] + np.arange(fold)[None, :] * n_out  # (Q', fold)
-    conj = q > n_angles // 2
-    return np.where(conj, n_angles - q, q), conj
-
-
-def fold_spectra(spectra, fold: int, weights=None):
-    """Folded spectra as real and imaginary parts, float32 (Q', 2, n, fold * R):
-    ``[A_q or conj A_(W-q) for each term]`` per folded frequency j (module docstring),
-    optionally times ring weights. ``[:, 0]`` and ``[:, 1]`` are the X and Y (or U and V) of
-    the mirror-free products."""
-    xp = array_module(spectra)
-    n, n_rings, n_freq = spectra.shape
-    index, conj = _fold_index(2 * (n_freq - 1), fold)
-    s = spectra if weights is None else spectra * xp.asarray(weights, dtype=xp.float32)[:, None]
-    out = xp.empty((index.shape[0], 2, n, fold, n_rings), dtype=xp.float32)
-    for t in range(fold):  # per folded term, not per image
-        part = s[:, :, xp.asarray(index[:, t])].transpose(2, 0, 1)  # (Q', n, R)
-        out[:, 0, :, t] = part.real
-        out[:, 1, :, t] = part.imag
-        flip = xp.asarray(np.flatnonzero(conj[:, t]))
-        out[flip, 1, :, t] *= -1.0
-    return out.reshape(index.shape[0], 2, n, fold * n_rings)
-
-
+# --- folded ring spectra -------------------------------------------------------------------
 def coarse_fold(n_angles: int, coarse_angles: int = 64) -> int:
     """Fold factor that leaves ``coarse_angles`` angles (at least 1) for the coarse pass."""
     return max(1, n_angles // coarse_angles)
+
+
+def _fold_rows(n_out: int) -> np.ndarray:
+    """Folded frequencies j = 0..n_out/2 in parity order, the even j first, then the odd
+    (:func:`_coarse_scores` splits the inverse DFT there)."""
+    j = np.arange(n_out // 2 + 1)
+    return np.concatenate([j[0::2], j[1::2]])
+
+
+def _fold_index(n_angles: int, fold: int):
+    """For each folded row j (parity order) and term t: the rfft index of the raw frequency
+    ``q = j + t W / fold`` and whether it is conjugated (q > W/2 is conj of W - q); returns
+    (index (Q', fold), conj (Q', fold), j (Q',))."""
+    n_out = n_angles // fold
+    j = _fold_rows(n_out)
+    q = j[:, None] + np.arange(fold)[None, :] * n_out  # (Q', fold)
+    conj = q > n_angles // 2
+    return np.where(conj, n_angles - q, q), conj, j
+
+
+def fold_spectra(spectra, fold: int, weights=None):
+    """Angular spectra (n, R, Q) in the folded layout, float32 (n, Q', 2, fold * R): for
+    each folded row j (parity order) the real and imaginary parts of ``A_q`` at the raw
+    frequencies ``q = j + t W / fold`` (t = 0..fold-1, each followed by the R rings; q > W/2
+    is ``conj A_(W-q)``), optionally times ring weights. :func:`image_spectra` makes this
+    layout directly from images; this is for spectra at hand (references, tests)."""
+    xp = array_module(spectra)
+    n, n_rings, n_freq = spectra.shape
+    index, conj, _ = _fold_index(2 * (n_freq - 1), fold)
+    terms = spectra[:, :, xp.asarray(index)]  # (n, R, Q', fold)
+    terms = xp.where(xp.asarray(conj), xp.conj(terms), terms)
+    if weights is not None:
+        terms = terms * xp.asarray(weights, dtype=xp.float32)[:, None, None]
+    out = xp.empty((n, index.shape[0], 2, fold, n_rings), dtype=xp.float32)
+    out[:, :, 0] = terms.real.transpose(0, 2, 3, 1)
+    out[:, :, 1] = terms.imag.transpose(0, 2, 3, 1)
+    return out.reshape(n, index.shape[0], 2, fold * n_rings)
+
+
+@dataclass
+class _RingTransform:
+    """Pixels -> folded ring spectra as three matrix products (:func:`ring_transform`)."""
+
+    sampler: scipy.sparse.csr_matrix  # (W * R, box^2): ring points in (l', u, r) order
+    stage1: np.ndarray  # (2 Q', n_out): real DFT of the sub-rings, rows (j, part)
+    stage2: np.ndarray  # (Q', 2 fold, 2 fold): twiddles and the DFT across sub-rings
+    parseval: np.ndarray  # (Q' * 2 * K,): g_j w_r / W per folded value, 0 on the DC
+    weights: np.ndarray  # (R,) ring weights
+    n_angles: int
+    fold: int
+
+
+def ring_transform(sampler, radii, n_angles: int, fold: int) -> _RingTransform:
+    """The folded ring spectra of images as matrix products, no FFT and no transposes.
+
+    Sub-rings: ring point ``l = l' fold + u`` belongs to sub-ring u (W / fold = n_out points).
+    The W-point DFT at the raw frequency ``q = j + t n_out`` is (Cooley-Tukey)
+    ``A(q) = sum_u exp(-2 pi i q u / W) S_u(j)`` with ``S_u`` the n_out-point DFT of
+    sub-ring u. So: the sampler, its rows ordered (l', u, r), gives rings (n_out, fold R m)
+    for a batch of m images as columns; stage 1, one real product, gives ``S_u(j)`` for
+    j = 0..n_out/2; stage 2, one (2 fold x 2 fold) real product per j, the folded values
+    ``A(j + t n_out)``, laid out (j, part, t, r, m). Flops per image: about
+    ``2 (n_out + 2) W R + 8 fold W R``, a quarter of a dense W-point DFT.
+    """
+    radii = np.asarray(radii, dtype=np.float64)
+    n_rings = len(radii)
+    n_out = n_angles // fold
+    j = _fold_rows(n_out)
+    angle = 2.0 * np.pi * np.outer(j, np.arange(n_out)) / n_out
+    stage1 = np.stack([np.cos(angle), -np.sin(angle)], axis=1).reshape(2 * len(j), n_out)
+    tu = np.outer(np.arange(fold), np.arange(fold))  # t u
+    phi = -2.0 * np.pi * (j[:, None, None] * np.arange(fold) + n_out * tu) / n_angles  # j, t, u
+    cos, sin = np.cos(phi), np.sin(phi)
+    stage2 = np.zeros((len(j), 2, fold, 2, fold))  # j, part out, t, part in, u
+    stage2[:, 0, :, 0], stage2[:, 0, :, 1] = cos, -sin  # Re A = sum_u X cos - Y sin
+    stage2[:, 1, :, 0], stage2[:, 1, :, 1] = sin, cos  # Im A = sum_u X sin + Y cos
+    l_, u_, r_ = np.meshgrid(np.arange(n_out), np.arange(fold), np.arange(n_rings), indexing="ij")
+    weights = ring_weights(radii)
+    # Parseval: sum_l a(l)^2 = (1/W) sum over the folded values of g_j |A|^2, g_j = 2 but 1
+    # at j = 0 and n_out/2 (there the conjugate partner W - q is a folded value too)
+    g = np.where((j == 0) | (j == n_out // 2), 1.0, 2.0)
+    parseval = np.broadcast_to(
+        (g[:, None, None, None] * weights / n_angles), (len(j), 2, fold, n_rings)
+    ).copy()
+    parseval[0, :, 0] = 0.0  # the DC (j = 0, t = 0): added centred by image_spectra
+    return _RingTransform(
+        sampler[(r_ * n_angles + l_ * fold + u_).ravel()],
+        stage1.astype(np.float32),
+        stage2.reshape(len(j), 2 * fold, 2 * fold).astype(np.float32),
+        parseval.ravel().astype(np.float32),
+        weights,
+        n_angles,
+        fold,
+    )
+
+
+def image_spectra(images, origins, radii, n_angles, sampler=None, fold=None, chunk=None):
+    """Normalized ring spectra of images (M, box, box) about their current centres
+    ``-origin`` (origins (M, 2) in pixels: images are first moved by the exact Fourier shift
+    ``+origin``), in the folded layout (M, Q', 2, fold * R) of :func:`fold_spectra`:
+    weighted mean removed, unit weighted norm (``sum_r w_r sum_l a^2 = 1``). ``chunk`` images
+    at a time (default 32 on the CPU, where a chunk stays in cache; all at once on the GPU)."""
+    xp = array_module(images)
+    box = images.shape[-1]
+    sampler = ring_sampler(box, radii, n_angles) if sampler is None else sampler
+    fold = coarse_fold(n_angles) if fold is None else fold
+    tr = ring_transform(sampler, radii, n_angles, fold)
+    if xp is not np:  # pragma: no cover - GPU path: sparse @ dense on the device
+        import cupyx.scipy.sparse
+
+        tr.sampler = cupyx.scipy.sparse.csr_matrix(tr.sampler)
+    stage1, stage2 = xp.asarray(tr.stage1), xp.asarray(tr.stage2)
+    parseval, w = xp.asarray(tr.parseval), xp.asarray(tr.weights, dtype=xp.float32)
+    n, n_rings, n_rows = len(images), len(tr.weights), len(tr.stage2)
+    chunk = (32 if xp is np else max(n, 1)) if chunk is None else chunk
+    origins = xp.asarray(origins, dtype=xp.float64).reshape(-1, 2)
+    out = xp.empty((n, n_rows, 2, fold * n_rings), dtype=xp.float32)
+    for lo in range(0, n, chunk):
+        centred = fourier_shift(images[lo : lo + chunk], origins[lo : lo + chunk])
+        m = len(centred)
+        pixels = xp.ascontiguousarray(centred.reshape(m, -1).T)  # (box^2, m)
+        rings = tr.sampler @ pixels  # (W R, m), rows (l', u, r)
+        sub = stage1 @ rings.reshape(n_angles // fold, -1)  # (2 Q', fold R m)
+        folded = xp.matmul(stage2, sub.reshape(n_rows, 2 * fold, -1)).reshape(-1, m)
+        dc = folded[:n_rings]  # A_0 = ring sums (j = 0, real part, t = 0)
+        mean = (w @ dc) / n_angles  # weighted mean ring value
+        dc -= n_angles * mean
+        power = parseval @ (folded * folded) + (w @ (dc * dc)) / n_angles
+        scale = 1.0 / xp.sqrt(xp.where(power > 0, power, 1.0))
+        xp.multiply(folded.T, scale[:, None], out=out[lo : lo + m].reshape(m, -1))
+    return out
 
 
 @dataclass
 class References:
     """Reference ring spectra prepared for :func:`search` (built by :func:`prepare_references`)."""
 
-    conj_weighted: object  # (N, Q, R) complex64: w_r conj(B), N = S * D, for exact scores
+    conj_weighted: object  # (N, Q', K) complex64: w_r conj(B) folded, N = S * D, exact scores
     blocks: list  # per block of b sets: (U, V), each (Q', K, b) float32, of folded w B
-    dft: object  # (2 n_out, 4 Q') float32: the fused inverse DFT (:func:`_dft_matrix`)
+    dft: tuple  # (even, odd) float32: the fused half-circle inverse DFTs (:func:`_dft_matrices`)
+    n_even: int  # folded rows of even j (the first rows of the folded layout)
+    spectrum: tuple  # (entry (Q,), conj (Q,)): the folded value holding each rfft index q
+    sign: object  # (Q' * fold,) float32: (-1)^j of each folded value (the mirror's sign)
     block: int  # sets per block
     weights: np.ndarray  # (R,)
+    n_angles: int
     n_refs: int
     n_shifts: int
     grid: np.ndarray  # (D, 2) shifts (x, y) in pixels
@@ -241,41 +338,67 @@ def prepare_references(
     references, radii, n_angles, xr, yr, ts, fold=None, sampler=None, block: int = 64
 ):
     """Ring spectra of references (S, box, box) about every grid shift, ready to search;
-    ``block`` reference-shift sets go into one matrix product (a cache-sized tile)."""
-    box = references.shape[-1]
-    sampler = ring_sampler(box, radii, n_angles) if sampler is None else sampler
+    ``block`` reference-shift sets go into one matrix product (a cache-sized tile).
+
+    The rings of reference s about grid point ``e`` are those of the reference moved by
+    ``-e`` (exact Fourier shift) about its centre; sets are reference-major, ``n = s D + d``.
+    """
+    xp = array_module(references)
     grid, nx, ny = shift_grid(xr, yr, ts)
-    weights = ring_weights(radii)
-    spectra = normalized_spectra(reference_rings(references, grid, sampler, len(radii)), weights)
-    return references_from_spectra(
-        spectra, weights, len(references), grid, (nx, ny), ts, fold, block
+    s, d = len(references), len(grid)
+    fold = coarse_fold(n_angles) if fold is None else fold
+    folded = image_spectra(
+        xp.repeat(references.astype(xp.float32), d, axis=0),
+        -xp.tile(xp.asarray(grid, dtype=xp.float64), (s, 1)),
+        radii,
+        n_angles,
+        sampler,
+        fold,
     )
+    return _references(folded, ring_weights(radii), s, grid, (nx, ny), ts, n_angles, block)
 
 
 def references_from_spectra(
     spectra, weights, n_refs, grid, grid_shape, ts, fold=None, block: int = 64
 ) -> References:
     """:class:`References` from normalized ring spectra (S * D, R, Q), reference-major."""
-    xp = array_module(spectra)
     n_angles = 2 * (spectra.shape[-1] - 1)
     fold = coarse_fold(n_angles) if fold is None else fold
-    w = xp.asarray(weights, dtype=xp.float32)
-    conj_weighted = xp.ascontiguousarray((xp.conj(spectra) * w[:, None]).transpose(0, 2, 1))
-    folded = fold_spectra(spectra, fold, weights)  # (Q', 2, N, K)
+    folded = fold_spectra(spectra, fold)
+    return _references(folded, weights, n_refs, grid, grid_shape, ts, n_angles, block)
+
+
+def _references(folded, weights, n_refs, grid, grid_shape, ts, n_angles, block) -> References:
+    """:class:`References` from normalized folded spectra (S * D, Q', 2, K)."""
+    xp = array_module(folded)
+    n_sets, n_rows, _, k = folded.shape
+    fold = k // len(weights)
+    weighted = folded * xp.asarray(np.tile(weights, fold), dtype=xp.float32)  # w_r per (t, r)
+    u, v = weighted[:, :, 0].transpose(1, 2, 0), weighted[:, :, 1].transpose(1, 2, 0)
     blocks = [
-        tuple(
-            xp.ascontiguousarray(folded[:, part, lo : lo + block].transpose(0, 2, 1))
-            for part in (0, 1)
-        )
-        for lo in range(0, folded.shape[2], block)
+        (xp.ascontiguousarray(u[..., lo : lo + block]), xp.ascontiguousarray(v[..., lo : lo + block]))
+        for lo in range(0, n_sets, block)
     ]
-    dft = xp.asarray(_dft_matrix(folded.shape[0], fold))
+    conj_weighted = (weighted[:, :, 0] - 1j * weighted[:, :, 1]).astype(xp.complex64)
+    even, odd = _dft_matrices(n_rows, fold)
+    # each rfft index q: the folded value of raw frequency q, or of W - q conjugated
+    n_out = n_angles // fold
+    row_of_j = np.argsort(_fold_rows(n_out))
+    q = np.arange(n_angles // 2 + 1)
+    conj = q % n_out > n_out // 2
+    raw = np.where(conj, n_angles - q, q)
+    entry = row_of_j[raw % n_out] * fold + raw // n_out
+    sign = np.repeat(np.where(_fold_rows(n_out) % 2 == 0, 1.0, -1.0), fold)
     return References(
         conj_weighted,
         blocks,
-        dft,
+        (xp.asarray(even), xp.asarray(odd)),
+        even.shape[1] // 4,
+        (xp.asarray(entry), xp.asarray(conj)),
+        xp.asarray(sign, dtype=xp.float32),
         block,
         np.asarray(weights),
+        n_angles,
         n_refs,
         len(grid),
         np.asarray(grid),
@@ -285,74 +408,93 @@ def references_from_spectra(
     )
 
 
-def image_spectra(images, origins, radii, n_angles, sampler=None):
-    """Normalized ring spectra (M, R, Q) of images (M, box, box) about their current centres
-    ``-origin`` (origins (M, 2) in pixels: images are first moved by the exact Fourier shift
-    ``+origin``)."""
-    box = images.shape[-1]
-    sampler = ring_sampler(box, radii, n_angles) if sampler is None else sampler
-    centred = fourier_shift(images, origins)
-    return normalized_spectra(sample_rings(centred, sampler, len(radii)), ring_weights(radii))
+# --- the search ----------------------------------------------------------------------------
+def _dft_matrices(n_freq: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse real DFT fused with the mirror-free combination (module docstring), split by
+    the parity of the folded frequency j into two half-circle transforms (even, odd).
 
-
-def _dft_matrix(n_freq: int, fold: int) -> np.ndarray:
-    """Inverse real DFT fused with the mirror-free combination (module docstring).
-
-    Rows: the ``n_out = 2 (n_freq - 1)`` angles without, then with the mirror; columns:
-    the product blocks ``(c, j, r)`` for c in (U, V), folded frequency j, r in (X, Y).
     ``cc(k) = (1/W) sum_j g_j (Re G_j cos(2 pi j k / n_out) - Im G_j sin(...))``, with
     ``G = (XU + YV) + i (YU - XV)`` and, mirrored, ``(-1)^j ((XU - YV) + i (YU + XV))``.
+    Turning by half a circle multiplies term j by ``(-1)^j``, so with E and O the sums over
+    even and odd j at the ``n_out / 2`` angles k of the first half circle,
+    ``cc(k) = E(k) + O(k)`` and ``cc(k + n_out / 2) = E(k) - O(k)``: the maximum over the
+    full circle is ``max_k E(k) + |O(k)|``, at half the DFT's flops (one radix-2 step).
+    Rows: the half-circle angles without, then with the mirror; columns: the product
+    blocks ``(c, j, r)`` for c in (U, V), j of that parity, r in (X, Y).
     """
     n_out = 2 * (n_freq - 1)
-    j = np.arange(n_freq)
-    g = np.where((j == 0) | (j == n_freq - 1), 1.0, 2.0) / (n_out * fold)
-    angle = 2.0 * np.pi * np.outer(np.arange(n_out), j) / n_out
-    tc, ts = g * np.cos(angle), -g * np.sin(angle)  # (n_out, n_freq)
-    sign = np.where(j % 2 == 0, 1.0, -1.0)
-    out = np.zeros((2, n_out, 2, n_freq, 2))  # mirror, angle, c (U, V), j, r (X, Y)
-    out[0, :, 0, :, 0], out[0, :, 1, :, 1] = tc, tc  # Re G = XU + YV
-    out[0, :, 0, :, 1], out[0, :, 1, :, 0] = ts, -ts  # Im G = YU - XV
-    out[1, :, 0, :, 0], out[1, :, 1, :, 1] = sign * tc, -sign * tc
-    out[1, :, 0, :, 1], out[1, :, 1, :, 0] = sign * ts, sign * ts
-    return out.reshape(2 * n_out, 4 * n_freq).astype(np.float32)
+    half = n_out // 2
+    mats = []
+    for j in (np.arange(0, n_freq, 2), np.arange(1, n_freq, 2)):
+        g = np.where((j == 0) | (j == n_freq - 1), 1.0, 2.0) / (n_out * fold)
+        angle = 2.0 * np.pi * np.outer(np.arange(half), j) / n_out
+        tc, ts = g * np.cos(angle), -g * np.sin(angle)  # (half, len(j))
+        sign = np.where(j % 2 == 0, 1.0, -1.0)
+        out = np.zeros((2, half, 2, len(j), 2))  # mirror, angle, c (U, V), j, r (X, Y)
+        out[0, :, 0, :, 0], out[0, :, 1, :, 1] = tc, tc  # Re G = XU + YV
+        out[0, :, 0, :, 1], out[0, :, 1, :, 0] = ts, -ts  # Im G = YU - XV
+        out[1, :, 0, :, 0], out[1, :, 1, :, 1] = sign * tc, -sign * tc
+        out[1, :, 0, :, 1], out[1, :, 1, :, 0] = sign * ts, sign * ts
+        mats.append(out.reshape(2 * half, 4 * len(j)).astype(np.float32))
+    return mats[0], mats[1]
 
 
 def _coarse_scores(image_folded, refs: References):
     """Correlation maxima over the ``n_out`` folded angles, (2, M, N) for every (mirror,
-    image, reference-shift): per block one product per folded frequency, ``[X; Y] @ U`` and
-    ``[X; Y] @ V``, laid out so that the inverse DFT over frequency, fused with the mirror
-    combinations, is one more matrix product with no copy in between."""
+    image, reference-shift), from folded image spectra (M, Q', 2, K): per block and parity
+    of j one product per folded frequency and part, ``X @ U``, ``Y @ U``, ``X @ V`` and
+    ``Y @ V`` (strided views of the images, no copy), laid out so that the half-circle
+    inverse DFTs, fused with the mirror combinations, are one more matrix product each;
+    then ``max_k E(k) + |O(k)|`` (:func:`_dft_matrices`)."""
     xp = array_module(image_folded)
-    n_freq, _, m, k = image_folded.shape
-    n_out = 2 * (n_freq - 1)
-    left = image_folded.reshape(n_freq, 2 * m, k)  # [X; Y]
+    m, n_rows, _, _ = image_folded.shape
+    left = image_folded.transpose(1, 2, 0, 3)  # (Q', 2, M, K): X and Y per folded row
+    parities = (slice(0, refs.n_even), slice(refs.n_even, n_rows))
+    half = refs.dft[0].shape[0] // 2
     out = xp.empty((2, m, refs.n_sets), dtype=xp.float32)
-    products = None
+    products = cc = None
     for i, (u, v) in enumerate(refs.blocks):
         b = u.shape[-1]
-        if products is None or products.shape[-1] != b:
-            products = xp.empty((2, n_freq, 2 * m, b), dtype=xp.float32)  # c, j, (r, m), n
-        xp.matmul(left, u, out=products[0])
-        xp.matmul(left, v, out=products[1])
-        cc = refs.dft @ products.reshape(4 * n_freq, m * b)  # (2 n_out, M b)
+        if products is None or products[0].shape[-1] != b:
+            products = [xp.empty((2, p.stop - p.start, 2, m, b), xp.float32) for p in parities]
+            cc = [xp.empty((2 * half, m * b), xp.float32) for _ in parities]
+        for p, rows in enumerate(parities):  # c, j, r, m, n
+            xp.matmul(left[rows], u[rows, None], out=products[p][0])
+            xp.matmul(left[rows], v[rows, None], out=products[p][1])
+            xp.matmul(refs.dft[p], products[p].reshape(-1, m * b), out=cc[p])
+        even, odd = cc
+        xp.abs(odd, out=odd)
+        even += odd
         lo = i * refs.block
-        out[:, :, lo : lo + b] = cc.reshape(2, n_out, m, b).max(axis=1)
+        out[:, :, lo : lo + b] = even.reshape(2, half, m, b).max(axis=1)
     return out
 
 
-def _exact_products(image_t, refs: References, n_index, mirror):
+def _conj_pair(image_folded):
+    """Folded image spectra (M, Q', 2, K) as complex (2, M, Q', K): ``A`` and ``conj(A)``."""
+    xp = array_module(image_folded)
+    a = (image_folded[:, :, 0] + 1j * image_folded[:, :, 1]).astype(xp.complex64, copy=False)
+    return xp.stack([a, xp.conj(a)])
+
+
+def _exact_products(pair, refs: References, n_index, mirror):
     """Weighted product spectra ``sum_r w_r A conj(B)``, or for a mirror
-    ``(-1)^q sum_r w_r A B``, of each image (image_t (M, Q, R)) with its T reference-shift
-    sets ``n_index`` (M, T): returns (M, T, Q)."""
-    xp = array_module(image_t)
-    b = refs.conj_weighted[n_index]  # (M, T, Q, R)
+    ``(-1)^q sum_r w_r A B``, of each image (``pair`` from :func:`_conj_pair`) with its T
+    reference-shift sets ``n_index`` (M, T): returns (M, T, Q) over the rfft indices q.
+    ``mirror`` (M, T) or (M, 1). Both come from the stored ``w conj(B)``, as
+    ``sum A B = conj(sum conj(A) conj(B))``: one gather of the sets, one product, the sum
+    over rings as a matrix-vector product, all on the folded values; then each q picked."""
+    xp = array_module(pair)
+    m = pair.shape[1]
     mirror = xp.asarray(mirror, dtype=bool)
-    b[mirror] = xp.conj(b[mirror])
-    # per image and frequency a (1 x R) @ (R x T) product: faster than einsum here
-    c = xp.matmul(image_t[:, :, None, :], b.transpose(0, 2, 3, 1))[:, :, 0, :]
-    c = xp.ascontiguousarray(c.transpose(0, 2, 1))  # (M, T, Q)
-    c[..., 1::2] *= xp.where(mirror, -1.0, 1.0).astype(xp.float32)[..., None]
-    return c
+    b = refs.conj_weighted[n_index]  # (M, T, Q', K)
+    b *= pair[mirror.astype(xp.intp), xp.arange(m)[:, None]]
+    n_rings = len(refs.weights)
+    d = (b.reshape(-1, n_rings) @ xp.ones(n_rings, dtype=xp.complex64)).reshape(m, b.shape[1], -1)
+    d = xp.where(mirror[..., None], xp.conj(d) * refs.sign, d)  # (M, T, Q' fold)
+    entry, conj = refs.spectrum
+    c = d[..., entry]
+    return xp.where(conj, xp.conj(c), c)
 
 
 def _polynomial(c, theta, n_angles: int):
@@ -418,10 +560,11 @@ class Alignment:
 
 
 def search(image_spec, refs: References, top: int = 2, batch: int = 32, exclude=None) -> Alignment:
-    """Align images (normalized ring spectra (M, R, Q) from :func:`image_spectra`) to every
-    reference, shift and mirror (module docstring), ``batch`` images at a time; ``exclude``
-    (M,) names a reference each image must not match (e.g. itself), or -1."""
+    """Align images (normalized folded ring spectra (M, Q', 2, K) from :func:`image_spectra`)
+    to every reference, shift and mirror (module docstring), ``batch`` images at a time;
+    ``exclude`` (M,) names a reference each image must not match (e.g. itself), or -1."""
     xp = array_module(image_spec)
+    _check_layout(image_spec, refs)
     if exclude is None:
         exclude = xp.full(len(image_spec), -1)
     parts = [
@@ -436,12 +579,21 @@ def search(image_spec, refs: References, top: int = 2, batch: int = 32, exclude=
     )
 
 
+def _check_layout(image_spec, refs: References) -> None:
+    u = refs.blocks[0][0]  # (Q', K, b)
+    if tuple(image_spec.shape[1:]) != (u.shape[0], 2, u.shape[1]):
+        raise ValueError(
+            f"image spectra of shape {tuple(image_spec.shape[1:])} per image do not match the "
+            f"references' folded layout {(u.shape[0], 2, u.shape[1])} (rings, W and fold differ)"
+        )
+
+
 def coarse_only(image_spec, refs: References, batch: int = 32):
     """The coarse pass of :func:`search` alone (for benchmarks): folded maxima (2, M, N)."""
     xp = array_module(image_spec)
     return xp.concatenate(
         [
-            _coarse_scores(fold_spectra(image_spec[lo : lo + batch], refs.fold), refs)
+            _coarse_scores(image_spec[lo : lo + batch], refs)
             for lo in range(0, len(image_spec), batch)
         ],
         1,
@@ -450,10 +602,9 @@ def coarse_only(image_spec, refs: References, batch: int = 32):
 
 def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
     xp = array_module(image_spec)
-    m, _, n_freq = image_spec.shape
-    n_angles = 2 * (n_freq - 1)
+    m = len(image_spec)
     s, d = refs.n_refs, refs.n_shifts
-    coarse = _coarse_scores(fold_spectra(image_spec, refs.fold), refs)  # (2, M, S * D)
+    coarse = _coarse_scores(image_spec, refs)  # (2, M, S * D)
     coarse = xp.moveaxis(coarse.reshape(2, m, s, d), 0, 1).reshape(m, 2 * s, d)
     best_d = xp.argmax(coarse, axis=-1)  # per (image, mirror * S + reference)
     best = xp.take_along_axis(coarse, best_d[..., None], axis=-1)[..., 0]
@@ -463,15 +614,15 @@ def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
     cand = xp.argsort(-best, axis=1)[:, :top]  # (M, T) of mirror * S + reference
     d_cand = xp.take_along_axis(best_d, cand, axis=1)
     n_cand, mir_cand = (cand % s) * d + d_cand, cand >= s
-    image_t = xp.ascontiguousarray(image_spec.transpose(0, 2, 1))  # (M, Q, R)
-    c = _exact_products(image_t, refs, n_cand, mir_cand).reshape(m * top, -1)
-    theta, value = _refine_angle(c, n_angles)
+    pair = _conj_pair(image_spec)
+    c = _exact_products(pair, refs, n_cand, mir_cand).reshape(m * top, -1)
+    theta, value = _refine_angle(c, refs.n_angles)
     pick = xp.argmax(value.reshape(m, top), axis=1)
     rows = xp.arange(m) * top + pick
     n_best = xp.take_along_axis(n_cand, pick[:, None], axis=1)[:, 0]
     mir_best = xp.take_along_axis(mir_cand, pick[:, None], axis=1)[:, 0]
     shift, theta, value, n_best = _refine_shift(
-        image_t, refs, n_best, mir_best, theta[rows], value[rows], c[rows]
+        pair, refs, n_best, mir_best, theta[rows], value[rows], c[rows]
     )
     return Alignment(
         reference=n_best // d,
@@ -482,12 +633,12 @@ def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
     )
 
 
-def _neighbours(image_t, refs: References, n_best, mirror, theta):
+def _neighbours(pair, refs: References, n_best, mirror, theta):
     """Product spectra (M, 4, Q) and correlations at ``theta`` (M, 4) of the grid neighbours
     x-, y-, x+, y+ of each winner (a winner on the grid's edge stands in for the missing
     neighbour), and which axes have both neighbours (M, 2)."""
-    xp = array_module(image_t)
-    m, n_freq, _ = image_t.shape
+    xp = array_module(pair)
+    m = pair.shape[1]
     nx, ny = refs.grid_shape
     d = n_best % refs.n_shifts
     pos = xp.stack([d % nx, d // nx], axis=1)
@@ -496,26 +647,26 @@ def _neighbours(image_t, refs: References, n_best, mirror, theta):
     lo = xp.where(pos > 0, n_best[:, None] - stride, n_best[:, None])
     hi = xp.where(pos < xp.asarray([nx - 1, ny - 1]), n_best[:, None] + stride, n_best[:, None])
     index = xp.concatenate([lo, hi], axis=1)
-    c = _exact_products(image_t, refs, index, xp.repeat(mirror[:, None], 4, axis=1))
-    values = _polynomial(c.reshape(4 * m, -1), xp.repeat(theta, 4), 2 * (n_freq - 1))[0]
+    c = _exact_products(pair, refs, index, mirror[:, None])
+    values = _polynomial(c.reshape(4 * m, -1), xp.repeat(theta, 4), refs.n_angles)[0]
     return index, c, values.reshape(m, 4), inside
 
 
-def _refine_shift(image_t, refs: References, n_best, mirror, theta, peak, c_best):
+def _refine_shift(pair, refs: References, n_best, mirror, theta, peak, c_best):
     """Sub-step shift and angle of each winner. First a climb on the grid at the refined
     angle while a neighbouring shift correlates better (the coarse pass may have picked a
     neighbour of the best shift); then parabolas along x and y through the neighbours give
     the shift, and the product spectra, interpolated to that shift by the same parabolas,
     the angle there (a 0.5 px error at radius r would turn the angle by 0.5/r radians).
     Returns (shift (M, 2), theta, value, reference-shift index)."""
-    xp = array_module(image_t)
-    m, n_freq, _ = image_t.shape
-    n_angles = 2 * (n_freq - 1)
+    xp = array_module(pair)
+    m = pair.shape[1]
+    n_angles = refs.n_angles
     step = 2.0 * np.pi / n_angles
     nx, ny = refs.grid_shape
     if nx < 3 and ny < 3:
         return xp.asarray(refs.grid)[n_best % refs.n_shifts].astype(xp.float64), theta, peak, n_best
-    index, c, values, inside = _neighbours(image_t, refs, n_best, mirror, theta)
+    index, c, values, inside = _neighbours(pair, refs, n_best, mirror, theta)
     todo = xp.arange(m)  # images whose neighbours were just (re)computed
     for _ in range(4):
         j = xp.argmax(values[todo], axis=1)
@@ -527,7 +678,7 @@ def _refine_shift(image_t, refs: References, n_best, mirror, theta, peak, c_best
         c_best[todo] = c[todo, j]
         theta[todo], peak[todo] = _newton(c_best[todo], theta[todo], n_angles, theta[todo], step)
         index[todo], c[todo], values[todo], inside[todo] = _neighbours(
-            image_t[todo], refs, n_best[todo], mirror[todo], theta[todo]
+            pair[:, todo], refs, n_best[todo], mirror[todo], theta[todo]
         )
     f_lo, f_hi = values[:, :2], values[:, 2:]
     curvature = f_lo - 2.0 * peak[:, None] + f_hi

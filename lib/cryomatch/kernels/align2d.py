@@ -197,11 +197,12 @@ def _fold_index(n_angles: int, fold: int):
 
 
 def fold_spectra(spectra, fold: int, weights=None):
-    """Angular spectra (n, R, Q) in the folded layout, float32 (n, Q', 2, fold * R): for
-    each folded row j (parity order) the real and imaginary parts of ``A_q`` at the raw
+    """Angular spectra (n, R, Q) in the folded layout, float32 (Q', 2, K, n), K = fold * R:
+    for each folded row j (parity order) the real and imaginary parts of ``A_q`` at the raw
     frequencies ``q = j + t W / fold`` (t = 0..fold-1, each followed by the R rings; q > W/2
-    is ``conj A_(W-q)``), optionally times ring weights. :func:`image_spectra` makes this
-    layout directly from images; this is for spectra at hand (references, tests)."""
+    is ``conj A_(W-q)``), the images last; optionally times ring weights.
+    :func:`image_spectra` makes this layout directly from images; this is for spectra at
+    hand (tests, :meth:`FoldedSpectra.from_spectra`)."""
     xp = array_module(spectra)
     n, n_rings, n_freq = spectra.shape
     index, conj, _ = _fold_index(2 * (n_freq - 1), fold)
@@ -209,10 +210,47 @@ def fold_spectra(spectra, fold: int, weights=None):
     terms = xp.where(xp.asarray(conj), xp.conj(terms), terms)
     if weights is not None:
         terms = terms * xp.asarray(weights, dtype=xp.float32)[:, None, None]
-    out = xp.empty((n, index.shape[0], 2, fold, n_rings), dtype=xp.float32)
-    out[:, :, 0] = terms.real.transpose(0, 2, 3, 1)
-    out[:, :, 1] = terms.imag.transpose(0, 2, 3, 1)
-    return out.reshape(n, index.shape[0], 2, fold * n_rings)
+    out = xp.empty((index.shape[0], 2, fold, n_rings, n), dtype=xp.float32)
+    out[:, 0] = terms.real.transpose(2, 3, 1, 0)
+    out[:, 1] = terms.imag.transpose(2, 3, 1, 0)
+    return out.reshape(index.shape[0], 2, fold * n_rings, n)
+
+
+def _complex_values(folded, scale=None):
+    """Folded values (Q', 2, K, n) as complex (n, Q', K), times ``scale`` (n,) if given."""
+    xp = array_module(folded)
+    n_rows, _, k, n = folded.shape
+    out = xp.empty((n, n_rows, k), dtype=xp.complex64)
+    parts = out.view(xp.float32).reshape(n, n_rows, k, 2)
+    parts[..., 0] = folded[:, 0].transpose(2, 0, 1)
+    parts[..., 1] = folded[:, 1].transpose(2, 0, 1)
+    if scale is not None:
+        parts *= scale[:, None, None, None]
+    return out
+
+
+@dataclass
+class FoldedSpectra:
+    """Ring spectra of images in the folded layout (:func:`image_spectra`), two ways:
+    ``coarse`` (Q', 2, K, M) float32, real and imaginary parts with the images last (each
+    (j, part) an (K x M) block, an operand of the coarse products as it is), not normalized
+    (the coarse pass only ranks each image's candidates); ``values`` (M, Q', K) complex64,
+    normalized, for the exact scores. Sliced along the images: ``spectra[lo:hi]``."""
+
+    coarse: object
+    values: object
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def __getitem__(self, index):
+        return FoldedSpectra(self.coarse[..., index], self.values[index])
+
+    @classmethod
+    def from_spectra(cls, spectra, fold: int) -> FoldedSpectra:
+        """From normalized angular spectra (n, R, Q) (:func:`normalized_spectra`)."""
+        folded = fold_spectra(spectra, fold)
+        return cls(folded, _complex_values(folded))
 
 
 @dataclass
@@ -273,11 +311,11 @@ def ring_transform(sampler, radii, n_angles: int, fold: int) -> _RingTransform:
 
 
 def image_spectra(images, origins, radii, n_angles, sampler=None, fold=None, chunk=None):
-    """Normalized ring spectra of images (M, box, box) about their current centres
-    ``-origin`` (origins (M, 2) in pixels: images are first moved by the exact Fourier shift
-    ``+origin``), in the folded layout (M, Q', 2, fold * R) of :func:`fold_spectra`:
-    weighted mean removed, unit weighted norm (``sum_r w_r sum_l a^2 = 1``). ``chunk`` images
-    at a time (default 32 on the CPU, where a chunk stays in cache; all at once on the GPU)."""
+    """Ring spectra of images (M, box, box) about their current centres ``-origin``
+    (origins (M, 2) in pixels: images are first moved by the exact Fourier shift
+    ``+origin``), as :class:`FoldedSpectra`; the exact values with the weighted mean removed
+    and unit weighted norm (``sum_r w_r sum_l a^2 = 1``). ``chunk`` images at a time
+    (default 32 on the CPU, where a chunk stays in cache; all at once on the GPU)."""
     xp = array_module(images)
     box = images.shape[-1]
     sampler = ring_sampler(box, radii, n_angles) if sampler is None else sampler
@@ -290,9 +328,11 @@ def image_spectra(images, origins, radii, n_angles, sampler=None, fold=None, chu
     stage1, stage2 = xp.asarray(tr.stage1), xp.asarray(tr.stage2)
     parseval, w = xp.asarray(tr.parseval), xp.asarray(tr.weights, dtype=xp.float32)
     n, n_rings, n_rows = len(images), len(tr.weights), len(tr.stage2)
+    k = fold * n_rings
     chunk = (32 if xp is np else max(n, 1)) if chunk is None else chunk
     origins = xp.asarray(origins, dtype=xp.float64).reshape(-1, 2)
-    out = xp.empty((n, n_rows, 2, fold * n_rings), dtype=xp.float32)
+    coarse = xp.empty((n_rows, 2, k, n), dtype=xp.float32)
+    values = xp.empty((n, n_rows, k), dtype=xp.complex64)
     for lo in range(0, n, chunk):
         centred = fourier_shift(images[lo : lo + chunk], origins[lo : lo + chunk])
         m = len(centred)
@@ -300,25 +340,25 @@ def image_spectra(images, origins, radii, n_angles, sampler=None, fold=None, chu
         rings = tr.sampler @ pixels  # (W R, m), rows (l', u, r)
         sub = stage1 @ rings.reshape(n_angles // fold, -1)  # (2 Q', fold R m)
         folded = xp.matmul(stage2, sub.reshape(n_rows, 2 * fold, -1)).reshape(-1, m)
+        coarse[..., lo : lo + m] = folded.reshape(n_rows, 2, k, m)
         dc = folded[:n_rings]  # A_0 = ring sums (j = 0, real part, t = 0)
         mean = (w @ dc) / n_angles  # weighted mean ring value
         dc -= n_angles * mean
         power = parseval @ (folded * folded) + (w @ (dc * dc)) / n_angles
         scale = 1.0 / xp.sqrt(xp.where(power > 0, power, 1.0))
-        xp.multiply(folded.T, scale[:, None], out=out[lo : lo + m].reshape(m, -1))
-    return out
+        values[lo : lo + m] = _complex_values(folded.reshape(n_rows, 2, k, m), scale)
+    return FoldedSpectra(coarse, values)
 
 
 @dataclass
 class References:
     """Reference ring spectra prepared for :func:`search` (built by :func:`prepare_references`)."""
 
-    conj_weighted: object  # (N, Q', K) complex64: w_r conj(B) folded, N = S * D, exact scores
+    exact: object  # (2, N, Q', K) complex64: w conj(B), and mirrored (-1)^j w B; N = S * D
     blocks: list  # per block of b sets: (U, V), each (Q', K, b) float32, of folded w B
     dft: tuple  # (even, odd) float32: the fused half-circle inverse DFTs (:func:`_dft_matrices`)
     n_even: int  # folded rows of even j (the first rows of the folded layout)
     spectrum: tuple  # (entry (Q,), conj (Q,)): the folded value holding each rfft index q
-    sign: object  # (Q' * fold,) float32: (-1)^j of each folded value (the mirror's sign)
     block: int  # sets per block
     weights: np.ndarray  # (R,)
     n_angles: int
@@ -347,7 +387,7 @@ def prepare_references(
     grid, nx, ny = shift_grid(xr, yr, ts)
     s, d = len(references), len(grid)
     fold = coarse_fold(n_angles) if fold is None else fold
-    folded = image_spectra(
+    spectra = image_spectra(
         xp.repeat(references.astype(xp.float32), d, axis=0),
         -xp.tile(xp.asarray(grid, dtype=xp.float64), (s, 1)),
         radii,
@@ -355,7 +395,8 @@ def prepare_references(
         sampler,
         fold,
     )
-    return _references(folded, ring_weights(radii), s, grid, (nx, ny), ts, n_angles, block)
+    weights = ring_weights(radii)
+    return _references(spectra.values, weights, s, grid, (nx, ny), ts, n_angles, block)
 
 
 def references_from_spectra(
@@ -364,38 +405,38 @@ def references_from_spectra(
     """:class:`References` from normalized ring spectra (S * D, R, Q), reference-major."""
     n_angles = 2 * (spectra.shape[-1] - 1)
     fold = coarse_fold(n_angles) if fold is None else fold
-    folded = fold_spectra(spectra, fold)
-    return _references(folded, weights, n_refs, grid, grid_shape, ts, n_angles, block)
+    values = FoldedSpectra.from_spectra(spectra, fold).values
+    return _references(values, weights, n_refs, grid, grid_shape, ts, n_angles, block)
 
 
-def _references(folded, weights, n_refs, grid, grid_shape, ts, n_angles, block) -> References:
-    """:class:`References` from normalized folded spectra (S * D, Q', 2, K)."""
-    xp = array_module(folded)
-    n_sets, n_rows, _, k = folded.shape
+def _references(values, weights, n_refs, grid, grid_shape, ts, n_angles, block) -> References:
+    """:class:`References` from normalized folded values (S * D, Q', K) complex."""
+    xp = array_module(values)
+    n_sets, n_rows, k = values.shape
     fold = k // len(weights)
-    weighted = folded * xp.asarray(np.tile(weights, fold), dtype=xp.float32)  # w_r per (t, r)
-    u, v = weighted[:, :, 0].transpose(1, 2, 0), weighted[:, :, 1].transpose(1, 2, 0)
+    weighted = values * xp.asarray(np.tile(weights, fold), dtype=xp.float32)  # w_r per (t, r)
+    u = weighted.real.transpose(1, 2, 0)  # (Q', K, N)
+    v = weighted.imag.transpose(1, 2, 0)
     blocks = [
         (xp.ascontiguousarray(u[..., lo : lo + block]), xp.ascontiguousarray(v[..., lo : lo + block]))
         for lo in range(0, n_sets, block)
     ]
-    conj_weighted = (weighted[:, :, 0] - 1j * weighted[:, :, 1]).astype(xp.complex64)
+    n_out = n_angles // fold
+    rows = _fold_rows(n_out)
+    sign = xp.asarray(np.where(rows % 2 == 0, 1.0, -1.0), dtype=xp.float32)[:, None]
+    exact = xp.stack([xp.conj(weighted), weighted * sign])  # (-1)^q = (-1)^j, n_out even
     even, odd = _dft_matrices(n_rows, fold)
     # each rfft index q: the folded value of raw frequency q, or of W - q conjugated
-    n_out = n_angles // fold
-    row_of_j = np.argsort(_fold_rows(n_out))
     q = np.arange(n_angles // 2 + 1)
     conj = q % n_out > n_out // 2
     raw = np.where(conj, n_angles - q, q)
-    entry = row_of_j[raw % n_out] * fold + raw // n_out
-    sign = np.repeat(np.where(_fold_rows(n_out) % 2 == 0, 1.0, -1.0), fold)
+    entry = np.argsort(rows)[raw % n_out] * fold + raw // n_out
     return References(
-        conj_weighted,
+        exact,
         blocks,
         (xp.asarray(even), xp.asarray(odd)),
         even.shape[1] // 4,
         (xp.asarray(entry), xp.asarray(conj)),
-        xp.asarray(sign, dtype=xp.float32),
         block,
         np.asarray(weights),
         n_angles,
@@ -441,14 +482,15 @@ def _dft_matrices(n_freq: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _coarse_scores(image_folded, refs: References):
     """Correlation maxima over the ``n_out`` folded angles, (2, M, N) for every (mirror,
-    image, reference-shift), from folded image spectra (M, Q', 2, K): per block and parity
-    of j one product per folded frequency and part, ``X @ U``, ``Y @ U``, ``X @ V`` and
-    ``Y @ V`` (strided views of the images, no copy), laid out so that the half-circle
-    inverse DFTs, fused with the mirror combinations, are one more matrix product each;
-    then ``max_k E(k) + |O(k)|`` (:func:`_dft_matrices`)."""
+    image, reference-shift), from folded image values (Q', 2, K, M) (``FoldedSpectra.coarse``
+    or :func:`fold_spectra`): per block and parity of j one product per folded frequency and
+    part, ``X @ U``, ``Y @ U``, ``X @ V`` and ``Y @ V`` (the image blocks as transposed
+    operands, no copy), laid out so that the half-circle inverse DFTs, fused with the mirror
+    combinations, are one more matrix product each; then ``max_k E(k) + |O(k)|``
+    (:func:`_dft_matrices`)."""
     xp = array_module(image_folded)
-    m, n_rows, _, _ = image_folded.shape
-    left = image_folded.transpose(1, 2, 0, 3)  # (Q', 2, M, K): X and Y per folded row
+    n_rows, _, _, m = image_folded.shape
+    left = xp.ascontiguousarray(image_folded.transpose(0, 1, 3, 2))  # (Q', 2, M, K)
     parities = (slice(0, refs.n_even), slice(refs.n_even, n_rows))
     half = refs.dft[0].shape[0] // 2
     out = xp.empty((2, m, refs.n_sets), dtype=xp.float32)
@@ -470,28 +512,19 @@ def _coarse_scores(image_folded, refs: References):
     return out
 
 
-def _conj_pair(image_folded):
-    """Folded image spectra (M, Q', 2, K) as complex (2, M, Q', K): ``A`` and ``conj(A)``."""
-    xp = array_module(image_folded)
-    a = (image_folded[:, :, 0] + 1j * image_folded[:, :, 1]).astype(xp.complex64, copy=False)
-    return xp.stack([a, xp.conj(a)])
-
-
-def _exact_products(pair, refs: References, n_index, mirror):
+def _exact_products(values, refs: References, n_index, mirror):
     """Weighted product spectra ``sum_r w_r A conj(B)``, or for a mirror
-    ``(-1)^q sum_r w_r A B``, of each image (``pair`` from :func:`_conj_pair`) with its T
+    ``(-1)^q sum_r w_r A B``, of each image (folded values (M, Q', K)) with its T
     reference-shift sets ``n_index`` (M, T): returns (M, T, Q) over the rfft indices q.
-    ``mirror`` (M, T) or (M, 1). Both come from the stored ``w conj(B)``, as
-    ``sum A B = conj(sum conj(A) conj(B))``: one gather of the sets, one product, the sum
-    over rings as a matrix-vector product, all on the folded values; then each q picked."""
-    xp = array_module(pair)
-    m = pair.shape[1]
-    mirror = xp.asarray(mirror, dtype=bool)
-    b = refs.conj_weighted[n_index]  # (M, T, Q', K)
-    b *= pair[mirror.astype(xp.intp), xp.arange(m)[:, None]]
+    ``mirror`` (M, T) or (M, 1). One gather of the sets (:attr:`References.exact` holds
+    both forms), one product, the sum over rings as a matrix-vector product, all on the
+    folded values; then each q picked from its folded value."""
+    xp = array_module(values)
+    m = len(values)
+    b = refs.exact[xp.asarray(mirror, dtype=xp.intp), n_index]  # (M, T, Q', K)
+    b *= values[:, None]
     n_rings = len(refs.weights)
     d = (b.reshape(-1, n_rings) @ xp.ones(n_rings, dtype=xp.complex64)).reshape(m, b.shape[1], -1)
-    d = xp.where(mirror[..., None], xp.conj(d) * refs.sign, d)  # (M, T, Q' fold)
     entry, conj = refs.spectrum
     c = d[..., entry]
     return xp.where(conj, xp.conj(c), c)
@@ -560,7 +593,7 @@ class Alignment:
 
 
 def search(image_spec, refs: References, top: int = 2, batch: int = 32, exclude=None) -> Alignment:
-    """Align images (normalized folded ring spectra (M, Q', 2, K) from :func:`image_spectra`)
+    """Align images (:class:`FoldedSpectra` from :func:`image_spectra`)
     to every reference, shift and mirror (module docstring), ``batch`` images at a time;
     ``exclude`` (M,) names a reference each image must not match (e.g. itself), or -1."""
     xp = array_module(image_spec)
@@ -581,10 +614,10 @@ def search(image_spec, refs: References, top: int = 2, batch: int = 32, exclude=
 
 def _check_layout(image_spec, refs: References) -> None:
     u = refs.blocks[0][0]  # (Q', K, b)
-    if tuple(image_spec.shape[1:]) != (u.shape[0], 2, u.shape[1]):
+    if tuple(image_spec.coarse.shape[:3]) != (u.shape[0], 2, u.shape[1]):
         raise ValueError(
-            f"image spectra of shape {tuple(image_spec.shape[1:])} per image do not match the "
-            f"references' folded layout {(u.shape[0], 2, u.shape[1])} (rings, W and fold differ)"
+            f"image spectra {tuple(image_spec.coarse.shape[:3])} do not match the references' "
+            f"folded layout {(u.shape[0], 2, u.shape[1])} (rings, W and fold differ)"
         )
 
 
@@ -593,7 +626,7 @@ def coarse_only(image_spec, refs: References, batch: int = 32):
     xp = array_module(image_spec)
     return xp.concatenate(
         [
-            _coarse_scores(image_spec[lo : lo + batch], refs)
+            _coarse_scores(image_spec[lo : lo + batch].coarse, refs)
             for lo in range(0, len(image_spec), batch)
         ],
         1,
@@ -601,10 +634,10 @@ def coarse_only(image_spec, refs: References, batch: int = 32):
 
 
 def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
-    xp = array_module(image_spec)
+    xp = array_module(image_spec.values)
     m = len(image_spec)
     s, d = refs.n_refs, refs.n_shifts
-    coarse = _coarse_scores(image_spec, refs)  # (2, M, S * D)
+    coarse = _coarse_scores(image_spec.coarse, refs)  # (2, M, S * D)
     coarse = xp.moveaxis(coarse.reshape(2, m, s, d), 0, 1).reshape(m, 2 * s, d)
     best_d = xp.argmax(coarse, axis=-1)  # per (image, mirror * S + reference)
     best = xp.take_along_axis(coarse, best_d[..., None], axis=-1)[..., 0]
@@ -614,15 +647,15 @@ def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
     cand = xp.argsort(-best, axis=1)[:, :top]  # (M, T) of mirror * S + reference
     d_cand = xp.take_along_axis(best_d, cand, axis=1)
     n_cand, mir_cand = (cand % s) * d + d_cand, cand >= s
-    pair = _conj_pair(image_spec)
-    c = _exact_products(pair, refs, n_cand, mir_cand).reshape(m * top, -1)
+    values = image_spec.values
+    c = _exact_products(values, refs, n_cand, mir_cand).reshape(m * top, -1)
     theta, value = _refine_angle(c, refs.n_angles)
     pick = xp.argmax(value.reshape(m, top), axis=1)
     rows = xp.arange(m) * top + pick
     n_best = xp.take_along_axis(n_cand, pick[:, None], axis=1)[:, 0]
     mir_best = xp.take_along_axis(mir_cand, pick[:, None], axis=1)[:, 0]
     shift, theta, value, n_best = _refine_shift(
-        pair, refs, n_best, mir_best, theta[rows], value[rows], c[rows]
+        values, refs, n_best, mir_best, theta[rows], value[rows], c[rows]
     )
     return Alignment(
         reference=n_best // d,
@@ -633,12 +666,12 @@ def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
     )
 
 
-def _neighbours(pair, refs: References, n_best, mirror, theta):
+def _neighbours(values, refs: References, n_best, mirror, theta):
     """Product spectra (M, 4, Q) and correlations at ``theta`` (M, 4) of the grid neighbours
     x-, y-, x+, y+ of each winner (a winner on the grid's edge stands in for the missing
     neighbour), and which axes have both neighbours (M, 2)."""
-    xp = array_module(pair)
-    m = pair.shape[1]
+    xp = array_module(values)
+    m = len(values)
     nx, ny = refs.grid_shape
     d = n_best % refs.n_shifts
     pos = xp.stack([d % nx, d // nx], axis=1)
@@ -647,40 +680,40 @@ def _neighbours(pair, refs: References, n_best, mirror, theta):
     lo = xp.where(pos > 0, n_best[:, None] - stride, n_best[:, None])
     hi = xp.where(pos < xp.asarray([nx - 1, ny - 1]), n_best[:, None] + stride, n_best[:, None])
     index = xp.concatenate([lo, hi], axis=1)
-    c = _exact_products(pair, refs, index, mirror[:, None])
+    c = _exact_products(values, refs, index, mirror[:, None])
     values = _polynomial(c.reshape(4 * m, -1), xp.repeat(theta, 4), refs.n_angles)[0]
     return index, c, values.reshape(m, 4), inside
 
 
-def _refine_shift(pair, refs: References, n_best, mirror, theta, peak, c_best):
+def _refine_shift(values, refs: References, n_best, mirror, theta, peak, c_best):
     """Sub-step shift and angle of each winner. First a climb on the grid at the refined
     angle while a neighbouring shift correlates better (the coarse pass may have picked a
     neighbour of the best shift); then parabolas along x and y through the neighbours give
     the shift, and the product spectra, interpolated to that shift by the same parabolas,
     the angle there (a 0.5 px error at radius r would turn the angle by 0.5/r radians).
     Returns (shift (M, 2), theta, value, reference-shift index)."""
-    xp = array_module(pair)
-    m = pair.shape[1]
+    xp = array_module(values)
+    m = len(values)
     n_angles = refs.n_angles
     step = 2.0 * np.pi / n_angles
     nx, ny = refs.grid_shape
     if nx < 3 and ny < 3:
         return xp.asarray(refs.grid)[n_best % refs.n_shifts].astype(xp.float64), theta, peak, n_best
-    index, c, values, inside = _neighbours(pair, refs, n_best, mirror, theta)
+    index, c, scores, inside = _neighbours(values, refs, n_best, mirror, theta)
     todo = xp.arange(m)  # images whose neighbours were just (re)computed
     for _ in range(4):
-        j = xp.argmax(values[todo], axis=1)
-        better = values[todo, j] > peak[todo]
+        j = xp.argmax(scores[todo], axis=1)
+        better = scores[todo, j] > peak[todo]
         if not better.any():
             break
         todo, j = todo[better], j[better]
         n_best[todo] = index[todo, j]
         c_best[todo] = c[todo, j]
         theta[todo], peak[todo] = _newton(c_best[todo], theta[todo], n_angles, theta[todo], step)
-        index[todo], c[todo], values[todo], inside[todo] = _neighbours(
-            pair[:, todo], refs, n_best[todo], mirror[todo], theta[todo]
+        index[todo], c[todo], scores[todo], inside[todo] = _neighbours(
+            values[todo], refs, n_best[todo], mirror[todo], theta[todo]
         )
-    f_lo, f_hi = values[:, :2], values[:, 2:]
+    f_lo, f_hi = scores[:, :2], scores[:, 2:]
     curvature = f_lo - 2.0 * peak[:, None] + f_hi
     ok = inside & (curvature < 0)
     t = xp.clip(xp.where(ok, 0.5 * (f_lo - f_hi) / xp.where(ok, curvature, -1.0), 0.0), -0.5, 0.5)

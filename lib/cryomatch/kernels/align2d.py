@@ -41,6 +41,7 @@ to sub-pixel by parabolas through the neighbouring grid shifts at the refined an
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -310,6 +311,11 @@ def ring_transform(sampler, radii, n_angles: int, fold: int) -> _RingTransform:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_transform(box: int, radii: tuple, n_angles: int, fold: int) -> _RingTransform:
+    return ring_transform(ring_sampler(box, radii, n_angles), radii, n_angles, fold)
+
+
 def image_spectra(images, origins, radii, n_angles, sampler=None, fold=None, chunk=None):
     """Ring spectra of images (M, box, box) about their current centres ``-origin``
     (origins (M, 2) in pixels: images are first moved by the exact Fourier shift
@@ -318,13 +324,16 @@ def image_spectra(images, origins, radii, n_angles, sampler=None, fold=None, chu
     (default 32 on the CPU, where a chunk stays in cache; all at once on the GPU)."""
     xp = array_module(images)
     box = images.shape[-1]
-    sampler = ring_sampler(box, radii, n_angles) if sampler is None else sampler
     fold = coarse_fold(n_angles) if fold is None else fold
-    tr = ring_transform(sampler, radii, n_angles, fold)
+    if sampler is None:
+        tr = _cached_transform(box, tuple(np.asarray(radii, dtype=float)), n_angles, fold)
+    else:
+        tr = ring_transform(sampler, radii, n_angles, fold)
+    sampler = tr.sampler
     if xp is not np:  # pragma: no cover - GPU path: sparse @ dense on the device
         import cupyx.scipy.sparse
 
-        tr.sampler = cupyx.scipy.sparse.csr_matrix(tr.sampler)
+        sampler = cupyx.scipy.sparse.csr_matrix(sampler)
     stage1, stage2 = xp.asarray(tr.stage1), xp.asarray(tr.stage2)
     parseval, w = xp.asarray(tr.parseval), xp.asarray(tr.weights, dtype=xp.float32)
     n, n_rings, n_rows = len(images), len(tr.weights), len(tr.stage2)
@@ -337,7 +346,7 @@ def image_spectra(images, origins, radii, n_angles, sampler=None, fold=None, chu
         centred = fourier_shift(images[lo : lo + chunk], origins[lo : lo + chunk])
         m = len(centred)
         pixels = xp.ascontiguousarray(centred.reshape(m, -1).T)  # (box^2, m)
-        rings = tr.sampler @ pixels  # (W R, m), rows (l', u, r)
+        rings = sampler @ pixels  # (W R, m), rows (l', u, r)
         sub = stage1 @ rings.reshape(n_angles // fold, -1)  # (2 Q', fold R m)
         folded = xp.matmul(stage2, sub.reshape(n_rows, 2 * fold, -1)).reshape(-1, m)
         coarse[..., lo : lo + m] = folded.reshape(n_rows, 2, k, m)
@@ -484,13 +493,13 @@ def _coarse_scores(image_folded, refs: References):
     """Correlation maxima over the ``n_out`` folded angles, (2, M, N) for every (mirror,
     image, reference-shift), from folded image values (Q', 2, K, M) (``FoldedSpectra.coarse``
     or :func:`fold_spectra`): per block and parity of j one product per folded frequency and
-    part, ``X @ U``, ``Y @ U``, ``X @ V`` and ``Y @ V`` (the image blocks as transposed
-    operands, no copy), laid out so that the half-circle inverse DFTs, fused with the mirror
+    part, ``[X; Y] @ U`` and ``[X; Y] @ V``, laid out so that the half-circle inverse DFTs, fused with the mirror
     combinations, are one more matrix product each; then ``max_k E(k) + |O(k)|``
     (:func:`_dft_matrices`)."""
     xp = array_module(image_folded)
-    n_rows, _, _, m = image_folded.shape
-    left = xp.ascontiguousarray(image_folded.transpose(0, 1, 3, 2))  # (Q', 2, M, K)
+    n_rows, _, k, m = image_folded.shape
+    # [X; Y] per folded row as one (2M x K) operand: a cache-sized copy
+    left = xp.ascontiguousarray(image_folded.transpose(0, 1, 3, 2)).reshape(n_rows, 2 * m, k)
     parities = (slice(0, refs.n_even), slice(refs.n_even, n_rows))
     half = refs.dft[0].shape[0] // 2
     out = xp.empty((2, m, refs.n_sets), dtype=xp.float32)
@@ -498,11 +507,11 @@ def _coarse_scores(image_folded, refs: References):
     for i, (u, v) in enumerate(refs.blocks):
         b = u.shape[-1]
         if products is None or products[0].shape[-1] != b:
-            products = [xp.empty((2, p.stop - p.start, 2, m, b), xp.float32) for p in parities]
+            products = [xp.empty((2, p.stop - p.start, 2 * m, b), xp.float32) for p in parities]
             cc = [xp.empty((2 * half, m * b), xp.float32) for _ in parities]
-        for p, rows in enumerate(parities):  # c, j, r, m, n
-            xp.matmul(left[rows], u[rows, None], out=products[p][0])
-            xp.matmul(left[rows], v[rows, None], out=products[p][1])
+        for p, rows in enumerate(parities):  # c, j, (r, m), n
+            xp.matmul(left[rows], u[rows], out=products[p][0])
+            xp.matmul(left[rows], v[rows], out=products[p][1])
             xp.matmul(refs.dft[p], products[p].reshape(-1, m * b), out=cc[p])
         even, odd = cc
         xp.abs(odd, out=odd)
@@ -592,11 +601,12 @@ class Alignment:
         return psi, new_origin, self.mirror
 
 
-def search(image_spec, refs: References, top: int = 2, batch: int = 32, exclude=None) -> Alignment:
-    """Align images (:class:`FoldedSpectra` from :func:`image_spectra`)
-    to every reference, shift and mirror (module docstring), ``batch`` images at a time;
-    ``exclude`` (M,) names a reference each image must not match (e.g. itself), or -1."""
-    xp = array_module(image_spec)
+def search(image_spec, refs: References, top: int = 2, batch: int = 256, exclude=None) -> Alignment:
+    """Align images (:class:`FoldedSpectra` from :func:`image_spectra`) to every reference,
+    shift and mirror (module docstring), ``batch`` images at a time (the coarse pass in
+    cache-sized parts of those, :func:`coarse_scores`); ``exclude`` (M,) names a reference
+    each image must not match (e.g. itself), or -1."""
+    xp = array_module(image_spec.values)
     _check_layout(image_spec, refs)
     if exclude is None:
         exclude = xp.full(len(image_spec), -1)
@@ -621,9 +631,12 @@ def _check_layout(image_spec, refs: References) -> None:
         )
 
 
-def coarse_only(image_spec, refs: References, batch: int = 32):
-    """The coarse pass of :func:`search` alone (for benchmarks): folded maxima (2, M, N)."""
-    xp = array_module(image_spec)
+def coarse_scores(image_spec, refs: References, batch=None):
+    """The coarse pass of :func:`search`: folded maxima (2, M, N) of :class:`FoldedSpectra`,
+    ``batch`` images at a time (default 32 on the CPU, where the products stay in cache;
+    all at once on the GPU)."""
+    xp = array_module(image_spec.values)
+    batch = (32 if xp is np else max(len(image_spec), 1)) if batch is None else batch
     return xp.concatenate(
         [
             _coarse_scores(image_spec[lo : lo + batch].coarse, refs)
@@ -637,7 +650,7 @@ def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
     xp = array_module(image_spec.values)
     m = len(image_spec)
     s, d = refs.n_refs, refs.n_shifts
-    coarse = _coarse_scores(image_spec.coarse, refs)  # (2, M, S * D)
+    coarse = coarse_scores(image_spec, refs)  # (2, M, S * D)
     coarse = xp.moveaxis(coarse.reshape(2, m, s, d), 0, 1).reshape(m, 2 * s, d)
     best_d = xp.argmax(coarse, axis=-1)  # per (image, mirror * S + reference)
     best = xp.take_along_axis(coarse, best_d[..., None], axis=-1)[..., 0]

@@ -232,26 +232,23 @@ def _complex_values(folded, scale=None):
 
 @dataclass
 class FoldedSpectra:
-    """Ring spectra of images in the folded layout (:func:`image_spectra`), two ways:
-    ``coarse`` (Q', 2, K, M) float32, real and imaginary parts with the images last (each
-    (j, part) an (K x M) block, an operand of the coarse products as it is), not normalized
-    (the coarse pass only ranks each image's candidates); ``values`` (M, Q', K) complex64,
-    normalized, for the exact scores. Sliced along the images: ``spectra[lo:hi]``."""
+    """Ring spectra of images in the folded layout (:func:`image_spectra`): ``values``
+    (M, Q', K) complex64, normalized; the coarse pass takes its operands from them
+    (:func:`_coarse_operand`), the exact scores use them as they are. Sliced along the
+    images: ``spectra[lo:hi]``."""
 
-    coarse: object
     values: object
 
     def __len__(self) -> int:
         return self.values.shape[0]
 
     def __getitem__(self, index):
-        return FoldedSpectra(self.coarse[..., index], self.values[index])
+        return FoldedSpectra(self.values[index])
 
     @classmethod
     def from_spectra(cls, spectra, fold: int) -> FoldedSpectra:
         """From normalized angular spectra (n, R, Q) (:func:`normalized_spectra`)."""
-        folded = fold_spectra(spectra, fold)
-        return cls(folded, _complex_values(folded))
+        return cls(_complex_values(fold_spectra(spectra, fold)))
 
 
 @dataclass
@@ -340,7 +337,6 @@ def image_spectra(images, origins, radii, n_angles, sampler=None, fold=None, chu
     k = fold * n_rings
     chunk = (32 if xp is np else max(n, 1)) if chunk is None else chunk
     origins = xp.asarray(origins, dtype=xp.float64).reshape(-1, 2)
-    coarse = xp.empty((n_rows, 2, k, n), dtype=xp.float32)
     values = xp.empty((n, n_rows, k), dtype=xp.complex64)
     for lo in range(0, n, chunk):
         centred = fourier_shift(images[lo : lo + chunk], origins[lo : lo + chunk])
@@ -349,14 +345,13 @@ def image_spectra(images, origins, radii, n_angles, sampler=None, fold=None, chu
         rings = sampler @ pixels  # (W R, m), rows (l', u, r)
         sub = stage1 @ rings.reshape(n_angles // fold, -1)  # (2 Q', fold R m)
         folded = xp.matmul(stage2, sub.reshape(n_rows, 2 * fold, -1)).reshape(-1, m)
-        coarse[..., lo : lo + m] = folded.reshape(n_rows, 2, k, m)
         dc = folded[:n_rings]  # A_0 = ring sums (j = 0, real part, t = 0)
         mean = (w @ dc) / n_angles  # weighted mean ring value
         dc -= n_angles * mean
         power = parseval @ (folded * folded) + (w @ (dc * dc)) / n_angles
         scale = 1.0 / xp.sqrt(xp.where(power > 0, power, 1.0))
         values[lo : lo + m] = _complex_values(folded.reshape(n_rows, 2, k, m), scale)
-    return FoldedSpectra(coarse, values)
+    return FoldedSpectra(values)
 
 
 @dataclass
@@ -490,16 +485,33 @@ def _dft_matrices(n_freq: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _coarse_scores(image_folded, refs: References):
-    """Correlation maxima over the ``n_out`` folded angles, (2, M, N) for every (mirror,
-    image, reference-shift), from folded image values (Q', 2, K, M) (``FoldedSpectra.coarse``
-    or :func:`fold_spectra`): per block and parity of j one product per folded frequency and
-    part, ``[X; Y] @ U`` and ``[X; Y] @ V``, laid out so that the half-circle inverse DFTs, fused with the mirror
-    combinations, are one more matrix product each; then ``max_k E(k) + |O(k)|``
-    (:func:`_dft_matrices`)."""
+    """:func:`_coarse_from_operand` for folded image values (Q', 2, K, M) (:func:`fold_spectra`)."""
     xp = array_module(image_folded)
     n_rows, _, k, m = image_folded.shape
-    # [X; Y] per folded row as one (2M x K) operand: a cache-sized copy
     left = xp.ascontiguousarray(image_folded.transpose(0, 1, 3, 2)).reshape(n_rows, 2 * m, k)
+    return _coarse_from_operand(left, refs)
+
+
+def _coarse_operand(values):
+    """The left operand of the coarse products, (Q', 2 M, K) float32: per folded row the
+    real parts X of the images' folded values (M, Q', K) above their imaginary parts Y
+    (one cache-sized copy per batch)."""
+    xp = array_module(values)
+    m, n_rows, k = values.shape
+    parts = values.view(xp.float32).reshape(m, n_rows, k, 2)
+    return xp.ascontiguousarray(parts.transpose(1, 3, 0, 2)).reshape(n_rows, 2 * m, k)
+
+
+def _coarse_from_operand(left, refs: References):
+    """Correlation maxima over the ``n_out`` folded angles, (2, M, N) for every (mirror,
+    image, reference-shift), from the images' ``[X; Y]`` operand (Q', 2 M, K)
+    (:func:`_coarse_operand`): per block and parity of j one product per folded frequency
+    and part, ``[X; Y] @ U`` and ``[X; Y] @ V``, laid out so that the half-circle inverse
+    DFTs, fused with the mirror combinations, are one more matrix product each; then
+    ``max_k E(k) + |O(k)|`` (:func:`_dft_matrices`)."""
+    xp = array_module(left)
+    n_rows, m2, _ = left.shape
+    m = m2 // 2
     parities = (slice(0, refs.n_even), slice(refs.n_even, n_rows))
     half = refs.dft[0].shape[0] // 2
     out = xp.empty((2, m, refs.n_sets), dtype=xp.float32)
@@ -521,19 +533,33 @@ def _coarse_scores(image_folded, refs: References):
     return out
 
 
-def _exact_products(values, refs: References, n_index, mirror):
+def _exact_products(values, refs: References, n_index, mirror, chunk=None):
     """Weighted product spectra ``sum_r w_r A conj(B)``, or for a mirror
     ``(-1)^q sum_r w_r A B``, of each image (folded values (M, Q', K)) with its T
     reference-shift sets ``n_index`` (M, T): returns (M, T, Q) over the rfft indices q.
-    ``mirror`` (M, T) or (M, 1). One gather of the sets (:attr:`References.exact` holds
-    both forms), one product, the sum over rings as a matrix-vector product, all on the
-    folded values; then each q picked from its folded value."""
+    ``mirror`` (M, T) or (M, 1). Per ``chunk`` images (default 8 on the CPU, so that the
+    buffers stay in cache; all at once on the GPU) one gather of the sets
+    (:attr:`References.exact` holds both forms) into a reused buffer, one product, the sum
+    over rings as a matrix-vector product, all on the folded values; then each q picked
+    from its folded value."""
     xp = array_module(values)
-    m = len(values)
-    b = refs.exact[xp.asarray(mirror, dtype=xp.intp), n_index]  # (M, T, Q', K)
-    b *= values[:, None]
+    m, t = n_index.shape
+    _, n_rows, k = values.shape
     n_rings = len(refs.weights)
-    d = (b.reshape(-1, n_rings) @ xp.ones(n_rings, dtype=xp.complex64)).reshape(m, b.shape[1], -1)
+    flat = refs.exact.reshape(-1, n_rows * k)  # (2 N, Q' K): sets, then mirrored sets
+    index = xp.asarray(mirror, dtype=xp.intp) * refs.n_sets + n_index
+    index = xp.broadcast_to(index, (m, t))
+    chunk = (8 if xp is np else max(m, 1)) if chunk is None else chunk
+    ones = xp.ones(n_rings, dtype=xp.complex64)
+    d = xp.empty((m, t, n_rows * k // n_rings), dtype=xp.complex64)
+    buffer = xp.empty((min(chunk, m) * t, n_rows * k), dtype=xp.complex64)
+    for lo in range(0, m, chunk):
+        rows = index[lo : lo + chunk].ravel()
+        b = buffer[: len(rows)]
+        xp.take(flat, rows, axis=0, out=b)
+        b3 = b.reshape(-1, t, n_rows * k)
+        b3 *= values[lo : lo + chunk].reshape(-1, 1, n_rows * k)
+        d[lo : lo + chunk] = (b.reshape(-1, n_rings) @ ones).reshape(-1, t, d.shape[-1])
     entry, conj = refs.spectrum
     c = d[..., entry]
     return xp.where(conj, xp.conj(c), c)
@@ -624,10 +650,10 @@ def search(image_spec, refs: References, top: int = 2, batch: int = 256, exclude
 
 def _check_layout(image_spec, refs: References) -> None:
     u = refs.blocks[0][0]  # (Q', K, b)
-    if tuple(image_spec.coarse.shape[:3]) != (u.shape[0], 2, u.shape[1]):
+    if tuple(image_spec.values.shape[1:]) != u.shape[:2]:
         raise ValueError(
-            f"image spectra {tuple(image_spec.coarse.shape[:3])} do not match the references' "
-            f"folded layout {(u.shape[0], 2, u.shape[1])} (rings, W and fold differ)"
+            f"image spectra {tuple(image_spec.values.shape[1:])} do not match the references' "
+            f"folded layout {u.shape[:2]} (rings, W and fold differ)"
         )
 
 
@@ -639,7 +665,7 @@ def coarse_scores(image_spec, refs: References, batch=None):
     batch = (32 if xp is np else max(len(image_spec), 1)) if batch is None else batch
     return xp.concatenate(
         [
-            _coarse_scores(image_spec[lo : lo + batch].coarse, refs)
+            _coarse_from_operand(_coarse_operand(image_spec.values[lo : lo + batch]), refs)
             for lo in range(0, len(image_spec), batch)
         ],
         1,

@@ -537,8 +537,8 @@ def _exact_products(values, refs: References, n_index, mirror, chunk=None):
     """Weighted product spectra ``sum_r w_r A conj(B)``, or for a mirror
     ``(-1)^q sum_r w_r A B``, of each image (folded values (M, Q', K)) with its T
     reference-shift sets ``n_index`` (M, T): returns (M, T, Q) over the rfft indices q.
-    ``mirror`` (M, T) or (M, 1). Per ``chunk`` images (default 8 on the CPU, so that the
-    buffers stay in cache; all at once on the GPU) one gather of the sets
+    ``mirror`` (M, T) or (M, 1). Per ``chunk`` images (default about 16 sets on the CPU,
+    so that the buffers stay in cache; all at once on the GPU) one gather of the sets
     (:attr:`References.exact` holds both forms) into a reused buffer, one product, the sum
     over rings as a matrix-vector product, all on the folded values; then each q picked
     from its folded value."""
@@ -549,7 +549,8 @@ def _exact_products(values, refs: References, n_index, mirror, chunk=None):
     flat = refs.exact.reshape(-1, n_rows * k)  # (2 N, Q' K): sets, then mirrored sets
     index = xp.asarray(mirror, dtype=xp.intp) * refs.n_sets + n_index
     index = xp.broadcast_to(index, (m, t))
-    chunk = (8 if xp is np else max(m, 1)) if chunk is None else chunk
+    if chunk is None:  # about 16 gathered sets at a time on the CPU
+        chunk = max(1, 16 // t) if xp is np else max(m, 1)
     ones = xp.ones(n_rings, dtype=xp.complex64)
     d = xp.empty((m, t, n_rows * k // n_rings), dtype=xp.complex64)
     buffer = xp.empty((min(chunk, m) * t, n_rows * k), dtype=xp.complex64)
@@ -565,18 +566,38 @@ def _exact_products(values, refs: References, n_index, mirror, chunk=None):
     return xp.where(conj, xp.conj(c), c)
 
 
+def _rotations(theta, n_freq: int):
+    """``e^(i q theta)`` (P, Q) for q = 0..Q-1, complex64: the outer product of
+    ``e^(i a B theta)`` and ``e^(i b theta)`` (q = a B + b, B about sqrt(Q)), so 2 sqrt(Q)
+    exponentials per row in double precision instead of Q sines and cosines."""
+    xp = array_module(theta)
+    base = math.isqrt(max(n_freq - 1, 0)) + 1
+    theta = xp.asarray(theta, dtype=xp.float64)[:, None]
+
+    def turns(step, count):
+        angle = theta * (step * xp.arange(count))
+        out = xp.empty(angle.shape, dtype=xp.complex64)
+        out.real, out.imag = xp.cos(angle), xp.sin(angle)
+        return out
+
+    high, low = turns(base, -(-n_freq // base)), turns(1, base)
+    out = xp.multiply(high[:, :, None], low[:, None, :])
+    return out.reshape(len(theta), -1)[:, :n_freq]
+
+
 def _polynomial(c, theta, n_angles: int):
     """The correlation ``cc(theta)`` and its first two derivatives from product spectra c
-    (P, Q): ``cc = (1/W) sum_q g_q Re(C_q e^(i q theta))``, g = 1, 2, ..., 2, 1."""
+    (P, Q): ``cc = (1/W) sum_q g_q Re(C_q e^(i q theta))``, g = 1, 2, ..., 2, 1; the three
+    sums as one product with the columns g, g q, g q^2."""
     xp = array_module(c)
-    q = xp.arange(c.shape[-1], dtype=xp.float32)
-    g = xp.full(q.shape, 2.0 / n_angles, dtype=xp.float32)
+    n_freq = c.shape[-1]
+    q = np.arange(n_freq, dtype=np.float64)
+    g = np.full(n_freq, 2.0 / n_angles)
     g[0] = g[-1] = 1.0 / n_angles
-    phase = q * xp.asarray(theta, dtype=xp.float32)[:, None]
-    cos, sin = xp.cos(phase), xp.sin(phase)
-    re = c.real * cos - c.imag * sin
-    im = c.real * sin + c.imag * cos
-    return re @ g, -(im @ (g * q)), -(re @ (g * q * q))
+    sums = (c * _rotations(xp.asarray(theta), n_freq)) @ xp.asarray(
+        np.stack([g, g * q, g * q * q], axis=1).astype(np.complex64)
+    )
+    return sums[:, 0].real, -sums[:, 1].imag, -sums[:, 2].real
 
 
 def _refine_angle(c, n_angles: int):
@@ -659,10 +680,10 @@ def _check_layout(image_spec, refs: References) -> None:
 
 def coarse_scores(image_spec, refs: References, batch=None):
     """The coarse pass of :func:`search`: folded maxima (2, M, N) of :class:`FoldedSpectra`,
-    ``batch`` images at a time (default 32 on the CPU, where the products stay in cache;
+    ``batch`` images at a time (default 64 on the CPU, where the products stay in cache;
     all at once on the GPU)."""
     xp = array_module(image_spec.values)
-    batch = (32 if xp is np else max(len(image_spec), 1)) if batch is None else batch
+    batch = (64 if xp is np else max(len(image_spec), 1)) if batch is None else batch
     return xp.concatenate(
         [
             _coarse_from_operand(_coarse_operand(image_spec.values[lo : lo + batch]), refs)

@@ -422,7 +422,10 @@ def _references(values, weights, n_refs, grid, grid_shape, ts, n_angles, block) 
     u = weighted.real.transpose(1, 2, 0)  # (Q', K, N)
     v = weighted.imag.transpose(1, 2, 0)
     blocks = [
-        (xp.ascontiguousarray(u[..., lo : lo + block]), xp.ascontiguousarray(v[..., lo : lo + block]))
+        (
+            xp.ascontiguousarray(u[..., lo : lo + block]),
+            xp.ascontiguousarray(v[..., lo : lo + block]),
+        )
         for lo in range(0, n_sets, block)
     ]
     n_out = n_angles // fold
@@ -587,17 +590,17 @@ def _rotations(theta, n_freq: int):
 
 def _polynomial(c, theta, n_angles: int):
     """The correlation ``cc(theta)`` and its first two derivatives from product spectra c
-    (P, Q): ``cc = (1/W) sum_q g_q Re(C_q e^(i q theta))``, g = 1, 2, ..., 2, 1; the three
-    sums as one product with the columns g, g q, g q^2."""
+    (P, Q), or (P, T, Q) all at the angle theta (P,) of their row:
+    ``cc = (1/W) sum_q g_q Re(C_q e^(i q theta))``, g = 1, 2, ..., 2, 1; the three sums as
+    one product with the columns g, g q, g q^2."""
     xp = array_module(c)
     n_freq = c.shape[-1]
     q = np.arange(n_freq, dtype=np.float64)
     g = np.full(n_freq, 2.0 / n_angles)
     g[0] = g[-1] = 1.0 / n_angles
-    sums = (c * _rotations(xp.asarray(theta), n_freq)) @ xp.asarray(
-        np.stack([g, g * q, g * q * q], axis=1).astype(np.complex64)
-    )
-    return sums[:, 0].real, -sums[:, 1].imag, -sums[:, 2].real
+    turn = _rotations(xp.asarray(theta), n_freq).reshape(len(c), *(1,) * (c.ndim - 2), n_freq)
+    sums = (c * turn) @ xp.asarray(np.stack([g, g * q, g * q * q], axis=1).astype(np.complex64))
+    return sums[..., 0].real, -sums[..., 1].imag, -sums[..., 2].real
 
 
 def _refine_angle(c, n_angles: int):
@@ -731,7 +734,6 @@ def _neighbours(values, refs: References, n_best, mirror, theta):
     x-, y-, x+, y+ of each winner (a winner on the grid's edge stands in for the missing
     neighbour), and which axes have both neighbours (M, 2)."""
     xp = array_module(values)
-    m = len(values)
     nx, ny = refs.grid_shape
     d = n_best % refs.n_shifts
     pos = xp.stack([d % nx, d // nx], axis=1)
@@ -741,8 +743,7 @@ def _neighbours(values, refs: References, n_best, mirror, theta):
     hi = xp.where(pos < xp.asarray([nx - 1, ny - 1]), n_best[:, None] + stride, n_best[:, None])
     index = xp.concatenate([lo, hi], axis=1)
     c = _exact_products(values, refs, index, mirror[:, None])
-    values = _polynomial(c.reshape(4 * m, -1), xp.repeat(theta, 4), refs.n_angles)[0]
-    return index, c, values.reshape(m, 4), inside
+    return index, c, _polynomial(c, theta, refs.n_angles)[0], inside
 
 
 def _refine_shift(values, refs: References, n_best, mirror, theta, peak, c_best):

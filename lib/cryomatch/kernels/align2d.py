@@ -217,16 +217,18 @@ def fold_spectra(spectra, fold: int, weights=None):
     return out.reshape(index.shape[0], 2, fold * n_rings, n)
 
 
-def _complex_values(folded, scale=None):
-    """Folded values (Q', 2, K, n) as complex (n, Q', K), times ``scale`` (n,) if given."""
+def _complex_values(folded, scale=None, out=None):
+    """Folded values (Q', 2, K, n) as complex (n, Q', K), times ``scale`` (n,) if given,
+    written into ``out`` if given (one pass)."""
     xp = array_module(folded)
     n_rows, _, k, n = folded.shape
-    out = xp.empty((n, n_rows, k), dtype=xp.complex64)
+    out = xp.empty((n, n_rows, k), dtype=xp.complex64) if out is None else out
     parts = out.view(xp.float32).reshape(n, n_rows, k, 2)
-    parts[..., 0] = folded[:, 0].transpose(2, 0, 1)
-    parts[..., 1] = folded[:, 1].transpose(2, 0, 1)
-    if scale is not None:
-        parts *= scale[:, None, None, None]
+    for p in range(2):
+        if scale is None:
+            parts[..., p] = folded[:, p].transpose(2, 0, 1)
+        else:
+            xp.multiply(folded[:, p].transpose(2, 0, 1), scale[:, None, None], out=parts[..., p])
     return out
 
 
@@ -350,7 +352,7 @@ def image_spectra(images, origins, radii, n_angles, sampler=None, fold=None, chu
         dc -= n_angles * mean
         power = parseval @ (folded * folded) + (w @ (dc * dc)) / n_angles
         scale = 1.0 / xp.sqrt(xp.where(power > 0, power, 1.0))
-        values[lo : lo + m] = _complex_values(folded.reshape(n_rows, 2, k, m), scale)
+        _complex_values(folded.reshape(n_rows, 2, k, m), scale, out=values[lo : lo + m])
     return FoldedSpectra(values)
 
 

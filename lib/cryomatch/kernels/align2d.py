@@ -594,15 +594,21 @@ def _polynomial(c, theta, n_angles: int):
     """The correlation ``cc(theta)`` and its first two derivatives from product spectra c
     (P, Q), or (P, T, Q) all at the angle theta (P,) of their row:
     ``cc = (1/W) sum_q g_q Re(C_q e^(i q theta))``, g = 1, 2, ..., 2, 1; the three sums as
-    one product with the columns g, g q, g q^2."""
+    one real product of the turned spectra (re, im interleaved) with the columns g (on Re),
+    -g q (on Im) and -g q^2 (on Re)."""
     xp = array_module(c)
     n_freq = c.shape[-1]
     q = np.arange(n_freq, dtype=np.float64)
     g = np.full(n_freq, 2.0 / n_angles)
     g[0] = g[-1] = 1.0 / n_angles
+    columns = np.zeros((n_freq, 2, 3))  # q, part (re, im), sum
+    columns[:, 0, 0], columns[:, 1, 1], columns[:, 0, 2] = g, -g * q, -g * q * q
     turn = _rotations(xp.asarray(theta), n_freq).reshape(len(c), *(1,) * (c.ndim - 2), n_freq)
-    sums = (c * turn) @ xp.asarray(np.stack([g, g * q, g * q * q], axis=1).astype(np.complex64))
-    return sums[..., 0].real, -sums[..., 1].imag, -sums[..., 2].real
+    turned = xp.multiply(c, turn, out=xp.empty(c.shape, dtype=xp.complex64))
+    sums = turned.view(xp.float32).reshape(*c.shape[:-1], 2 * n_freq) @ xp.asarray(
+        columns.reshape(2 * n_freq, 3).astype(np.float32)
+    )
+    return sums[..., 0], sums[..., 1], sums[..., 2]
 
 
 def _refine_angle(c, n_angles: int):

@@ -574,13 +574,13 @@ def _exact_products(values, refs: References, n_index, mirror, chunk=None):
 def _rotations(theta, n_freq: int):
     """``e^(i q theta)`` (P, Q) for q = 0..Q-1, complex64: the outer product of
     ``e^(i a B theta)`` and ``e^(i b theta)`` (q = a B + b, B about sqrt(Q)), so 2 sqrt(Q)
-    exponentials per row in double precision instead of Q sines and cosines."""
+    exponentials per row instead of Q (angles reduced in double precision)."""
     xp = array_module(theta)
     base = math.isqrt(max(n_freq - 1, 0)) + 1
     theta = xp.asarray(theta, dtype=xp.float64)[:, None]
 
     def turns(step, count):
-        angle = theta * (step * xp.arange(count))
+        angle = ((theta * (step * xp.arange(count))) % (2.0 * np.pi)).astype(xp.float32)
         out = xp.empty(angle.shape, dtype=xp.complex64)
         out.real, out.imag = xp.cos(angle), xp.sin(angle)
         return out

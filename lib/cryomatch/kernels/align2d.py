@@ -582,7 +582,8 @@ def _rotations(theta, n_freq: int):
     def turns(step, count):
         angle = ((theta * (step * xp.arange(count))) % (2.0 * np.pi)).astype(xp.float32)
         out = xp.empty(angle.shape, dtype=xp.complex64)
-        out.real, out.imag = xp.cos(angle), xp.sin(angle)
+        parts = out.view(xp.float32).reshape(*angle.shape, 2)
+        parts[..., 0], parts[..., 1] = xp.cos(angle), xp.sin(angle)
         return out
 
     high, low = turns(base, -(-n_freq // base)), turns(1, base)

@@ -65,9 +65,8 @@ def test_exact_products_and_refined_peak(rings):
     refs = _references(spec_b, w, 1)
     n_index = np.array([[0, 3], [1, 2], [2, 0]])
     mirror = np.array([[False, True], [True, False], [False, False]])
-    c = align2d._exact_products(
-        np.ascontiguousarray(spec_a.transpose(0, 2, 1)), refs, n_index, mirror
-    )
+    values = align2d.FoldedSpectra.from_spectra(spec_a, refs.fold).values
+    c = align2d._exact_products(values, refs, n_index, mirror)
     expected = np.where(
         mirror[..., None],
         direct_mirror[np.arange(3)[:, None], n_index],

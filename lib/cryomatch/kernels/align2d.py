@@ -41,6 +41,7 @@ to sub-pixel by parabolas through the neighbouring grid shifts at the refined an
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -102,17 +103,17 @@ def ring_sampler(box: int, radii, n_angles: int) -> scipy.sparse.csr_matrix:
 
 def sample_rings(images, sampler, n_rings: int):
     """Ring values (n, R, W) of images (n, box, box) about their centres; ``sampler`` from
-    :func:`ring_sampler` (applied from the right, so that images stay rows)."""
+    :func:`ring_sampler`. One sparse product ``sampler @ pixels`` with the images as columns
+    (pixel-major: each ring point is then 4 vector updates over the whole batch)."""
     xp = array_module(images)
     n = len(images)
-    pixels = images.reshape(n, -1).astype(xp.float32, copy=False)
+    pixels = xp.ascontiguousarray(images.reshape(n, -1).astype(xp.float32, copy=False).T)
     if xp is not np:  # pragma: no cover - GPU path: sparse @ dense on the device
         import cupyx.scipy.sparse
 
-        rings = (cupyx.scipy.sparse.csr_matrix(sampler) @ pixels.T).T
-    else:
-        rings = pixels @ sampler.T  # (n, R * W)
-    return xp.ascontiguousarray(rings).reshape(n, n_rings, -1)
+        sampler = cupyx.scipy.sparse.csr_matrix(sampler)
+    rings = sampler @ pixels  # (R * W, n)
+    return xp.ascontiguousarray(rings.T).reshape(n, n_rings, -1)
 
 
 def ring_weights(radii) -> np.ndarray:
@@ -125,14 +126,18 @@ def normalized_spectra(rings, weights):
     """Angular spectra (n, R, W//2+1) of rings (n, R, W) after removing their weighted mean
     and scaling to unit weighted norm: ``sum_r w_r sum_l a(r, l)^2 = 1`` (complex64)."""
     xp = array_module(rings)
-    n_angles = rings.shape[-1]
+    n, n_rings, n_angles = rings.shape
     w = xp.asarray(weights, dtype=xp.float32)
     spectra = angular_spectra(rings.astype(xp.float32, copy=False))
+    n_freq = spectra.shape[-1]
     mean = (spectra[..., 0].real @ w) / n_angles  # weighted mean ring value
     spectra[..., 0] -= n_angles * mean[:, None]
-    power = spectra.real**2 + spectra.imag**2
-    power[..., 1 : (n_angles + 1) // 2] *= 2.0  # each q counted with its conjugate W - q
-    norm = xp.sqrt((power.sum(axis=-1) @ w) / n_angles)
+    # Parseval: sum_l a(l)^2 = (1/W) sum_q g_q |A_q|^2, g_q = 2 where q pairs with W - q
+    g = np.ones(n_freq, dtype=np.float32)
+    g[1 : (n_angles + 1) // 2] = 2.0
+    parts = spectra.view(xp.float32).reshape(n, n_rings, 2 * n_freq)  # re, im interleaved
+    power = (parts * parts) @ xp.asarray(np.repeat(g, 2))  # (n, R)
+    norm = xp.sqrt((power @ w) / n_angles)
     spectra *= (1.0 / xp.where(norm > 0, norm, 1.0))[:, None, None]
     return spectra
 
@@ -168,63 +173,201 @@ def shift_grid(xr: float, yr: float, ts: float) -> tuple[np.ndarray, int, int]:
     return np.stack([gx.ravel(), gy.ravel()], axis=1), nx, ny
 
 
-def reference_rings(references, shifts, sampler, n_rings: int):
-    """Rings (S * D, R, W) of each reference about each grid point ``e`` (reference-frame
-    pixels): the reference moved by ``-e`` (exact Fourier shift) sampled about the centre.
-    Order: reference-major, ``n = s * D + d``."""
-    xp = array_module(references)
-    s, d = len(references), len(shifts)
-    moved = fourier_shift(
-        xp.repeat(references.astype(xp.float32), d, axis=0),
-        -xp.tile(xp.asarray(shifts, dtype=xp.float64), (s, 1)),
-    )
-    return sample_rings(moved, sampler, n_rings)
-
-
-# --- the search ----------------------------------------------------------------------------
-def _fold_index(n_angles: int, fold: int):
-    """For each folded frequency j = 0..W/(2 fold) and term t: the rfft index and whether
-    the term is conjugated (q > W/2 uses conj of W - q)."""
-    n_out = n_angles // fold
-    j = np.arange(n_out // 2 + 1)
-    q = j[:, None] + np.arange(fold)[None, :] * n_out  # (Q', fold)
-    conj = q > n_angles // 2
-    return np.where(conj, n_angles - q, q), conj
-
-
-def fold_spectra(spectra, fold: int, weights=None):
-    """Folded spectra as real and imaginary parts, float32 (Q', 2, n, fold * R):
-    ``[A_q or conj A_(W-q) for each term]`` per folded frequency j (module docstring),
-    optionally times ring weights. ``[:, 0]`` and ``[:, 1]`` are the X and Y (or U and V) of
-    the mirror-free products."""
-    xp = array_module(spectra)
-    n, n_rings, n_freq = spectra.shape
-    index, conj = _fold_index(2 * (n_freq - 1), fold)
-    s = spectra if weights is None else spectra * xp.asarray(weights, dtype=xp.float32)[:, None]
-    out = xp.empty((index.shape[0], 2, n, fold, n_rings), dtype=xp.float32)
-    for t in range(fold):  # per folded term, not per image
-        part = s[:, :, xp.asarray(index[:, t])].transpose(2, 0, 1)  # (Q', n, R)
-        out[:, 0, :, t] = part.real
-        out[:, 1, :, t] = part.imag
-        flip = xp.asarray(np.flatnonzero(conj[:, t]))
-        out[flip, 1, :, t] *= -1.0
-    return out.reshape(index.shape[0], 2, n, fold * n_rings)
-
-
+# --- folded ring spectra -------------------------------------------------------------------
 def coarse_fold(n_angles: int, coarse_angles: int = 64) -> int:
     """Fold factor that leaves ``coarse_angles`` angles (at least 1) for the coarse pass."""
     return max(1, n_angles // coarse_angles)
+
+
+def _fold_rows(n_out: int) -> np.ndarray:
+    """Folded frequencies j = 0..n_out/2 in parity order, the even j first, then the odd
+    (:func:`_coarse_scores` splits the inverse DFT there)."""
+    j = np.arange(n_out // 2 + 1)
+    return np.concatenate([j[0::2], j[1::2]])
+
+
+def _fold_index(n_angles: int, fold: int):
+    """For each folded row j (parity order) and term t: the rfft index of the raw frequency
+    ``q = j + t W / fold`` and whether it is conjugated (q > W/2 is conj of W - q); returns
+    (index (Q', fold), conj (Q', fold), j (Q',))."""
+    n_out = n_angles // fold
+    j = _fold_rows(n_out)
+    q = j[:, None] + np.arange(fold)[None, :] * n_out  # (Q', fold)
+    conj = q > n_angles // 2
+    return np.where(conj, n_angles - q, q), conj, j
+
+
+def fold_spectra(spectra, fold: int, weights=None):
+    """Angular spectra (n, R, Q) in the folded layout, float32 (Q', 2, K, n), K = fold * R:
+    for each folded row j (parity order) the real and imaginary parts of ``A_q`` at the raw
+    frequencies ``q = j + t W / fold`` (t = 0..fold-1, each followed by the R rings; q > W/2
+    is ``conj A_(W-q)``), the images last; optionally times ring weights.
+    :func:`image_spectra` makes this layout directly from images; this is for spectra at
+    hand (tests, :meth:`FoldedSpectra.from_spectra`)."""
+    xp = array_module(spectra)
+    n, n_rings, n_freq = spectra.shape
+    index, conj, _ = _fold_index(2 * (n_freq - 1), fold)
+    terms = spectra[:, :, xp.asarray(index)]  # (n, R, Q', fold)
+    terms = xp.where(xp.asarray(conj), xp.conj(terms), terms)
+    if weights is not None:
+        terms = terms * xp.asarray(weights, dtype=xp.float32)[:, None, None]
+    out = xp.empty((index.shape[0], 2, fold, n_rings, n), dtype=xp.float32)
+    out[:, 0] = terms.real.transpose(2, 3, 1, 0)
+    out[:, 1] = terms.imag.transpose(2, 3, 1, 0)
+    return out.reshape(index.shape[0], 2, fold * n_rings, n)
+
+
+def _complex_values(folded, scale=None, out=None):
+    """Folded values (Q', 2, K, n) as complex (n, Q', K), times ``scale`` (n,) if given,
+    written into ``out`` if given (one pass)."""
+    xp = array_module(folded)
+    n_rows, _, k, n = folded.shape
+    out = xp.empty((n, n_rows, k), dtype=xp.complex64) if out is None else out
+    parts = out.view(xp.float32).reshape(n, n_rows, k, 2)
+    for p in range(2):
+        if scale is None:
+            parts[..., p] = folded[:, p].transpose(2, 0, 1)
+        else:
+            xp.multiply(folded[:, p].transpose(2, 0, 1), scale[:, None, None], out=parts[..., p])
+    return out
+
+
+@dataclass
+class FoldedSpectra:
+    """Ring spectra of images in the folded layout (:func:`image_spectra`): ``values``
+    (M, Q', K) complex64, normalized; the coarse pass takes its operands from them
+    (:func:`_coarse_operand`), the exact scores use them as they are. Sliced along the
+    images: ``spectra[lo:hi]``."""
+
+    values: object
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def __getitem__(self, index):
+        return FoldedSpectra(self.values[index])
+
+    @classmethod
+    def from_spectra(cls, spectra, fold: int) -> FoldedSpectra:
+        """From normalized angular spectra (n, R, Q) (:func:`normalized_spectra`)."""
+        return cls(_complex_values(fold_spectra(spectra, fold)))
+
+
+@dataclass
+class _RingTransform:
+    """Pixels -> folded ring spectra as three matrix products (:func:`ring_transform`)."""
+
+    sampler: scipy.sparse.csr_matrix  # (W * R, box^2): ring points in (l', u, r) order
+    stage1: np.ndarray  # (2 Q', n_out): real DFT of the sub-rings, rows (j, part)
+    stage2: np.ndarray  # (Q', 2 fold, 2 fold): twiddles and the DFT across sub-rings
+    parseval: np.ndarray  # (Q' * 2 * K,): g_j w_r / W per folded value, 0 on the DC
+    weights: np.ndarray  # (R,) ring weights
+    n_angles: int
+    fold: int
+
+
+def ring_transform(sampler, radii, n_angles: int, fold: int) -> _RingTransform:
+    """The folded ring spectra of images as matrix products, no FFT and no transposes.
+
+    Sub-rings: ring point ``l = l' fold + u`` belongs to sub-ring u (W / fold = n_out points).
+    The W-point DFT at the raw frequency ``q = j + t n_out`` is (Cooley-Tukey)
+    ``A(q) = sum_u exp(-2 pi i q u / W) S_u(j)`` with ``S_u`` the n_out-point DFT of
+    sub-ring u. So: the sampler, its rows ordered (l', u, r), gives rings (n_out, fold R m)
+    for a batch of m images as columns; stage 1, one real product, gives ``S_u(j)`` for
+    j = 0..n_out/2; stage 2, one (2 fold x 2 fold) real product per j, the folded values
+    ``A(j + t n_out)``, laid out (j, part, t, r, m). Flops per image: about
+    ``2 (n_out + 2) W R + 8 fold W R``, a quarter of a dense W-point DFT.
+    """
+    radii = np.asarray(radii, dtype=np.float64)
+    n_rings = len(radii)
+    n_out = n_angles // fold
+    j = _fold_rows(n_out)
+    angle = 2.0 * np.pi * np.outer(j, np.arange(n_out)) / n_out
+    stage1 = np.stack([np.cos(angle), -np.sin(angle)], axis=1).reshape(2 * len(j), n_out)
+    tu = np.outer(np.arange(fold), np.arange(fold))  # t u
+    phi = -2.0 * np.pi * (j[:, None, None] * np.arange(fold) + n_out * tu) / n_angles  # j, t, u
+    cos, sin = np.cos(phi), np.sin(phi)
+    stage2 = np.zeros((len(j), 2, fold, 2, fold))  # j, part out, t, part in, u
+    stage2[:, 0, :, 0], stage2[:, 0, :, 1] = cos, -sin  # Re A = sum_u X cos - Y sin
+    stage2[:, 1, :, 0], stage2[:, 1, :, 1] = sin, cos  # Im A = sum_u X sin + Y cos
+    l_, u_, r_ = np.meshgrid(np.arange(n_out), np.arange(fold), np.arange(n_rings), indexing="ij")
+    weights = ring_weights(radii)
+    # Parseval: sum_l a(l)^2 = (1/W) sum over the folded values of g_j |A|^2, g_j = 2 but 1
+    # at j = 0 and n_out/2 (there the conjugate partner W - q is a folded value too)
+    g = np.where((j == 0) | (j == n_out // 2), 1.0, 2.0)
+    parseval = np.broadcast_to(
+        (g[:, None, None, None] * weights / n_angles), (len(j), 2, fold, n_rings)
+    ).copy()
+    parseval[0, :, 0] = 0.0  # the DC (j = 0, t = 0): added centred by image_spectra
+    return _RingTransform(
+        sampler[(r_ * n_angles + l_ * fold + u_).ravel()],
+        stage1.astype(np.float32),
+        stage2.reshape(len(j), 2 * fold, 2 * fold).astype(np.float32),
+        parseval.ravel().astype(np.float32),
+        weights,
+        n_angles,
+        fold,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_transform(box: int, radii: tuple, n_angles: int, fold: int) -> _RingTransform:
+    return ring_transform(ring_sampler(box, radii, n_angles), radii, n_angles, fold)
+
+
+def image_spectra(images, origins, radii, n_angles, sampler=None, fold=None, chunk=None):
+    """Ring spectra of images (M, box, box) about their current centres ``-origin``
+    (origins (M, 2) in pixels: images are first moved by the exact Fourier shift
+    ``+origin``), as :class:`FoldedSpectra`; the exact values with the weighted mean removed
+    and unit weighted norm (``sum_r w_r sum_l a^2 = 1``). ``chunk`` images at a time
+    (default 32 on the CPU, where a chunk stays in cache; all at once on the GPU)."""
+    xp = array_module(images)
+    box = images.shape[-1]
+    fold = coarse_fold(n_angles) if fold is None else fold
+    if sampler is None:
+        tr = _cached_transform(box, tuple(np.asarray(radii, dtype=float)), n_angles, fold)
+    else:
+        tr = ring_transform(sampler, radii, n_angles, fold)
+    sampler = tr.sampler
+    if xp is not np:  # pragma: no cover - GPU path: sparse @ dense on the device
+        import cupyx.scipy.sparse
+
+        sampler = cupyx.scipy.sparse.csr_matrix(sampler)
+    stage1, stage2 = xp.asarray(tr.stage1), xp.asarray(tr.stage2)
+    parseval, w = xp.asarray(tr.parseval), xp.asarray(tr.weights, dtype=xp.float32)
+    n, n_rings, n_rows = len(images), len(tr.weights), len(tr.stage2)
+    k = fold * n_rings
+    chunk = (32 if xp is np else max(n, 1)) if chunk is None else chunk
+    origins = xp.asarray(origins, dtype=xp.float64).reshape(-1, 2)
+    values = xp.empty((n, n_rows, k), dtype=xp.complex64)
+    for lo in range(0, n, chunk):
+        centred = fourier_shift(images[lo : lo + chunk], origins[lo : lo + chunk])
+        m = len(centred)
+        pixels = xp.ascontiguousarray(centred.reshape(m, -1).T)  # (box^2, m)
+        rings = sampler @ pixels  # (W R, m), rows (l', u, r)
+        sub = stage1 @ rings.reshape(n_angles // fold, -1)  # (2 Q', fold R m)
+        folded = xp.matmul(stage2, sub.reshape(n_rows, 2 * fold, -1)).reshape(-1, m)
+        dc = folded[:n_rings]  # A_0 = ring sums (j = 0, real part, t = 0)
+        mean = (w @ dc) / n_angles  # weighted mean ring value
+        dc -= n_angles * mean
+        power = parseval @ (folded * folded) + (w @ (dc * dc)) / n_angles
+        scale = 1.0 / xp.sqrt(xp.where(power > 0, power, 1.0))
+        _complex_values(folded.reshape(n_rows, 2, k, m), scale, out=values[lo : lo + m])
+    return FoldedSpectra(values)
 
 
 @dataclass
 class References:
     """Reference ring spectra prepared for :func:`search` (built by :func:`prepare_references`)."""
 
-    conj_weighted: object  # (N, Q, R) complex64: w_r conj(B), N = S * D, for exact scores
+    exact: object  # (2, N, Q', K) complex64: w conj(B), and mirrored (-1)^j w B; N = S * D
     blocks: list  # per block of b sets: (U, V), each (Q', K, b) float32, of folded w B
-    dft: object  # (2 n_out, 4 Q') float32: the fused inverse DFT (:func:`_dft_matrix`)
+    dft: tuple  # (even, odd) float32: the fused half-circle inverse DFTs (:func:`_dft_matrices`)
+    n_even: int  # folded rows of even j (the first rows of the folded layout)
+    spectrum: tuple  # (entry (Q,), conj (Q,)): the folded value holding each rfft index q
     block: int  # sets per block
     weights: np.ndarray  # (R,)
+    n_angles: int
     n_refs: int
     n_shifts: int
     grid: np.ndarray  # (D, 2) shifts (x, y) in pixels
@@ -241,41 +384,71 @@ def prepare_references(
     references, radii, n_angles, xr, yr, ts, fold=None, sampler=None, block: int = 64
 ):
     """Ring spectra of references (S, box, box) about every grid shift, ready to search;
-    ``block`` reference-shift sets go into one matrix product (a cache-sized tile)."""
-    box = references.shape[-1]
-    sampler = ring_sampler(box, radii, n_angles) if sampler is None else sampler
+    ``block`` reference-shift sets go into one matrix product (a cache-sized tile).
+
+    The rings of reference s about grid point ``e`` are those of the reference moved by
+    ``-e`` (exact Fourier shift) about its centre; sets are reference-major, ``n = s D + d``.
+    """
+    xp = array_module(references)
     grid, nx, ny = shift_grid(xr, yr, ts)
-    weights = ring_weights(radii)
-    spectra = normalized_spectra(reference_rings(references, grid, sampler, len(radii)), weights)
-    return references_from_spectra(
-        spectra, weights, len(references), grid, (nx, ny), ts, fold, block
+    s, d = len(references), len(grid)
+    fold = coarse_fold(n_angles) if fold is None else fold
+    spectra = image_spectra(
+        xp.repeat(references.astype(xp.float32), d, axis=0),
+        -xp.tile(xp.asarray(grid, dtype=xp.float64), (s, 1)),
+        radii,
+        n_angles,
+        sampler,
+        fold,
     )
+    weights = ring_weights(radii)
+    return _references(spectra.values, weights, s, grid, (nx, ny), ts, n_angles, block)
 
 
 def references_from_spectra(
     spectra, weights, n_refs, grid, grid_shape, ts, fold=None, block: int = 64
 ) -> References:
     """:class:`References` from normalized ring spectra (S * D, R, Q), reference-major."""
-    xp = array_module(spectra)
     n_angles = 2 * (spectra.shape[-1] - 1)
     fold = coarse_fold(n_angles) if fold is None else fold
-    w = xp.asarray(weights, dtype=xp.float32)
-    conj_weighted = xp.ascontiguousarray((xp.conj(spectra) * w[:, None]).transpose(0, 2, 1))
-    folded = fold_spectra(spectra, fold, weights)  # (Q', 2, N, K)
+    values = FoldedSpectra.from_spectra(spectra, fold).values
+    return _references(values, weights, n_refs, grid, grid_shape, ts, n_angles, block)
+
+
+def _references(values, weights, n_refs, grid, grid_shape, ts, n_angles, block) -> References:
+    """:class:`References` from normalized folded values (S * D, Q', K) complex."""
+    xp = array_module(values)
+    n_sets, n_rows, k = values.shape
+    fold = k // len(weights)
+    weighted = values * xp.asarray(np.tile(weights, fold), dtype=xp.float32)  # w_r per (t, r)
+    u = weighted.real.transpose(1, 2, 0)  # (Q', K, N)
+    v = weighted.imag.transpose(1, 2, 0)
     blocks = [
-        tuple(
-            xp.ascontiguousarray(folded[:, part, lo : lo + block].transpose(0, 2, 1))
-            for part in (0, 1)
+        (
+            xp.ascontiguousarray(u[..., lo : lo + block]),
+            xp.ascontiguousarray(v[..., lo : lo + block]),
         )
-        for lo in range(0, folded.shape[2], block)
+        for lo in range(0, n_sets, block)
     ]
-    dft = xp.asarray(_dft_matrix(folded.shape[0], fold))
+    n_out = n_angles // fold
+    rows = _fold_rows(n_out)
+    sign = xp.asarray(np.where(rows % 2 == 0, 1.0, -1.0), dtype=xp.float32)[:, None]
+    exact = xp.stack([xp.conj(weighted), weighted * sign])  # (-1)^q = (-1)^j, n_out even
+    even, odd = _dft_matrices(n_rows, fold)
+    # each rfft index q: the folded value of raw frequency q, or of W - q conjugated
+    q = np.arange(n_angles // 2 + 1)
+    conj = q % n_out > n_out // 2
+    raw = np.where(conj, n_angles - q, q)
+    entry = np.argsort(rows)[raw % n_out] * fold + raw // n_out
     return References(
-        conj_weighted,
+        exact,
         blocks,
-        dft,
+        (xp.asarray(even), xp.asarray(odd)),
+        even.shape[1] // 4,
+        (xp.asarray(entry), xp.asarray(conj)),
         block,
         np.asarray(weights),
+        n_angles,
         n_refs,
         len(grid),
         np.asarray(grid),
@@ -285,88 +458,158 @@ def references_from_spectra(
     )
 
 
-def image_spectra(images, origins, radii, n_angles, sampler=None):
-    """Normalized ring spectra (M, R, Q) of images (M, box, box) about their current centres
-    ``-origin`` (origins (M, 2) in pixels: images are first moved by the exact Fourier shift
-    ``+origin``)."""
-    box = images.shape[-1]
-    sampler = ring_sampler(box, radii, n_angles) if sampler is None else sampler
-    centred = fourier_shift(images, origins)
-    return normalized_spectra(sample_rings(centred, sampler, len(radii)), ring_weights(radii))
+# --- the search ----------------------------------------------------------------------------
+def _dft_matrices(n_freq: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse real DFT fused with the mirror-free combination (module docstring), split by
+    the parity of the folded frequency j into two half-circle transforms (even, odd).
 
-
-def _dft_matrix(n_freq: int, fold: int) -> np.ndarray:
-    """Inverse real DFT fused with the mirror-free combination (module docstring).
-
-    Rows: the ``n_out = 2 (n_freq - 1)`` angles without, then with the mirror; columns:
-    the product blocks ``(c, j, r)`` for c in (U, V), folded frequency j, r in (X, Y).
     ``cc(k) = (1/W) sum_j g_j (Re G_j cos(2 pi j k / n_out) - Im G_j sin(...))``, with
     ``G = (XU + YV) + i (YU - XV)`` and, mirrored, ``(-1)^j ((XU - YV) + i (YU + XV))``.
+    Turning by half a circle multiplies term j by ``(-1)^j``, so with E and O the sums over
+    even and odd j at the ``n_out / 2`` angles k of the first half circle,
+    ``cc(k) = E(k) + O(k)`` and ``cc(k + n_out / 2) = E(k) - O(k)``: the maximum over the
+    full circle is ``max_k E(k) + |O(k)|``, at half the DFT's flops (one radix-2 step).
+    Rows: the half-circle angles without, then with the mirror; columns: the product
+    blocks ``(c, j, r)`` for c in (U, V), j of that parity, r in (X, Y).
     """
     n_out = 2 * (n_freq - 1)
-    j = np.arange(n_freq)
-    g = np.where((j == 0) | (j == n_freq - 1), 1.0, 2.0) / (n_out * fold)
-    angle = 2.0 * np.pi * np.outer(np.arange(n_out), j) / n_out
-    tc, ts = g * np.cos(angle), -g * np.sin(angle)  # (n_out, n_freq)
-    sign = np.where(j % 2 == 0, 1.0, -1.0)
-    out = np.zeros((2, n_out, 2, n_freq, 2))  # mirror, angle, c (U, V), j, r (X, Y)
-    out[0, :, 0, :, 0], out[0, :, 1, :, 1] = tc, tc  # Re G = XU + YV
-    out[0, :, 0, :, 1], out[0, :, 1, :, 0] = ts, -ts  # Im G = YU - XV
-    out[1, :, 0, :, 0], out[1, :, 1, :, 1] = sign * tc, -sign * tc
-    out[1, :, 0, :, 1], out[1, :, 1, :, 0] = sign * ts, sign * ts
-    return out.reshape(2 * n_out, 4 * n_freq).astype(np.float32)
+    half = n_out // 2
+    mats = []
+    for j in (np.arange(0, n_freq, 2), np.arange(1, n_freq, 2)):
+        g = np.where((j == 0) | (j == n_freq - 1), 1.0, 2.0) / (n_out * fold)
+        angle = 2.0 * np.pi * np.outer(np.arange(half), j) / n_out
+        tc, ts = g * np.cos(angle), -g * np.sin(angle)  # (half, len(j))
+        sign = np.where(j % 2 == 0, 1.0, -1.0)
+        out = np.zeros((2, half, 2, len(j), 2))  # mirror, angle, c (U, V), j, r (X, Y)
+        out[0, :, 0, :, 0], out[0, :, 1, :, 1] = tc, tc  # Re G = XU + YV
+        out[0, :, 0, :, 1], out[0, :, 1, :, 0] = ts, -ts  # Im G = YU - XV
+        out[1, :, 0, :, 0], out[1, :, 1, :, 1] = sign * tc, -sign * tc
+        out[1, :, 0, :, 1], out[1, :, 1, :, 0] = sign * ts, sign * ts
+        mats.append(out.reshape(2 * half, 4 * len(j)).astype(np.float32))
+    return mats[0], mats[1]
 
 
 def _coarse_scores(image_folded, refs: References):
-    """Correlation maxima over the ``n_out`` folded angles, (2, M, N) for every (mirror,
-    image, reference-shift): per block one product per folded frequency, ``[X; Y] @ U`` and
-    ``[X; Y] @ V``, laid out so that the inverse DFT over frequency, fused with the mirror
-    combinations, is one more matrix product with no copy in between."""
+    """:func:`_coarse_from_operand` for folded image values (Q', 2, K, M) (:func:`fold_spectra`)."""
     xp = array_module(image_folded)
-    n_freq, _, m, k = image_folded.shape
-    n_out = 2 * (n_freq - 1)
-    left = image_folded.reshape(n_freq, 2 * m, k)  # [X; Y]
+    n_rows, _, k, m = image_folded.shape
+    left = xp.ascontiguousarray(image_folded.transpose(0, 1, 3, 2)).reshape(n_rows, 2 * m, k)
+    return _coarse_from_operand(left, refs)
+
+
+def _coarse_operand(values):
+    """The left operand of the coarse products, (Q', 2 M, K) float32: per folded row the
+    real parts X of the images' folded values (M, Q', K) above their imaginary parts Y
+    (one cache-sized copy per batch)."""
+    xp = array_module(values)
+    m, n_rows, k = values.shape
+    parts = values.view(xp.float32).reshape(m, n_rows, k, 2)
+    return xp.ascontiguousarray(parts.transpose(1, 3, 0, 2)).reshape(n_rows, 2 * m, k)
+
+
+def _coarse_from_operand(left, refs: References):
+    """Correlation maxima over the ``n_out`` folded angles, (2, M, N) for every (mirror,
+    image, reference-shift), from the images' ``[X; Y]`` operand (Q', 2 M, K)
+    (:func:`_coarse_operand`): per block and parity of j one product per folded frequency
+    and part, ``[X; Y] @ U`` and ``[X; Y] @ V``, laid out so that the half-circle inverse
+    DFTs, fused with the mirror combinations, are one more matrix product each; then
+    ``max_k E(k) + |O(k)|`` (:func:`_dft_matrices`)."""
+    xp = array_module(left)
+    n_rows, m2, _ = left.shape
+    m = m2 // 2
+    parities = (slice(0, refs.n_even), slice(refs.n_even, n_rows))
+    half = refs.dft[0].shape[0] // 2
     out = xp.empty((2, m, refs.n_sets), dtype=xp.float32)
-    products = None
+    products = cc = None
     for i, (u, v) in enumerate(refs.blocks):
         b = u.shape[-1]
-        if products is None or products.shape[-1] != b:
-            products = xp.empty((2, n_freq, 2 * m, b), dtype=xp.float32)  # c, j, (r, m), n
-        xp.matmul(left, u, out=products[0])
-        xp.matmul(left, v, out=products[1])
-        cc = refs.dft @ products.reshape(4 * n_freq, m * b)  # (2 n_out, M b)
+        if products is None or products[0].shape[-1] != b:
+            products = [xp.empty((2, p.stop - p.start, 2 * m, b), xp.float32) for p in parities]
+            cc = [xp.empty((2 * half, m * b), xp.float32) for _ in parities]
+        for p, rows in enumerate(parities):  # c, j, (r, m), n
+            xp.matmul(left[rows], u[rows], out=products[p][0])
+            xp.matmul(left[rows], v[rows], out=products[p][1])
+            xp.matmul(refs.dft[p], products[p].reshape(-1, m * b), out=cc[p])
+        even, odd = cc
+        xp.abs(odd, out=odd)
+        even += odd
         lo = i * refs.block
-        out[:, :, lo : lo + b] = cc.reshape(2, n_out, m, b).max(axis=1)
+        out[:, :, lo : lo + b] = even.reshape(2, half, m, b).max(axis=1)
     return out
 
 
-def _exact_products(image_t, refs: References, n_index, mirror):
+def _exact_products(values, refs: References, n_index, mirror, chunk=None):
     """Weighted product spectra ``sum_r w_r A conj(B)``, or for a mirror
-    ``(-1)^q sum_r w_r A B``, of each image (image_t (M, Q, R)) with its T reference-shift
-    sets ``n_index`` (M, T): returns (M, T, Q)."""
-    xp = array_module(image_t)
-    b = refs.conj_weighted[n_index]  # (M, T, Q, R)
-    mirror = xp.asarray(mirror, dtype=bool)
-    b[mirror] = xp.conj(b[mirror])
-    # per image and frequency a (1 x R) @ (R x T) product: faster than einsum here
-    c = xp.matmul(image_t[:, :, None, :], b.transpose(0, 2, 3, 1))[:, :, 0, :]
-    c = xp.ascontiguousarray(c.transpose(0, 2, 1))  # (M, T, Q)
-    c[..., 1::2] *= xp.where(mirror, -1.0, 1.0).astype(xp.float32)[..., None]
-    return c
+    ``(-1)^q sum_r w_r A B``, of each image (folded values (M, Q', K)) with its T
+    reference-shift sets ``n_index`` (M, T): returns (M, T, Q) over the rfft indices q.
+    ``mirror`` (M, T) or (M, 1). Per ``chunk`` images (default about 16 sets on the CPU,
+    so that the buffers stay in cache; all at once on the GPU) one gather of the sets
+    (:attr:`References.exact` holds both forms) into a reused buffer, one product, the sum
+    over rings as a matrix-vector product, all on the folded values; then each q picked
+    from its folded value."""
+    xp = array_module(values)
+    m, t = n_index.shape
+    _, n_rows, k = values.shape
+    n_rings = len(refs.weights)
+    flat = refs.exact.reshape(-1, n_rows * k)  # (2 N, Q' K): sets, then mirrored sets
+    index = xp.asarray(mirror, dtype=xp.intp) * refs.n_sets + n_index
+    index = xp.broadcast_to(index, (m, t))
+    if chunk is None:  # about 16 gathered sets at a time on the CPU
+        chunk = max(1, 16 // t) if xp is np else max(m, 1)
+    ones = xp.ones(n_rings, dtype=xp.complex64)
+    d = xp.empty((m, t, n_rows * k // n_rings), dtype=xp.complex64)
+    buffer = xp.empty((min(chunk, m) * t, n_rows * k), dtype=xp.complex64)
+    for lo in range(0, m, chunk):
+        rows = index[lo : lo + chunk].ravel()
+        b = buffer[: len(rows)]
+        xp.take(flat, rows, axis=0, out=b)
+        b3 = b.reshape(-1, t, n_rows * k)
+        b3 *= values[lo : lo + chunk].reshape(-1, 1, n_rows * k)
+        d[lo : lo + chunk] = (b.reshape(-1, n_rings) @ ones).reshape(-1, t, d.shape[-1])
+    entry, conj = refs.spectrum
+    c = d[..., entry]
+    return xp.where(conj, xp.conj(c), c)
+
+
+def _rotations(theta, n_freq: int):
+    """``e^(i q theta)`` (P, Q) for q = 0..Q-1, complex64: the outer product of
+    ``e^(i a B theta)`` and ``e^(i b theta)`` (q = a B + b, B about sqrt(Q)), so 2 sqrt(Q)
+    exponentials per row instead of Q (angles reduced in double precision)."""
+    xp = array_module(theta)
+    base = math.isqrt(max(n_freq - 1, 0)) + 1
+    theta = xp.asarray(theta, dtype=xp.float64)[:, None]
+
+    def turns(step, count):
+        angle = ((theta * (step * xp.arange(count))) % (2.0 * np.pi)).astype(xp.float32)
+        out = xp.empty(angle.shape, dtype=xp.complex64)
+        parts = out.view(xp.float32).reshape(*angle.shape, 2)
+        parts[..., 0], parts[..., 1] = xp.cos(angle), xp.sin(angle)
+        return out
+
+    high, low = turns(base, -(-n_freq // base)), turns(1, base)
+    out = xp.multiply(high[:, :, None], low[:, None, :])
+    return out.reshape(len(theta), -1)[:, :n_freq]
 
 
 def _polynomial(c, theta, n_angles: int):
     """The correlation ``cc(theta)`` and its first two derivatives from product spectra c
-    (P, Q): ``cc = (1/W) sum_q g_q Re(C_q e^(i q theta))``, g = 1, 2, ..., 2, 1."""
+    (P, Q), or (P, T, Q) all at the angle theta (P,) of their row:
+    ``cc = (1/W) sum_q g_q Re(C_q e^(i q theta))``, g = 1, 2, ..., 2, 1; the three sums as
+    one real product of the turned spectra (re, im interleaved) with the columns g (on Re),
+    -g q (on Im) and -g q^2 (on Re)."""
     xp = array_module(c)
-    q = xp.arange(c.shape[-1], dtype=xp.float32)
-    g = xp.full(q.shape, 2.0 / n_angles, dtype=xp.float32)
+    n_freq = c.shape[-1]
+    q = np.arange(n_freq, dtype=np.float64)
+    g = np.full(n_freq, 2.0 / n_angles)
     g[0] = g[-1] = 1.0 / n_angles
-    phase = q * xp.asarray(theta, dtype=xp.float32)[:, None]
-    cos, sin = xp.cos(phase), xp.sin(phase)
-    re = c.real * cos - c.imag * sin
-    im = c.real * sin + c.imag * cos
-    return re @ g, -(im @ (g * q)), -(re @ (g * q * q))
+    columns = np.zeros((n_freq, 2, 3))  # q, part (re, im), sum
+    columns[:, 0, 0], columns[:, 1, 1], columns[:, 0, 2] = g, -g * q, -g * q * q
+    turn = _rotations(xp.asarray(theta), n_freq).reshape(len(c), *(1,) * (c.ndim - 2), n_freq)
+    turned = xp.multiply(c, turn, out=xp.empty(c.shape, dtype=xp.complex64))
+    sums = turned.view(xp.float32).reshape(*c.shape[:-1], 2 * n_freq) @ xp.asarray(
+        columns.reshape(2 * n_freq, 3).astype(np.float32)
+    )
+    return sums[..., 0], sums[..., 1], sums[..., 2]
 
 
 def _refine_angle(c, n_angles: int):
@@ -417,11 +660,13 @@ class Alignment:
         return psi, new_origin, self.mirror
 
 
-def search(image_spec, refs: References, top: int = 2, batch: int = 32, exclude=None) -> Alignment:
-    """Align images (normalized ring spectra (M, R, Q) from :func:`image_spectra`) to every
-    reference, shift and mirror (module docstring), ``batch`` images at a time; ``exclude``
-    (M,) names a reference each image must not match (e.g. itself), or -1."""
-    xp = array_module(image_spec)
+def search(image_spec, refs: References, top: int = 2, batch: int = 256, exclude=None) -> Alignment:
+    """Align images (:class:`FoldedSpectra` from :func:`image_spectra`) to every reference,
+    shift and mirror (module docstring), ``batch`` images at a time (the coarse pass in
+    cache-sized parts of those, :func:`coarse_scores`); ``exclude`` (M,) names a reference
+    each image must not match (e.g. itself), or -1."""
+    xp = array_module(image_spec.values)
+    _check_layout(image_spec, refs)
     if exclude is None:
         exclude = xp.full(len(image_spec), -1)
     parts = [
@@ -436,12 +681,24 @@ def search(image_spec, refs: References, top: int = 2, batch: int = 32, exclude=
     )
 
 
-def coarse_only(image_spec, refs: References, batch: int = 32):
-    """The coarse pass of :func:`search` alone (for benchmarks): folded maxima (2, M, N)."""
-    xp = array_module(image_spec)
+def _check_layout(image_spec, refs: References) -> None:
+    u = refs.blocks[0][0]  # (Q', K, b)
+    if tuple(image_spec.values.shape[1:]) != u.shape[:2]:
+        raise ValueError(
+            f"image spectra {tuple(image_spec.values.shape[1:])} do not match the references' "
+            f"folded layout {u.shape[:2]} (rings, W and fold differ)"
+        )
+
+
+def coarse_scores(image_spec, refs: References, batch=None):
+    """The coarse pass of :func:`search`: folded maxima (2, M, N) of :class:`FoldedSpectra`,
+    ``batch`` images at a time (default 64 on the CPU, where the products stay in cache;
+    all at once on the GPU)."""
+    xp = array_module(image_spec.values)
+    batch = (64 if xp is np else max(len(image_spec), 1)) if batch is None else batch
     return xp.concatenate(
         [
-            _coarse_scores(fold_spectra(image_spec[lo : lo + batch], refs.fold), refs)
+            _coarse_from_operand(_coarse_operand(image_spec.values[lo : lo + batch]), refs)
             for lo in range(0, len(image_spec), batch)
         ],
         1,
@@ -449,11 +706,10 @@ def coarse_only(image_spec, refs: References, batch: int = 32):
 
 
 def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
-    xp = array_module(image_spec)
-    m, _, n_freq = image_spec.shape
-    n_angles = 2 * (n_freq - 1)
+    xp = array_module(image_spec.values)
+    m = len(image_spec)
     s, d = refs.n_refs, refs.n_shifts
-    coarse = _coarse_scores(fold_spectra(image_spec, refs.fold), refs)  # (2, M, S * D)
+    coarse = coarse_scores(image_spec, refs)  # (2, M, S * D)
     coarse = xp.moveaxis(coarse.reshape(2, m, s, d), 0, 1).reshape(m, 2 * s, d)
     best_d = xp.argmax(coarse, axis=-1)  # per (image, mirror * S + reference)
     best = xp.take_along_axis(coarse, best_d[..., None], axis=-1)[..., 0]
@@ -463,15 +719,15 @@ def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
     cand = xp.argsort(-best, axis=1)[:, :top]  # (M, T) of mirror * S + reference
     d_cand = xp.take_along_axis(best_d, cand, axis=1)
     n_cand, mir_cand = (cand % s) * d + d_cand, cand >= s
-    image_t = xp.ascontiguousarray(image_spec.transpose(0, 2, 1))  # (M, Q, R)
-    c = _exact_products(image_t, refs, n_cand, mir_cand).reshape(m * top, -1)
-    theta, value = _refine_angle(c, n_angles)
+    values = image_spec.values
+    c = _exact_products(values, refs, n_cand, mir_cand).reshape(m * top, -1)
+    theta, value = _refine_angle(c, refs.n_angles)
     pick = xp.argmax(value.reshape(m, top), axis=1)
     rows = xp.arange(m) * top + pick
     n_best = xp.take_along_axis(n_cand, pick[:, None], axis=1)[:, 0]
     mir_best = xp.take_along_axis(mir_cand, pick[:, None], axis=1)[:, 0]
     shift, theta, value, n_best = _refine_shift(
-        image_t, refs, n_best, mir_best, theta[rows], value[rows], c[rows]
+        values, refs, n_best, mir_best, theta[rows], value[rows], c[rows]
     )
     return Alignment(
         reference=n_best // d,
@@ -482,12 +738,11 @@ def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
     )
 
 
-def _neighbours(image_t, refs: References, n_best, mirror, theta):
+def _neighbours(values, refs: References, n_best, mirror, theta):
     """Product spectra (M, 4, Q) and correlations at ``theta`` (M, 4) of the grid neighbours
     x-, y-, x+, y+ of each winner (a winner on the grid's edge stands in for the missing
     neighbour), and which axes have both neighbours (M, 2)."""
-    xp = array_module(image_t)
-    m, n_freq, _ = image_t.shape
+    xp = array_module(values)
     nx, ny = refs.grid_shape
     d = n_best % refs.n_shifts
     pos = xp.stack([d % nx, d // nx], axis=1)
@@ -496,40 +751,39 @@ def _neighbours(image_t, refs: References, n_best, mirror, theta):
     lo = xp.where(pos > 0, n_best[:, None] - stride, n_best[:, None])
     hi = xp.where(pos < xp.asarray([nx - 1, ny - 1]), n_best[:, None] + stride, n_best[:, None])
     index = xp.concatenate([lo, hi], axis=1)
-    c = _exact_products(image_t, refs, index, xp.repeat(mirror[:, None], 4, axis=1))
-    values = _polynomial(c.reshape(4 * m, -1), xp.repeat(theta, 4), 2 * (n_freq - 1))[0]
-    return index, c, values.reshape(m, 4), inside
+    c = _exact_products(values, refs, index, mirror[:, None])
+    return index, c, _polynomial(c, theta, refs.n_angles)[0], inside
 
 
-def _refine_shift(image_t, refs: References, n_best, mirror, theta, peak, c_best):
+def _refine_shift(values, refs: References, n_best, mirror, theta, peak, c_best):
     """Sub-step shift and angle of each winner. First a climb on the grid at the refined
     angle while a neighbouring shift correlates better (the coarse pass may have picked a
     neighbour of the best shift); then parabolas along x and y through the neighbours give
     the shift, and the product spectra, interpolated to that shift by the same parabolas,
     the angle there (a 0.5 px error at radius r would turn the angle by 0.5/r radians).
     Returns (shift (M, 2), theta, value, reference-shift index)."""
-    xp = array_module(image_t)
-    m, n_freq, _ = image_t.shape
-    n_angles = 2 * (n_freq - 1)
+    xp = array_module(values)
+    m = len(values)
+    n_angles = refs.n_angles
     step = 2.0 * np.pi / n_angles
     nx, ny = refs.grid_shape
     if nx < 3 and ny < 3:
         return xp.asarray(refs.grid)[n_best % refs.n_shifts].astype(xp.float64), theta, peak, n_best
-    index, c, values, inside = _neighbours(image_t, refs, n_best, mirror, theta)
+    index, c, scores, inside = _neighbours(values, refs, n_best, mirror, theta)
     todo = xp.arange(m)  # images whose neighbours were just (re)computed
     for _ in range(4):
-        j = xp.argmax(values[todo], axis=1)
-        better = values[todo, j] > peak[todo]
+        j = xp.argmax(scores[todo], axis=1)
+        better = scores[todo, j] > peak[todo]
         if not better.any():
             break
         todo, j = todo[better], j[better]
         n_best[todo] = index[todo, j]
         c_best[todo] = c[todo, j]
         theta[todo], peak[todo] = _newton(c_best[todo], theta[todo], n_angles, theta[todo], step)
-        index[todo], c[todo], values[todo], inside[todo] = _neighbours(
-            image_t[todo], refs, n_best[todo], mirror[todo], theta[todo]
+        index[todo], c[todo], scores[todo], inside[todo] = _neighbours(
+            values[todo], refs, n_best[todo], mirror[todo], theta[todo]
         )
-    f_lo, f_hi = values[:, :2], values[:, 2:]
+    f_lo, f_hi = scores[:, :2], scores[:, 2:]
     curvature = f_lo - 2.0 * peak[:, None] + f_hi
     ok = inside & (curvature < 0)
     t = xp.clip(xp.where(ok, 0.5 * (f_lo - f_hi) / xp.where(ok, curvature, -1.0), 0.0), -0.5, 0.5)

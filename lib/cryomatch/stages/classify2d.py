@@ -256,15 +256,8 @@ def align(source: ImageSource, references, origin, settings: Settings, backend: 
     ou = settings.radius(box)
     radii = align2d.ring_radii(settings.ir, ou, settings.rs)
     n_angles = align2d.ring_points(ou)
-    sampler = align2d.ring_sampler(box, radii, n_angles)
     refs = align2d.prepare_references(
-        xp.asarray(references),
-        radii,
-        n_angles,
-        settings.xr,
-        settings.yr,
-        settings.ts,
-        sampler=sampler,
+        xp.asarray(references), radii, n_angles, settings.xr, settings.yr, settings.ts
     )
     n = len(source.particles)
     cls, score = np.zeros(n, np.int64), np.zeros(n)
@@ -275,7 +268,6 @@ def align(source: ImageSource, references, origin, settings: Settings, backend: 
             origin[lo:hi],
             radii,
             n_angles,
-            sampler,
         )
         result = align2d.search(spectra, refs)
         cls[lo:hi], score[lo:hi] = result.reference, result.score

@@ -52,8 +52,8 @@ from scipy.special import gammaln
 
 from ..backend import array_module, fft_module, to_numpy
 from ..errors import CryomatchError
-from .polar import hermitian_angular_spectra
 from .polar_fourier import PolarGrid
+from .rotation_dft import InverseRotationDFT, half_circle_matrix, half_circle_spectra
 
 
 # --- displacements and the likelihood formula --------------------------------------------
@@ -258,11 +258,12 @@ def prepare_templates(
 
 
 # --- images ------------------------------------------------------------------------------
+# --- images ------------------------------------------------------------------------------
 @dataclass
 class ImageBatch:
     """Images prepared for the search (see :func:`prepare_images`)."""
 
-    projected: list  # per q: (M*D, H_q) complex64
+    projected: list  # per q: (D*M, H_q) complex64, rows (displacement, image)
     power: list  # per q: (M, H'_q) complex64, |CTF|^2 spectra in the power bases
     syy: np.ndarray  # (M,) real-space sum of squares about the mean
     ctf0: np.ndarray  # (M,) CTF at k = 0
@@ -293,15 +294,17 @@ def prepare_images(
     bank: TemplateBank,
     displacements,
     centres=None,
-    group: int = 2,
+    group: int | None = None,
 ) -> ImageBatch:
     """CTF-multiplied, displaced, compressed images (and their |CTF|^2 for S_cc).
 
     values (M, R, W) complex: transforms of the mean-removed images; ctf (M, R, W) real;
     syy (M,) sums of squares about the mean; ctf0 (M,) the CTF at k = 0; displacements
     (D, 2) pixels; centres (M, 2) pixels added to every displacement (prior shifts) or None.
-    Works on ``group`` images at a time (cache-sized), on half the angles (the values of
-    real images are Hermitian, and so are the CTF and the shift phases).
+    Works on ``group`` displacements of every image at a time (default: about 4 MB of
+    shifted values), on half the angles (the values of real images are Hermitian, and so
+    are the CTF and the shift phases); the angular spectra are one real matrix product
+    (:func:`.rotation_dft.half_circle_spectra`).
     """
     xp = array_module(values)
     fft = fft_module(xp)
@@ -311,27 +314,22 @@ def prepare_images(
     d = np.asarray(displacements, dtype=np.float64).reshape(-1, 2)
     dcount = len(d)
     ctf = xp.asarray(ctf, dtype=xp.float32)
-    # angles first: (W/2, M, R); the FFTs over the angle then run across contiguous rows
-    weighted = xp.ascontiguousarray(xp.moveaxis(values[..., :half] * ctf[..., :half], -1, 0))
-    shared = None
-    if centres is None:
-        shared = xp.ascontiguousarray(
-            xp.moveaxis(shift_phases(grid, d, xp, half=True), -1, 0)
-        )  # (W/2, D, R)
-    projected = [xp.empty((m * dcount, b.shape[1]), dtype=xp.complex64) for b in bank.bases]
-    for g0 in range(0, m, group):
-        g1 = min(m, g0 + group)
-        if shared is None:
-            phases = shift_phases(grid, d[None] + np.asarray(centres)[g0:g1, None], xp, half=True)
-            phases = xp.moveaxis(phases, -1, 0)  # (W/2, g, D, R)
+    weighted = (values[..., :half] * ctf[..., :half]).astype(xp.complex64)  # (M, R, W/2)
+    matrix = xp.asarray(half_circle_matrix(w))
+    if group is None:
+        group = max(1, int(4e6 // (8 * m * r * half)))
+    projected = [xp.empty((dcount * m, b.shape[1]), dtype=xp.complex64) for b in bank.bases]
+    for d0 in range(0, dcount, group):
+        d1 = min(dcount, d0 + group)
+        if centres is None:
+            phases = shift_phases(grid, d[d0:d1], xp, half=True)[:, None]  # (g, 1, R, W/2)
         else:
-            phases = shared[:, None]
-        shifted = weighted[:, g0:g1, None, :] * phases  # (W/2, g, D, R)
-        spectra = hermitian_angular_spectra(shifted, w, axis=0).reshape(
-            q_count, -1, r
-        )  # (Q, g*D, R)
-        for q in range(q_count):
-            xp.matmul(spectra[q], bank.bases[q], out=projected[q][g0 * dcount : g1 * dcount])
+            phases = shift_phases(grid, d[None, d0:d1] + np.asarray(centres)[:, None], xp, True)
+            phases = xp.moveaxis(phases, 1, 0)  # (g, M, R, W/2)
+        spectra = half_circle_spectra(weighted[None] * phases, w, matrix)  # (g, M, R, Q)
+        spectra = xp.ascontiguousarray(xp.moveaxis(spectra.reshape(-1, r, q_count), -1, 0))
+        for q in range(q_count):  # (g*M, R) @ (R, H_q): rows (displacement, image)
+            xp.matmul(spectra[q], bank.bases[q], out=projected[q][d0 * m : d1 * m])
     # |CTF|^2 spectra in the power bases, for S_cc(m, s, k) (see :func:`_scc`)
     c2 = xp.moveaxis(fft.rfft(ctf * ctf, axis=-1), -1, 0)  # (Q, M, R)
     power = [xp.ascontiguousarray(c2[q]) @ bank.power_bases[q] for q in range(q_count)]
@@ -371,24 +369,32 @@ class SearchResult:
     rotation: np.ndarray
     ll_optimal: np.ndarray
     ll_integrated: np.ndarray
-    n_evaluated: int = 0  # (image, view, displacement) triples that went through the inverse FFT
+    n_evaluated: int = 0  # (image, view, displacement) triples that went through the inverse DFT
     n_triples: int = 0
     extra: dict = field(default_factory=dict)
 
 
-class _Accumulator:
-    """Running best pose, log-sum-exp and pruning floor per image (host arrays)."""
+LOG2E = 1.0 / math.log(2.0)
+TILE_COLUMNS = 1024  # (image, view) pairs per tile of the inverse DFT: (W, 1024) float32 = 512 KB
+OVERFLOW = 100.0  # largest log2 of one term of a tile's likelihood sums (float32: < 128)
 
-    def __init__(self, m: int, margin: float):
+
+class _Accumulator:
+    """Per image (host arrays): best rho, its pose and log L there; the likelihood summed
+    over evaluated poses in units of 2^ref2 (log2 units throughout: ll2 = log2 of a pose's
+    likelihood x prior, without the image's constant); floor2, the largest log2 of one
+    evaluated (view, displacement)'s sum seen (a lower bound on the image's total: pruning)."""
+
+    def __init__(self, m: int, margin2: float):
         self.rho = np.full(m, -np.inf)
         self.template = np.zeros(m, dtype=np.int64)
         self.displacement = np.zeros(m, dtype=np.int64)
         self.rotation = np.zeros(m, dtype=np.int64)
         self.ll_at_best_rho = np.full(m, -np.inf)
-        self.ll_ref = np.full(m, -np.inf)  # reference of the log-sum-exp
-        self.ll_sum = np.zeros(m)  # sum over evaluated poses of exp(log L + log prior - ref)
-        self.floor = np.full(m, -np.inf)  # largest log L + log prior seen (pruning)
-        self.margin = margin
+        self.ref2 = np.full(m, -np.inf)
+        self.total = np.zeros(m)
+        self.floor2 = np.full(m, -np.inf)
+        self.margin2 = margin2
 
     def add_best(self, img, rho, template, disp, rot, ll_pose):
         """Candidates (arrays over some poses): keep each image's largest rho."""
@@ -405,53 +411,56 @@ class _Accumulator:
         self.rotation[i] = rot[pick]
         self.ll_at_best_rho[i] = ll_pose[pick]
 
-    def add_floor(self, img, block_max):
-        np.maximum.at(self.floor, img, block_max)
+    def raise_ref(self, ref2):
+        """Move the sums' reference up to ``ref2`` (M,) where it is higher."""
+        new = np.maximum(self.ref2, ref2)
+        seen = np.isfinite(self.ref2)
+        self.total[seen] *= np.exp2(self.ref2[seen] - new[seen])
+        self.ref2 = new
 
-    def add_logsumexp(self, img, block_max, block_sum):
-        """Per-candidate max and sum of exp(ll - max) folded into each image's total."""
-        new = self.ll_ref.copy()
-        np.maximum.at(new, img, block_max)
-        seen = np.isfinite(self.ll_ref)
-        self.ll_sum[seen] *= np.exp(self.ll_ref[seen] - new[seen])
-        np.add.at(self.ll_sum, img, block_sum * np.exp(block_max - new[img]))
-        self.ll_ref = new
 
-    def alive(self, bound, img, view_ll_max, half_n) -> np.ndarray:
-        """Which triples, given bounds on their rho, could beat their image's best rho or
-        add more than the tolerance to its integrated likelihood."""
-        b = np.clip(bound, 0.0, 1.0 - 1e-7)
-        ll_bound = -half_n * np.log1p(-b * b) + view_ll_max
-        return (bound >= self.rho[img]) | (ll_bound >= self.floor[img] - self.margin)
+@dataclass
+class _Chunk:
+    """One chunk of views: their numbers, S_cc, 1 / sqrt(S_yy S_cc), the pose-independent
+    log2 terms, and the coefficients as real matrices (see :func:`_real_coefficients`)."""
+
+    views: np.ndarray  # (c,) template numbers
+    scc: object  # (W, M, c) float32
+    inv: object  # (W, M, c) float32
+    lscc2: object  # (W, M, c) float32: (-1/2 ln(N S_cc) + ln prior) log2(e)
+    re: list  # per q (2 H_q, c) float32: images' interleaved (Re, Im) @ re = Re X_q
+    im: list  # per q (2 H_q, c) float32: ... @ im = Im X_q
 
 
 @dataclass
 class _Context:
     xp: object
-    fft: object
+    dft: InverseRotationDFT
     w: int
     half_n: float
+    n_pixels: int
+    m: int
     dcount: int
-    inv: object  # (W, M, S) 1 / sqrt(S_yy S_cc), S the chunk's views
-    lscc: object  # (W, M, S) -1/2 log(N S_cc)
-    lprior: np.ndarray  # (S,) log view weight - log(D W)
-    cq: np.ndarray  # (Q,) weights of |X_q| in the bound on |cc|
-    view_ids: np.ndarray  # (S,) template numbers of the chunk's views
-    inv_rows: object  # (M*S, W) inv and lscc, one row per (image, view), for gathers
-    lscc_rows: object
+    images: list  # per q (D*M, 2 H_q) float32: the projected images viewed as real
+    cq: object  # (Q,) weights of |X_q| in the bound on |cc|, in slot order
+    prune: bool
+    full_output: object
+    buffers: dict  # reused arrays
 
 
-@dataclass
-class _Block:
-    """Product spectra x (Q, M*D, Sb) of every image with Sb views; views (M, Sb) per image
-    (the same row for every image, except in the seeding pass)."""
-
-    x: object
-    views: np.ndarray
-
-    @property
-    def sb(self) -> int:
-        return self.views.shape[1]
+def _real_coefficients(coefficients, xp):
+    """Per q, for images viewed as interleaved (Re a_h, Im a_h): rows (Re c_h, -Im c_h) give
+    Re(a c) and rows (Im c_h, Re c_h) give Im(a c) (see :func:`search`)."""
+    re, im = [], []
+    for c in coefficients:
+        h, n = c.shape
+        a = xp.empty((2 * h, n), dtype=xp.float32)
+        b = xp.empty((2 * h, n), dtype=xp.float32)
+        a[0::2], a[1::2] = c.real, -c.imag
+        b[0::2], b[1::2] = c.imag, c.real
+        re.append(a)
+        im.append(b)
+    return re, im
 
 
 def search(
@@ -465,6 +474,21 @@ def search(
 ) -> SearchResult:
     """Best pose and log-likelihoods of every image of ``batch`` against ``bank``.
 
+    Views go in blocks of ``template_block``. For each block the products of every image x
+    displacement with every view are real matrix products per q (the complex images viewed
+    as interleaved real and imaginary parts, the coefficients as real matrices): spectra
+    planes (Re X_q, Im X_q) x (displacement, image, view). Then, one displacement and a tile
+    of (image, view) columns at a time: the triangle bound on |cc| (``prune``), the inverse
+    DFT over q of the columns that survive it (:class:`.rotation_dft.InverseRotationDFT`),
+    and at once each column's largest rho and likelihood sum over the W rotations.
+
+    The likelihood of a pose relative to the image's reference ``ref2`` (log2 units) is
+    (beta (1 - rho_+^2))^(-(N-2)/2) with beta = 2^(-(lscc2 + lprior2 - ref2) / ((N-2)/2)):
+    with r = cc sqrt(beta) / sqrt(S_yy S_cc), it is exp2(-(N-2)/2 log2(beta - r_+^2)), six
+    passes over the tile; rho itself is only computed for the columns whose largest r could
+    beat the image's best rho. The reference follows the best pose seen, and is raised
+    before a tile whose terms could leave float32's range.
+
     ``full_output``: an array-like (M, S, D, W) that receives every normalized
     cross-correlation (no pruning then). ``ll_tolerance``: the share of the integrated
     likelihood that pruning may leave out. ``seed_views``: views per image evaluated
@@ -473,44 +497,49 @@ def search(
     """
     xp = array_module(batch.projected[0])
     m, dcount, w = batch.n_images, batch.n_displacements, bank.n_inplanes
-    q_count = w // 2 + 1
     n = batch.n_pixels
-    cq = np.full(q_count, 2.0 / w, dtype=np.float32)  # irfft's 1/W, q = 1..W/2-1 doubled
-    cq[0] = 1.0 / w
-    if w % 2 == 0:
-        cq[-1] = 1.0 / w
-    acc = _Accumulator(m, math.log(bank.n_templates * dcount * w / ll_tolerance))
+    dft = InverseRotationDFT(w, xp)
+    cq = np.where((dft.order == 0) | (dft.order == w // 2), 1.0, 2.0) / w
     prune = prune and full_output is None
+    acc = _Accumulator(m, math.log2(bank.n_templates * dcount * w / ll_tolerance))
+    ctx = _Context(
+        xp=xp,
+        dft=dft,
+        w=w,
+        half_n=(n - 2) / 2.0,
+        n_pixels=n,
+        m=m,
+        dcount=dcount,
+        images=[p.view(xp.float32) for p in batch.projected],
+        cq=xp.asarray(cq.astype(np.float32)),
+        prune=prune,
+        full_output=full_output,
+        buffers={},
+    )
     syy = xp.asarray(batch.syy, dtype=xp.float32)[None, :, None]
     lprior = bank.log_weights - math.log(dcount * w)
     n_eval = 0
-    for c, views in enumerate(bank.chunks()):
+    for views in bank.chunks():
         coefficients, power = bank.coefficients(views)
         scc = _scc(batch, power, bank.dc[views], w)  # (W, M, c)
-        inv = (1.0 / xp.sqrt(scc * syy)).astype(xp.float32)
-        lscc = (-0.5 * xp.log(n * scc)).astype(xp.float32)
-        ctx = _Context(
-            xp=xp,
-            fft=fft_module(xp),
-            w=w,
-            half_n=(n - 2) / 2.0,
-            dcount=dcount,
-            inv=inv,
-            lscc=lscc,
-            lprior=lprior[views],
-            cq=cq,
-            view_ids=views,
-            inv_rows=xp.ascontiguousarray(inv.reshape(w, -1).T),
-            lscc_rows=xp.ascontiguousarray(lscc.reshape(w, -1).T),
+        re, im = _real_coefficients(coefficients, xp)
+        chunk = _Chunk(
+            views=views,
+            scc=scc,
+            inv=(1.0 / xp.sqrt(scc * syy)).astype(xp.float32),
+            lscc2=(
+                (-0.5 * xp.log(n * scc) + xp.asarray(lprior[views].astype(np.float32)))
+                * LOG2E
+            ).astype(xp.float32),
+            re=re,
+            im=im,
         )
-        if prune and seed_views > 0:
-            _seed(acc, ctx, batch, coefficients, seed_views)
-        lo, step = 0, min(template_block, 8 if c == 0 else template_block)
-        while lo < len(views):
-            local = np.arange(lo, min(len(views), lo + step))
-            lo += step
-            step = min(template_block, 2 * step)
-            n_eval += _search_block(acc, ctx, batch, coefficients, local, prune, full_output)
+        del coefficients
+        if seed_views > 0:
+            _seed(acc, ctx, chunk, seed_views)
+        sb = max(1, int(template_block))
+        for lo in range(0, len(views), sb):
+            n_eval += _search_block(acc, ctx, chunk, lo, min(len(views), lo + sb))
     c = bioem_constant(n, batch.syy)
     return SearchResult(
         rho=acc.rho,
@@ -518,140 +547,261 @@ def search(
         displacement=acc.displacement,
         rotation=acc.rotation,
         ll_optimal=c + acc.ll_at_best_rho,
-        ll_integrated=c + acc.ll_ref + np.log(acc.ll_sum),
+        ll_integrated=c + (acc.ref2 + np.log2(acc.total)) / LOG2E,
         n_evaluated=n_eval,
         n_triples=m * dcount * bank.n_templates,
     )
 
 
-def _search_block(acc, ctx, batch, coefficients, local, prune, full_output) -> int:
-    """The products of every image x displacement with the views ``local`` (indices into
-    the chunk), their bound, and the exact evaluation of the triples that survive it.
-    Returns the number of triples evaluated."""
+def _buffer(ctx: _Context, name: str, shape, dtype=None):
+    """A reused array of at least ``shape``'s size, viewed as ``shape``."""
     xp = ctx.xp
-    m, dcount, w, sb = batch.n_images, ctx.dcount, ctx.w, len(local)
-    q_count = len(coefficients)
-    sel = xp.asarray(local)
-    x = xp.empty((q_count, m * dcount, sb), dtype=xp.complex64)
-    if prune:  # bound sum_q c_q |X_q| accumulated while each X_q is still in cache
-        bound = xp.zeros((m * dcount, sb), dtype=xp.float32)
-        mag = xp.empty((m * dcount, sb), dtype=xp.float32)
-    for q in range(q_count):
-        xp.matmul(batch.projected[q], xp.ascontiguousarray(coefficients[q][:, sel]), out=x[q])
-        if prune:
-            xp.abs(x[q], out=mag)
-            mag *= ctx.cq[q]
-            bound += mag
-    block = _Block(x, np.broadcast_to(local, (m, sb)))
-    if not prune:
-        everything = np.arange(m * dcount * sb)
-        cc = _evaluate(
-            acc, ctx, block, everything, chunk=len(everything) if full_output is not None else 1024
-        )
-        if full_output is not None:
-            full_output[:, ctx.view_ids[local]] = to_numpy(
-                xp.transpose(cc.reshape(m, dcount, sb, w), (0, 2, 1, 3))
-            )
-        return len(everything)
-    inv_max = ctx.inv[:, :, sel].max(axis=0)  # (M, Sb)
-    view_ll_max = to_numpy(ctx.lscc[:, :, sel].max(axis=0)) + ctx.lprior[local][None, :]
-    bound = to_numpy(bound.reshape(m, dcount, sb) * inv_max[:, None, :]).reshape(-1)
-    rows, cols = np.divmod(np.arange(bound.size), sb)
-    img = rows // dcount
-    alive = np.flatnonzero(acc.alive(bound, img, view_ll_max[img, cols], ctx.half_n))
-    if len(alive):
-        _evaluate(acc, ctx, block, alive)
-    return len(alive)
+    dtype = xp.float32 if dtype is None else dtype
+    size = int(np.prod(shape))
+    buf = ctx.buffers.get(name)
+    if buf is None or buf.size < size or buf.dtype != dtype:
+        buf = xp.empty(size, dtype=dtype)
+        ctx.buffers[name] = buf
+    return buf[:size].reshape(shape)
 
 
-def _seed(
-    acc: _Accumulator, ctx: _Context, batch: ImageBatch, coefficients, k: int, rounds: int = 2
-):
+@dataclass
+class _Block:
+    """Views lo..hi of a chunk; arrays over its columns (image, view) = image * sb + view."""
+
+    lo: int
+    hi: int
+    invp: object  # (W, M*sb) sqrt(beta) / sqrt(S_yy S_cc)
+    beta: object  # (W, M*sb)
+    bmin: np.ndarray  # (M*sb,) smallest beta over rotations (host, float64)
+    bmax: np.ndarray  # (M*sb,) largest
+    img: np.ndarray  # (M*sb,) image of each column
+    local: np.ndarray  # (M*sb,) view of each column (index into the chunk)
+    threshold: object = None  # (M*sb,) raw bound below which a triple is pruned
+
+    @property
+    def sb(self) -> int:
+        return self.hi - self.lo
+
+
+def _block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: int) -> _Block:
+    """Per-column arrays of views lo..hi at the images' current references."""
+    xp, w, m = ctx.xp, ctx.w, ctx.m
+    sb = hi - lo
+    l2 = chunk.lscc2[:, :, lo:hi]  # (W, M, sb)
+    unset = ~np.isfinite(acc.ref2)
+    if unset.any():  # first sums: rho = 0 level
+        acc.raise_ref(np.where(unset, to_numpy(l2.max(axis=(0, 2))).astype(np.float64), -np.inf))
+    ref = xp.asarray(acc.ref2.astype(np.float32))[None, :, None]
+    beta = xp.exp2((ref - l2) * np.float32(1.0 / ctx.half_n))
+    invp = chunk.inv[:, :, lo:hi] * xp.sqrt(beta)
+    blk = _Block(
+        lo=lo,
+        hi=hi,
+        invp=invp.reshape(w, -1),
+        beta=beta.reshape(w, -1),
+        bmin=to_numpy(beta.min(axis=0)).reshape(-1).astype(np.float64),
+        bmax=to_numpy(beta.max(axis=0)).reshape(-1).astype(np.float64),
+        img=np.repeat(np.arange(m), sb),
+        local=np.tile(np.arange(lo, hi), m),
+    )
+    if ctx.prune:
+        # alive: bound * max_k inv >= min(best rho, rho whose log L reaches floor - margin)
+        inv_max = to_numpy(chunk.inv[:, :, lo:hi].max(axis=0)).astype(np.float64)  # (M, sb)
+        lmax = to_numpy(l2.max(axis=0)).astype(np.float64)
+        gap = (acc.floor2[:, None] - acc.margin2 - lmax) / ctx.half_n
+        with np.errstate(invalid="ignore", over="ignore"):
+            need = np.sqrt(np.clip(1.0 - np.exp2(-gap), 0.0, 1.0))
+        need = np.where(np.isfinite(gap), need, 0.0)
+        rho_min = np.minimum(np.maximum(acc.rho, 0.0)[:, None], need)
+        blk.threshold = xp.asarray((rho_min / inv_max).reshape(-1).astype(np.float32))
+    return blk
+
+
+def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: int) -> int:
+    """Every image x displacement against views lo..hi of the chunk; returns the number of
+    (image, view, displacement) triples evaluated."""
+    xp, m, dcount = ctx.xp, ctx.m, ctx.dcount
+    sb = hi - lo
+    ref_floor = np.where(np.isfinite(acc.floor2), acc.floor2, -np.inf)
+    acc.raise_ref(ref_floor)
+    blk = _block(acc, ctx, chunk, lo, hi)
+    rows = ctx.dft.rows
+    x2 = _buffer(ctx, "x2", (rows, dcount * m, sb))
+    for p, q in enumerate(ctx.dft.order):  # spectra planes: Re X_q, Im X_q (D*M, sb)
+        xp.matmul(ctx.images[q], chunk.re[q][:, lo:hi], out=x2[2 * p])
+        xp.matmul(ctx.images[q], chunk.im[q][:, lo:hi], out=x2[2 * p + 1])
+    x2 = x2.reshape(rows, dcount, m * sb)
+    per_tile = max(1, TILE_COLUMNS // sb) * sb  # whole images per tile
+    evaluated = 0
+    for d in range(dcount):
+        for c0 in range(0, m * sb, per_tile):
+            c1 = min(m * sb, c0 + per_tile)
+            planes = x2[:, d, c0:c1]
+            cols = np.arange(c0, c1)
+            dense = True
+            if ctx.prune:
+                alive = xp.flatnonzero(_bound(ctx, planes) >= blk.threshold[c0:c1])
+                if len(alive) == 0:
+                    continue
+                if 2 * len(alive) < c1 - c0:  # few: gather them
+                    alive = to_numpy(alive)
+                    planes = xp.take(planes, xp.asarray(alive), axis=1)
+                    cols, dense = cols[alive], False
+            blk = _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense)
+            evaluated += len(cols)
+    return evaluated
+
+
+def _bound(ctx: _Context, planes):
+    """sum_q c_q |X_q| >= max_k |cc_k| per column of spectra planes (2Q, n)."""
+    xp = ctx.xp
+    rows, n = planes.shape
+    sq = _buffer(ctx, "bound", (rows, n))
+    xp.square(planes, out=sq)
+    mag = sq[0::2]
+    xp.add(sq[0::2], sq[1::2], out=mag)
+    xp.sqrt(mag, out=mag)
+    return ctx.cq @ mag
+
+
+def _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense) -> _Block:
+    """Exact likelihood sums over the W rotations of the triples (columns ``cols`` of the
+    block, displacement ``d``) whose spectra planes are ``planes``; best poses among them.
+    ``dense``: ``cols`` is a run of whole images. Returns the block (rebuilt when a
+    reference had to be raised)."""
+    xp, w = ctx.xp, ctx.w
+    n = planes.shape[1]
+    img = blk.img[cols]
+    gather = not dense
+    for _ in range(8):
+        cc = ctx.dft(planes, out=_buffer(ctx, "cc", (w, n)), scratch=_buffer(ctx, "dft", (w, n)))
+        if ctx.full_output is not None:
+            _write_full(ctx, chunk, blk, cc, cols, d)
+        if gather:
+            ix = xp.asarray(cols)
+            invp, beta = xp.take(blk.invp, ix, axis=1), xp.take(blk.beta, ix, axis=1)
+        else:
+            invp, beta = blk.invp[:, cols[0] : cols[-1] + 1], blk.beta[:, cols[0] : cols[-1] + 1]
+        r = cc
+        r *= invp  # rho sqrt(beta)
+        rmax = to_numpy(r.max(axis=0)).astype(np.float64)
+        # largest log2 term of each column: -(N-2)/2 log2(beta_min - rmax_+^2)
+        room = blk.bmin[cols] - np.maximum(rmax, 0.0) ** 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            top = np.where(room > 0, -ctx.half_n * np.log2(np.maximum(room, 1e-300)), np.inf)
+        high = top > OVERFLOW
+        if not high.any():
+            break
+        if not np.isfinite(top[high]).all():  # rho ~ 1: float32 could not hold it
+            r = xp.minimum(r, xp.asarray(np.sqrt(blk.bmin[cols] * (1 - 1e-6)).astype(np.float32)))
+            break
+        raise_to = np.full(ctx.m, -np.inf)
+        np.maximum.at(raise_to, img[high], acc.ref2[img[high]] + top[high] - OVERFLOW / 2)
+        acc.raise_ref(raise_to)
+        blk = _block(acc, ctx, chunk, blk.lo, blk.hi)
+    # rho <= r / sqrt(beta): columns whose largest rho could beat the image's best
+    upper = rmax / np.sqrt(np.where(rmax >= 0, blk.bmin[cols], blk.bmax[cols]))
+    cand = np.flatnonzero(upper > acc.rho[img])
+    if len(cand):
+        cx = xp.asarray(cand)
+        rho = xp.take(r, cx, axis=1) / xp.sqrt(xp.take(beta, cx, axis=1))  # exact rho
+        _update_best(acc, ctx, chunk, rho, img[cand], blk.local[cols[cand]], np.full(len(cand), d))
+    sums = _likelihood_sums(ctx, r, beta)
+    with np.errstate(divide="ignore"):
+        col2 = np.log2(sums) + acc.ref2[img]
+    if gather:
+        acc.total += np.bincount(img, weights=sums, minlength=ctx.m)
+        np.maximum.at(acc.floor2, img, col2)
+    else:
+        i0, i1 = img[0], img[-1] + 1
+        acc.total[i0:i1] += sums.reshape(i1 - i0, -1).sum(axis=1)
+        acc.floor2[i0:i1] = np.maximum(acc.floor2[i0:i1], col2.reshape(i1 - i0, -1).max(axis=1))
+    return blk
+
+
+def _likelihood_sums(ctx: _Context, r, beta) -> np.ndarray:
+    """sum over rotations of (beta - r_+^2)^(-(N-2)/2) per column, in place on r (W, n)."""
+    xp = ctx.xp
+    zero = _buffer(ctx, "zero", (1, r.shape[1]))
+    zero[...] = 0
+    xp.maximum(r, zero, out=r)
+    xp.square(r, out=r)
+    xp.subtract(beta, r, out=r)
+    xp.log2(r, out=r)
+    r *= np.float32(-ctx.half_n)
+    xp.exp2(r, out=r)
+    return to_numpy(r.sum(axis=0)).astype(np.float64)
+
+
+def _update_best(acc, ctx, chunk, rho, img, local, disp):
+    """Best rotation of each column of exact rho (W, n) and log L there, into ``acc``."""
+    xp = ctx.xp
+    rot = to_numpy(xp.argmax(rho, axis=0))
+    best = to_numpy(rho[xp.asarray(rot), xp.arange(rho.shape[1])]).astype(np.float64)
+    scc = to_numpy(chunk.scc[xp.asarray(rot), xp.asarray(img), xp.asarray(local)]).astype(
+        np.float64
+    )
+    rp = np.clip(best, 0.0, 1.0 - 1e-12)
+    ll = -ctx.half_n * np.log1p(-rp * rp) - 0.5 * np.log(ctx.n_pixels * scc)
+    acc.add_best(img, best, chunk.views[local], disp, rot, ll)
+
+
+def _write_full(ctx, chunk, blk, cc, cols, d):
+    """Normalized cross-correlations of a dense tile into the full output (M, S, D, W)."""
+    xp, w = ctx.xp, ctx.w
+    sb = blk.sb
+    i0, i1 = blk.img[cols[0]], blk.img[cols[-1]] + 1
+    inv = chunk.inv[:, i0:i1, blk.lo : blk.hi].reshape(w, -1)
+    rho = to_numpy(cc * inv).reshape(w, i1 - i0, sb)
+    ctx.full_output[i0:i1, chunk.views[blk.lo : blk.hi], d] = np.transpose(rho, (1, 2, 0))
+
+
+def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int = 2):
     """Raise each image's best rho and pruning floor before a chunk's main pass. Each round:
     rho of every view at one displacement per image (1/D of the work; the centre first,
     then the image's best so far), then every displacement of the image's ``k`` best views
     there, evaluated exactly. These count for the best pose and the floor only (the main
     pass sums them into the likelihood)."""
-    xp = ctx.xp
-    m, dcount = batch.n_images, batch.n_displacements
-    k = min(k, coefficients[0].shape[1])
+    xp, m, dcount, w = ctx.xp, ctx.m, ctx.dcount, ctx.w
+    c = len(chunk.views)
+    k = min(k, c)
+    order, rows = ctx.dft.order, ctx.dft.rows
     where = np.full(m, dcount // 2)  # the grid's middle point, (0, 0) for odd sizes
     for _ in range(rounds):
-        rows = xp.asarray(np.arange(m) * dcount + where)
-        x0 = xp.stack(
-            [
-                xp.take(p, rows, axis=0) @ c
-                for p, c in zip(batch.projected, coefficients, strict=True)
-            ]
-        )
-        rho0 = (ctx.fft.irfft(x0, n=ctx.w, axis=0) * ctx.inv).max(axis=0)  # (M, S)
-        top = np.argpartition(-to_numpy(rho0), k - 1, axis=1)[:, :k]  # (M, k)
+        pick = xp.asarray(where * m + np.arange(m))  # rows (displacement, image)
+        planes = _buffer(ctx, "seed", (rows, m, c))
+        for p, q in enumerate(order):
+            a = xp.take(ctx.images[q], pick, axis=0)
+            xp.matmul(a, chunk.re[q], out=planes[2 * p])
+            xp.matmul(a, chunk.im[q], out=planes[2 * p + 1])
+        rho = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, c) * chunk.inv
+        img = np.repeat(np.arange(m), c)
+        _exact_update(acc, ctx, chunk, rho.reshape(w, -1), img, np.tile(np.arange(c), m), where[img])
+        top = np.argpartition(-to_numpy(rho.max(axis=0)), k - 1, axis=1)[:, :k]  # (M, k)
         top_x = xp.asarray(top)
-        x = xp.stack(
-            [
-                xp.matmul(p.reshape(m, dcount, -1), xp.moveaxis(c[:, top_x], 1, 0))  # (M, D, k)
-                for p, c in zip(batch.projected, coefficients, strict=True)
-            ]
-        ).reshape(len(batch.projected), m * dcount, k)
-        _evaluate(acc, ctx, _Block(x, top), np.arange(m * dcount * k), accumulate=False)
+        planes = _buffer(ctx, "seed2", (rows, m, dcount, k))
+        for p, q in enumerate(order):
+            a = ctx.images[q].reshape(dcount, m, -1).transpose(1, 0, 2)  # (M, D, 2H)
+            for j, coef in enumerate((chunk.re[q], chunk.im[q])):
+                xp.matmul(a, xp.moveaxis(coef[:, top_x], 1, 0), out=planes[2 * p + j])
+        cc = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, dcount, k)
+        inv = chunk.inv[:, xp.arange(m)[:, None], top_x]  # (W, M, k)
+        rho = (cc * inv[:, :, None, :]).reshape(w, -1)
+        img = np.repeat(np.arange(m), dcount * k)
+        local = np.repeat(top[:, None, :], dcount, axis=1).reshape(-1)
+        disp = np.tile(np.repeat(np.arange(dcount), k), m)
+        _exact_update(acc, ctx, chunk, rho, img, local, disp)
         if np.array_equal(acc.displacement, where):
             break
         where = acc.displacement.copy()
 
 
-def _evaluate(
-    acc: _Accumulator,
-    ctx: _Context,
-    block: _Block,
-    flat: np.ndarray,
-    accumulate: bool = True,
-    chunk: int = 1024,
-):
-    """Exact rho and log L over all rotations for the triples ``flat`` (indices into
-    (M*D, Sb)), in cache-sized chunks; folds them into ``acc``. Returns rho (len(flat), W)
-    when ``chunk`` covers them all (the dense path), else None."""
-    out = None
-    for lo in range(0, len(flat), chunk):
-        out = _evaluate_chunk(acc, ctx, block, flat[lo : lo + chunk], accumulate)
-    return out if len(flat) <= chunk else None
-
-
-def _evaluate_chunk(acc, ctx, block, flat, accumulate):
-    """One chunk of :func:`_evaluate`, laid out (triple, rotation): every gather contiguous."""
+def _exact_update(acc, ctx, chunk, rho, img, local, disp):
+    """Best poses and pruning floor from exact rho (W, n) of triples (img, local view, disp)."""
     xp = ctx.xp
-    rows, cols = np.divmod(flat, block.sb)
-    img = rows // ctx.dcount
-    views = block.views[img, cols]
-    q_count = block.x.shape[0]
-    spectra = xp.ascontiguousarray(
-        xp.take(block.x.reshape(q_count, -1), xp.asarray(flat), axis=1).T
-    )
-    rho = ctx.fft.irfft(spectra, n=ctx.w, axis=-1)  # (n, W)
-    pair = xp.asarray(img * ctx.inv.shape[2] + views)  # (image, view) row of inv_rows, lscc_rows
-    rho *= xp.take(ctx.inv_rows, pair, axis=0)
-    rot = xp.argmax(rho, axis=1)
-    best = xp.take_along_axis(rho, rot[:, None], axis=1)[:, 0]
-    pose = xp.maximum(rho, 0.0)
-    pose *= pose
-    xp.negative(pose, out=pose)
-    xp.log1p(pose, out=pose)
-    pose *= -ctx.half_n
-    pose += xp.take(ctx.lscc_rows, pair, axis=0)
-    at_best = xp.take_along_axis(pose, rot[:, None], axis=1)[:, 0]
-    pose += xp.asarray(ctx.lprior[views].astype(np.float32))[:, None]
-    top = pose.max(axis=1)
-    acc.add_best(
-        img,
-        to_numpy(best),
-        ctx.view_ids[views],
-        rows % ctx.dcount,
-        to_numpy(rot),
-        to_numpy(at_best),
-    )
-    top_host = to_numpy(top).astype(np.float64)
-    acc.add_floor(img, top_host)
-    if accumulate:
-        pose -= top[:, None]
-        xp.exp(pose, out=pose)
-        acc.add_logsumexp(img, top_host, to_numpy(pose.sum(axis=1)).astype(np.float64))
-    return rho
+    _update_best(acc, ctx, chunk, rho, img, local, disp)
+    rp = xp.clip(rho, 0.0, 1.0 - 1e-6)
+    ll2 = -ctx.half_n * xp.log2(1.0 - rp * rp) + chunk.lscc2[:, xp.asarray(img), xp.asarray(local)]
+    top = to_numpy(ll2.max(axis=0)).astype(np.float64)
+    np.maximum.at(acc.floor2, img, top)

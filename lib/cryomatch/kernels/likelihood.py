@@ -263,7 +263,7 @@ def prepare_templates(
 class ImageBatch:
     """Images prepared for the search (see :func:`prepare_images`)."""
 
-    projected: list  # per q: (D*M, H_q) complex64, rows (displacement, image)
+    stacked: list  # per q (D, 2, M, 2 H_q) float32: the compressed images in stacked real form
     power: list  # per q: (M, H'_q) complex64, |CTF|^2 spectra in the power bases
     syy: np.ndarray  # (M,) real-space sum of squares about the mean
     ctf0: np.ndarray  # (M,) CTF at k = 0
@@ -305,6 +305,11 @@ def prepare_images(
     shifted values), on half the angles (the values of real images are Hermitian, and so
     are the CTF and the shift phases); the angular spectra are one real matrix product
     (:func:`.rotation_dft.half_circle_spectra`).
+
+    The compressed images a = y V (complex, H_q per q) are kept in the stacked real form
+    [[Re a_h, -Im a_h], [Im a_h, Re a_h]] (h interleaved; rows: displacement, part, image), so
+    that one real product with the coefficients c as interleaved rows (Re c_h, Im c_h) gives
+    the planes Re(a c) and Im(a c) together (see :func:`search`).
     """
     xp = array_module(values)
     fft = fft_module(xp)
@@ -318,7 +323,7 @@ def prepare_images(
     matrix = xp.asarray(half_circle_matrix(w))
     if group is None:
         group = max(1, int(4e6 // (8 * m * r * half)))
-    projected = [xp.empty((dcount * m, b.shape[1]), dtype=xp.complex64) for b in bank.bases]
+    stacked = [xp.empty((dcount, 2, m, 2 * b.shape[1]), dtype=xp.float32) for b in bank.bases]
     for d0 in range(0, dcount, group):
         d1 = min(dcount, d0 + group)
         if centres is None:
@@ -329,12 +334,15 @@ def prepare_images(
         spectra = half_circle_spectra(weighted[None] * phases, w, matrix)  # (g, M, R, Q)
         spectra = xp.ascontiguousarray(xp.moveaxis(spectra.reshape(-1, r, q_count), -1, 0))
         for q in range(q_count):  # (g*M, R) @ (R, H_q): rows (displacement, image)
-            xp.matmul(spectra[q], bank.bases[q], out=projected[q][d0 * m : d1 * m])
+            a = (spectra[q] @ bank.bases[q]).reshape(d1 - d0, m, -1)
+            out = stacked[q][d0:d1]
+            out[:, 0, :, 0::2], out[:, 0, :, 1::2] = a.real, -a.imag
+            out[:, 1, :, 0::2], out[:, 1, :, 1::2] = a.imag, a.real
     # |CTF|^2 spectra in the power bases, for S_cc(m, s, k) (see :func:`_scc`)
     c2 = xp.moveaxis(fft.rfft(ctf * ctf, axis=-1), -1, 0)  # (Q, M, R)
     power = [xp.ascontiguousarray(c2[q]) @ bank.power_bases[q] for q in range(q_count)]
     return ImageBatch(
-        projected,
+        stacked,
         power,
         np.asarray(syy, dtype=np.float64),
         np.asarray(ctf0, dtype=np.float64),
@@ -422,14 +430,13 @@ class _Accumulator:
 @dataclass
 class _Chunk:
     """One chunk of views: their numbers, S_cc, 1 / sqrt(S_yy S_cc), the pose-independent
-    log2 terms, and the coefficients as real matrices (see :func:`_real_coefficients`)."""
+    log2 terms, and the coefficients as real matrices."""
 
     views: np.ndarray  # (c,) template numbers
     scc: object  # (W, M, c) float32
     inv: object  # (W, M, c) float32
     lscc2: object  # (W, M, c) float32: (-1/2 ln(N S_cc) + ln prior) log2(e)
-    re: list  # per q (2 H_q, c) float32: images' interleaved (Re, Im) @ re = Re X_q
-    im: list  # per q (2 H_q, c) float32: ... @ im = Im X_q
+    coef: list  # per q (2 H_q, c) float32: rows (Re c_h, Im c_h)
 
 
 @dataclass
@@ -441,32 +448,18 @@ class _Context:
     n_pixels: int
     m: int
     dcount: int
-    images: list  # per q (D*M, 2 H_q) float32: the projected images viewed as real
+    stacked: list  # per q (D, 2, M, 2 H_q): the images (see :func:`prepare_images`)
     cq: object  # (Q,) weights of |X_q| in the bound on |cc|, in slot order
     prune: bool
     full_output: object
     buffers: dict  # reused arrays
-
-
-def _real_coefficients(coefficients, xp):
-    """Per q, for images viewed as interleaved (Re a_h, Im a_h): rows (Re c_h, -Im c_h) give
-    Re(a c) and rows (Im c_h, Re c_h) give Im(a c) (see :func:`search`)."""
-    re, im = [], []
-    for c in coefficients:
-        h, n = c.shape
-        a = xp.empty((2 * h, n), dtype=xp.float32)
-        b = xp.empty((2 * h, n), dtype=xp.float32)
-        a[0::2], a[1::2] = c.real, -c.imag
-        b[0::2], b[1::2] = c.imag, c.real
-        re.append(a)
-        im.append(b)
-    return re, im
+    skip_bound: int = 0  # displacements to evaluate without the bound (it pruned nothing lately)
 
 
 def search(
     batch: ImageBatch,
     bank: TemplateBank,
-    template_block: int = 32,
+    template_block: int = 128,
     ll_tolerance: float = 1e-4,
     prune: bool = True,
     full_output=None,
@@ -474,20 +467,20 @@ def search(
 ) -> SearchResult:
     """Best pose and log-likelihoods of every image of ``batch`` against ``bank``.
 
-    Views go in blocks of ``template_block``. For each block the products of every image x
-    displacement with every view are real matrix products per q (the complex images viewed
-    as interleaved real and imaginary parts, the coefficients as real matrices): spectra
-    planes (Re X_q, Im X_q) x (displacement, image, view). Then, one displacement and a tile
-    of (image, view) columns at a time: the triangle bound on |cc| (``prune``), the inverse
-    DFT over q of the columns that survive it (:class:`.rotation_dft.InverseRotationDFT`),
-    and at once each column's largest rho and likelihood sum over the W rotations.
+    Views go in blocks of ``template_block``; within a block, one displacement at a time:
+    the products of every image with every view of the block are one real matrix product
+    per q (images in stacked real form, see :func:`prepare_images`), giving spectra planes
+    (Re X_q, Im X_q) x (image, view) that stay in cache for the rest: the triangle bound
+    on |cc| (``prune``), the inverse DFT over q of the columns that survive it
+    (:class:`.rotation_dft.InverseRotationDFT`, in tiles of :data:`TILE_COLUMNS`), and at
+    once each column's largest rho and its likelihood summed over the W rotations.
 
     The likelihood of a pose relative to the image's reference ``ref2`` (log2 units) is
     (beta (1 - rho_+^2))^(-(N-2)/2) with beta = 2^(-(lscc2 + lprior2 - ref2) / ((N-2)/2)):
-    with r = cc sqrt(beta) / sqrt(S_yy S_cc), it is exp2(-(N-2)/2 log2(beta - r_+^2)), six
-    passes over the tile; rho itself is only computed for the columns whose largest r could
-    beat the image's best rho. The reference follows the best pose seen, and is raised
-    before a tile whose terms could leave float32's range.
+    with r = cc sqrt(beta) / sqrt(S_yy S_cc), it is exp2(-(N-2)/2 log2(beta - r_+^2)), a
+    few passes over the tile; rho itself is only computed for the columns whose largest r
+    could beat the image's best rho. The reference follows the best poses seen, and is
+    raised before a tile whose terms could leave float32's range.
 
     ``full_output``: an array-like (M, S, D, W) that receives every normalized
     cross-correlation (no pruning then). ``ll_tolerance``: the share of the integrated
@@ -495,7 +488,7 @@ def search(
     first in each chunk (those best at the central displacement), to start pruning from a
     good floor.
     """
-    xp = array_module(batch.projected[0])
+    xp = array_module(batch.stacked[0])
     m, dcount, w = batch.n_images, batch.n_displacements, bank.n_inplanes
     n = batch.n_pixels
     dft = InverseRotationDFT(w, xp)
@@ -510,7 +503,7 @@ def search(
         n_pixels=n,
         m=m,
         dcount=dcount,
-        images=[p.view(xp.float32) for p in batch.projected],
+        stacked=batch.stacked,
         cq=xp.asarray(cq.astype(np.float32)),
         prune=prune,
         full_output=full_output,
@@ -522,7 +515,6 @@ def search(
     for views in bank.chunks():
         coefficients, power = bank.coefficients(views)
         scc = _scc(batch, power, bank.dc[views], w)  # (W, M, c)
-        re, im = _real_coefficients(coefficients, xp)
         chunk = _Chunk(
             views=views,
             scc=scc,
@@ -531,8 +523,10 @@ def search(
                 (-0.5 * xp.log(n * scc) + xp.asarray(lprior[views].astype(np.float32)))
                 * LOG2E
             ).astype(xp.float32),
-            re=re,
-            im=im,
+            coef=[
+                xp.stack([c.real, c.imag], axis=1).reshape(2 * c.shape[0], c.shape[1])
+                for c in coefficients
+            ],
         )
         del coefficients
         if seed_views > 0:
@@ -557,7 +551,7 @@ def _buffer(ctx: _Context, name: str, shape, dtype=None):
     """A reused array of at least ``shape``'s size, viewed as ``shape``."""
     xp = ctx.xp
     dtype = xp.float32 if dtype is None else dtype
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     buf = ctx.buffers.get(name)
     if buf is None or buf.size < size or buf.dtype != dtype:
         buf = xp.empty(size, dtype=dtype)
@@ -590,7 +584,7 @@ def _block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: int) ->
     sb = hi - lo
     l2 = chunk.lscc2[:, :, lo:hi]  # (W, M, sb)
     unset = ~np.isfinite(acc.ref2)
-    if unset.any():  # first sums: rho = 0 level
+    if unset.any():  # first sums: the rho = 0 level
         acc.raise_ref(np.where(unset, to_numpy(l2.max(axis=(0, 2))).astype(np.float64), -np.inf))
     ref = xp.asarray(acc.ref2.astype(np.float32))[None, :, None]
     beta = xp.exp2((ref - l2) * np.float32(1.0 / ctx.half_n))
@@ -623,33 +617,32 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
     (image, view, displacement) triples evaluated."""
     xp, m, dcount = ctx.xp, ctx.m, ctx.dcount
     sb = hi - lo
-    ref_floor = np.where(np.isfinite(acc.floor2), acc.floor2, -np.inf)
-    acc.raise_ref(ref_floor)
+    acc.raise_ref(acc.floor2)
     blk = _block(acc, ctx, chunk, lo, hi)
-    rows = ctx.dft.rows
-    x2 = _buffer(ctx, "x2", (rows, dcount * m, sb))
-    for p, q in enumerate(ctx.dft.order):  # spectra planes: Re X_q, Im X_q (D*M, sb)
-        xp.matmul(ctx.images[q], chunk.re[q][:, lo:hi], out=x2[2 * p])
-        xp.matmul(ctx.images[q], chunk.im[q][:, lo:hi], out=x2[2 * p + 1])
-    x2 = x2.reshape(rows, dcount, m * sb)
+    rows, n = ctx.dft.rows, m * sb
     per_tile = max(1, TILE_COLUMNS // sb) * sb  # whole images per tile
     evaluated = 0
     for d in range(dcount):
-        for c0 in range(0, m * sb, per_tile):
-            c1 = min(m * sb, c0 + per_tile)
-            planes = x2[:, d, c0:c1]
-            cols = np.arange(c0, c1)
-            dense = True
-            if ctx.prune:
-                alive = xp.flatnonzero(_bound(ctx, planes) >= blk.threshold[c0:c1])
-                if len(alive) == 0:
-                    continue
-                if 2 * len(alive) < c1 - c0:  # few: gather them
-                    alive = to_numpy(alive)
-                    planes = xp.take(planes, xp.asarray(alive), axis=1)
-                    cols, dense = cols[alive], False
-            blk = _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense)
-            evaluated += len(cols)
+        x2 = _buffer(ctx, "x2", (rows // 2, 2 * m, sb))
+        for p, q in enumerate(ctx.dft.order):  # planes Re X_q, Im X_q: (2 M, sb)
+            xp.matmul(ctx.stacked[q][d].reshape(2 * m, -1), chunk.coef[q][:, lo:hi], out=x2[p])
+        x2 = x2.reshape(rows, n)
+        if ctx.prune and ctx.skip_bound <= 0:
+            alive = to_numpy(xp.flatnonzero(_bound(ctx, x2) >= blk.threshold))
+            if 2 * len(alive) < n:  # few: gather them
+                for c0 in range(0, len(alive), TILE_COLUMNS):
+                    cols = alive[c0 : c0 + TILE_COLUMNS]
+                    planes = xp.take(x2, xp.asarray(cols), axis=1)
+                    blk = _evaluate(acc, ctx, chunk, blk, planes, cols, d, False)
+                evaluated += len(alive)
+                continue
+            if 10 * len(alive) > 9 * n:  # the bound prunes nothing (noise): skip it a while
+                ctx.skip_bound = 16
+        ctx.skip_bound -= 1
+        for c0 in range(0, n, per_tile):
+            c1 = min(n, c0 + per_tile)
+            blk = _evaluate(acc, ctx, chunk, blk, x2[:, c0:c1], np.arange(c0, c1), d, True)
+        evaluated += n
     return evaluated
 
 
@@ -673,16 +666,15 @@ def _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense) -> _Block:
     xp, w = ctx.xp, ctx.w
     n = planes.shape[1]
     img = blk.img[cols]
-    gather = not dense
     for _ in range(8):
         cc = ctx.dft(planes, out=_buffer(ctx, "cc", (w, n)), scratch=_buffer(ctx, "dft", (w, n)))
         if ctx.full_output is not None:
             _write_full(ctx, chunk, blk, cc, cols, d)
-        if gather:
+        if dense:
+            invp, beta = blk.invp[:, cols[0] : cols[-1] + 1], blk.beta[:, cols[0] : cols[-1] + 1]
+        else:
             ix = xp.asarray(cols)
             invp, beta = xp.take(blk.invp, ix, axis=1), xp.take(blk.beta, ix, axis=1)
-        else:
-            invp, beta = blk.invp[:, cols[0] : cols[-1] + 1], blk.beta[:, cols[0] : cols[-1] + 1]
         r = cc
         r *= invp  # rho sqrt(beta)
         rmax = to_numpy(r.max(axis=0)).astype(np.float64)
@@ -694,7 +686,8 @@ def _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense) -> _Block:
         if not high.any():
             break
         if not np.isfinite(top[high]).all():  # rho ~ 1: float32 could not hold it
-            r = xp.minimum(r, xp.asarray(np.sqrt(blk.bmin[cols] * (1 - 1e-6)).astype(np.float32)))
+            cap = np.sqrt(blk.bmin[cols] * (1 - 1e-6)).astype(np.float32)
+            r = xp.minimum(r, xp.asarray(cap))
             break
         raise_to = np.full(ctx.m, -np.inf)
         np.maximum.at(raise_to, img[high], acc.ref2[img[high]] + top[high] - OVERFLOW / 2)
@@ -707,29 +700,38 @@ def _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense) -> _Block:
         cx = xp.asarray(cand)
         rho = xp.take(r, cx, axis=1) / xp.sqrt(xp.take(beta, cx, axis=1))  # exact rho
         _update_best(acc, ctx, chunk, rho, img[cand], blk.local[cols[cand]], np.full(len(cand), d))
-    sums = _likelihood_sums(ctx, r, beta)
+    # terms below 2^-OVERFLOW of the reference are negligible; exp2 is slow below 2^-126
+    clamp = bool((ctx.half_n * np.log2(blk.bmax[cols]) > OVERFLOW).any())
+    sums = _likelihood_sums(ctx, r, beta, clamp)
     with np.errstate(divide="ignore"):
         col2 = np.log2(sums) + acc.ref2[img]
-    if gather:
-        acc.total += np.bincount(img, weights=sums, minlength=ctx.m)
-        np.maximum.at(acc.floor2, img, col2)
-    else:
+    if dense:
         i0, i1 = img[0], img[-1] + 1
         acc.total[i0:i1] += sums.reshape(i1 - i0, -1).sum(axis=1)
         acc.floor2[i0:i1] = np.maximum(acc.floor2[i0:i1], col2.reshape(i1 - i0, -1).max(axis=1))
+    else:
+        acc.total += np.bincount(img, weights=sums, minlength=ctx.m)
+        np.maximum.at(acc.floor2, img, col2)
     return blk
 
 
-def _likelihood_sums(ctx: _Context, r, beta) -> np.ndarray:
-    """sum over rotations of (beta - r_+^2)^(-(N-2)/2) per column, in place on r (W, n)."""
+def _likelihood_sums(ctx: _Context, r, beta, clamp: bool) -> np.ndarray:
+    """sum over rotations of (beta - r_+^2)^(-(N-2)/2) per column, in place on r (W, n);
+    ``clamp``: terms below 2^-OVERFLOW set to that."""
     xp = ctx.xp
-    zero = _buffer(ctx, "zero", (1, r.shape[1]))
-    zero[...] = 0
-    xp.maximum(r, zero, out=r)
+    n = r.shape[1]
+    bounds = ctx.buffers.get("bounds")
+    if bounds is None or bounds.shape[1] < n:
+        bounds = xp.empty((2, max(n, TILE_COLUMNS)), dtype=xp.float32)
+        bounds[0], bounds[1] = 0.0, -OVERFLOW
+        ctx.buffers["bounds"] = bounds
+    xp.maximum(r, bounds[0:1, :n], out=r)
     xp.square(r, out=r)
     xp.subtract(beta, r, out=r)
     xp.log2(r, out=r)
     r *= np.float32(-ctx.half_n)
+    if clamp:
+        xp.maximum(r, bounds[1:2, :n], out=r)
     xp.exp2(r, out=r)
     return to_numpy(r.sum(axis=0)).astype(np.float64)
 
@@ -739,18 +741,15 @@ def _update_best(acc, ctx, chunk, rho, img, local, disp):
     xp = ctx.xp
     rot = to_numpy(xp.argmax(rho, axis=0))
     best = to_numpy(rho[xp.asarray(rot), xp.arange(rho.shape[1])]).astype(np.float64)
-    scc = to_numpy(chunk.scc[xp.asarray(rot), xp.asarray(img), xp.asarray(local)]).astype(
-        np.float64
-    )
+    scc = to_numpy(chunk.scc[xp.asarray(rot), xp.asarray(img), xp.asarray(local)])
     rp = np.clip(best, 0.0, 1.0 - 1e-12)
-    ll = -ctx.half_n * np.log1p(-rp * rp) - 0.5 * np.log(ctx.n_pixels * scc)
+    ll = -ctx.half_n * np.log1p(-rp * rp) - 0.5 * np.log(ctx.n_pixels * scc.astype(np.float64))
     acc.add_best(img, best, chunk.views[local], disp, rot, ll)
 
 
 def _write_full(ctx, chunk, blk, cc, cols, d):
     """Normalized cross-correlations of a dense tile into the full output (M, S, D, W)."""
-    xp, w = ctx.xp, ctx.w
-    sb = blk.sb
+    w, sb = ctx.w, blk.sb
     i0, i1 = blk.img[cols[0]], blk.img[cols[-1]] + 1
     inv = chunk.inv[:, i0:i1, blk.lo : blk.hi].reshape(w, -1)
     rho = to_numpy(cc * inv).reshape(w, i1 - i0, sb)
@@ -768,40 +767,51 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
     k = min(k, c)
     order, rows = ctx.dft.order, ctx.dft.rows
     where = np.full(m, dcount // 2)  # the grid's middle point, (0, 0) for odd sizes
+    at, images = xp.asarray(where), xp.arange(m)
     for _ in range(rounds):
-        pick = xp.asarray(where * m + np.arange(m))  # rows (displacement, image)
-        planes = _buffer(ctx, "seed", (rows, m, c))
+        planes = _buffer(ctx, "seed", (rows // 2, 2 * m, c))
         for p, q in enumerate(order):
-            a = xp.take(ctx.images[q], pick, axis=0)
-            xp.matmul(a, chunk.re[q], out=planes[2 * p])
-            xp.matmul(a, chunk.im[q], out=planes[2 * p + 1])
-        rho = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, c) * chunk.inv
+            a = ctx.stacked[q][at, :, images]  # (M, 2, 2H)
+            xp.matmul(xp.moveaxis(a, 1, 0).reshape(2 * m, -1), chunk.coef[q], out=planes[p])
+        rho = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, c)
+        rho *= chunk.inv
         img = np.repeat(np.arange(m), c)
-        _exact_update(acc, ctx, chunk, rho.reshape(w, -1), img, np.tile(np.arange(c), m), where[img])
+        local = np.tile(np.arange(c), m)
+        _exact_update(acc, ctx, chunk, rho.reshape(w, -1), img, local, where[img], chunk.lscc2)
         top = np.argpartition(-to_numpy(rho.max(axis=0)), k - 1, axis=1)[:, :k]  # (M, k)
         top_x = xp.asarray(top)
-        planes = _buffer(ctx, "seed2", (rows, m, dcount, k))
+        planes = _buffer(ctx, "seed2", (rows // 2, m, dcount, 2, k))
         for p, q in enumerate(order):
-            a = ctx.images[q].reshape(dcount, m, -1).transpose(1, 0, 2)  # (M, D, 2H)
-            for j, coef in enumerate((chunk.re[q], chunk.im[q])):
-                xp.matmul(a, xp.moveaxis(coef[:, top_x], 1, 0), out=planes[2 * p + j])
-        cc = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, dcount, k)
-        inv = chunk.inv[:, xp.arange(m)[:, None], top_x]  # (W, M, k)
+            a = xp.moveaxis(ctx.stacked[q], 2, 0).reshape(m, 2 * dcount, -1)  # (M, 2D, 2H)
+            coef = xp.moveaxis(chunk.coef[q][:, top_x], 1, 0)  # (M, 2H, k)
+            xp.matmul(a, coef, out=planes[p].reshape(m, 2 * dcount, k))
+        planes = xp.moveaxis(planes, 3, 1).reshape(rows, -1)  # rows (slot, part)
+        cc = ctx.dft(xp.ascontiguousarray(planes)).reshape(w, m, dcount, k)
+        inv = chunk.inv[:, images[:, None], top_x]  # (W, M, k)
         rho = (cc * inv[:, :, None, :]).reshape(w, -1)
         img = np.repeat(np.arange(m), dcount * k)
         local = np.repeat(top[:, None, :], dcount, axis=1).reshape(-1)
         disp = np.tile(np.repeat(np.arange(dcount), k), m)
-        _exact_update(acc, ctx, chunk, rho, img, local, disp)
+        l2 = chunk.lscc2[:, images[:, None], top_x][:, :, None, :]
+        l2 = xp.broadcast_to(l2, (w, m, dcount, k)).reshape(w, -1)
+        _exact_update(acc, ctx, chunk, rho, img, local, disp, l2)
         if np.array_equal(acc.displacement, where):
             break
         where = acc.displacement.copy()
+        at = xp.asarray(where)
 
 
-def _exact_update(acc, ctx, chunk, rho, img, local, disp):
-    """Best poses and pruning floor from exact rho (W, n) of triples (img, local view, disp)."""
+def _exact_update(acc, ctx, chunk, rho, img, local, disp, l2):
+    """Best poses and pruning floor from exact rho (W, n) of triples (img, local view,
+    disp); l2 (W, n): their lscc2 terms (or chunk.lscc2 when the columns are the whole
+    chunk, image-major)."""
     xp = ctx.xp
     _update_best(acc, ctx, chunk, rho, img, local, disp)
     rp = xp.clip(rho, 0.0, 1.0 - 1e-6)
-    ll2 = -ctx.half_n * xp.log2(1.0 - rp * rp) + chunk.lscc2[:, xp.asarray(img), xp.asarray(local)]
+    ll2 = rp * rp
+    xp.subtract(1.0, ll2, out=ll2)
+    xp.log2(ll2, out=ll2)
+    ll2 *= -ctx.half_n
+    ll2 += l2.reshape(ll2.shape)
     top = to_numpy(ll2.max(axis=0)).astype(np.float64)
     np.maximum.at(acc.floor2, img, top)

@@ -193,7 +193,7 @@ def prepare_templates(
     grid: PolarGrid,
     view_weights,
     dc,
-    tolerance: float = 1e-4,
+    tolerance: float = 3e-5,
     xp=np,
     max_bytes: float = 512e6,
     chunk: int = 256,
@@ -384,6 +384,7 @@ class SearchResult:
 
 LOG2E = 1.0 / math.log(2.0)
 TILE_COLUMNS = 1024  # (image, view) pairs per tile of the inverse DFT: (W, 1024) float32 = 512 KB
+SEED_STRIDE = 4  # views of a chunk that the seeding pass's first step evaluates: 1 in this
 OVERFLOW = 100.0  # largest log2 of one term of a tile's likelihood sums (float32: < 128)
 
 
@@ -763,21 +764,25 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
     there, evaluated exactly. These count for the best pose and the floor only (the main
     pass sums them into the likelihood)."""
     xp, m, dcount, w = ctx.xp, ctx.m, ctx.dcount, ctx.w
-    c = len(chunk.views)
-    k = min(k, c)
+    n_views = len(chunk.views)
+    k = min(k, n_views)
     order, rows = ctx.dft.order, ctx.dft.rows
     where = np.full(m, dcount // 2)  # the grid's middle point, (0, 0) for odd sizes
     at, images = xp.asarray(where), xp.arange(m)
-    for _ in range(rounds):
+    for step in range(rounds):
+        # first round: the first views of the chunk only (a pseudo-random sample of the
+        # sphere, 1 in SEED_STRIDE), enough to find each image's displacement
+        c = n_views if step else min(n_views, max(k, -(-n_views // SEED_STRIDE)))
         planes = _buffer(ctx, "seed", (rows // 2, 2 * m, c))
         for p, q in enumerate(order):
             a = ctx.stacked[q][at, :, images]  # (M, 2, 2H)
-            xp.matmul(xp.moveaxis(a, 1, 0).reshape(2 * m, -1), chunk.coef[q], out=planes[p])
+            xp.matmul(xp.moveaxis(a, 1, 0).reshape(2 * m, -1), chunk.coef[q][:, :c], out=planes[p])
         rho = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, c)
-        rho *= chunk.inv
+        rho *= chunk.inv[:, :, :c]
         img = np.repeat(np.arange(m), c)
         local = np.tile(np.arange(c), m)
-        _exact_update(acc, ctx, chunk, rho.reshape(w, -1), img, local, where[img], chunk.lscc2)
+        l2 = chunk.lscc2[:, :, :c]
+        _exact_update(acc, ctx, chunk, rho.reshape(w, -1), img, local, where[img], l2)
         top = np.argpartition(-to_numpy(rho.max(axis=0)), k - 1, axis=1)[:, :k]  # (M, k)
         top_x = xp.asarray(top)
         planes = _buffer(ctx, "seed2", (rows // 2, m, dcount, 2, k))
@@ -795,7 +800,7 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         l2 = chunk.lscc2[:, images[:, None], top_x][:, :, None, :]
         l2 = xp.broadcast_to(l2, (w, m, dcount, k)).reshape(w, -1)
         _exact_update(acc, ctx, chunk, rho, img, local, disp, l2)
-        if np.array_equal(acc.displacement, where):
+        if step and np.array_equal(acc.displacement, where):
             break
         where = acc.displacement.copy()
         at = xp.asarray(where)

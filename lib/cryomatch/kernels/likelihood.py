@@ -438,6 +438,7 @@ class _Chunk:
     inv: object  # (W, M, c) float32
     lscc2: object  # (W, M, c) float32: (-1/2 ln(N S_cc) + ln prior) log2(e)
     coef: list  # per q (2 H_q, c) float32: rows (Re c_h, Im c_h)
+    lmin: np.ndarray | None = None  # (M, c) float64 (host): lscc2's smallest over rotations
 
 
 @dataclass
@@ -530,6 +531,7 @@ def search(
             ],
         )
         del coefficients
+        chunk.lmin = to_numpy(chunk.lscc2.min(axis=0)).astype(np.float64)
         if seed_views > 0:
             _seed(acc, ctx, chunk, seed_views)
         sb = max(1, int(template_block))
@@ -737,15 +739,25 @@ def _likelihood_sums(ctx: _Context, r, beta, clamp: bool) -> np.ndarray:
     return to_numpy(r.sum(axis=0)).astype(np.float64)
 
 
-def _update_best(acc, ctx, chunk, rho, img, local, disp):
-    """Best rotation of each column of exact rho (W, n) and log L there, into ``acc``."""
+def _update_best(acc, ctx, chunk, rho, img, local, disp) -> np.ndarray:
+    """Each image's best column of exact rho (W, n) (triples img, local view, disp): its
+    best rotation and log L there, into ``acc`` where it beats the image's best. Returns
+    every column's largest rho (n,); the argmax over rotations is taken for at most one
+    column per image."""
     xp = ctx.xp
-    rot = to_numpy(xp.argmax(rho, axis=0))
-    best = to_numpy(rho[xp.asarray(rot), xp.arange(rho.shape[1])]).astype(np.float64)
-    scc = to_numpy(chunk.scc[xp.asarray(rot), xp.asarray(img), xp.asarray(local)])
-    rp = np.clip(best, 0.0, 1.0 - 1e-12)
-    ll = -ctx.half_n * np.log1p(-rp * rp) - 0.5 * np.log(ctx.n_pixels * scc.astype(np.float64))
-    acc.add_best(img, best, chunk.views[local], disp, rot, ll)
+    cmax = to_numpy(rho.max(axis=0)).astype(np.float64)
+    order = np.lexsort((-cmax, img))  # per image, largest first (ties: first column)
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = img[order][1:] != img[order][:-1]
+    pick = order[first]
+    pick = pick[cmax[pick] > acc.rho[img[pick]]]
+    if len(pick):
+        rot = to_numpy(xp.argmax(rho[:, xp.asarray(pick)], axis=0))
+        scc = to_numpy(chunk.scc[xp.asarray(rot), xp.asarray(img[pick]), xp.asarray(local[pick])])
+        rp = np.clip(cmax[pick], 0.0, 1.0 - 1e-12)
+        ll = -ctx.half_n * np.log1p(-rp * rp) - 0.5 * np.log(ctx.n_pixels * scc.astype(np.float64))
+        acc.add_best(img[pick], cmax[pick], chunk.views[local[pick]], disp[pick], rot, ll)
+    return cmax
 
 
 def _write_full(ctx, chunk, blk, cc, cols, d):
@@ -781,9 +793,8 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         rho *= chunk.inv[:, :, :c]
         img = np.repeat(np.arange(m), c)
         local = np.tile(np.arange(c), m)
-        l2 = chunk.lscc2[:, :, :c]
-        _exact_update(acc, ctx, chunk, rho.reshape(w, -1), img, local, where[img], l2)
-        top = np.argpartition(-to_numpy(rho.max(axis=0)), k - 1, axis=1)[:, :k]  # (M, k)
+        cmax = _exact_update(acc, ctx, chunk, rho.reshape(w, -1), img, local, where[img])
+        top = np.argpartition(-cmax.reshape(m, c), k - 1, axis=1)[:, :k]  # (M, k)
         top_x = xp.asarray(top)
         planes = _buffer(ctx, "seed2", (rows // 2, m, dcount, 2, k))
         for p, q in enumerate(order):
@@ -797,26 +808,20 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         img = np.repeat(np.arange(m), dcount * k)
         local = np.repeat(top[:, None, :], dcount, axis=1).reshape(-1)
         disp = np.tile(np.repeat(np.arange(dcount), k), m)
-        l2 = chunk.lscc2[:, images[:, None], top_x][:, :, None, :]
-        l2 = xp.broadcast_to(l2, (w, m, dcount, k)).reshape(w, -1)
-        _exact_update(acc, ctx, chunk, rho, img, local, disp, l2)
+        _exact_update(acc, ctx, chunk, rho, img, local, disp)
         if step and np.array_equal(acc.displacement, where):
             break
         where = acc.displacement.copy()
         at = xp.asarray(where)
 
 
-def _exact_update(acc, ctx, chunk, rho, img, local, disp, l2):
+def _exact_update(acc, ctx, chunk, rho, img, local, disp) -> np.ndarray:
     """Best poses and pruning floor from exact rho (W, n) of triples (img, local view,
-    disp); l2 (W, n): their lscc2 terms (or chunk.lscc2 when the columns are the whole
-    chunk, image-major)."""
-    xp = ctx.xp
-    _update_best(acc, ctx, chunk, rho, img, local, disp)
-    rp = xp.clip(rho, 0.0, 1.0 - 1e-6)
-    ll2 = rp * rp
-    xp.subtract(1.0, ll2, out=ll2)
-    xp.log2(ll2, out=ll2)
-    ll2 *= -ctx.half_n
-    ll2 += l2.reshape(ll2.shape)
-    top = to_numpy(ll2.max(axis=0)).astype(np.float64)
+    disp); returns each column's largest rho. The floor takes, per column, the log2
+    likelihood x prior of its largest rho with the column's smallest S_cc term (a lower
+    bound on the pose's own: every value it takes is that of an evaluated pose or less)."""
+    cmax = _update_best(acc, ctx, chunk, rho, img, local, disp)
+    rp = np.clip(cmax, 0.0, 1.0 - 1e-6)
+    top = -ctx.half_n * np.log2(1.0 - rp * rp) + chunk.lmin[img, local]
     np.maximum.at(acc.floor2, img, top)
+    return cmax

@@ -625,6 +625,10 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
     rows, n = ctx.dft.rows, m * sb
     per_tile = max(1, TILE_COLUMNS // sb) * sb  # whole images per tile
     evaluated = 0
+    # columns that survive the bound, gathered over displacements into one tile
+    pending = _buffer(ctx, "pending", (rows, TILE_COLUMNS))
+    cols_d: list = []  # (columns, displacement) gathered so far
+    filled = 0
     for d in range(dcount):
         x2 = _buffer(ctx, "x2", (rows // 2, 2 * m, sb))
         for p, q in enumerate(ctx.dft.order):  # planes Re X_q, Im X_q: (2 M, sb)
@@ -635,8 +639,12 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
             if 2 * len(alive) < n:  # few: gather them
                 for c0 in range(0, len(alive), TILE_COLUMNS):
                     cols = alive[c0 : c0 + TILE_COLUMNS]
-                    planes = xp.take(x2, xp.asarray(cols), axis=1)
-                    blk = _evaluate(acc, ctx, chunk, blk, planes, cols, d, False)
+                    if filled + len(cols) > TILE_COLUMNS:
+                        blk = _evaluate_gathered(acc, ctx, chunk, blk, pending, cols_d, filled)
+                        cols_d, filled = [], 0
+                    pending[:, filled : filled + len(cols)] = xp.take(x2, xp.asarray(cols), axis=1)
+                    cols_d.append((cols, d))
+                    filled += len(cols)
                 evaluated += len(alive)
                 continue
             if 10 * len(alive) > 9 * n:  # the bound prunes nothing (noise): skip it a while
@@ -646,7 +654,18 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
             c1 = min(n, c0 + per_tile)
             blk = _evaluate(acc, ctx, chunk, blk, x2[:, c0:c1], np.arange(c0, c1), d, True)
         evaluated += n
+    _evaluate_gathered(acc, ctx, chunk, blk, pending, cols_d, filled)
     return evaluated
+
+
+def _evaluate_gathered(acc, ctx, chunk, blk, pending, cols_d, filled) -> _Block:
+    """:func:`_evaluate` of the first ``filled`` columns of ``pending``: the planes of the
+    (columns, displacement) pairs ``cols_d`` in order."""
+    if not filled:
+        return blk
+    cols = np.concatenate([c for c, _ in cols_d])
+    disp = np.concatenate([np.full(len(c), d) for c, d in cols_d])
+    return _evaluate(acc, ctx, chunk, blk, pending[:, :filled], cols, disp, False)
 
 
 def _bound(ctx: _Context, planes):
@@ -663,7 +682,8 @@ def _bound(ctx: _Context, planes):
 
 def _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense) -> _Block:
     """Exact likelihood sums over the W rotations of the triples (columns ``cols`` of the
-    block, displacement ``d``) whose spectra planes are ``planes``; best poses among them.
+    block, displacement ``d``: one, or one per column) whose spectra planes are ``planes``;
+    best poses among them.
     ``dense``: ``cols`` is a run of whole images. Returns the block (rebuilt when a
     reference had to be raised)."""
     xp, w = ctx.xp, ctx.w
@@ -702,7 +722,8 @@ def _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense) -> _Block:
     if len(cand):
         cx = xp.asarray(cand)
         rho = xp.take(r, cx, axis=1) / xp.sqrt(xp.take(beta, cx, axis=1))  # exact rho
-        _update_best(acc, ctx, chunk, rho, img[cand], blk.local[cols[cand]], np.full(len(cand), d))
+        disp = np.broadcast_to(np.asarray(d), cols.shape)[cand]
+        _update_best(acc, ctx, chunk, rho, img[cand], blk.local[cols[cand]], disp)
     # terms below 2^-OVERFLOW of the reference are negligible; exp2 is slow below 2^-126
     clamp = bool((ctx.half_n * np.log2(blk.bmax[cols]) > OVERFLOW).any())
     sums = _likelihood_sums(ctx, r, beta, clamp)

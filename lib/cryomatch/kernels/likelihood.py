@@ -757,7 +757,10 @@ def _likelihood_sums(ctx: _Context, r, beta, clamp: bool) -> np.ndarray:
     if clamp:
         xp.maximum(r, bounds[1:2, :n], out=r)
     xp.exp2(r, out=r)
-    return to_numpy(r.sum(axis=0)).astype(np.float64)
+    ones = ctx.buffers.get("ones")
+    if ones is None:
+        ones = ctx.buffers["ones"] = xp.ones(r.shape[0], dtype=xp.float32)
+    return to_numpy(ones @ r).astype(np.float64)  # the sum over rotations as a product
 
 
 def _update_best(acc, ctx, chunk, rho, img, local, disp) -> np.ndarray:

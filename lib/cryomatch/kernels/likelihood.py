@@ -334,10 +334,10 @@ def prepare_images(
         spectra = half_circle_spectra(weighted[None] * phases, w, matrix)  # (g, M, R, Q)
         spectra = xp.ascontiguousarray(xp.moveaxis(spectra.reshape(-1, r, q_count), -1, 0))
         for q in range(q_count):  # (g*M, R) @ (R, H_q): rows (displacement, image)
-            a = (spectra[q] @ bank.bases[q]).reshape(d1 - d0, m, -1)
-            out = stacked[q][d0:d1]
-            out[:, 0, :, 0::2], out[:, 0, :, 1::2] = a.real, -a.imag
-            out[:, 1, :, 0::2], out[:, 1, :, 1::2] = a.imag, a.real
+            a = xp.conj(spectra[q] @ bank.bases[q]).reshape(d1 - d0, m, -1)
+            stacked[q][d0:d1, 0] = a.view(xp.float32)  # (Re a_h, -Im a_h)
+            a *= 1j
+            stacked[q][d0:d1, 1] = a.view(xp.float32)  # (Im a_h, Re a_h)
     # |CTF|^2 spectra in the power bases, for S_cc(m, s, k) (see :func:`_scc`)
     c2 = xp.moveaxis(fft.rfft(ctf * ctf, axis=-1), -1, 0)  # (Q, M, R)
     power = [xp.ascontiguousarray(c2[q]) @ bank.power_bases[q] for q in range(q_count)]

@@ -36,10 +36,11 @@ Pruning (exact to a stated tolerance): |cc[k]| <= (|X_0| + 2 sum_q |X_q| + |X_W/
 the product spectrum X, so a (image, view, displacement) whose bound is below the image's
 best rho cannot hold its optimum, and one whose bound on log L is below the running maximum
 minus ``log(n_poses / ll_tolerance)`` adds at most ``ll_tolerance`` of the total; only the
-rest go through the inverse FFT. The bound is accumulated while each q's product is in
-cache. A seeding pass (every view at one displacement, then all displacements of the best
-views) and views taken in a pseudo-random order, in blocks growing from 8, bring each
-image's floor near its final value early.
+rest, gathered over displacements into tiles, go through the inverse FFT. A seeding pass
+(1 in 4 views at the central displacement, then all displacements of the best views; then
+every view at each image's best displacement and again all displacements of the best)
+and views taken in a pseudo-random order bring each image's floor near its final value
+early.
 """
 
 from __future__ import annotations
@@ -522,8 +523,7 @@ def search(
             scc=scc,
             inv=(1.0 / xp.sqrt(scc * syy)).astype(xp.float32),
             lscc2=(
-                (-0.5 * xp.log(n * scc) + xp.asarray(lprior[views].astype(np.float32)))
-                * LOG2E
+                (-0.5 * xp.log(n * scc) + xp.asarray(lprior[views].astype(np.float32))) * LOG2E
             ).astype(xp.float32),
             coef=[
                 xp.stack([c.real, c.imag], axis=1).reshape(2 * c.shape[0], c.shape[1])

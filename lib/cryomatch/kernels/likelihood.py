@@ -168,11 +168,12 @@ class TemplateBank:
         return [c[:, back] for c in coefs], [c[:, back] for c in power]
 
 
-def _project(chunk, bank: TemplateBank, xp):
+def _project(chunk, bank: TemplateBank, xp, spectra=None):
     """Coefficients of templates (c, R, W) in the bank's bases: conj(B V)^T = V^H B^H per q
     (B the sqrt(w)-weighted spectra, so that X = (y sqrt(w) V) @ coefficients); the same for
-    the power spectra in the power bases."""
-    spectra, power = _spectra(chunk, len(bank.bases))
+    the power spectra in the power bases. ``spectra``: :func:`_spectra` of ``chunk`` when
+    already computed."""
+    spectra, power = _spectra(chunk, len(bank.bases)) if spectra is None else spectra
 
     def coefficients(values, bases):
         return [
@@ -219,8 +220,13 @@ def prepare_templates(
     sw = np.sqrt(grid.weights)
     grams = np.zeros((q_count, r, r), dtype=np.complex128)
     pgrams = np.zeros((q_count, r, r), dtype=np.complex128)
+    # the spectra are kept for the coefficients when they fit the budget (else recomputed)
+    keep = 32 * s * r * q_count <= max_bytes / 2
+    kept = []
     for lo in range(0, s, chunk):
         spectra, power = _spectra(templates[lo : lo + chunk], q_count)
+        if keep:
+            kept.append((spectra, power))
         b = np.moveaxis(spectra * sw[:, None], -1, 0)  # (Q, c, R)
         grams += np.conj(b).transpose(0, 2, 1) @ b
         p = np.moveaxis(power * sw[:, None], -1, 0)
@@ -247,7 +253,10 @@ def prepare_templates(
     )
     per_view = 8 * (sum(bank.ranks) + sum(v.shape[1] for v in power_bases))
     if per_view * s <= max_bytes:
-        parts = [_project(templates[lo : lo + chunk], bank, xp) for lo in range(0, s, chunk)]
+        parts = [
+            _project(templates[lo : lo + chunk], bank, xp, kept[i] if keep else None)
+            for i, lo in enumerate(range(0, s, chunk))
+        ]
         bank.cache = tuple(
             [xp.concatenate([p[i][q] for p in parts], axis=1) for q in range(q_count)]
             for i in range(2)

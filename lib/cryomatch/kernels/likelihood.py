@@ -36,10 +36,11 @@ Pruning (exact to a stated tolerance): |cc[k]| <= (|X_0| + 2 sum_q |X_q| + |X_W/
 the product spectrum X, so a (image, view, displacement) whose bound is below the image's
 best rho cannot hold its optimum, and one whose bound on log L is below the running maximum
 minus ``log(n_poses / ll_tolerance)`` adds at most ``ll_tolerance`` of the total; only the
-rest go through the inverse FFT. The bound is accumulated while each q's product is in
-cache. A seeding pass (every view at one displacement, then all displacements of the best
-views) and views taken in a pseudo-random order, in blocks growing from 8, bring each
-image's floor near its final value early.
+rest, gathered over displacements into tiles, go through the inverse FFT. A seeding pass
+(1 in 4 views at the central displacement, then all displacements of the best views; then
+every view at each image's best displacement and again all displacements of the best)
+and views taken in a pseudo-random order bring each image's floor near its final value
+early.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ from scipy.special import gammaln
 
 from ..backend import array_module, fft_module, to_numpy
 from ..errors import CryomatchError
-from .polar import hermitian_angular_spectra
 from .polar_fourier import PolarGrid
+from .rotation_dft import InverseRotationDFT, half_circle_matrix, half_circle_spectra
 
 
 # --- displacements and the likelihood formula --------------------------------------------
@@ -167,11 +168,12 @@ class TemplateBank:
         return [c[:, back] for c in coefs], [c[:, back] for c in power]
 
 
-def _project(chunk, bank: TemplateBank, xp):
+def _project(chunk, bank: TemplateBank, xp, spectra=None):
     """Coefficients of templates (c, R, W) in the bank's bases: conj(B V)^T = V^H B^H per q
     (B the sqrt(w)-weighted spectra, so that X = (y sqrt(w) V) @ coefficients); the same for
-    the power spectra in the power bases."""
-    spectra, power = _spectra(chunk, len(bank.bases))
+    the power spectra in the power bases. ``spectra``: :func:`_spectra` of ``chunk`` when
+    already computed."""
+    spectra, power = _spectra(chunk, len(bank.bases)) if spectra is None else spectra
 
     def coefficients(values, bases):
         return [
@@ -193,7 +195,7 @@ def prepare_templates(
     grid: PolarGrid,
     view_weights,
     dc,
-    tolerance: float = 1e-4,
+    tolerance: float = 3e-5,
     xp=np,
     max_bytes: float = 512e6,
     chunk: int = 256,
@@ -218,8 +220,13 @@ def prepare_templates(
     sw = np.sqrt(grid.weights)
     grams = np.zeros((q_count, r, r), dtype=np.complex128)
     pgrams = np.zeros((q_count, r, r), dtype=np.complex128)
+    # the spectra are kept for the coefficients when they fit the budget (else recomputed)
+    keep = 32 * s * r * q_count <= max_bytes / 2
+    kept = []
     for lo in range(0, s, chunk):
         spectra, power = _spectra(templates[lo : lo + chunk], q_count)
+        if keep:
+            kept.append((spectra, power))
         b = np.moveaxis(spectra * sw[:, None], -1, 0)  # (Q, c, R)
         grams += np.conj(b).transpose(0, 2, 1) @ b
         p = np.moveaxis(power * sw[:, None], -1, 0)
@@ -246,7 +253,10 @@ def prepare_templates(
     )
     per_view = 8 * (sum(bank.ranks) + sum(v.shape[1] for v in power_bases))
     if per_view * s <= max_bytes:
-        parts = [_project(templates[lo : lo + chunk], bank, xp) for lo in range(0, s, chunk)]
+        parts = [
+            _project(templates[lo : lo + chunk], bank, xp, kept[i] if keep else None)
+            for i, lo in enumerate(range(0, s, chunk))
+        ]
         bank.cache = tuple(
             [xp.concatenate([p[i][q] for p in parts], axis=1) for q in range(q_count)]
             for i in range(2)
@@ -258,11 +268,12 @@ def prepare_templates(
 
 
 # --- images ------------------------------------------------------------------------------
+# --- images ------------------------------------------------------------------------------
 @dataclass
 class ImageBatch:
     """Images prepared for the search (see :func:`prepare_images`)."""
 
-    projected: list  # per q: (M*D, H_q) complex64
+    stacked: list  # per q (D, 2, M, 2 H_q) float32: the compressed images in stacked real form
     power: list  # per q: (M, H'_q) complex64, |CTF|^2 spectra in the power bases
     syy: np.ndarray  # (M,) real-space sum of squares about the mean
     ctf0: np.ndarray  # (M,) CTF at k = 0
@@ -293,15 +304,22 @@ def prepare_images(
     bank: TemplateBank,
     displacements,
     centres=None,
-    group: int = 2,
+    group: int | None = None,
 ) -> ImageBatch:
     """CTF-multiplied, displaced, compressed images (and their |CTF|^2 for S_cc).
 
     values (M, R, W) complex: transforms of the mean-removed images; ctf (M, R, W) real;
     syy (M,) sums of squares about the mean; ctf0 (M,) the CTF at k = 0; displacements
     (D, 2) pixels; centres (M, 2) pixels added to every displacement (prior shifts) or None.
-    Works on ``group`` images at a time (cache-sized), on half the angles (the values of
-    real images are Hermitian, and so are the CTF and the shift phases).
+    Works on ``group`` displacements of every image at a time (default: about 4 MB of
+    shifted values), on half the angles (the values of real images are Hermitian, and so
+    are the CTF and the shift phases); the angular spectra are one real matrix product
+    (:func:`.rotation_dft.half_circle_spectra`).
+
+    The compressed images a = y V (complex, H_q per q) are kept in the stacked real form
+    [[Re a_h, -Im a_h], [Im a_h, Re a_h]] (h interleaved; rows: displacement, part, image), so
+    that one real product with the coefficients c as interleaved rows (Re c_h, Im c_h) gives
+    the planes Re(a c) and Im(a c) together (see :func:`search`).
     """
     xp = array_module(values)
     fft = fft_module(xp)
@@ -311,32 +329,30 @@ def prepare_images(
     d = np.asarray(displacements, dtype=np.float64).reshape(-1, 2)
     dcount = len(d)
     ctf = xp.asarray(ctf, dtype=xp.float32)
-    # angles first: (W/2, M, R); the FFTs over the angle then run across contiguous rows
-    weighted = xp.ascontiguousarray(xp.moveaxis(values[..., :half] * ctf[..., :half], -1, 0))
-    shared = None
-    if centres is None:
-        shared = xp.ascontiguousarray(
-            xp.moveaxis(shift_phases(grid, d, xp, half=True), -1, 0)
-        )  # (W/2, D, R)
-    projected = [xp.empty((m * dcount, b.shape[1]), dtype=xp.complex64) for b in bank.bases]
-    for g0 in range(0, m, group):
-        g1 = min(m, g0 + group)
-        if shared is None:
-            phases = shift_phases(grid, d[None] + np.asarray(centres)[g0:g1, None], xp, half=True)
-            phases = xp.moveaxis(phases, -1, 0)  # (W/2, g, D, R)
+    weighted = (values[..., :half] * ctf[..., :half]).astype(xp.complex64)  # (M, R, W/2)
+    matrix = xp.asarray(half_circle_matrix(w))
+    if group is None:
+        group = max(1, int(4e6 // (8 * m * r * half)))
+    stacked = [xp.empty((dcount, 2, m, 2 * b.shape[1]), dtype=xp.float32) for b in bank.bases]
+    for d0 in range(0, dcount, group):
+        d1 = min(dcount, d0 + group)
+        if centres is None:
+            phases = shift_phases(grid, d[d0:d1], xp, half=True)[:, None]  # (g, 1, R, W/2)
         else:
-            phases = shared[:, None]
-        shifted = weighted[:, g0:g1, None, :] * phases  # (W/2, g, D, R)
-        spectra = hermitian_angular_spectra(shifted, w, axis=0).reshape(
-            q_count, -1, r
-        )  # (Q, g*D, R)
-        for q in range(q_count):
-            xp.matmul(spectra[q], bank.bases[q], out=projected[q][g0 * dcount : g1 * dcount])
+            phases = shift_phases(grid, d[None, d0:d1] + np.asarray(centres)[:, None], xp, True)
+            phases = xp.moveaxis(phases, 1, 0)  # (g, M, R, W/2)
+        spectra = half_circle_spectra(weighted[None] * phases, w, matrix)  # (g, M, R, Q)
+        spectra = xp.ascontiguousarray(xp.moveaxis(spectra.reshape(-1, r, q_count), -1, 0))
+        for q in range(q_count):  # (g*M, R) @ (R, H_q): rows (displacement, image)
+            a = xp.conj(spectra[q] @ bank.bases[q]).reshape(d1 - d0, m, -1)
+            stacked[q][d0:d1, 0] = a.view(xp.float32)  # (Re a_h, -Im a_h)
+            a *= 1j
+            stacked[q][d0:d1, 1] = a.view(xp.float32)  # (Im a_h, Re a_h)
     # |CTF|^2 spectra in the power bases, for S_cc(m, s, k) (see :func:`_scc`)
     c2 = xp.moveaxis(fft.rfft(ctf * ctf, axis=-1), -1, 0)  # (Q, M, R)
     power = [xp.ascontiguousarray(c2[q]) @ bank.power_bases[q] for q in range(q_count)]
     return ImageBatch(
-        projected,
+        stacked,
         power,
         np.asarray(syy, dtype=np.float64),
         np.asarray(ctf0, dtype=np.float64),
@@ -371,24 +387,33 @@ class SearchResult:
     rotation: np.ndarray
     ll_optimal: np.ndarray
     ll_integrated: np.ndarray
-    n_evaluated: int = 0  # (image, view, displacement) triples that went through the inverse FFT
+    n_evaluated: int = 0  # (image, view, displacement) triples that went through the inverse DFT
     n_triples: int = 0
     extra: dict = field(default_factory=dict)
 
 
-class _Accumulator:
-    """Running best pose, log-sum-exp and pruning floor per image (host arrays)."""
+LOG2E = 1.0 / math.log(2.0)
+TILE_COLUMNS = 1024  # (image, view) pairs per tile of the inverse DFT: (W, 1024) float32 = 512 KB
+SEED_STRIDE = 4  # views of a chunk that the seeding pass's first step evaluates: 1 in this
+OVERFLOW = 100.0  # largest log2 of one term of a tile's likelihood sums (float32: < 128)
 
-    def __init__(self, m: int, margin: float):
+
+class _Accumulator:
+    """Per image (host arrays): best rho, its pose and log L there; the likelihood summed
+    over evaluated poses in units of 2^ref2 (log2 units throughout: ll2 = log2 of a pose's
+    likelihood x prior, without the image's constant); floor2, the largest log2 of one
+    evaluated (view, displacement)'s sum seen (a lower bound on the image's total: pruning)."""
+
+    def __init__(self, m: int, margin2: float):
         self.rho = np.full(m, -np.inf)
         self.template = np.zeros(m, dtype=np.int64)
         self.displacement = np.zeros(m, dtype=np.int64)
         self.rotation = np.zeros(m, dtype=np.int64)
         self.ll_at_best_rho = np.full(m, -np.inf)
-        self.ll_ref = np.full(m, -np.inf)  # reference of the log-sum-exp
-        self.ll_sum = np.zeros(m)  # sum over evaluated poses of exp(log L + log prior - ref)
-        self.floor = np.full(m, -np.inf)  # largest log L + log prior seen (pruning)
-        self.margin = margin
+        self.ref2 = np.full(m, -np.inf)
+        self.total = np.zeros(m)
+        self.floor2 = np.full(m, -np.inf)
+        self.margin2 = margin2
 
     def add_best(self, img, rho, template, disp, rot, ll_pose):
         """Candidates (arrays over some poses): keep each image's largest rho."""
@@ -405,59 +430,48 @@ class _Accumulator:
         self.rotation[i] = rot[pick]
         self.ll_at_best_rho[i] = ll_pose[pick]
 
-    def add_floor(self, img, block_max):
-        np.maximum.at(self.floor, img, block_max)
+    def raise_ref(self, ref2):
+        """Move the sums' reference up to ``ref2`` (M,) where it is higher."""
+        new = np.maximum(self.ref2, ref2)
+        seen = np.isfinite(self.ref2)
+        self.total[seen] *= np.exp2(self.ref2[seen] - new[seen])
+        self.ref2 = new
 
-    def add_logsumexp(self, img, block_max, block_sum):
-        """Per-candidate max and sum of exp(ll - max) folded into each image's total."""
-        new = self.ll_ref.copy()
-        np.maximum.at(new, img, block_max)
-        seen = np.isfinite(self.ll_ref)
-        self.ll_sum[seen] *= np.exp(self.ll_ref[seen] - new[seen])
-        np.add.at(self.ll_sum, img, block_sum * np.exp(block_max - new[img]))
-        self.ll_ref = new
 
-    def alive(self, bound, img, view_ll_max, half_n) -> np.ndarray:
-        """Which triples, given bounds on their rho, could beat their image's best rho or
-        add more than the tolerance to its integrated likelihood."""
-        b = np.clip(bound, 0.0, 1.0 - 1e-7)
-        ll_bound = -half_n * np.log1p(-b * b) + view_ll_max
-        return (bound >= self.rho[img]) | (ll_bound >= self.floor[img] - self.margin)
+@dataclass
+class _Chunk:
+    """One chunk of views: their numbers, S_cc, 1 / sqrt(S_yy S_cc), the pose-independent
+    log2 terms, and the coefficients as real matrices."""
+
+    views: np.ndarray  # (c,) template numbers
+    scc: object  # (W, M, c) float32
+    inv: object  # (W, M, c) float32
+    lscc2: object  # (W, M, c) float32: (-1/2 ln(N S_cc) + ln prior) log2(e)
+    coef: list  # per q (2 H_q, c) float32: rows (Re c_h, Im c_h)
+    lmin: np.ndarray | None = None  # (M, c) float64 (host): lscc2's smallest over rotations
 
 
 @dataclass
 class _Context:
     xp: object
-    fft: object
+    dft: InverseRotationDFT
     w: int
     half_n: float
+    n_pixels: int
+    m: int
     dcount: int
-    inv: object  # (W, M, S) 1 / sqrt(S_yy S_cc), S the chunk's views
-    lscc: object  # (W, M, S) -1/2 log(N S_cc)
-    lprior: np.ndarray  # (S,) log view weight - log(D W)
-    cq: np.ndarray  # (Q,) weights of |X_q| in the bound on |cc|
-    view_ids: np.ndarray  # (S,) template numbers of the chunk's views
-    inv_rows: object  # (M*S, W) inv and lscc, one row per (image, view), for gathers
-    lscc_rows: object
-
-
-@dataclass
-class _Block:
-    """Product spectra x (Q, M*D, Sb) of every image with Sb views; views (M, Sb) per image
-    (the same row for every image, except in the seeding pass)."""
-
-    x: object
-    views: np.ndarray
-
-    @property
-    def sb(self) -> int:
-        return self.views.shape[1]
+    stacked: list  # per q (D, 2, M, 2 H_q): the images (see :func:`prepare_images`)
+    cq: object  # (Q,) weights of |X_q| in the bound on |cc|, in slot order
+    prune: bool
+    full_output: object
+    buffers: dict  # reused arrays
+    skip_bound: int = 0  # displacements to evaluate without the bound (it pruned nothing lately)
 
 
 def search(
     batch: ImageBatch,
     bank: TemplateBank,
-    template_block: int = 32,
+    template_block: int = 128,
     ll_tolerance: float = 1e-4,
     prune: bool = True,
     full_output=None,
@@ -465,52 +479,73 @@ def search(
 ) -> SearchResult:
     """Best pose and log-likelihoods of every image of ``batch`` against ``bank``.
 
+    Views go in blocks of ``template_block``; within a block, one displacement at a time:
+    the products of every image with every view of the block are one real matrix product
+    per q (images in stacked real form, see :func:`prepare_images`), giving spectra planes
+    (Re X_q, Im X_q) x (image, view) that stay in cache for the rest: the triangle bound
+    on |cc| (``prune``), the inverse DFT over q of the columns that survive it
+    (:class:`.rotation_dft.InverseRotationDFT`, in tiles of :data:`TILE_COLUMNS`), and at
+    once each column's largest rho and its likelihood summed over the W rotations.
+
+    The likelihood of a pose relative to the image's reference ``ref2`` (log2 units) is
+    (beta (1 - rho_+^2))^(-(N-2)/2) with beta = 2^(-(lscc2 + lprior2 - ref2) / ((N-2)/2)):
+    with r = cc sqrt(beta) / sqrt(S_yy S_cc), it is exp2(-(N-2)/2 log2(beta - r_+^2)), a
+    few passes over the tile; rho itself is only computed for the columns whose largest r
+    could beat the image's best rho. The reference follows the best poses seen, and is
+    raised before a tile whose terms could leave float32's range.
+
     ``full_output``: an array-like (M, S, D, W) that receives every normalized
     cross-correlation (no pruning then). ``ll_tolerance``: the share of the integrated
     likelihood that pruning may leave out. ``seed_views``: views per image evaluated
     first in each chunk (those best at the central displacement), to start pruning from a
     good floor.
     """
-    xp = array_module(batch.projected[0])
+    xp = array_module(batch.stacked[0])
     m, dcount, w = batch.n_images, batch.n_displacements, bank.n_inplanes
-    q_count = w // 2 + 1
     n = batch.n_pixels
-    cq = np.full(q_count, 2.0 / w, dtype=np.float32)  # irfft's 1/W, q = 1..W/2-1 doubled
-    cq[0] = 1.0 / w
-    if w % 2 == 0:
-        cq[-1] = 1.0 / w
-    acc = _Accumulator(m, math.log(bank.n_templates * dcount * w / ll_tolerance))
+    dft = InverseRotationDFT(w, xp)
+    cq = np.where((dft.order == 0) | (dft.order == w // 2), 1.0, 2.0) / w
     prune = prune and full_output is None
+    acc = _Accumulator(m, math.log2(bank.n_templates * dcount * w / ll_tolerance))
+    ctx = _Context(
+        xp=xp,
+        dft=dft,
+        w=w,
+        half_n=(n - 2) / 2.0,
+        n_pixels=n,
+        m=m,
+        dcount=dcount,
+        stacked=batch.stacked,
+        cq=xp.asarray(cq.astype(np.float32)),
+        prune=prune,
+        full_output=full_output,
+        buffers={},
+    )
     syy = xp.asarray(batch.syy, dtype=xp.float32)[None, :, None]
     lprior = bank.log_weights - math.log(dcount * w)
     n_eval = 0
-    for c, views in enumerate(bank.chunks()):
+    for views in bank.chunks():
         coefficients, power = bank.coefficients(views)
         scc = _scc(batch, power, bank.dc[views], w)  # (W, M, c)
-        inv = (1.0 / xp.sqrt(scc * syy)).astype(xp.float32)
-        lscc = (-0.5 * xp.log(n * scc)).astype(xp.float32)
-        ctx = _Context(
-            xp=xp,
-            fft=fft_module(xp),
-            w=w,
-            half_n=(n - 2) / 2.0,
-            dcount=dcount,
-            inv=inv,
-            lscc=lscc,
-            lprior=lprior[views],
-            cq=cq,
-            view_ids=views,
-            inv_rows=xp.ascontiguousarray(inv.reshape(w, -1).T),
-            lscc_rows=xp.ascontiguousarray(lscc.reshape(w, -1).T),
+        chunk = _Chunk(
+            views=views,
+            scc=scc,
+            inv=(1.0 / xp.sqrt(scc * syy)).astype(xp.float32),
+            lscc2=(
+                (-0.5 * xp.log(n * scc) + xp.asarray(lprior[views].astype(np.float32))) * LOG2E
+            ).astype(xp.float32),
+            coef=[
+                xp.stack([c.real, c.imag], axis=1).reshape(2 * c.shape[0], c.shape[1])
+                for c in coefficients
+            ],
         )
-        if prune and seed_views > 0:
-            _seed(acc, ctx, batch, coefficients, seed_views)
-        lo, step = 0, min(template_block, 8 if c == 0 else template_block)
-        while lo < len(views):
-            local = np.arange(lo, min(len(views), lo + step))
-            lo += step
-            step = min(template_block, 2 * step)
-            n_eval += _search_block(acc, ctx, batch, coefficients, local, prune, full_output)
+        del coefficients
+        chunk.lmin = to_numpy(chunk.lscc2.min(axis=0)).astype(np.float64)
+        if seed_views > 0:
+            _seed(acc, ctx, chunk, seed_views)
+        sb = max(1, int(template_block))
+        for lo in range(0, len(views), sb):
+            n_eval += _search_block(acc, ctx, chunk, lo, min(len(views), lo + sb))
     c = bioem_constant(n, batch.syy)
     return SearchResult(
         rho=acc.rho,
@@ -518,140 +553,308 @@ def search(
         displacement=acc.displacement,
         rotation=acc.rotation,
         ll_optimal=c + acc.ll_at_best_rho,
-        ll_integrated=c + acc.ll_ref + np.log(acc.ll_sum),
+        ll_integrated=c + (acc.ref2 + np.log2(acc.total)) / LOG2E,
         n_evaluated=n_eval,
         n_triples=m * dcount * bank.n_templates,
     )
 
 
-def _search_block(acc, ctx, batch, coefficients, local, prune, full_output) -> int:
-    """The products of every image x displacement with the views ``local`` (indices into
-    the chunk), their bound, and the exact evaluation of the triples that survive it.
-    Returns the number of triples evaluated."""
+def _buffer(ctx: _Context, name: str, shape, dtype=None):
+    """A reused array of at least ``shape``'s size, viewed as ``shape``."""
     xp = ctx.xp
-    m, dcount, w, sb = batch.n_images, ctx.dcount, ctx.w, len(local)
-    q_count = len(coefficients)
-    sel = xp.asarray(local)
-    x = xp.empty((q_count, m * dcount, sb), dtype=xp.complex64)
-    if prune:  # bound sum_q c_q |X_q| accumulated while each X_q is still in cache
-        bound = xp.zeros((m * dcount, sb), dtype=xp.float32)
-        mag = xp.empty((m * dcount, sb), dtype=xp.float32)
-    for q in range(q_count):
-        xp.matmul(batch.projected[q], xp.ascontiguousarray(coefficients[q][:, sel]), out=x[q])
-        if prune:
-            xp.abs(x[q], out=mag)
-            mag *= ctx.cq[q]
-            bound += mag
-    block = _Block(x, np.broadcast_to(local, (m, sb)))
-    if not prune:
-        everything = np.arange(m * dcount * sb)
-        cc = _evaluate(
-            acc, ctx, block, everything, chunk=len(everything) if full_output is not None else 1024
-        )
-        if full_output is not None:
-            full_output[:, ctx.view_ids[local]] = to_numpy(
-                xp.transpose(cc.reshape(m, dcount, sb, w), (0, 2, 1, 3))
-            )
-        return len(everything)
-    inv_max = ctx.inv[:, :, sel].max(axis=0)  # (M, Sb)
-    view_ll_max = to_numpy(ctx.lscc[:, :, sel].max(axis=0)) + ctx.lprior[local][None, :]
-    bound = to_numpy(bound.reshape(m, dcount, sb) * inv_max[:, None, :]).reshape(-1)
-    rows, cols = np.divmod(np.arange(bound.size), sb)
-    img = rows // dcount
-    alive = np.flatnonzero(acc.alive(bound, img, view_ll_max[img, cols], ctx.half_n))
-    if len(alive):
-        _evaluate(acc, ctx, block, alive)
-    return len(alive)
+    dtype = xp.float32 if dtype is None else dtype
+    size = math.prod(shape)
+    buf = ctx.buffers.get(name)
+    if buf is None or buf.size < size or buf.dtype != dtype:
+        buf = xp.empty(size, dtype=dtype)
+        ctx.buffers[name] = buf
+    return buf[:size].reshape(shape)
 
 
-def _seed(
-    acc: _Accumulator, ctx: _Context, batch: ImageBatch, coefficients, k: int, rounds: int = 2
-):
+@dataclass
+class _Block:
+    """Views lo..hi of a chunk; arrays over its columns (image, view) = image * sb + view."""
+
+    lo: int
+    hi: int
+    invp: object  # (W, M*sb) sqrt(beta) / sqrt(S_yy S_cc)
+    beta: object  # (W, M*sb)
+    bmin: np.ndarray  # (M*sb,) smallest beta over rotations (host, float64)
+    bmax: np.ndarray  # (M*sb,) largest
+    img: np.ndarray  # (M*sb,) image of each column
+    local: np.ndarray  # (M*sb,) view of each column (index into the chunk)
+    threshold: object = None  # (M*sb,) raw bound below which a triple is pruned
+
+    @property
+    def sb(self) -> int:
+        return self.hi - self.lo
+
+
+def _block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: int) -> _Block:
+    """Per-column arrays of views lo..hi at the images' current references."""
+    xp, w, m = ctx.xp, ctx.w, ctx.m
+    sb = hi - lo
+    l2 = chunk.lscc2[:, :, lo:hi]  # (W, M, sb)
+    unset = ~np.isfinite(acc.ref2)
+    if unset.any():  # first sums: the rho = 0 level
+        acc.raise_ref(np.where(unset, to_numpy(l2.max(axis=(0, 2))).astype(np.float64), -np.inf))
+    ref = xp.asarray(acc.ref2.astype(np.float32))[None, :, None]
+    beta = xp.exp2((ref - l2) * np.float32(1.0 / ctx.half_n))
+    invp = chunk.inv[:, :, lo:hi] * xp.sqrt(beta)
+    blk = _Block(
+        lo=lo,
+        hi=hi,
+        invp=invp.reshape(w, -1),
+        beta=beta.reshape(w, -1),
+        bmin=to_numpy(beta.min(axis=0)).reshape(-1).astype(np.float64),
+        bmax=to_numpy(beta.max(axis=0)).reshape(-1).astype(np.float64),
+        img=np.repeat(np.arange(m), sb),
+        local=np.tile(np.arange(lo, hi), m),
+    )
+    if ctx.prune:
+        # alive: bound * max_k inv >= min(best rho, rho whose log L reaches floor - margin)
+        inv_max = to_numpy(chunk.inv[:, :, lo:hi].max(axis=0)).astype(np.float64)  # (M, sb)
+        lmax = to_numpy(l2.max(axis=0)).astype(np.float64)
+        gap = (acc.floor2[:, None] - acc.margin2 - lmax) / ctx.half_n
+        with np.errstate(invalid="ignore", over="ignore"):
+            need = np.sqrt(np.clip(1.0 - np.exp2(-gap), 0.0, 1.0))
+        need = np.where(np.isfinite(gap), need, 0.0)
+        rho_min = np.minimum(np.maximum(acc.rho, 0.0)[:, None], need)
+        blk.threshold = xp.asarray((rho_min / inv_max).reshape(-1).astype(np.float32))
+    return blk
+
+
+def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: int) -> int:
+    """Every image x displacement against views lo..hi of the chunk; returns the number of
+    (image, view, displacement) triples evaluated."""
+    xp, m, dcount = ctx.xp, ctx.m, ctx.dcount
+    sb = hi - lo
+    acc.raise_ref(acc.floor2)
+    blk = _block(acc, ctx, chunk, lo, hi)
+    rows, n = ctx.dft.rows, m * sb
+    per_tile = max(1, TILE_COLUMNS // sb) * sb  # whole images per tile
+    evaluated = 0
+    # columns that survive the bound, gathered over displacements into one tile
+    pending = _buffer(ctx, "pending", (rows, TILE_COLUMNS))
+    cols_d: list = []  # (columns, displacement) gathered so far
+    filled = 0
+    for d in range(dcount):
+        x2 = _buffer(ctx, "x2", (rows // 2, 2 * m, sb))
+        for p, q in enumerate(ctx.dft.order):  # planes Re X_q, Im X_q: (2 M, sb)
+            xp.matmul(ctx.stacked[q][d].reshape(2 * m, -1), chunk.coef[q][:, lo:hi], out=x2[p])
+        x2 = x2.reshape(rows, n)
+        if ctx.prune and ctx.skip_bound <= 0:
+            alive = to_numpy(xp.flatnonzero(_bound(ctx, x2) >= blk.threshold))
+            if 2 * len(alive) < n:  # few: gather them
+                for c0 in range(0, len(alive), TILE_COLUMNS):
+                    cols = alive[c0 : c0 + TILE_COLUMNS]
+                    if filled + len(cols) > TILE_COLUMNS:
+                        blk = _evaluate_gathered(acc, ctx, chunk, blk, pending, cols_d, filled)
+                        cols_d, filled = [], 0
+                    pending[:, filled : filled + len(cols)] = xp.take(x2, xp.asarray(cols), axis=1)
+                    cols_d.append((cols, d))
+                    filled += len(cols)
+                evaluated += len(alive)
+                continue
+            if 10 * len(alive) > 9 * n:  # the bound prunes nothing (noise): skip it a while
+                ctx.skip_bound = 16
+        ctx.skip_bound -= 1
+        for c0 in range(0, n, per_tile):
+            c1 = min(n, c0 + per_tile)
+            blk = _evaluate(acc, ctx, chunk, blk, x2[:, c0:c1], np.arange(c0, c1), d, True)
+        evaluated += n
+    _evaluate_gathered(acc, ctx, chunk, blk, pending, cols_d, filled)
+    return evaluated
+
+
+def _evaluate_gathered(acc, ctx, chunk, blk, pending, cols_d, filled) -> _Block:
+    """:func:`_evaluate` of the first ``filled`` columns of ``pending``: the planes of the
+    (columns, displacement) pairs ``cols_d`` in order."""
+    if not filled:
+        return blk
+    cols = np.concatenate([c for c, _ in cols_d])
+    disp = np.concatenate([np.full(len(c), d) for c, d in cols_d])
+    return _evaluate(acc, ctx, chunk, blk, pending[:, :filled], cols, disp, False)
+
+
+def _bound(ctx: _Context, planes):
+    """sum_q c_q |X_q| >= max_k |cc_k| per column of spectra planes (2Q, n)."""
+    xp = ctx.xp
+    rows, n = planes.shape
+    sq = _buffer(ctx, "bound", (rows, n))
+    xp.square(planes, out=sq)
+    mag = sq[0::2]
+    xp.add(sq[0::2], sq[1::2], out=mag)
+    xp.sqrt(mag, out=mag)
+    return ctx.cq @ mag
+
+
+def _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense) -> _Block:
+    """Exact likelihood sums over the W rotations of the triples (columns ``cols`` of the
+    block, displacement ``d``: one, or one per column) whose spectra planes are ``planes``;
+    best poses among them.
+    ``dense``: ``cols`` is a run of whole images. Returns the block (rebuilt when a
+    reference had to be raised)."""
+    xp, w = ctx.xp, ctx.w
+    n = planes.shape[1]
+    img = blk.img[cols]
+    for _ in range(8):
+        cc = ctx.dft(planes, out=_buffer(ctx, "cc", (w, n)), scratch=_buffer(ctx, "dft", (w, n)))
+        if ctx.full_output is not None:
+            _write_full(ctx, chunk, blk, cc, cols, d)
+        if dense:
+            invp, beta = blk.invp[:, cols[0] : cols[-1] + 1], blk.beta[:, cols[0] : cols[-1] + 1]
+        else:
+            ix = xp.asarray(cols)
+            invp, beta = xp.take(blk.invp, ix, axis=1), xp.take(blk.beta, ix, axis=1)
+        r = cc
+        r *= invp  # rho sqrt(beta)
+        rmax = to_numpy(r.max(axis=0)).astype(np.float64)
+        # largest log2 term of each column: -(N-2)/2 log2(beta_min - rmax_+^2)
+        room = blk.bmin[cols] - np.maximum(rmax, 0.0) ** 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            top = np.where(room > 0, -ctx.half_n * np.log2(np.maximum(room, 1e-300)), np.inf)
+        high = top > OVERFLOW
+        if not high.any():
+            break
+        if not np.isfinite(top[high]).all():  # rho ~ 1: float32 could not hold it
+            cap = np.sqrt(blk.bmin[cols] * (1 - 1e-6)).astype(np.float32)
+            r = xp.minimum(r, xp.asarray(cap))
+            break
+        raise_to = np.full(ctx.m, -np.inf)
+        np.maximum.at(raise_to, img[high], acc.ref2[img[high]] + top[high] - OVERFLOW / 2)
+        acc.raise_ref(raise_to)
+        blk = _block(acc, ctx, chunk, blk.lo, blk.hi)
+    # rho <= r / sqrt(beta): columns whose largest rho could beat the image's best
+    upper = rmax / np.sqrt(np.where(rmax >= 0, blk.bmin[cols], blk.bmax[cols]))
+    cand = np.flatnonzero(upper > acc.rho[img])
+    if len(cand):
+        cx = xp.asarray(cand)
+        rho = xp.take(r, cx, axis=1) / xp.sqrt(xp.take(beta, cx, axis=1))  # exact rho
+        disp = np.broadcast_to(np.asarray(d), cols.shape)[cand]
+        _update_best(acc, ctx, chunk, rho, img[cand], blk.local[cols[cand]], disp)
+    # terms below 2^-OVERFLOW of the reference are negligible; exp2 is slow below 2^-126
+    clamp = bool((ctx.half_n * np.log2(blk.bmax[cols]) > OVERFLOW).any())
+    sums = _likelihood_sums(ctx, r, beta, clamp)
+    with np.errstate(divide="ignore"):
+        col2 = np.log2(sums) + acc.ref2[img]
+    if dense:
+        i0, i1 = img[0], img[-1] + 1
+        acc.total[i0:i1] += sums.reshape(i1 - i0, -1).sum(axis=1)
+        acc.floor2[i0:i1] = np.maximum(acc.floor2[i0:i1], col2.reshape(i1 - i0, -1).max(axis=1))
+    else:
+        acc.total += np.bincount(img, weights=sums, minlength=ctx.m)
+        np.maximum.at(acc.floor2, img, col2)
+    return blk
+
+
+def _likelihood_sums(ctx: _Context, r, beta, clamp: bool) -> np.ndarray:
+    """sum over rotations of (beta - r_+^2)^(-(N-2)/2) per column, in place on r (W, n);
+    ``clamp``: terms below 2^-OVERFLOW set to that."""
+    xp = ctx.xp
+    n = r.shape[1]
+    bounds = ctx.buffers.get("bounds")
+    if bounds is None or bounds.shape[1] < n:
+        bounds = xp.empty((2, max(n, TILE_COLUMNS)), dtype=xp.float32)
+        bounds[0], bounds[1] = 0.0, -OVERFLOW
+        ctx.buffers["bounds"] = bounds
+    xp.maximum(r, bounds[0:1, :n], out=r)
+    xp.square(r, out=r)
+    xp.subtract(beta, r, out=r)
+    xp.log2(r, out=r)
+    r *= np.float32(-ctx.half_n)
+    if clamp:
+        xp.maximum(r, bounds[1:2, :n], out=r)
+    xp.exp2(r, out=r)
+    ones = ctx.buffers.get("ones")
+    if ones is None:
+        ones = ctx.buffers["ones"] = xp.ones(r.shape[0], dtype=xp.float32)
+    return to_numpy(ones @ r).astype(np.float64)  # the sum over rotations as a product
+
+
+def _update_best(acc, ctx, chunk, rho, img, local, disp) -> np.ndarray:
+    """Each image's best column of exact rho (W, n) (triples img, local view, disp): its
+    best rotation and log L there, into ``acc`` where it beats the image's best. Returns
+    every column's largest rho (n,); the argmax over rotations is taken for at most one
+    column per image."""
+    xp = ctx.xp
+    cmax = to_numpy(rho.max(axis=0)).astype(np.float64)
+    order = np.lexsort((-cmax, img))  # per image, largest first (ties: first column)
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = img[order][1:] != img[order][:-1]
+    pick = order[first]
+    pick = pick[cmax[pick] > acc.rho[img[pick]]]
+    if len(pick):
+        rot = to_numpy(xp.argmax(rho[:, xp.asarray(pick)], axis=0))
+        scc = to_numpy(chunk.scc[xp.asarray(rot), xp.asarray(img[pick]), xp.asarray(local[pick])])
+        rp = np.clip(cmax[pick], 0.0, 1.0 - 1e-12)
+        ll = -ctx.half_n * np.log1p(-rp * rp) - 0.5 * np.log(ctx.n_pixels * scc.astype(np.float64))
+        acc.add_best(img[pick], cmax[pick], chunk.views[local[pick]], disp[pick], rot, ll)
+    return cmax
+
+
+def _write_full(ctx, chunk, blk, cc, cols, d):
+    """Normalized cross-correlations of a dense tile into the full output (M, S, D, W)."""
+    w, sb = ctx.w, blk.sb
+    i0, i1 = blk.img[cols[0]], blk.img[cols[-1]] + 1
+    inv = chunk.inv[:, i0:i1, blk.lo : blk.hi].reshape(w, -1)
+    rho = to_numpy(cc * inv).reshape(w, i1 - i0, sb)
+    ctx.full_output[i0:i1, chunk.views[blk.lo : blk.hi], d] = np.transpose(rho, (1, 2, 0))
+
+
+def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int = 2):
     """Raise each image's best rho and pruning floor before a chunk's main pass. Each round:
     rho of every view at one displacement per image (1/D of the work; the centre first,
     then the image's best so far), then every displacement of the image's ``k`` best views
     there, evaluated exactly. These count for the best pose and the floor only (the main
     pass sums them into the likelihood)."""
-    xp = ctx.xp
-    m, dcount = batch.n_images, batch.n_displacements
-    k = min(k, coefficients[0].shape[1])
+    xp, m, dcount, w = ctx.xp, ctx.m, ctx.dcount, ctx.w
+    n_views = len(chunk.views)
+    k = min(k, n_views)
+    order, rows = ctx.dft.order, ctx.dft.rows
     where = np.full(m, dcount // 2)  # the grid's middle point, (0, 0) for odd sizes
-    for _ in range(rounds):
-        rows = xp.asarray(np.arange(m) * dcount + where)
-        x0 = xp.stack(
-            [
-                xp.take(p, rows, axis=0) @ c
-                for p, c in zip(batch.projected, coefficients, strict=True)
-            ]
-        )
-        rho0 = (ctx.fft.irfft(x0, n=ctx.w, axis=0) * ctx.inv).max(axis=0)  # (M, S)
-        top = np.argpartition(-to_numpy(rho0), k - 1, axis=1)[:, :k]  # (M, k)
+    at, images = xp.asarray(where), xp.arange(m)
+    for step in range(rounds):
+        # first round: the first views of the chunk only (a pseudo-random sample of the
+        # sphere, 1 in SEED_STRIDE), enough to find each image's displacement
+        c = n_views if step else min(n_views, max(k, -(-n_views // SEED_STRIDE)))
+        planes = _buffer(ctx, "seed", (rows // 2, 2 * m, c))
+        for p, q in enumerate(order):
+            a = ctx.stacked[q][at, :, images]  # (M, 2, 2H)
+            xp.matmul(xp.moveaxis(a, 1, 0).reshape(2 * m, -1), chunk.coef[q][:, :c], out=planes[p])
+        rho = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, c)
+        rho *= chunk.inv[:, :, :c]
+        img = np.repeat(np.arange(m), c)
+        local = np.tile(np.arange(c), m)
+        cmax = _exact_update(acc, ctx, chunk, rho.reshape(w, -1), img, local, where[img])
+        top = np.argpartition(-cmax.reshape(m, c), k - 1, axis=1)[:, :k]  # (M, k)
         top_x = xp.asarray(top)
-        x = xp.stack(
-            [
-                xp.matmul(p.reshape(m, dcount, -1), xp.moveaxis(c[:, top_x], 1, 0))  # (M, D, k)
-                for p, c in zip(batch.projected, coefficients, strict=True)
-            ]
-        ).reshape(len(batch.projected), m * dcount, k)
-        _evaluate(acc, ctx, _Block(x, top), np.arange(m * dcount * k), accumulate=False)
-        if np.array_equal(acc.displacement, where):
+        planes = _buffer(ctx, "seed2", (rows // 2, m, dcount, 2, k))
+        for p, q in enumerate(order):
+            a = xp.moveaxis(ctx.stacked[q], 2, 0).reshape(m, 2 * dcount, -1)  # (M, 2D, 2H)
+            coef = xp.moveaxis(chunk.coef[q][:, top_x], 1, 0)  # (M, 2H, k)
+            xp.matmul(a, coef, out=planes[p].reshape(m, 2 * dcount, k))
+        planes = xp.moveaxis(planes, 3, 1).reshape(rows, -1)  # rows (slot, part)
+        cc = ctx.dft(xp.ascontiguousarray(planes)).reshape(w, m, dcount, k)
+        inv = chunk.inv[:, images[:, None], top_x]  # (W, M, k)
+        rho = (cc * inv[:, :, None, :]).reshape(w, -1)
+        img = np.repeat(np.arange(m), dcount * k)
+        local = np.repeat(top[:, None, :], dcount, axis=1).reshape(-1)
+        disp = np.tile(np.repeat(np.arange(dcount), k), m)
+        _exact_update(acc, ctx, chunk, rho, img, local, disp)
+        if step and np.array_equal(acc.displacement, where):
             break
         where = acc.displacement.copy()
+        at = xp.asarray(where)
 
 
-def _evaluate(
-    acc: _Accumulator,
-    ctx: _Context,
-    block: _Block,
-    flat: np.ndarray,
-    accumulate: bool = True,
-    chunk: int = 1024,
-):
-    """Exact rho and log L over all rotations for the triples ``flat`` (indices into
-    (M*D, Sb)), in cache-sized chunks; folds them into ``acc``. Returns rho (len(flat), W)
-    when ``chunk`` covers them all (the dense path), else None."""
-    out = None
-    for lo in range(0, len(flat), chunk):
-        out = _evaluate_chunk(acc, ctx, block, flat[lo : lo + chunk], accumulate)
-    return out if len(flat) <= chunk else None
-
-
-def _evaluate_chunk(acc, ctx, block, flat, accumulate):
-    """One chunk of :func:`_evaluate`, laid out (triple, rotation): every gather contiguous."""
-    xp = ctx.xp
-    rows, cols = np.divmod(flat, block.sb)
-    img = rows // ctx.dcount
-    views = block.views[img, cols]
-    q_count = block.x.shape[0]
-    spectra = xp.ascontiguousarray(
-        xp.take(block.x.reshape(q_count, -1), xp.asarray(flat), axis=1).T
-    )
-    rho = ctx.fft.irfft(spectra, n=ctx.w, axis=-1)  # (n, W)
-    pair = xp.asarray(img * ctx.inv.shape[2] + views)  # (image, view) row of inv_rows, lscc_rows
-    rho *= xp.take(ctx.inv_rows, pair, axis=0)
-    rot = xp.argmax(rho, axis=1)
-    best = xp.take_along_axis(rho, rot[:, None], axis=1)[:, 0]
-    pose = xp.maximum(rho, 0.0)
-    pose *= pose
-    xp.negative(pose, out=pose)
-    xp.log1p(pose, out=pose)
-    pose *= -ctx.half_n
-    pose += xp.take(ctx.lscc_rows, pair, axis=0)
-    at_best = xp.take_along_axis(pose, rot[:, None], axis=1)[:, 0]
-    pose += xp.asarray(ctx.lprior[views].astype(np.float32))[:, None]
-    top = pose.max(axis=1)
-    acc.add_best(
-        img,
-        to_numpy(best),
-        ctx.view_ids[views],
-        rows % ctx.dcount,
-        to_numpy(rot),
-        to_numpy(at_best),
-    )
-    top_host = to_numpy(top).astype(np.float64)
-    acc.add_floor(img, top_host)
-    if accumulate:
-        pose -= top[:, None]
-        xp.exp(pose, out=pose)
-        acc.add_logsumexp(img, top_host, to_numpy(pose.sum(axis=1)).astype(np.float64))
-    return rho
+def _exact_update(acc, ctx, chunk, rho, img, local, disp) -> np.ndarray:
+    """Best poses and pruning floor from exact rho (W, n) of triples (img, local view,
+    disp); returns each column's largest rho. The floor takes, per column, the log2
+    likelihood x prior of its largest rho with the column's smallest S_cc term (a lower
+    bound on the pose's own: every value it takes is that of an evaluated pose or less)."""
+    cmax = _update_best(acc, ctx, chunk, rho, img, local, disp)
+    rp = np.clip(cmax, 0.0, 1.0 - 1e-6)
+    top = -ctx.half_n * np.log2(1.0 - rp * rp) + chunk.lmin[img, local]
+    np.maximum.at(acc.floor2, img, top)
+    return cmax

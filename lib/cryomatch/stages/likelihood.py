@@ -135,7 +135,7 @@ def likelihood(
     use_prior_shifts: bool = False,
     full_cross_correlation: bool = False,
     refine: bool = False,
-    compression_tolerance: float = 1e-4,
+    compression_tolerance: float = 3e-5,
     ll_tolerance: float = 1e-4,
     memory_mb: float = 1000.0,
     backend: str = "numpy",
@@ -301,7 +301,7 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--compression-tolerance",
         type=float,
-        default=1e-4,
+        default=3e-5,
         help="relative template energy the per-q SVD may leave out (0: none)",
     )
     p.add_argument(

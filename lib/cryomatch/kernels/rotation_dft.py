@@ -1,0 +1,114 @@
+"""Angular DFTs of the polar search as real matrix products.
+
+Both DFTs of the rotational search (shared notes section 1) act on many short sequences (an
+angle axis of W = 128 at 64 px): an FFT library called once per sequence spends most of its
+time on per-call work, while one matrix product over all sequences runs near the machine's
+peak. So both are written as products with small fixed matrices.
+
+**Inverse, product spectra to correlations over rotations.** For the spectrum X_q, q = 0..W/2,
+of a real sequence,
+
+    cc[k] = sum_q c_q Re(X_q e^{2 pi i q k / W}),   c_0 = c_{W/2} = 1/W, else 2/W
+
+(numpy's irfft). Since e^{2 pi i q (k + W/2) / W} = (-1)^q e^{2 pi i q k / W}, the sums E[k] over
+even q and O[k] over odd q for k < W/2 give cc[k] = E[k] + O[k] and cc[k + W/2] = E[k] - O[k]
+(one radix-2 step): two (W/2 x W/2)-sized real products instead of one (W x W). Spectra come
+as real *planes*: rows 2p and 2p + 1 hold Re and Im of X_q for q = ``order[p]`` (even q first),
+one column per sequence, so the products read contiguous rows.
+
+**Forward, half circle to spectra.** Values with F(theta + pi) = conj F(theta) (transforms of
+real images) given on the first W/2 angles have the spectrum
+A(q) = sum_{l < W/2} (y_l + (-1)^q conj y_l) e^{-2 pi i q l / W}, a real-linear map of
+(Re y_l, Im y_l): one real (W x 2 (W/2+1)) matrix, applied to complex64 values viewed as
+interleaved float32 and giving complex64 spectra the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import array_module
+
+
+def slot_order(n_angles: int) -> np.ndarray:
+    """q of each spectrum slot: even q = 0, 2, .. then odd q = 1, 3, .. (q <= W/2)."""
+    q = np.arange(n_angles // 2 + 1)
+    return np.concatenate([q[0::2], q[1::2]])
+
+
+class InverseRotationDFT:
+    """Correlations (W, n) float32 from spectra planes (2 (W/2 + 1), n) (see module
+    docstring); ``n_angles`` even."""
+
+    def __init__(self, n_angles: int, xp=np):
+        if n_angles % 2:
+            raise ValueError(f"the number of angles must be even, got {n_angles}")
+        self.w = n_angles
+        self.order = slot_order(n_angles)
+        half = n_angles // 2
+        n_even = (half + 2) // 2  # even q in 0..W/2
+        self.even_rows = 2 * n_even
+        k = np.arange(half)[:, None]
+        mats = []
+        for qs in (self.order[:n_even], self.order[n_even:]):
+            m = np.zeros((half, 2 * len(qs)))
+            for i, q in enumerate(qs):
+                c = (1.0 if q in (0, half) else 2.0) / n_angles
+                m[:, 2 * i] = c * np.cos(2 * np.pi * q * k[:, 0] / n_angles)
+                if q not in (0, half):  # irfft ignores Im X_0 and Im X_{W/2}
+                    m[:, 2 * i + 1] = -c * np.sin(2 * np.pi * q * k[:, 0] / n_angles)
+            mats.append(xp.asarray(m.astype(np.float32)))
+        self.even, self.odd = mats
+        self.xp = xp
+
+    @property
+    def rows(self) -> int:
+        """Rows of the spectra planes: 2 (W/2 + 1)."""
+        return 2 * len(self.order)
+
+    def __call__(self, planes, out=None, scratch=None):
+        """planes (2 (W/2+1), n) float32 (rows may be strided) -> correlations (W, n) in ``out``.
+        ``scratch``: a (W, n) float32 array for the two halves (allocated when None)."""
+        xp = self.xp
+        n = planes.shape[1]
+        half = self.w // 2
+        if out is None:
+            out = xp.empty((self.w, n), dtype=xp.float32)
+        if scratch is None:
+            scratch = xp.empty((self.w, n), dtype=xp.float32)
+        e, o = scratch[:half], scratch[half:]
+        xp.matmul(self.even, planes[: self.even_rows], out=e)
+        xp.matmul(self.odd, planes[self.even_rows :], out=o)
+        xp.add(e, o, out=out[:half])
+        xp.subtract(e, o, out=out[half:])
+        return out
+
+
+def half_circle_matrix(n_angles: int, dtype=np.float32) -> np.ndarray:
+    """Real (W, W + 2) matrix M with spectra = y @ M for values on the first W/2 angles viewed
+    as interleaved (Re y_l, Im y_l) and spectra as interleaved (Re A_q, Im A_q), q = 0..W/2
+    (see module docstring)."""
+    if n_angles % 2:
+        raise ValueError(f"the number of angles must be even, got {n_angles}")
+    half = n_angles // 2
+    phi = 2 * np.pi * np.outer(np.arange(half), np.arange(half + 1)) / n_angles  # (l, q)
+    odd = (np.arange(half + 1) % 2).astype(bool)
+    m = np.zeros((half, 2, half + 1, 2))  # (l, Re/Im of y, q, Re/Im of A)
+    # even q: A = 2 sum Re(y) e^{-i phi}; odd q: A = 2i sum Im(y) e^{-i phi}
+    m[:, 0, ~odd, 0] = 2 * np.cos(phi[:, ~odd])
+    m[:, 0, ~odd, 1] = -2 * np.sin(phi[:, ~odd])
+    m[:, 1, odd, 0] = 2 * np.sin(phi[:, odd])
+    m[:, 1, odd, 1] = 2 * np.cos(phi[:, odd])
+    return m.reshape(n_angles, n_angles + 2).astype(dtype)
+
+
+def half_circle_spectra(half_values, n_angles: int, matrix=None):
+    """Spectra (..., W/2 + 1) complex64 of Hermitian values given on the first W/2 angles
+    (..., W/2) complex64 (last axis); ``matrix`` from :func:`half_circle_matrix` to reuse."""
+    xp = array_module(half_values)
+    if matrix is None:
+        matrix = xp.asarray(half_circle_matrix(n_angles))
+    lead = half_values.shape[:-1]
+    y = xp.ascontiguousarray(half_values, dtype=xp.complex64).view(xp.float32)
+    out = y.reshape(-1, n_angles) @ matrix
+    return out.view(xp.complex64).reshape(*lead, n_angles // 2 + 1)

@@ -11,6 +11,7 @@ from cryomatch.io.mrc import (
     StackWriter,
     header_voxel_size,
     open_mrc,
+    pixel_size_from,
     read_images,
     read_volume,
     write_mrc,
@@ -156,3 +157,19 @@ def test_a_100000_image_stack_is_never_loaded_whole(tmp_path):
     tracemalloc.stop()
     assert batch.shape == (10, box, box) and batch[-1].min() == 1.0
     assert peak < 40 * 2**20  # the stack is 1.6 GB; this holds 10 images plus the table
+
+
+def test_pixel_size_comes_from_the_metadata_before_the_header():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pixel_size_from(1.5, 2.0, 3.0, "x.mrc") == 1.5  # given: nothing else looked at
+        assert pixel_size_from(None, 2.0, 2.01, "x.mrc") == 2.0  # within 1%: no warning
+        assert pixel_size_from(None, 2.0, 0.0, "x.mrc") == 2.0  # no header value
+    with pytest.warns(CryomatchWarning, match="x.mrc: the MRC header's voxel size 3 A differs"):
+        assert pixel_size_from(None, 2.0, 3.0, "x.mrc") == 2.0
+    with pytest.warns(CryomatchWarning, match="no pixel size in the metadata; using the MRC"):
+        assert pixel_size_from(None, None, 3.0, "x.mrc") == 3.0
+    with pytest.warns(CryomatchWarning, match="no pixel size anywhere; using 1 A"):
+        assert pixel_size_from(None, None, 0.0, "x.mrc", default=1.0) == 1.0
+    with pytest.raises(CryomatchError, match="no pixel size"):
+        pixel_size_from(None, None, None, "x.mrc")

@@ -83,6 +83,39 @@ def header_voxel_size(mrc, path) -> float | None:
     return size
 
 
+def pixel_size_from(given, metadata, header, path, default: float | None = None) -> float:
+    """The pixel size (A) a stage uses: ``given``, else the ``metadata``'s (a ``header`` that
+    differs from it by more than 1% is warned about), else the MRC ``header``'s (warned
+    about: headers are often wrong), else ``default`` (warned about); with none of them, an
+    error naming ``path``. Missing values are None (or <= 0)."""
+    if given is not None:
+        return float(given)
+    header = float(header) if header is not None and header > 0 else None
+    if metadata is not None and metadata > 0:
+        if header and abs(header - metadata) > 0.01 * metadata:
+            warnings.warn(
+                f"{path}: the MRC header's voxel size {header:g} A differs from the metadata's "
+                f"{metadata:g} A; using the metadata's",
+                CryomatchWarning,
+                stacklevel=2,
+            )
+        return float(metadata)
+    if header:
+        warnings.warn(
+            f"{path}: no pixel size in the metadata; using the MRC header's {header:g} A "
+            "(headers are often wrong: give the pixel size)",
+            CryomatchWarning,
+            stacklevel=2,
+        )
+        return header
+    if default is not None:
+        warnings.warn(
+            f"{path}: no pixel size anywhere; using {default:g} A", CryomatchWarning, stacklevel=2
+        )
+        return float(default)
+    raise CryomatchError("no pixel size in the metadata or the MRC header: give it", path)
+
+
 def stack_shape(mrc) -> tuple[int, int, int]:
     """(n_images, ny, nx) of an image stack or a single 2D image."""
     shape = mrc.data.shape

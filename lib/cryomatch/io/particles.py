@@ -23,7 +23,7 @@ import pandas as pd
 from ..errors import CryomatchError, CryomatchWarning
 from . import cryosparc
 from .atomic import Outputs
-from .mrc import open_mrc, stack_shape
+from .mrc import open_mrc, pixel_size_from, stack_shape
 from .star import read_star, write_star
 
 CTF_COLUMNS = [
@@ -300,15 +300,8 @@ class ImageReader:
                     self.particles.source,
                 )
             boxes[file] = nx
-            header = float(mrc.voxel_size.x)
-            meta = float(rows["rlnImagePixelSize"].iloc[0])
-            if header > 0 and abs(header - meta) > 0.01 * meta:
-                warnings.warn(
-                    f"{file}: header voxel size {header:g} A differs from the metadata's "
-                    f"{meta:g} A; using the metadata's",
-                    CryomatchWarning,
-                    stacklevel=2,
-                )
+            # warns where the header disagrees with the metadata
+            pixel_size_from(None, float(rows["rlnImagePixelSize"].iloc[0]), mrc.voxel_size.x, file)
         sizes = sorted(set(boxes.values()))
         if len(sizes) != 1:
             raise CryomatchError(f"stacks have different box sizes {sizes}", self.particles.source)

@@ -38,7 +38,7 @@ from ..errors import CryomatchError, CryomatchWarning
 from ..io.atomic import Outputs
 from ..io.figures import orthogonal_slices, save_png
 from ..io.files import write_npz
-from ..io.mrc import open_mrc, read_volume, write_mrc
+from ..io.mrc import open_mrc, pixel_size_from, read_volume, write_mrc
 from ..io.star import read_star, write_star
 from ..io.volumes import VolumeStackReader, extract_boxes
 from ..progress import progress
@@ -223,29 +223,6 @@ def _tomo_key(name) -> str:
     return base
 
 
-def resolve_pixel_size(angpix, star_size, header_size, what) -> float:
-    """--angpix, else the STAR's, else the header's (warned about); header mismatches warned."""
-    if angpix is not None:
-        return float(angpix)
-    if star_size is not None and star_size > 0:
-        if header_size and abs(header_size - star_size) > 0.01 * star_size:
-            warnings.warn(
-                f"{what}: the MRC header's voxel size {header_size:g} A differs from the STAR's "
-                f"{star_size:g} A; using the STAR's",
-                CryomatchWarning,
-                stacklevel=2,
-            )
-        return float(star_size)
-    if header_size:
-        warnings.warn(
-            f"{what}: no pixel size in the metadata; using the MRC header's {header_size:g} A",
-            CryomatchWarning,
-            stacklevel=2,
-        )
-        return float(header_size)
-    raise CryomatchError("no pixel size: give --angpix", what)
-
-
 # --- the stage -------------------------------------------------------------------------
 def build_model(templates, mask, method, rotations, cutoff, tilt, interpolate, refine):
     if method not in METHODS:
@@ -335,7 +312,7 @@ def subtomo_align(
     source = StackSource(subvolumes) if subvolumes is not None else TomogramSource(star, tomograms)
     try:
         what = subvolumes if subvolumes is not None else star
-        angpix = resolve_pixel_size(angpix, *source.pixel_size(), what)
+        angpix = pixel_size_from(angpix, *source.pixel_size(), what)
         if template_voxel and abs(template_voxel - angpix) > 0.01 * angpix:
             warnings.warn(
                 f"{templates[0]}: the template's voxel size {template_voxel:g} A differs from "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,10 +10,10 @@ import numpy as np
 import pandas as pd
 
 from ... import geometry
-from ...errors import CryomatchError, CryomatchWarning
+from ...errors import CryomatchError
 from ...io.figures import draw_orthogonal_slices, new_figure
 from ...io.files import read_csv, write_csv
-from ...io.mrc import check_finite, open_mrc
+from ...io.mrc import check_finite, open_mrc, pixel_size_from
 from ...io.tilts import TiltMetadata, read_angles, write_tlt, write_xf
 
 # methods whose result depends on the order of the images (neighbours are registered)
@@ -88,22 +87,7 @@ def read_tilt_series(
         raise CryomatchError(f"duplicate tilt angles: {values[counts > 1].tolist()}", source)
     if tilt_axis is None:
         tilt_axis = meta.tilt_axis if meta.tilt_axis is not None else 0.0
-    if pixel_size is None:
-        pixel_size = meta.pixel_size
-    if pixel_size is None:
-        if header_pixel > 0:
-            warnings.warn(
-                f"{stack}: pixel size {header_pixel:g} A from the MRC header (headers "
-                "are often wrong; give pixel_size)",
-                CryomatchWarning,
-                stacklevel=2,
-            )
-            pixel_size = header_pixel
-        else:
-            warnings.warn(
-                f"{stack}: no pixel size anywhere; using 1 A", CryomatchWarning, stacklevel=2
-            )
-            pixel_size = 1.0
+    pixel_size = pixel_size_from(pixel_size, meta.pixel_size, header_pixel, stack, default=1.0)
     return TiltSeries(
         data,
         np.asarray(meta.angles, dtype=np.float64),

@@ -2,7 +2,7 @@
 # how many chunks (jobs) they make.
 import shlex
 
-from cryomatch.stages.subtomo import count_subvolumes
+from cryomatch.workflow import count_subvolumes
 
 SUBTOMO = f"{OUT}/subtomo"
 SUBTOMO_CFG = config["subtomo"]

@@ -16,6 +16,7 @@ from cryomatch.io.star import read_star
 from cryomatch.io.volumes import VolumeStackWriter
 from cryomatch.stages.simulate.subvolumes import simulate_subvolumes
 from cryomatch.stages.subtomo import subtomo_align, subtomo_merge
+from cryomatch.workflow import count_subvolumes
 
 REPO = Path(__file__).resolve().parents[1]
 APIX = 8.0
@@ -110,6 +111,11 @@ def test_tomogram_chunks_merge_to_the_whole(demo, tmp_path):
     rot, shift, labels = _errors(tmp_path / "whole" / "subtomo.star", demo / "truth.star")
     assert labels == 1.0 and shift < 0.2 and rot < 2.0
     assert "rlnCenteredCoordinateXAngst" in merged and "rlnTomoName" in merged
+
+
+def test_workflow_counts_subvolumes_of_a_star_and_of_a_stack(demo):
+    assert count_subvolumes(demo / "particles.star") == 10  # positions in the tomogram
+    assert count_subvolumes(demo / "subvolumes.mrcs") == 10
 
 
 def _cli(args, capsys):

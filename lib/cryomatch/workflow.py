@@ -93,5 +93,19 @@ def count_particles(path: str) -> int:
     return len(read_particles(path, require_ctf=False, images=False))
 
 
+def count_subvolumes(path) -> int:
+    """Rows of a particle STAR, or volumes in a volume stack (its header only)."""
+    if str(path).endswith(".star"):
+        from .io.star import read_star
+
+        blocks = read_star(path)
+        table = blocks.get("particles")
+        return len(table if table is not None else list(blocks.values())[-1])
+    from .io.volumes import VolumeStackReader
+
+    with VolumeStackReader(path) as reader:
+        return len(reader)
+
+
 def n_stacks(n_particles: int, stack_size: int) -> int:
     return max(1, math.ceil(n_particles / stack_size))

@@ -51,16 +51,6 @@ def chunk_name(k: int) -> str:
     return f"chunk_{k:06d}"
 
 
-def count_subvolumes(path) -> int:
-    """Rows of a particle STAR, or volumes in a stack (headers only; for the workflow)."""
-    if str(path).endswith(".star"):
-        blocks = read_star(path)
-        table = blocks.get("particles")
-        return len(table if table is not None else list(blocks.values())[-1])
-    with VolumeStackReader(path) as reader:
-        return len(reader)
-
-
 # --- inputs ----------------------------------------------------------------------------
 def read_templates(paths, mask_path=None):
     """(templates (T, *shape), mask or None, voxel size of the first template or None)."""

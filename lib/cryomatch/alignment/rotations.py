@@ -27,11 +27,6 @@ def euler_zyx_to_rotation(angles) -> Rotation:
     return Rotation.from_euler("zyx", angles[..., ::-1], degrees=True)
 
 
-def rotation_to_euler_zyx(rotation: Rotation) -> np.ndarray:
-    """Angles (..., 3) in degrees about z, y, x: inverse of :func:`euler_zyx_to_rotation`."""
-    return rotation.as_euler("zyx", degrees=True)[..., ::-1]
-
-
 def _axis_angles(pair) -> np.ndarray:
     try:
         max_angle, step = (float(v) for v in pair)

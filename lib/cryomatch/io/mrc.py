@@ -113,7 +113,9 @@ def pixel_size_from(given, metadata, header, path, default: float | None = None)
             f"{path}: no pixel size anywhere; using {default:g} A", CryomatchWarning, stacklevel=2
         )
         return float(default)
-    raise CryomatchError("no pixel size in the metadata or the MRC header: give it", path)
+    raise CryomatchError(
+        "no pixel size in the metadata or the MRC header: give the pixel size", path
+    )
 
 
 def stack_shape(mrc) -> tuple[int, int, int]:

@@ -450,6 +450,8 @@ class _Chunk:
     lscc2: object  # (W, M, c) float32: (-1/2 ln(N S_cc) + ln prior) log2(e)
     coef: list  # per q (2 H_q, c) float32: rows (Re c_h, Im c_h)
     lmin: np.ndarray | None = None  # (M, c) float64 (host): lscc2's smallest over rotations
+    lmax: np.ndarray | None = None  # (M, c) float64 (host): its largest
+    inv_max: np.ndarray | None = None  # (M, c) float64 (host): inv's largest over rotations
 
 
 @dataclass
@@ -542,6 +544,8 @@ def search(
         )
         del coefficients
         chunk.lmin = to_numpy(chunk.lscc2.min(axis=0)).astype(np.float64)
+        chunk.lmax = to_numpy(chunk.lscc2.max(axis=0)).astype(np.float64)
+        chunk.inv_max = to_numpy(chunk.inv.max(axis=0)).astype(np.float64)
         if seed_views > 0:
             _seed(acc, ctx, chunk, seed_views)
         sb = max(1, min(int(template_block), int(block_bytes // (4 * dft.rows * dcount * m))))
@@ -614,8 +618,7 @@ def _block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: int) ->
     )
     if ctx.prune:
         # alive: bound * max_k inv >= min(best rho, rho whose log L reaches floor - margin)
-        inv_max = to_numpy(chunk.inv[:, :, lo:hi].max(axis=0)).astype(np.float64)  # (M, sb)
-        lmax = to_numpy(l2.max(axis=0)).astype(np.float64)
+        inv_max, lmax = chunk.inv_max[:, lo:hi], chunk.lmax[:, lo:hi]  # (M, sb)
         gap = (acc.floor2[:, None] - acc.margin2 - lmax) / ctx.half_n
         with np.errstate(invalid="ignore", over="ignore"):
             need = np.sqrt(np.clip(1.0 - np.exp2(-gap), 0.0, 1.0))

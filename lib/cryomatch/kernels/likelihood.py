@@ -54,7 +54,7 @@ from scipy.special import gammaln
 from ..backend import array_module, fft_module, to_numpy
 from ..errors import CryomatchError
 from .polar_fourier import PolarGrid
-from .rotation_dft import InverseRotationDFT, half_circle_matrix, half_circle_spectra
+from .rotation_dft import InverseRotationDFT, half_circle_matrix
 
 
 # --- displacements and the likelihood formula --------------------------------------------
@@ -314,12 +314,15 @@ def prepare_images(
     Works on ``group`` displacements of every image at a time (default: about 4 MB of
     shifted values), on half the angles (the values of real images are Hermitian, and so
     are the CTF and the shift phases); the angular spectra are one real matrix product
-    (:func:`.rotation_dft.half_circle_spectra`).
+    (:func:`.rotation_dft.half_circle_matrix`).
 
     The compressed images a = y V (complex, H_q per q) are kept in the stacked real form
-    [[Re a_h, -Im a_h], [Im a_h, Re a_h]] (h interleaved; rows: part, displacement, image), so
-    that one real product with the coefficients c as interleaved rows (Re c_h, Im c_h) gives
-    the planes Re(a c) and Im(a c) together (see :func:`search`).
+    [[Re a, -Im a], [Im a, Re a]] (blocks of H_q; rows: part, displacement, image), so
+    that one real product with the coefficients c as rows [Re c; Im c] gives the planes
+    Re(a c) and Im(a c) together (see :func:`search`). The angular spectra come out
+    q-major ((W + 2) x R per image: the half-circle matrix on the left), so that per q the
+    rows [Re y_q | Im y_q] are a strided view, projected by one real product with
+    [[Re V, -Im V], [-Im V, -Re V]] (giving [Re a | -Im a]).
     """
     xp = array_module(values)
     fft = fft_module(xp)
@@ -330,24 +333,33 @@ def prepare_images(
     dcount = len(d)
     ctf = xp.asarray(ctf, dtype=xp.float32)
     weighted = (values[..., :half] * ctf[..., :half]).astype(xp.complex64)  # (M, R, W/2)
-    matrix = xp.asarray(half_circle_matrix(w))
+    matrix_t = xp.asarray(np.ascontiguousarray(half_circle_matrix(w).T))  # (W + 2, W)
+    projections = [
+        xp.concatenate(
+            [xp.concatenate([b.real, -b.imag], axis=1), xp.concatenate([-b.imag, -b.real], axis=1)]
+        )
+        for b in bank.bases
+    ]  # per q (2 R, 2 H_q) float32
     if group is None:
         group = max(1, int(4e6 // (8 * m * r * half)))
     stacked = [xp.empty((2, dcount, m, 2 * b.shape[1]), dtype=xp.float32) for b in bank.bases]
     for d0 in range(0, dcount, group):
         d1 = min(dcount, d0 + group)
+        rows = (d1 - d0) * m
         if centres is None:
             phases = shift_phases(grid, d[d0:d1], xp, half=True)[:, None]  # (g, 1, R, W/2)
         else:
             phases = shift_phases(grid, d[None, d0:d1] + np.asarray(centres)[:, None], xp, True)
             phases = xp.moveaxis(phases, 1, 0)  # (g, M, R, W/2)
-        spectra = half_circle_spectra(weighted[None] * phases, w, matrix)  # (g, M, R, Q)
-        spectra = xp.ascontiguousarray(xp.moveaxis(spectra.reshape(-1, r, q_count), -1, 0))
-        for q in range(q_count):  # (g*M, R) @ (R, H_q): rows (displacement, image)
-            a = xp.conj(spectra[q] @ bank.bases[q]).reshape(d1 - d0, m, -1)
-            stacked[q][0, d0:d1] = a.view(xp.float32)  # (Re a_h, -Im a_h)
-            a *= 1j
-            stacked[q][1, d0:d1] = a.view(xp.float32)  # (Im a_h, Re a_h)
+        shifted = (weighted[None] * phases).view(xp.float32).reshape(rows, r, w)
+        spectra = xp.matmul(matrix_t, shifted.transpose(0, 2, 1))  # (g M, W + 2, R)
+        spectra = spectra.reshape(rows, q_count, 2 * r)  # per q: [Re y_q | Im y_q]
+        for q in range(q_count):
+            h = bank.bases[q].shape[1]
+            part0, part1 = stacked[q][0, d0:d1], stacked[q][1, d0:d1]  # (g, M, 2 H_q)
+            xp.matmul(spectra[:, q], projections[q], out=part0.reshape(rows, 2 * h))
+            xp.negative(part0[..., h:], out=part1[..., :h])  # [Re a, -Im a] -> [Im a, Re a]
+            part1[..., h:] = part0[..., :h]
     # |CTF|^2 spectra in the power bases, for S_cc(m, s, k) (see :func:`_scc`)
     c2 = xp.moveaxis(fft.rfft(ctf * ctf, axis=-1), -1, 0)  # (Q, M, R)
     power = [xp.ascontiguousarray(c2[q]) @ bank.power_bases[q] for q in range(q_count)]
@@ -448,7 +460,7 @@ class _Chunk:
     scc: object  # (W, M, c) float32
     inv: object  # (W, M, c) float32
     lscc2: object  # (W, M, c) float32: (-1/2 ln(N S_cc) + ln prior) log2(e)
-    coef: list  # per q (2 H_q, c) float32: rows (Re c_h, Im c_h)
+    coef: list  # per q (2 H_q, c) float32: rows [Re c; Im c]
     lmin: np.ndarray | None = None  # (M, c) float64 (host): lscc2's smallest over rotations
     lmax: np.ndarray | None = None  # (M, c) float64 (host): its largest
     inv_max: np.ndarray | None = None  # (M, c) float64 (host): inv's largest over rotations
@@ -537,10 +549,7 @@ def search(
             lscc2=(
                 (-0.5 * xp.log(n * scc) + xp.asarray(lprior[views].astype(np.float32))) * LOG2E
             ).astype(xp.float32),
-            coef=[
-                xp.stack([c.real, c.imag], axis=1).reshape(2 * c.shape[0], c.shape[1])
-                for c in coefficients
-            ],
+            coef=[xp.concatenate([c.real, c.imag], axis=0) for c in coefficients],
         )
         del coefficients
         chunk.lmin = to_numpy(chunk.lscc2.min(axis=0)).astype(np.float64)

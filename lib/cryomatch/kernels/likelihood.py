@@ -54,7 +54,7 @@ from scipy.special import gammaln
 from ..backend import array_module, fft_module, to_numpy
 from ..errors import CryomatchError
 from .polar_fourier import PolarGrid
-from .rotation_dft import InverseRotationDFT, half_circle_matrix, half_circle_spectra
+from .rotation_dft import InverseRotationDFT, half_circle_matrix
 
 
 # --- displacements and the likelihood formula --------------------------------------------
@@ -273,7 +273,7 @@ def prepare_templates(
 class ImageBatch:
     """Images prepared for the search (see :func:`prepare_images`)."""
 
-    stacked: list  # per q (D, 2, M, 2 H_q) float32: the compressed images in stacked real form
+    stacked: list  # per q (2, D, M, 2 H_q) float32: the compressed images in stacked real form
     power: list  # per q: (M, H'_q) complex64, |CTF|^2 spectra in the power bases
     syy: np.ndarray  # (M,) real-space sum of squares about the mean
     ctf0: np.ndarray  # (M,) CTF at k = 0
@@ -314,12 +314,15 @@ def prepare_images(
     Works on ``group`` displacements of every image at a time (default: about 4 MB of
     shifted values), on half the angles (the values of real images are Hermitian, and so
     are the CTF and the shift phases); the angular spectra are one real matrix product
-    (:func:`.rotation_dft.half_circle_spectra`).
+    (:func:`.rotation_dft.half_circle_matrix`).
 
     The compressed images a = y V (complex, H_q per q) are kept in the stacked real form
-    [[Re a_h, -Im a_h], [Im a_h, Re a_h]] (h interleaved; rows: displacement, part, image), so
-    that one real product with the coefficients c as interleaved rows (Re c_h, Im c_h) gives
-    the planes Re(a c) and Im(a c) together (see :func:`search`).
+    [[Re a, -Im a], [Im a, Re a]] (blocks of H_q; rows: part, displacement, image), so
+    that one real product with the coefficients c as rows [Re c; Im c] gives the planes
+    Re(a c) and Im(a c) together (see :func:`search`). The angular spectra come out
+    q-major ((W + 2) x R per image: the half-circle matrix on the left), so that per q the
+    rows [Re y_q | Im y_q] are a strided view, projected by one real product with
+    [[Re V, -Im V], [-Im V, -Re V]] (giving [Re a | -Im a]).
     """
     xp = array_module(values)
     fft = fft_module(xp)
@@ -330,24 +333,33 @@ def prepare_images(
     dcount = len(d)
     ctf = xp.asarray(ctf, dtype=xp.float32)
     weighted = (values[..., :half] * ctf[..., :half]).astype(xp.complex64)  # (M, R, W/2)
-    matrix = xp.asarray(half_circle_matrix(w))
+    matrix_t = xp.asarray(np.ascontiguousarray(half_circle_matrix(w).T))  # (W + 2, W)
+    projections = [
+        xp.concatenate(
+            [xp.concatenate([b.real, -b.imag], axis=1), xp.concatenate([-b.imag, -b.real], axis=1)]
+        )
+        for b in bank.bases
+    ]  # per q (2 R, 2 H_q) float32
     if group is None:
         group = max(1, int(4e6 // (8 * m * r * half)))
-    stacked = [xp.empty((dcount, 2, m, 2 * b.shape[1]), dtype=xp.float32) for b in bank.bases]
+    stacked = [xp.empty((2, dcount, m, 2 * b.shape[1]), dtype=xp.float32) for b in bank.bases]
     for d0 in range(0, dcount, group):
         d1 = min(dcount, d0 + group)
+        rows = (d1 - d0) * m
         if centres is None:
             phases = shift_phases(grid, d[d0:d1], xp, half=True)[:, None]  # (g, 1, R, W/2)
         else:
             phases = shift_phases(grid, d[None, d0:d1] + np.asarray(centres)[:, None], xp, True)
             phases = xp.moveaxis(phases, 1, 0)  # (g, M, R, W/2)
-        spectra = half_circle_spectra(weighted[None] * phases, w, matrix)  # (g, M, R, Q)
-        spectra = xp.ascontiguousarray(xp.moveaxis(spectra.reshape(-1, r, q_count), -1, 0))
-        for q in range(q_count):  # (g*M, R) @ (R, H_q): rows (displacement, image)
-            a = xp.conj(spectra[q] @ bank.bases[q]).reshape(d1 - d0, m, -1)
-            stacked[q][d0:d1, 0] = a.view(xp.float32)  # (Re a_h, -Im a_h)
-            a *= 1j
-            stacked[q][d0:d1, 1] = a.view(xp.float32)  # (Im a_h, Re a_h)
+        shifted = (weighted[None] * phases).view(xp.float32).reshape(rows, r, w)
+        spectra = xp.matmul(matrix_t, shifted.transpose(0, 2, 1))  # (g M, W + 2, R)
+        spectra = spectra.reshape(rows, q_count, 2 * r)  # per q: [Re y_q | Im y_q]
+        for q in range(q_count):
+            h = bank.bases[q].shape[1]
+            part0, part1 = stacked[q][0, d0:d1], stacked[q][1, d0:d1]  # (g, M, 2 H_q)
+            xp.matmul(spectra[:, q], projections[q], out=part0.reshape(rows, 2 * h))
+            xp.negative(part0[..., h:], out=part1[..., :h])  # [Re a, -Im a] -> [Im a, Re a]
+            part1[..., h:] = part0[..., :h]
     # |CTF|^2 spectra in the power bases, for S_cc(m, s, k) (see :func:`_scc`)
     c2 = xp.moveaxis(fft.rfft(ctf * ctf, axis=-1), -1, 0)  # (Q, M, R)
     power = [xp.ascontiguousarray(c2[q]) @ bank.power_bases[q] for q in range(q_count)]
@@ -395,6 +407,7 @@ class SearchResult:
 LOG2E = 1.0 / math.log(2.0)
 TILE_COLUMNS = 1024  # (image, view) pairs per tile of the inverse DFT: (W, 1024) float32 = 512 KB
 SEED_STRIDE = 4  # views of a chunk that the seeding pass's first step evaluates: 1 in this
+SKIP_BLOCKS = 3  # blocks evaluated without the bound after one where it pruned nothing
 OVERFLOW = 100.0  # largest log2 of one term of a tile's likelihood sums (float32: < 128)
 
 
@@ -447,8 +460,10 @@ class _Chunk:
     scc: object  # (W, M, c) float32
     inv: object  # (W, M, c) float32
     lscc2: object  # (W, M, c) float32: (-1/2 ln(N S_cc) + ln prior) log2(e)
-    coef: list  # per q (2 H_q, c) float32: rows (Re c_h, Im c_h)
+    coef: list  # per q (2 H_q, c) float32: rows [Re c; Im c]
     lmin: np.ndarray | None = None  # (M, c) float64 (host): lscc2's smallest over rotations
+    lmax: np.ndarray | None = None  # (M, c) float64 (host): its largest
+    inv_max: np.ndarray | None = None  # (M, c) float64 (host): inv's largest over rotations
 
 
 @dataclass
@@ -460,12 +475,11 @@ class _Context:
     n_pixels: int
     m: int
     dcount: int
-    stacked: list  # per q (D, 2, M, 2 H_q): the images (see :func:`prepare_images`)
-    cq: object  # (Q,) weights of |X_q| in the bound on |cc|, in slot order
+    stacked: list  # per q (2, D, M, 2 H_q): the images (see :func:`prepare_images`)
     prune: bool
     full_output: object
     buffers: dict  # reused arrays
-    skip_bound: int = 0  # displacements to evaluate without the bound (it pruned nothing lately)
+    skip_bound: int = 0  # blocks to evaluate without the bound (it pruned nothing lately)
 
 
 def search(
@@ -476,16 +490,19 @@ def search(
     prune: bool = True,
     full_output=None,
     seed_views: int = 16,
+    block_bytes: float = 64e6,
 ) -> SearchResult:
     """Best pose and log-likelihoods of every image of ``batch`` against ``bank``.
 
-    Views go in blocks of ``template_block``; within a block, one displacement at a time:
-    the products of every image with every view of the block are one real matrix product
+    Views go in blocks of ``template_block`` at most, fewer when the block's spectra planes
+    (4 x 2 (W/2+1) x D x M bytes per view) would pass ``block_bytes``. For a block, the
+    products of every image and displacement with every view are one real matrix product
     per q (images in stacked real form, see :func:`prepare_images`), giving spectra planes
-    (Re X_q, Im X_q) x (image, view) that stay in cache for the rest: the triangle bound
-    on |cc| (``prune``), the inverse DFT over q of the columns that survive it
-    (:class:`.rotation_dft.InverseRotationDFT`, in tiles of :data:`TILE_COLUMNS`), and at
-    once each column's largest rho and its likelihood summed over the W rotations.
+    (Re X_q, Im X_q) x (displacement, image, view); each q's |X_q| goes into the triangle
+    bound on |cc| (``prune``) right after its product. The columns that survive the bound go
+    through the inverse DFT over q (:class:`.rotation_dft.InverseRotationDFT`, in tiles of
+    :data:`TILE_COLUMNS`), which gives at once each column's largest rho and its likelihood
+    summed over the W rotations.
 
     The likelihood of a pose relative to the image's reference ``ref2`` (log2 units) is
     (beta (1 - rho_+^2))^(-(N-2)/2) with beta = 2^(-(lscc2 + lprior2 - ref2) / ((N-2)/2)):
@@ -504,7 +521,6 @@ def search(
     m, dcount, w = batch.n_images, batch.n_displacements, bank.n_inplanes
     n = batch.n_pixels
     dft = InverseRotationDFT(w, xp)
-    cq = np.where((dft.order == 0) | (dft.order == w // 2), 1.0, 2.0) / w
     prune = prune and full_output is None
     acc = _Accumulator(m, math.log2(bank.n_templates * dcount * w / ll_tolerance))
     ctx = _Context(
@@ -516,7 +532,6 @@ def search(
         m=m,
         dcount=dcount,
         stacked=batch.stacked,
-        cq=xp.asarray(cq.astype(np.float32)),
         prune=prune,
         full_output=full_output,
         buffers={},
@@ -534,16 +549,15 @@ def search(
             lscc2=(
                 (-0.5 * xp.log(n * scc) + xp.asarray(lprior[views].astype(np.float32))) * LOG2E
             ).astype(xp.float32),
-            coef=[
-                xp.stack([c.real, c.imag], axis=1).reshape(2 * c.shape[0], c.shape[1])
-                for c in coefficients
-            ],
+            coef=[xp.concatenate([c.real, c.imag], axis=0) for c in coefficients],
         )
         del coefficients
         chunk.lmin = to_numpy(chunk.lscc2.min(axis=0)).astype(np.float64)
+        chunk.lmax = to_numpy(chunk.lscc2.max(axis=0)).astype(np.float64)
+        chunk.inv_max = to_numpy(chunk.inv.max(axis=0)).astype(np.float64)
         if seed_views > 0:
             _seed(acc, ctx, chunk, seed_views)
-        sb = max(1, int(template_block))
+        sb = max(1, min(int(template_block), int(block_bytes // (4 * dft.rows * dcount * m))))
         for lo in range(0, len(views), sb):
             n_eval += _search_block(acc, ctx, chunk, lo, min(len(views), lo + sb))
     c = bioem_constant(n, batch.syy)
@@ -613,8 +627,7 @@ def _block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: int) ->
     )
     if ctx.prune:
         # alive: bound * max_k inv >= min(best rho, rho whose log L reaches floor - margin)
-        inv_max = to_numpy(chunk.inv[:, :, lo:hi].max(axis=0)).astype(np.float64)  # (M, sb)
-        lmax = to_numpy(l2.max(axis=0)).astype(np.float64)
+        inv_max, lmax = chunk.inv_max[:, lo:hi], chunk.lmax[:, lo:hi]  # (M, sb)
         gap = (acc.floor2[:, None] - acc.margin2 - lmax) / ctx.half_n
         with np.errstate(invalid="ignore", over="ignore"):
             need = np.sqrt(np.clip(1.0 - np.exp2(-gap), 0.0, 1.0))
@@ -626,67 +639,61 @@ def _block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: int) ->
 
 def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: int) -> int:
     """Every image x displacement against views lo..hi of the chunk; returns the number of
-    (image, view, displacement) triples evaluated."""
+    (image, view, displacement) triples evaluated.
+
+    Per q one product over all displacements and images ([2 D M x 2 H_q] @ [2 H_q x sb])
+    fills the planes (Re X_q, Im X_q) of every triple, and |X_q| is added to the triangle
+    bound while they are in cache; then the triples the bound keeps are gathered into tiles
+    for :func:`_evaluate`."""
     xp, m, dcount = ctx.xp, ctx.m, ctx.dcount
     sb = hi - lo
     acc.raise_ref(acc.floor2)
     blk = _block(acc, ctx, chunk, lo, hi)
     rows, n = ctx.dft.rows, m * sb
+    planes = _buffer(ctx, "planes", (rows // 2, 2, dcount * n))  # columns (d, image, view)
+    bound = None
+    if ctx.prune and ctx.skip_bound <= 0:
+        bound = _buffer(ctx, "bound", (dcount * n,))
+        bound[:] = 0.0
+    for p, q in enumerate(ctx.dft.order):
+        out = planes[p].reshape(2, dcount * m, sb)
+        xp.matmul(ctx.stacked[q].reshape(2, dcount * m, -1), chunk.coef[q][:, lo:hi], out=out)
+        if bound is not None:
+            _add_magnitude(ctx, planes[p], 0.5 if q in (0, ctx.w // 2) else 1.0, bound)
+    ctx.skip_bound -= 1
+    if bound is not None:
+        # the bound is sum_q c_q |X_q| with c_q = 2/W (1/W at q = 0 and W/2)
+        threshold = blk.threshold * np.float32(ctx.w / 2)
+        alive = to_numpy(xp.flatnonzero(bound.reshape(dcount, n) >= threshold))
+        if 2 * len(alive) < dcount * n:  # few: gather them into tiles
+            flat = planes.reshape(rows, dcount * n)
+            for c0 in range(0, len(alive), TILE_COLUMNS):
+                cols = alive[c0 : c0 + TILE_COLUMNS]
+                tile = xp.take(flat, xp.asarray(cols), axis=1)
+                blk = _evaluate(acc, ctx, chunk, blk, tile, cols % n, cols // n, False)
+            return len(alive)
+        if 10 * len(alive) > 9 * dcount * n:  # the bound prunes nothing (noise): skip it a while
+            ctx.skip_bound = SKIP_BLOCKS
     per_tile = max(1, TILE_COLUMNS // sb) * sb  # whole images per tile
-    evaluated = 0
-    # columns that survive the bound, gathered over displacements into one tile
-    pending = _buffer(ctx, "pending", (rows, TILE_COLUMNS))
-    cols_d: list = []  # (columns, displacement) gathered so far
-    filled = 0
     for d in range(dcount):
-        x2 = _buffer(ctx, "x2", (rows // 2, 2 * m, sb))
-        for p, q in enumerate(ctx.dft.order):  # planes Re X_q, Im X_q: (2 M, sb)
-            xp.matmul(ctx.stacked[q][d].reshape(2 * m, -1), chunk.coef[q][:, lo:hi], out=x2[p])
-        x2 = x2.reshape(rows, n)
-        if ctx.prune and ctx.skip_bound <= 0:
-            alive = to_numpy(xp.flatnonzero(_bound(ctx, x2) >= blk.threshold))
-            if 2 * len(alive) < n:  # few: gather them
-                for c0 in range(0, len(alive), TILE_COLUMNS):
-                    cols = alive[c0 : c0 + TILE_COLUMNS]
-                    if filled + len(cols) > TILE_COLUMNS:
-                        blk = _evaluate_gathered(acc, ctx, chunk, blk, pending, cols_d, filled)
-                        cols_d, filled = [], 0
-                    pending[:, filled : filled + len(cols)] = xp.take(x2, xp.asarray(cols), axis=1)
-                    cols_d.append((cols, d))
-                    filled += len(cols)
-                evaluated += len(alive)
-                continue
-            if 10 * len(alive) > 9 * n:  # the bound prunes nothing (noise): skip it a while
-                ctx.skip_bound = 16
-        ctx.skip_bound -= 1
+        at_d = planes[:, :, d * n : (d + 1) * n].reshape(rows, n)  # a view with strided rows
         for c0 in range(0, n, per_tile):
             c1 = min(n, c0 + per_tile)
-            blk = _evaluate(acc, ctx, chunk, blk, x2[:, c0:c1], np.arange(c0, c1), d, True)
-        evaluated += n
-    _evaluate_gathered(acc, ctx, chunk, blk, pending, cols_d, filled)
-    return evaluated
+            blk = _evaluate(acc, ctx, chunk, blk, at_d[:, c0:c1], np.arange(c0, c1), d, True)
+    return dcount * n
 
 
-def _evaluate_gathered(acc, ctx, chunk, blk, pending, cols_d, filled) -> _Block:
-    """:func:`_evaluate` of the first ``filled`` columns of ``pending``: the planes of the
-    (columns, displacement) pairs ``cols_d`` in order."""
-    if not filled:
-        return blk
-    cols = np.concatenate([c for c, _ in cols_d])
-    disp = np.concatenate([np.full(len(c), d) for c, d in cols_d])
-    return _evaluate(acc, ctx, chunk, blk, pending[:, :filled], cols, disp, False)
-
-
-def _bound(ctx: _Context, planes):
-    """sum_q c_q |X_q| >= max_k |cc_k| per column of spectra planes (2Q, n)."""
+def _add_magnitude(ctx: _Context, planes, weight: float, bound) -> None:
+    """bound += weight |X_q| for planes (2, n): (Re X_q, Im X_q)."""
     xp = ctx.xp
-    rows, n = planes.shape
-    sq = _buffer(ctx, "bound", (rows, n))
+    sq = _buffer(ctx, "square", planes.shape)
     xp.square(planes, out=sq)
-    mag = sq[0::2]
-    xp.add(sq[0::2], sq[1::2], out=mag)
+    mag = sq[0]
+    xp.add(sq[0], sq[1], out=mag)
     xp.sqrt(mag, out=mag)
-    return ctx.cq @ mag
+    if weight != 1.0:
+        mag *= np.float32(weight)
+    bound += mag
 
 
 def _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense) -> _Block:
@@ -820,8 +827,8 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         c = n_views if step else min(n_views, max(k, -(-n_views // SEED_STRIDE)))
         planes = _buffer(ctx, "seed", (rows // 2, 2 * m, c))
         for p, q in enumerate(order):
-            a = ctx.stacked[q][at, :, images]  # (M, 2, 2H)
-            xp.matmul(xp.moveaxis(a, 1, 0).reshape(2 * m, -1), chunk.coef[q][:, :c], out=planes[p])
+            a = ctx.stacked[q][:, at, images]  # (2, M, 2H)
+            xp.matmul(a.reshape(2 * m, -1), chunk.coef[q][:, :c], out=planes[p])
         rho = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, c)
         rho *= chunk.inv[:, :, :c]
         img = np.repeat(np.arange(m), c)
@@ -829,12 +836,12 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         cmax = _exact_update(acc, ctx, chunk, rho.reshape(w, -1), img, local, where[img])
         top = np.argpartition(-cmax.reshape(m, c), k - 1, axis=1)[:, :k]  # (M, k)
         top_x = xp.asarray(top)
-        planes = _buffer(ctx, "seed2", (rows // 2, m, dcount, 2, k))
+        planes = _buffer(ctx, "seed2", (rows // 2, m, 2, dcount, k))
         for p, q in enumerate(order):
             a = xp.moveaxis(ctx.stacked[q], 2, 0).reshape(m, 2 * dcount, -1)  # (M, 2D, 2H)
             coef = xp.moveaxis(chunk.coef[q][:, top_x], 1, 0)  # (M, 2H, k)
             xp.matmul(a, coef, out=planes[p].reshape(m, 2 * dcount, k))
-        planes = xp.moveaxis(planes, 3, 1).reshape(rows, -1)  # rows (slot, part)
+        planes = xp.moveaxis(planes, 2, 1).reshape(rows, -1)  # rows (slot, part)
         cc = ctx.dft(xp.ascontiguousarray(planes)).reshape(w, m, dcount, k)
         inv = chunk.inv[:, images[:, None], top_x]  # (W, M, k)
         rho = (cc * inv[:, :, None, :]).reshape(w, -1)

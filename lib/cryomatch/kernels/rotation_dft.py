@@ -20,14 +20,13 @@ one column per sequence, so the products read contiguous rows.
 real images) given on the first W/2 angles have the spectrum
 A(q) = sum_{l < W/2} (y_l + (-1)^q conj y_l) e^{-2 pi i q l / W}, a real-linear map of
 (Re y_l, Im y_l): one real (W x 2 (W/2+1)) matrix, applied to complex64 values viewed as
-interleaved float32 and giving complex64 spectra the same way.
+interleaved float32 and giving the spectra interleaved the same way (or, with the matrix
+transposed on the left, q-major: rows Re A_q and Im A_q).
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from ..backend import array_module
 
 
 def slot_order(n_angles: int) -> np.ndarray:
@@ -100,15 +99,3 @@ def half_circle_matrix(n_angles: int, dtype=np.float32) -> np.ndarray:
     m[:, 1, odd, 0] = 2 * np.sin(phi[:, odd])
     m[:, 1, odd, 1] = 2 * np.cos(phi[:, odd])
     return m.reshape(n_angles, n_angles + 2).astype(dtype)
-
-
-def half_circle_spectra(half_values, n_angles: int, matrix=None):
-    """Spectra (..., W/2 + 1) complex64 of Hermitian values given on the first W/2 angles
-    (..., W/2) complex64 (last axis); ``matrix`` from :func:`half_circle_matrix` to reuse."""
-    xp = array_module(half_values)
-    if matrix is None:
-        matrix = xp.asarray(half_circle_matrix(n_angles))
-    lead = half_values.shape[:-1]
-    y = xp.ascontiguousarray(half_values, dtype=xp.complex64).view(xp.float32)
-    out = y.reshape(-1, n_angles) @ matrix
-    return out.view(xp.complex64).reshape(*lead, n_angles // 2 + 1)

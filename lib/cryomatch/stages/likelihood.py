@@ -110,18 +110,26 @@ def check_compatible(stack, templates) -> None:
 BATCH_IMAGES = 32  # larger batches gain nothing: the products of a block then leave the caches
 
 
+def block_bytes_for(memory_mb: float) -> float:
+    """Bytes of one block's spectra planes in the search: an eighth of ``memory_mb``, at most
+    64 MB (more gains nothing)."""
+    return min(64e6, memory_mb * 2**20 / 8)
+
+
 def batch_size_for(memory_mb: float, bank, n_displacements: int) -> int:
-    """Images per batch so that the per-batch arrays fit half of ``memory_mb`` (the template
-    coefficients take at most a quarter): per image, S_cc and its companions for one chunk
-    of views (5 x W x chunk float32), the compressed images (D x sum H_q complex64) and one
-    block's products and bound (Q x D x 64 complex64 + D x 64 float32)."""
+    """Images per batch so that the per-batch arrays fit half of ``memory_mb`` with one
+    block's spectra planes (:func:`block_bytes_for`; the template coefficients take at most
+    a quarter): per image, S_cc and its companions for one chunk of views (5 x W x chunk
+    float32), the compressed images (2 x D x sum 2 H_q float32) and the planes of at least
+    one view (2 (W/2 + 1) x D float32)."""
     w, q = bank.n_inplanes, bank.n_inplanes // 2 + 1
     per_image = (
         5 * 4 * w * bank.chunk_size
-        + 8 * n_displacements * sum(bank.ranks)
-        + 12 * q * n_displacements * 64
+        + 16 * n_displacements * sum(bank.ranks)
+        + 8 * q * n_displacements
     )
-    return max(1, min(BATCH_IMAGES, int(memory_mb * 2**20 / 2 // per_image)))
+    budget = memory_mb * 2**20 / 2 - block_bytes_for(memory_mb)
+    return max(1, min(BATCH_IMAGES, int(budget // per_image)))
 
 
 def likelihood(
@@ -198,7 +206,13 @@ def likelihood(
             target = None
             if full is not None:
                 target = np.empty((rows.stop - rows.start, s, d, w), dtype=np.float32)
-            found = lk.search(images, bank, ll_tolerance=ll_tolerance, full_output=target)
+            found = lk.search(
+                images,
+                bank,
+                ll_tolerance=ll_tolerance,
+                full_output=target,
+                block_bytes=block_bytes_for(memory_mb),
+            )
             if full is not None:  # rotation axis in psi order: psi_j = 360 j / W <-> turn -j
                 full.array[rows] = target[..., (-np.arange(w)) % w]
             for k in keys:

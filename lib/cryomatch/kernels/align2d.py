@@ -816,11 +816,13 @@ def _refine_shift(values, refs: References, n_best, mirror, theta, peak, c_best)
     curvature = f_lo - 2.0 * peak[:, None] + f_hi
     ok = inside & (curvature < 0)
     t = xp.clip(xp.where(ok, 0.5 * (f_lo - f_hi) / xp.where(ok, curvature, -1.0), 0.0), -0.5, 0.5)
-    # quadratic interpolation of the spectra: C(t) = C0 + t (C+ - C-)/2 + t^2 (C+ - 2 C0 + C-)/2
-    c_lo, c_hi = c[:, :2], c[:, 2:]
-    slope, bend = 0.5 * (c_hi - c_lo), 0.5 * (c_hi - 2.0 * c_best[:, None] + c_lo)
-    tt = xp.where(ok, t, 0.0).astype(xp.float32)[..., None]
-    c_at = c_best + (tt * slope + tt * tt * bend).sum(axis=1)
+    # quadratic interpolation of the spectra along each axis, C(t) = C0 + t (C+ - C-)/2 +
+    # t^2 (C+ - 2 C0 + C-)/2 = C0 (1 - t^2) + C- (t^2 - t)/2 + C+ (t^2 + t)/2: one small
+    # product per image with the neighbours' weights
+    tt = xp.where(ok, t, 0.0)
+    coef = xp.concatenate([0.5 * (tt * tt - tt), 0.5 * (tt * tt + tt)], axis=1)  # (M, 4)
+    c_at = xp.matmul(coef.astype(xp.complex64)[:, None, :], c)[:, 0]
+    c_at += c_best * (1.0 - (tt * tt).sum(axis=1)).astype(xp.float32)[:, None]
     theta, value = _newton(c_at, theta, n_angles, theta, step)
     shift = xp.asarray(refs.grid)[n_best % refs.n_shifts] + refs.step * t
     return shift, theta, value, n_best

@@ -582,9 +582,9 @@ def _exact_products(values, refs: References, n_index, mirror, chunk=None):
     reference-shift sets ``n_index`` (M, T): returns (M, T, Q) over the rfft indices q.
     ``mirror`` (M, T) or (M, 1). Per ``chunk`` images (default about 16 sets on the CPU,
     so that the buffers stay in cache; all at once on the GPU) one gather of the sets
-    (:attr:`References.exact` holds both forms) into a reused buffer, one product, the sum
-    over rings as a matrix-vector product, all on the folded values; then each q picked
-    from its folded value."""
+    (:attr:`References.exact` holds both forms), one product in place, the sum over rings
+    as a matrix-vector product written into the result, all on the folded values; then each
+    q picked from its folded value (conjugated by a sign on the imaginary parts)."""
     xp = array_module(values)
     m, t = n_index.shape
     _, n_rows, k = values.shape
@@ -596,17 +596,14 @@ def _exact_products(values, refs: References, n_index, mirror, chunk=None):
         chunk = max(1, 16 // t) if xp is np else max(m, 1)
     ones = xp.ones(n_rings, dtype=xp.complex64)
     d = xp.empty((m, t, n_rows * k // n_rings), dtype=xp.complex64)
-    buffer = xp.empty((min(chunk, m) * t, n_rows * k), dtype=xp.complex64)
     for lo in range(0, m, chunk):
-        rows = index[lo : lo + chunk].ravel()
-        b = buffer[: len(rows)]
-        xp.take(flat, rows, axis=0, out=b)
-        b3 = b.reshape(-1, t, n_rows * k)
-        b3 *= values[lo : lo + chunk].reshape(-1, 1, n_rows * k)
-        d[lo : lo + chunk] = (b.reshape(-1, n_rings) @ ones).reshape(-1, t, d.shape[-1])
+        b = flat[index[lo : lo + chunk].ravel()]  # fancy indexing: faster than take here
+        b.reshape(-1, t, n_rows * k)[...] *= values[lo : lo + chunk].reshape(-1, 1, n_rows * k)
+        xp.matmul(b.reshape(-1, n_rings), ones, out=d[lo : lo + chunk].reshape(-1))
     entry, conj = refs.spectrum
-    c = d[..., entry]
-    return xp.where(conj, xp.conj(c), c)
+    c = xp.take(d, entry, axis=-1)
+    c.view(xp.float32)[..., 1::2] *= xp.where(conj, -1.0, 1.0).astype(xp.float32)
+    return c
 
 
 def _rotations(theta, n_freq: int):

@@ -147,8 +147,11 @@ def _circulants(kernels, out=None):
     is the window ``N - a`` of c repeated twice (one strided copy, into ``out`` if given)."""
     xp = array_module(kernels)
     n = kernels.shape[-1]
-    twice = xp.concatenate([kernels, kernels], axis=-1)
-    windows = xp.lib.stride_tricks.sliding_window_view(twice, n, axis=-1)[:, n:0:-1]
+    if xp is np:
+        twice = np.concatenate([kernels, kernels], axis=-1)
+        windows = np.lib.stride_tricks.sliding_window_view(twice, n, axis=-1)[:, n:0:-1]
+    else:  # pragma: no cover - GPU path: one gather
+        windows = kernels[:, (xp.arange(n)[None, :] - xp.arange(n)[:, None]) % n]
     if out is None:
         return xp.ascontiguousarray(windows)
     out[...] = windows

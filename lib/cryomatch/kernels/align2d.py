@@ -164,7 +164,7 @@ def fourier_shift(images, shifts):
     The same periodic Fourier shift as :func:`cryomatch.kernels.fourier.shift_images`
     (rfft2, phase ramps, irfft2), as matrix products: the shift along an axis is the circular
     convolution with ``c = irfft(ramp)``, so ``out = C_y (in C_x)`` with C the circulant
-    matrices of the kernels (two batched box^3 products, about a third of the FFTs' time for
+    matrices of the kernels (two batched box^3 products, about half the FFTs' time for
     64 px). One detail of the rfft2 grid: its y Nyquist frequency (-1/2) turns by the complex
     ``e^(i pi s_y)``; its imaginary part adds the rank-one term ``u v`` with
     ``u = (sin(pi s_y) / box) (-1)^y`` and ``v = irfft_x(i rfft_x(sum_y' (-1)^y' in) ramp_x)``

@@ -142,27 +142,53 @@ def normalized_spectra(rings, weights):
     return spectra
 
 
+def _circulants(kernels, out=None):
+    """Circulant matrices (n, N, N) ``C[a, b] = c[(b - a) % N]`` of kernels c (n, N): row a
+    is the window ``N - a`` of c repeated twice (one strided copy, into ``out`` if given)."""
+    xp = array_module(kernels)
+    n = kernels.shape[-1]
+    if xp is np:
+        twice = np.concatenate([kernels, kernels], axis=-1)
+        windows = np.lib.stride_tricks.sliding_window_view(twice, n, axis=-1)[:, n:0:-1]
+    else:  # pragma: no cover - GPU path: one gather
+        windows = kernels[:, (xp.arange(n)[None, :] - xp.arange(n)[:, None]) % n]
+    if out is None:
+        return xp.ascontiguousarray(windows)
+    out[...] = windows
+    return out
+
+
 def fourier_shift(images, shifts):
     """Images (n, box, box) moved by ``shifts`` (n, 2) = (x, y) pixels: ``out(r) = in(r - s)``.
 
-    The same periodic Fourier shift as :func:`cryomatch.kernels.fourier.shift_images`, in
-    single precision, one axis at a time (rfft along x, the x phase ramp, FFT along y, the y
-    ramp, and back), each ramp applied in place as n box or n (box/2 + 1) exponentials:
-    about a fifth less time than the 2D transforms with the ramps multiplied on."""
+    The same periodic Fourier shift as :func:`cryomatch.kernels.fourier.shift_images`
+    (rfft2, phase ramps, irfft2), as matrix products: the shift along an axis is the circular
+    convolution with ``c = irfft(ramp)``, so ``out = C_y (in C_x)`` with C the circulant
+    matrices of the kernels (two batched box^3 products, about half the FFTs' time for
+    64 px). One detail of the rfft2 grid: its y Nyquist frequency (-1/2) turns by the complex
+    ``e^(i pi s_y)``; its imaginary part adds the rank-one term ``u v`` with
+    ``u = (sin(pi s_y) / box) (-1)^y`` and ``v = irfft_x(i rfft_x(sum_y' (-1)^y' in) ramp_x)``
+    (even boxes), taken into the second product as one more column of C_y and row of in C_x.
+    """
     xp = array_module(images)
     fft = fft_module(xp)
-    box = images.shape[-1]
+    n, box, _ = images.shape
+    images = images.astype(xp.float32, copy=False)
     shifts = xp.asarray(shifts, dtype=xp.float64).reshape(-1, 2)
-    ky = xp.fft.fftfreq(box)[None, :]
-    kx = xp.fft.rfftfreq(box)[None, :]
-    py = xp.exp(-2j * np.pi * ky * shifts[:, 1:2]).astype(xp.complex64)
-    px = xp.exp(-2j * np.pi * kx * shifts[:, 0:1]).astype(xp.complex64)
-    spectrum = fft.rfft(images.astype(xp.float32, copy=False), axis=-1)
-    spectrum *= px[:, None, :]
-    spectrum = fft.fft(spectrum, axis=-2, overwrite_x=True)
-    spectrum *= py[:, :, None]
-    spectrum = fft.ifft(spectrum, axis=-2, overwrite_x=True)
-    return fft.irfft(spectrum, n=box, axis=-1)
+    ramps = xp.exp(-2j * np.pi * xp.fft.rfftfreq(box)[None, None, :] * shifts[:, :, None])
+    kernels = fft.irfft(ramps, n=box, axis=-1).astype(xp.float32)  # (n, 2, box): x, y
+    extra = 1 - box % 2  # the Nyquist column and row
+    left = xp.empty((n, box, box + extra), dtype=xp.float32)
+    right = xp.empty((n, box + extra, box), dtype=xp.float32)
+    # C_y as a circulant of the reversed kernel c(-d), written into the left operand
+    _circulants(xp.roll(kernels[:, 1, ::-1], 1, axis=-1), out=left[:, :, :box])
+    xp.matmul(images, _circulants(kernels[:, 0]), out=right[:, :box])
+    if extra:
+        alt = xp.asarray(np.where(np.arange(box) % 2 == 0, 1.0, -1.0), dtype=xp.float32)
+        nyquist = fft.irfft(1j * fft.rfft(alt @ images, axis=-1) * ramps[:, 0], n=box, axis=-1)
+        left[:, :, box] = (xp.sin(np.pi * shifts[:, 1]) / box)[:, None] * alt
+        right[:, box] = nyquist
+    return xp.matmul(left, right)
 
 
 # --- translation grid ----------------------------------------------------------------------
@@ -343,10 +369,13 @@ def image_spectra(images, origins, radii, n_angles, sampler=None, fold=None, chu
     chunk = (32 if xp is np else max(n, 1)) if chunk is None else chunk
     origins = xp.asarray(origins, dtype=xp.float64).reshape(-1, 2)
     values = xp.empty((n, n_rows, k), dtype=xp.complex64)
+    block = 8 * chunk  # images moved at a time (matrix products gain from large batches)
     for lo in range(0, n, chunk):
-        centred = images[lo : lo + chunk].astype(xp.float32, copy=False)
-        if bool(xp.any(origins[lo : lo + chunk])):  # none to move in a first iteration
-            centred = fourier_shift(centred, origins[lo : lo + chunk])
+        if lo % block == 0:
+            moved = images[lo : lo + block].astype(xp.float32, copy=False)
+            if bool(xp.any(origins[lo : lo + block])):  # none to move in a first iteration
+                moved = fourier_shift(moved, origins[lo : lo + block])
+        centred = moved[lo % block : lo % block + chunk]
         m = len(centred)
         pixels = xp.ascontiguousarray(centred.reshape(m, -1).T)  # (box^2, m)
         rings = sampler @ pixels  # (W R, m), rows (l', u, r)
@@ -556,9 +585,9 @@ def _exact_products(values, refs: References, n_index, mirror, chunk=None):
     reference-shift sets ``n_index`` (M, T): returns (M, T, Q) over the rfft indices q.
     ``mirror`` (M, T) or (M, 1). Per ``chunk`` images (default about 16 sets on the CPU,
     so that the buffers stay in cache; all at once on the GPU) one gather of the sets
-    (:attr:`References.exact` holds both forms) into a reused buffer, one product, the sum
-    over rings as a matrix-vector product, all on the folded values; then each q picked
-    from its folded value."""
+    (:attr:`References.exact` holds both forms), one product in place, the sum over rings
+    as a matrix-vector product written into the result, all on the folded values; then each
+    q picked from its folded value (conjugated by a sign on the imaginary parts)."""
     xp = array_module(values)
     m, t = n_index.shape
     _, n_rows, k = values.shape
@@ -570,17 +599,14 @@ def _exact_products(values, refs: References, n_index, mirror, chunk=None):
         chunk = max(1, 16 // t) if xp is np else max(m, 1)
     ones = xp.ones(n_rings, dtype=xp.complex64)
     d = xp.empty((m, t, n_rows * k // n_rings), dtype=xp.complex64)
-    buffer = xp.empty((min(chunk, m) * t, n_rows * k), dtype=xp.complex64)
     for lo in range(0, m, chunk):
-        rows = index[lo : lo + chunk].ravel()
-        b = buffer[: len(rows)]
-        xp.take(flat, rows, axis=0, out=b)
-        b3 = b.reshape(-1, t, n_rows * k)
-        b3 *= values[lo : lo + chunk].reshape(-1, 1, n_rows * k)
-        d[lo : lo + chunk] = (b.reshape(-1, n_rings) @ ones).reshape(-1, t, d.shape[-1])
+        b = flat[index[lo : lo + chunk].ravel()]  # fancy indexing: faster than take here
+        b.reshape(-1, t, n_rows * k)[...] *= values[lo : lo + chunk].reshape(-1, 1, n_rows * k)
+        xp.matmul(b.reshape(-1, n_rings), ones, out=d[lo : lo + chunk].reshape(-1))
     entry, conj = refs.spectrum
-    c = d[..., entry]
-    return xp.where(conj, xp.conj(c), c)
+    c = xp.take(d, entry, axis=-1)
+    c.view(xp.float32)[..., 1::2] *= xp.where(conj, -1.0, 1.0).astype(xp.float32)
+    return c
 
 
 def _rotations(theta, n_freq: int):
@@ -799,11 +825,13 @@ def _refine_shift(values, refs: References, n_best, mirror, theta, peak, c_best)
     curvature = f_lo - 2.0 * peak[:, None] + f_hi
     ok = inside & (curvature < 0)
     t = xp.clip(xp.where(ok, 0.5 * (f_lo - f_hi) / xp.where(ok, curvature, -1.0), 0.0), -0.5, 0.5)
-    # quadratic interpolation of the spectra: C(t) = C0 + t (C+ - C-)/2 + t^2 (C+ - 2 C0 + C-)/2
-    c_lo, c_hi = c[:, :2], c[:, 2:]
-    slope, bend = 0.5 * (c_hi - c_lo), 0.5 * (c_hi - 2.0 * c_best[:, None] + c_lo)
-    tt = xp.where(ok, t, 0.0).astype(xp.float32)[..., None]
-    c_at = c_best + (tt * slope + tt * tt * bend).sum(axis=1)
+    # quadratic interpolation of the spectra along each axis, C(t) = C0 + t (C+ - C-)/2 +
+    # t^2 (C+ - 2 C0 + C-)/2 = C0 (1 - t^2) + C- (t^2 - t)/2 + C+ (t^2 + t)/2: one small
+    # product per image with the neighbours' weights
+    tt = xp.where(ok, t, 0.0)
+    coef = xp.concatenate([0.5 * (tt * tt - tt), 0.5 * (tt * tt + tt)], axis=1)  # (M, 4)
+    c_at = xp.matmul(coef.astype(xp.complex64)[:, None, :], c)[:, 0]
+    c_at += c_best * (1.0 - (tt * tt).sum(axis=1)).astype(xp.float32)[:, None]
     theta, value = _newton(c_at, theta, n_angles, theta, step)
     shift = xp.asarray(refs.grid)[n_best % refs.n_shifts] + refs.step * t
     return shift, theta, value, n_best

@@ -813,9 +813,8 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
     """Raise each image's best rho and pruning floor before a chunk's main pass. Each round:
     rho of every view at one displacement per image (1/D of the work; the centre first,
     then the image's best so far), then every displacement of the image's ``k`` best views
-    there (in later rounds only for the images whose best view changed), evaluated exactly.
-    These count for the best pose and the floor only (the main pass sums them into the
-    likelihood)."""
+    there, evaluated exactly. These count for the best pose and the floor only (the main
+    pass sums them into the likelihood)."""
     xp, m, dcount, w = ctx.xp, ctx.m, ctx.dcount, ctx.w
     n_views = len(chunk.views)
     k = min(k, n_views)
@@ -826,7 +825,6 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         # first round: the first views of the chunk only (a pseudo-random sample of the
         # sphere, 1 in SEED_STRIDE), enough to find each image's displacement
         c = n_views if step else min(n_views, max(k, -(-n_views // SEED_STRIDE)))
-        before = acc.template.copy()
         planes = _buffer(ctx, "seed", (rows // 2, 2 * m, c))
         for p, q in enumerate(order):
             a = ctx.stacked[q][:, at, images]  # (2, M, 2H)
@@ -837,34 +835,24 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         local = np.tile(np.arange(c), m)
         cmax = _exact_update(acc, ctx, chunk, rho.reshape(w, -1), img, local, where[img])
         top = np.argpartition(-cmax.reshape(m, c), k - 1, axis=1)[:, :k]  # (M, k)
-        sel = np.arange(m) if step == 0 else np.flatnonzero(acc.template != before)
-        if len(sel):
-            _seed_displacements(acc, ctx, chunk, sel, top[sel])
+        top_x = xp.asarray(top)
+        planes = _buffer(ctx, "seed2", (rows // 2, m, 2, dcount, k))
+        for p, q in enumerate(order):
+            a = xp.moveaxis(ctx.stacked[q], 2, 0).reshape(m, 2 * dcount, -1)  # (M, 2D, 2H)
+            coef = xp.moveaxis(chunk.coef[q][:, top_x], 1, 0)  # (M, 2H, k)
+            xp.matmul(a, coef, out=planes[p].reshape(m, 2 * dcount, k))
+        planes = xp.moveaxis(planes, 2, 1).reshape(rows, -1)  # rows (slot, part)
+        cc = ctx.dft(xp.ascontiguousarray(planes)).reshape(w, m, dcount, k)
+        inv = chunk.inv[:, images[:, None], top_x]  # (W, M, k)
+        rho = (cc * inv[:, :, None, :]).reshape(w, -1)
+        img = np.repeat(np.arange(m), dcount * k)
+        local = np.repeat(top[:, None, :], dcount, axis=1).reshape(-1)
+        disp = np.tile(np.repeat(np.arange(dcount), k), m)
+        _exact_update(acc, ctx, chunk, rho, img, local, disp)
         if step and np.array_equal(acc.displacement, where):
             break
         where = acc.displacement.copy()
         at = xp.asarray(where)
-
-
-def _seed_displacements(acc, ctx, chunk, sel: np.ndarray, top: np.ndarray) -> None:
-    """Every displacement of views ``top`` (n, k) (indices into the chunk) for images
-    ``sel`` (n,), evaluated exactly into the best poses and the floor."""
-    xp, dcount, w = ctx.xp, ctx.dcount, ctx.w
-    n, k = top.shape
-    sel_x, top_x = xp.asarray(sel), xp.asarray(top)
-    planes = _buffer(ctx, "seed2", (ctx.dft.rows // 2, n, 2, dcount, k))
-    for p, q in enumerate(ctx.dft.order):
-        a = xp.moveaxis(ctx.stacked[q][:, :, sel_x], 2, 0).reshape(n, 2 * dcount, -1)
-        coef = xp.moveaxis(chunk.coef[q][:, top_x], 1, 0)  # (n, 2H, k)
-        xp.matmul(a, coef, out=planes[p].reshape(n, 2 * dcount, k))
-    planes = xp.moveaxis(planes, 2, 1).reshape(ctx.dft.rows, -1)  # rows (slot, part)
-    cc = ctx.dft(xp.ascontiguousarray(planes)).reshape(w, n, dcount, k)
-    inv = chunk.inv[:, sel_x[:, None], top_x]  # (W, n, k)
-    rho = (cc * inv[:, :, None, :]).reshape(w, -1)
-    img = np.repeat(sel, dcount * k)
-    local = np.repeat(top[:, None, :], dcount, axis=1).reshape(-1)
-    disp = np.tile(np.repeat(np.arange(dcount), k), n)
-    _exact_update(acc, ctx, chunk, rho, img, local, disp)
 
 
 def _exact_update(acc, ctx, chunk, rho, img, local, disp) -> np.ndarray:

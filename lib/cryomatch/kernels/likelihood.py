@@ -407,7 +407,7 @@ class SearchResult:
 LOG2E = 1.0 / math.log(2.0)
 TILE_COLUMNS = 1024  # (image, view) pairs per tile of the inverse DFT: (W, 1024) float32 = 512 KB
 SEED_STRIDE = 4  # views of a chunk that the seeding pass's first step evaluates: 1 in this
-SKIP_BLOCKS = 3  # blocks evaluated without the bound after one where it pruned nothing
+SKIP_GROUPS = 8  # displacement groups evaluated without the bound after one where it pruned nothing
 OVERFLOW = 100.0  # largest log2 of one term of a tile's likelihood sums (float32: < 128)
 
 
@@ -479,7 +479,8 @@ class _Context:
     prune: bool
     full_output: object
     buffers: dict  # reused arrays
-    skip_bound: int = 0  # blocks to evaluate without the bound (it pruned nothing lately)
+    skip_bound: int = 0  # groups to evaluate without the bound (it pruned nothing lately)
+    group: int = 1  # displacements per product (see :func:`_search_block`)
 
 
 def search(
@@ -490,17 +491,18 @@ def search(
     prune: bool = True,
     full_output=None,
     seed_views: int = 16,
-    block_bytes: float = 64e6,
+    block_bytes: float = 8e6,
 ) -> SearchResult:
     """Best pose and log-likelihoods of every image of ``batch`` against ``bank``.
 
-    Views go in blocks of ``template_block`` at most, fewer when the block's spectra planes
-    (4 x 2 (W/2+1) x D x M bytes per view) would pass ``block_bytes``. For a block, the
-    products of every image and displacement with every view are one real matrix product
-    per q (images in stacked real form, see :func:`prepare_images`), giving spectra planes
-    (Re X_q, Im X_q) x (displacement, image, view); each q's |X_q| goes into the triangle
-    bound on |cc| (``prune``) right after its product. The columns that survive the bound go
-    through the inverse DFT over q (:class:`.rotation_dft.InverseRotationDFT`, in tiles of
+    Views go in blocks of ``template_block`` at most, and displacements in groups whose
+    spectra planes (4 x 2 (W/2+1) x M bytes per view and displacement) fit ``block_bytes``
+    (so that they stay in the caches). For a block and a group, the products of every image
+    and displacement with every view are one real matrix product per q (images in stacked
+    real form, see :func:`prepare_images`), giving spectra planes (Re X_q, Im X_q) x
+    (displacement, image, view); each q's |X_q| goes into the triangle bound on |cc|
+    (``prune``) right after its product. The columns that survive the bound go through the
+    inverse DFT over q (:class:`.rotation_dft.InverseRotationDFT`, in tiles of
     :data:`TILE_COLUMNS`), which gives at once each column's largest rho and its likelihood
     summed over the W rotations.
 
@@ -557,7 +559,8 @@ def search(
         chunk.inv_max = to_numpy(chunk.inv.max(axis=0)).astype(np.float64)
         if seed_views > 0:
             _seed(acc, ctx, chunk, seed_views)
-        sb = max(1, min(int(template_block), int(block_bytes // (4 * dft.rows * dcount * m))))
+        sb = max(1, min(int(template_block), int(block_bytes // (4 * dft.rows * m))))
+        ctx.group = max(1, int(block_bytes // (4 * dft.rows * m * sb)))
         for lo in range(0, len(views), sb):
             n_eval += _search_block(acc, ctx, chunk, lo, min(len(views), lo + sb))
     c = bioem_constant(n, batch.syy)
@@ -641,46 +644,54 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
     """Every image x displacement against views lo..hi of the chunk; returns the number of
     (image, view, displacement) triples evaluated.
 
-    Per q one product over all displacements and images ([2 D M x 2 H_q] @ [2 H_q x sb])
-    fills the planes (Re X_q, Im X_q) of every triple, and |X_q| is added to the triangle
-    bound while they are in cache; then the triples the bound keeps are gathered into tiles
-    for :func:`_evaluate`."""
+    Displacements go in groups of ``ctx.group`` (their spectra planes stay in the caches):
+    per q one product over the group's displacements and the images ([2 g M x 2 H_q] @
+    [2 H_q x sb]) fills the planes (Re X_q, Im X_q) of every triple, and |X_q| is added to
+    the triangle bound at once; then the triples the bound keeps are gathered into tiles for
+    :func:`_evaluate`."""
     xp, m, dcount = ctx.xp, ctx.m, ctx.dcount
     sb = hi - lo
     acc.raise_ref(acc.floor2)
     blk = _block(acc, ctx, chunk, lo, hi)
     rows, n = ctx.dft.rows, m * sb
-    planes = _buffer(ctx, "planes", (rows // 2, 2, dcount * n))  # columns (d, image, view)
-    bound = None
-    if ctx.prune and ctx.skip_bound <= 0:
-        bound = _buffer(ctx, "bound", (dcount * n,))
-        bound[:] = 0.0
-    for p, q in enumerate(ctx.dft.order):
-        out = planes[p].reshape(2, dcount * m, sb)
-        xp.matmul(ctx.stacked[q].reshape(2, dcount * m, -1), chunk.coef[q][:, lo:hi], out=out)
+    evaluated = 0
+    for d0 in range(0, dcount, ctx.group):
+        d1 = min(dcount, d0 + ctx.group)
+        g = d1 - d0
+        planes = _buffer(ctx, "planes", (rows // 2, 2, g * n))  # columns (d, image, view)
+        bound = None
+        if ctx.prune and ctx.skip_bound <= 0:
+            bound = _buffer(ctx, "bound", (g * n,))
+            bound[:] = 0.0
+        for p, q in enumerate(ctx.dft.order):
+            images = ctx.stacked[q][:, d0:d1].reshape(2, g * m, -1)
+            xp.matmul(images, chunk.coef[q][:, lo:hi], out=planes[p].reshape(2, g * m, sb))
+            if bound is not None:
+                _add_magnitude(ctx, planes[p], 0.5 if q in (0, ctx.w // 2) else 1.0, bound)
+        ctx.skip_bound -= 1
         if bound is not None:
-            _add_magnitude(ctx, planes[p], 0.5 if q in (0, ctx.w // 2) else 1.0, bound)
-    ctx.skip_bound -= 1
-    if bound is not None:
-        # the bound is sum_q c_q |X_q| with c_q = 2/W (1/W at q = 0 and W/2)
-        threshold = blk.threshold * np.float32(ctx.w / 2)
-        alive = to_numpy(xp.flatnonzero(bound.reshape(dcount, n) >= threshold))
-        if 2 * len(alive) < dcount * n:  # few: gather them into tiles
-            flat = planes.reshape(rows, dcount * n)
-            for c0 in range(0, len(alive), TILE_COLUMNS):
-                cols = alive[c0 : c0 + TILE_COLUMNS]
-                tile = xp.take(flat, xp.asarray(cols), axis=1)
-                blk = _evaluate(acc, ctx, chunk, blk, tile, cols % n, cols // n, False)
-            return len(alive)
-        if 10 * len(alive) > 9 * dcount * n:  # the bound prunes nothing (noise): skip it a while
-            ctx.skip_bound = SKIP_BLOCKS
-    per_tile = max(1, TILE_COLUMNS // sb) * sb  # whole images per tile
-    for d in range(dcount):
-        at_d = planes[:, :, d * n : (d + 1) * n].reshape(rows, n)  # a view with strided rows
-        for c0 in range(0, n, per_tile):
-            c1 = min(n, c0 + per_tile)
-            blk = _evaluate(acc, ctx, chunk, blk, at_d[:, c0:c1], np.arange(c0, c1), d, True)
-    return dcount * n
+            # the bound is sum_q c_q |X_q| with c_q = 2/W (1/W at q = 0 and W/2)
+            threshold = blk.threshold * np.float32(ctx.w / 2)
+            alive = to_numpy(xp.flatnonzero(bound.reshape(g, n) >= threshold))
+            if 2 * len(alive) < g * n:  # few: gather them into tiles
+                flat = planes.reshape(rows, g * n)
+                for c0 in range(0, len(alive), TILE_COLUMNS):
+                    cols = alive[c0 : c0 + TILE_COLUMNS]
+                    tile = xp.take(flat, xp.asarray(cols), axis=1)
+                    blk = _evaluate(acc, ctx, chunk, blk, tile, cols % n, d0 + cols // n, False)
+                evaluated += len(alive)
+                continue
+            if 10 * len(alive) > 9 * g * n:  # the bound prunes nothing (noise): skip it a while
+                ctx.skip_bound = SKIP_GROUPS
+        per_tile = max(1, TILE_COLUMNS // sb) * sb  # whole images per tile
+        for j in range(g):
+            at_d = planes[:, :, j * n : (j + 1) * n].reshape(rows, n)  # a view, rows strided
+            for c0 in range(0, n, per_tile):
+                c1 = min(n, c0 + per_tile)
+                cols = np.arange(c0, c1)
+                blk = _evaluate(acc, ctx, chunk, blk, at_d[:, c0:c1], cols, d0 + j, True)
+        evaluated += g * n
+    return evaluated
 
 
 def _add_magnitude(ctx: _Context, planes, weight: float, bound) -> None:

@@ -486,7 +486,7 @@ class _Context:
 def search(
     batch: ImageBatch,
     bank: TemplateBank,
-    template_block: int = 128,
+    template_block: int = 64,
     ll_tolerance: float = 1e-4,
     prune: bool = True,
     full_output=None,

@@ -405,7 +405,7 @@ class SearchResult:
 
 
 LOG2E = 1.0 / math.log(2.0)
-TILE_COLUMNS = 1024  # (image, view) pairs per tile of the inverse DFT: (W, 1024) float32 = 512 KB
+TILE_COLUMNS = 1024  # columns (triples) per tile of the inverse DFT: (W, 1024) float32 = 512 KB
 SEED_STRIDE = 4  # views of a chunk that the seeding pass's first step evaluates: 1 in this
 SKIP_GROUPS = 8  # displacement groups evaluated without the bound after one where it pruned nothing
 OVERFLOW = 100.0  # largest log2 of one term of a tile's likelihood sums (float32: < 128)
@@ -525,6 +525,7 @@ def search(
     dft = InverseRotationDFT(w, xp)
     prune = prune and full_output is None
     acc = _Accumulator(m, math.log2(bank.n_templates * dcount * w / ll_tolerance))
+    sb = max(1, min(int(template_block), int(block_bytes // (4 * dft.rows * m))))
     ctx = _Context(
         xp=xp,
         dft=dft,
@@ -537,6 +538,7 @@ def search(
         prune=prune,
         full_output=full_output,
         buffers={},
+        group=max(1, int(block_bytes // (4 * dft.rows * m * sb))),
     )
     syy = xp.asarray(batch.syy, dtype=xp.float32)[None, :, None]
     lprior = bank.log_weights - math.log(dcount * w)
@@ -559,8 +561,6 @@ def search(
         chunk.inv_max = to_numpy(chunk.inv.max(axis=0)).astype(np.float64)
         if seed_views > 0:
             _seed(acc, ctx, chunk, seed_views)
-        sb = max(1, min(int(template_block), int(block_bytes // (4 * dft.rows * m))))
-        ctx.group = max(1, int(block_bytes // (4 * dft.rows * m * sb)))
         for lo in range(0, len(views), sb):
             n_eval += _search_block(acc, ctx, chunk, lo, min(len(views), lo + sb))
     c = bioem_constant(n, batch.syy)

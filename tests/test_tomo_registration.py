@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from cryomatch.kernels.ellipsoids import project, random_phantom
-from cryomatch.kernels.registration import fourier_shift, lsq_translation, register_translation
+from cryomatch.kernels.fourier import shift_images
+from cryomatch.kernels.registration import lsq_translation, register_translation
 from cryomatch.kernels.tiltalign import common_line_shifts, rotate_stack, shift_stack
 
 
@@ -18,7 +19,7 @@ def images():
 @pytest.mark.parametrize("whiten", [0.0, 1.0])
 def test_upsampled_correlation_recovers_subpixel_shifts(images, whiten):
     truth = np.array([[0.3, -1.7], [4.25, 2.5], [-6.6, 0.05], [0, 0], [1.5, -7.3], [-2.2, 3.1]])
-    moved = fourier_shift(images, -truth)  # content moved by -truth: +truth brings it back
+    moved = shift_images(images, -truth)  # content moved by -truth: +truth brings it back
     found = register_translation(images, moved, upsample_factor=20, whiten=whiten)
     np.testing.assert_allclose(found, truth, atol=0.02)
 
@@ -33,7 +34,7 @@ def test_common_line_subdivision_search():
     x = np.arange(64)
     ref = np.exp(-((x - 30) ** 2) / 20) + 0.5 * np.exp(-((x - 40) ** 2) / 8)
     truth = np.array([0.0, 1.3, -2.7, 5.05, -0.49])
-    lines = fourier_shift(np.tile(ref, (5, 1, 1)), np.stack([-truth, 0 * truth], 1))[:, 0]
+    lines = shift_images(np.tile(ref, (5, 1, 1)), np.stack([-truth, 0 * truth], 1))[:, 0]
     np.testing.assert_allclose(common_line_shifts(lines, ref, 0.05, 8), truth, atol=1 / 64)
 
 

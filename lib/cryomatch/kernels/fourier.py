@@ -35,23 +35,26 @@ def fourier_crop(images, box: int):
     return (out * (box * box) / (n * n)).astype(images.dtype, copy=False)
 
 
-def phase_shift_2d(box: int, shifts, xp=np):
-    """rfft2 phase factors (n, box, box//2+1) that move images by ``shifts`` (n, 2) as (x, y)
-    pixels: ``irfft2(rfft2(img) * factor)`` is ``img`` translated by +shift."""
-    ky, kx = rfft_frequencies(box, 1.0, xp)
+def phase_shift_2d(shape, shifts, xp=np):
+    """rfft2 phase factors (n, ny, nx//2+1) of images of ``shape`` (ny, nx) that move them by
+    ``shifts`` (n, 2) as (x, y) pixels: ``irfft2(rfft2(img) * factor)`` is ``img`` translated
+    by +shift."""
+    ny, nx = shape
+    ky = xp.fft.fftfreq(ny)[None, :, None]
+    kx = xp.fft.rfftfreq(nx)[None, None, :]
     shifts = xp.asarray(shifts, dtype=xp.float64).reshape(-1, 2)
-    phase = kx[None] * shifts[:, 0, None, None] + ky[None] * shifts[:, 1, None, None]
-    return xp.exp(-2j * np.pi * phase)
+    return xp.exp(-2j * np.pi * (kx * shifts[:, 0, None, None] + ky * shifts[:, 1, None, None]))
 
 
 def shift_images(images, shifts):
-    """Translate images (n, box, box) by ``shifts`` (n, 2) = (x, y) pixels (periodic, exact
-    for band-limited images)."""
+    """Translate images (n, ny, nx) by ``shifts`` (n, 2) = (x, y) pixels (periodic, exact
+    for band-limited images), in the images' precision."""
     xp = array_module(images)
     fft = fft_module(xp)
-    box = images.shape[-1]
-    spectrum = fft.rfft2(images, axes=(-2, -1)) * phase_shift_2d(box, shifts, xp)
-    return fft.irfft2(spectrum, s=(box, box), axes=(-2, -1)).astype(images.dtype, copy=False)
+    shape = images.shape[-2:]
+    spectrum = fft.rfft2(images, axes=(-2, -1))
+    spectrum = spectrum * phase_shift_2d(shape, shifts, xp).astype(spectrum.dtype, copy=False)
+    return fft.irfft2(spectrum, s=shape, axes=(-2, -1)).astype(images.dtype, copy=False)
 
 
 def apply_ctf(images, ctf_values):

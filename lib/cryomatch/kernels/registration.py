@@ -131,22 +131,6 @@ def register_translation(
     )
 
 
-def fourier_shift(images, shifts):
-    """Translate images (n, ny, nx) by ``shifts`` (n, 2) = (x, y) pixels (periodic)."""
-    xp = array_module(images)
-    fft = fft_module(xp)
-    n, ny, nx = images.shape
-    ky = xp.fft.fftfreq(ny)[None, :, None]
-    kx = xp.fft.rfftfreq(nx)[None, None, :]
-    shifts = xp.asarray(shifts, dtype=np.float64).reshape(-1, 2)
-    cdt = np.complex64 if images.dtype == np.float32 else np.complex128
-    phase = xp.exp(-2j * np.pi * kx * shifts[:, 0, None, None]).astype(cdt) * xp.exp(
-        -2j * np.pi * ky * shifts[:, 1, None, None]
-    ).astype(cdt)
-    out = fft.irfft2(fft.rfft2(images, axes=(-2, -1)) * phase, s=(ny, nx), axes=(-2, -1))
-    return out.astype(images.dtype, copy=False)
-
-
 def block_reduce(images, factor: int = 2):
     """Average ``factor`` x ``factor`` blocks of images (n, ny, nx), cropping the remainder."""
     n, ny, nx = images.shape

@@ -14,10 +14,10 @@ from scipy import ndimage
 
 from .. import geometry
 from ..backend import array_module, fft_module, to_numpy
+from .fourier import shift_images
 from .registration import (
     bandpass,
     cross_power,
-    fourier_shift,
     lsq_translation,
     register_translation,
     upsampled_peak,
@@ -65,10 +65,10 @@ def shift_stack(stack, shifts, pad: bool = True):
     xp = array_module(stack)
     shifts = xp.asarray(shifts, dtype=np.float64)
     if not pad:
-        return fourier_shift(stack, shifts)
+        return shift_images(stack, shifts)
     m = int(np.ceil(float(xp.abs(shifts).max()))) + 2 if len(shifts) else 2
     padded = xp.pad(stack, ((0, 0), (m, m), (m, m)), mode="edge")
-    return fourier_shift(padded, shifts)[:, m:-m, m:-m]
+    return shift_images(padded, shifts)[:, m:-m, m:-m]
 
 
 def bin_stack(stack, factor: int):
@@ -188,7 +188,7 @@ def along_axis_shifts(
     padded = np.pad(profiles, ((0, 0), (p, p)))[:, None, :]  # (n, 1, L)
     shifts = np.zeros(n)
     for _ in range(passes):
-        moved = fourier_shift(padded, np.stack([shifts, np.zeros(n)], 1))
+        moved = shift_images(padded, np.stack([shifts, np.zeros(n)], 1))
         mean = moved.mean(axis=0, keepdims=True)
         delta = register_translation(
             np.broadcast_to(mean, moved.shape), moved, upsample_factor, whiten=0.0, max_shift=p

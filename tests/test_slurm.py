@@ -71,13 +71,19 @@ def test_likelihood_jobs_run_as_one_slurm_array(cluster, tmp_path):
 
     config = copy.deepcopy(SMALL)
     config["stages"] = ["preprocess", "likelihood"]
-    snakemake(
-        tmp_path,
-        "--profile",
-        str(REPO / "workflow/profiles/slurm"),
-        *FAST_STATUS,
-        configfile=write_config(tmp_path, config),
-    )
+    configfile = write_config(tmp_path, config)
+    # the inputs first, so that every likelihood job is ready at once: jobs that become
+    # ready in different scheduling rounds go into different arrays
+    inputs = [f"results/particles/fft/particles_fourier_stack_00000{i}.npy" for i in (0, 1)]
+    for targets in ([*inputs, "results/templates/template_file_list.npy"], []):
+        snakemake(
+            tmp_path,
+            "--profile",
+            str(REPO / "workflow/profiles/slurm"),
+            *FAST_STATUS,
+            *targets,
+            configfile=configfile,
+        )
     ran = [j for j in cluster.jobs() if j.get("WorkDir") == str(tmp_path)]
     tasks = [j for j in ran if j["Comment"].startswith("rule_likelihood_wildcards")]
     assert len(tasks) == 4  # 2 structures x 2 stacks

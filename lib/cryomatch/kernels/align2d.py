@@ -945,6 +945,20 @@ def centre_of_mass(images, radius: float):
     return centre / total[:, None]
 
 
+def phase_centre_of_gravity(images):
+    """Centre (n, 2) as (x, y) pixels from the box centre by the phase of each image's first
+    Fourier harmonic along x and along y (SPARX's phase_cog, its ``center=1``):
+    ``x_c = box / (2 pi) arg sum f(x, y) exp(2 pi i (x - box // 2) / box)``, in
+    (-box/2, box/2]. A weighted circular mean of the density: it moves by half the box when
+    the contrast is inverted."""
+    images = np.asarray(images, dtype=np.float64)
+    n, box, _ = images.shape
+    turn = np.exp(2j * np.pi * (np.arange(box) - box // 2) / box)
+    x = images.sum(axis=1) @ turn  # profiles along x, first harmonic
+    y = images.sum(axis=2) @ turn
+    return np.stack([np.angle(x), np.angle(y)], axis=-1) * box / (2.0 * np.pi)
+
+
 def disc_mask(box: int, radius: float, edge: float = 2.0) -> np.ndarray:
     """Soft disc (box, box): 1 inside ``radius``, cosine fall to 0 over ``edge`` pixels."""
     grid = np.arange(box, dtype=np.float64) - box // 2

@@ -79,7 +79,7 @@ def main() -> None:
     )
     print(
         f"{'refs':>5} {'img/s/ref':>10} {'eff GFLOP/s':>12} {'matmul GFLOP/s':>15} "
-        f"{'fraction':>9} {'executed':>9} {'ring prep %':>12} {'ref prep ms':>12}"
+        f"{'fraction':>9} {'executed':>9} {'ring prep %':>12} {'refine %':>9} {'ref prep ms':>12}"
     )
     for n_refs in args.refs:
         references = rng.normal(size=(n_refs, box, box)).astype(np.float32)
@@ -87,13 +87,23 @@ def main() -> None:
         def refs_prep(references=references):
             return align2d.prepare_references(references, radii, n_angles, xr, xr, 1.0)
 
-        refs = refs_prep()
+        def fine_prep(references=references):
+            return align2d.prepare_references(references, radii, n_angles, 1, 1, 0.5, order=3)
+
+        def refine(found, fine):
+            origin = found.to_params(origins)[1]
+            spectra = align2d.image_spectra(images, origin, radii, n_angles, order=3)
+            return align2d.refine(spectra, fine, found.reference, found.mirror)
+
+        refs, fine = refs_prep(), fine_prep()
         spectra = align2d.image_spectra(images, origins, radii, n_angles)
+        found = align2d.search(spectra, refs)
         steps = {
             "matmul": lambda: a @ a,
             "prep": lambda: align2d.image_spectra(images, origins, radii, n_angles),
             "search": lambda spectra=spectra, refs=refs: align2d.search(spectra, refs),
-            "refs": refs_prep,
+            "refine": lambda found=found, fine=fine: refine(found, fine),
+            "refs": lambda: (refs_prep(), fine_prep()),
         }
         for fn in steps.values():  # warm up
             fn()
@@ -101,7 +111,7 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, best of each
             for name, fn in steps.items():
                 best[name] = min(best[name], cpu_time(fn))
-        total = best["prep"] + best["search"]
+        total = best["prep"] + best["search"] + best["refine"]
         peak = 8.0 * n**3 / best["matmul"]
         poses = args.images * refs.n_sets * 2  # (image, reference, shift, mirror)
         effective = 8.0 * n_rings * (n_angles // 2 + 1) * poses / total
@@ -109,7 +119,8 @@ def main() -> None:
         print(
             f"{n_refs:>5} {args.images * n_refs / total:>10.0f} {effective / 1e9:>12.1f} "
             f"{peak / 1e9:>15.1f} {effective / peak:>9.2f} {executed / peak:>9.2f} "
-            f"{100 * best['prep'] / total:>12.0f} {1e3 * best['refs']:>12.0f}"
+            f"{100 * best['prep'] / total:>12.0f} {100 * best['refine'] / total:>9.0f} "
+            f"{1e3 * best['refs']:>12.0f}"
         )
 
 

@@ -11,7 +11,7 @@ import starfile
 from cryomatch.cli import main
 from cryomatch.errors import CryomatchError
 from cryomatch.io.files import read_csv
-from cryomatch.stages.classify2d import Settings, classify2d, iteration_dir
+from cryomatch.stages.classify2d import Settings, classify2d
 from cryomatch.stages.simulate.views import simulate_views
 
 SETTINGS = Settings(ou=12, xr=1, yr=1)

@@ -56,6 +56,7 @@ from ..progress import progress
 FRC_THRESHOLD = 0.5  # the references are low-passed where the half-set FRC falls below this
 DEFAULT_MAXIT = 10  # maxit 0: up to this many iterations, with the automatic stop (SPARX)
 CRITERION_TOLERANCE = 1e-5  # relative rise of the criterion that still counts as improving
+FINE_RANGE, FINE_STEP = 1.0, 0.5  # shift grid (pixels) of the final refinement about each match
 CENTRING = {
     -1: "mean of the members' shifts",
     0: "none",
@@ -291,6 +292,15 @@ def align(source: ImageSource, references, origin, settings: Settings, backend: 
     refs = align2d.prepare_references(
         xp.asarray(references), radii, n_angles, settings.xr, settings.yr, settings.ts
     )
+    fine = align2d.prepare_references(
+        xp.asarray(references),
+        radii,
+        n_angles,
+        min(settings.xr, FINE_RANGE),
+        min(settings.yr, FINE_RANGE),
+        FINE_STEP,
+        order=3,
+    )
     room = shift_room(settings, box)
     recentred = out_of_range(origin, settings, box)
     start = np.clip(origin, -room, room)
@@ -298,15 +308,21 @@ def align(source: ImageSource, references, origin, settings: Settings, backend: 
     cls, score = np.zeros(n, np.int64), np.zeros(n)
     psi, new_origin, mirror = np.zeros(n), np.zeros((n, 2)), np.zeros(n, bool)
     for lo, hi, images in source.batches("align"):
-        spectra = align2d.image_spectra(
-            xp.asarray(source.for_alignment(images, lo, hi)),
-            start[lo:hi],
-            radii,
-            n_angles,
-        )
+        images = xp.asarray(source.for_alignment(images, lo, hi))
+        spectra = align2d.image_spectra(images, start[lo:hi], radii, n_angles)
         result = align2d.search(spectra, refs)
         cls[lo:hi], score[lo:hi] = result.reference, result.score
         psi[lo:hi], new_origin[lo:hi], mirror[lo:hi] = result.to_params(start[lo:hi])
+        # the final refinement: the exact (Fourier-shifted, spline-sampled) image about its
+        # match, against its own reference only; where the match keeps the rings inside
+        keep = lo + np.flatnonzero(~out_of_range(new_origin[lo:hi], settings, box))
+        if len(keep):
+            spectra = align2d.image_spectra(
+                images[xp.asarray(keep - lo)], new_origin[keep], radii, n_angles, order=3
+            )
+            best = align2d.refine(spectra, fine, cls[keep], mirror[keep])
+            psi[keep], new_origin[keep], _ = best.to_params(new_origin[keep])
+            score[keep] = best.score
     return cls, psi, new_origin, mirror, score, recentred
 
 
@@ -818,7 +834,12 @@ def _log_iteration(state: dict, result: Result) -> None:
     lines = [
         f"iteration {state['iteration']}: criterion {state['criterion']:.6g}"
         + ("" if before is None else f" (previous {before:.6g})")
-        + f"; {state['changed_class']} of {n} images changed class; members "
+        + (
+            ""
+            if state["iteration"] == 0
+            else f"; {state['changed_class']} of {n} images changed class"
+        )
+        + "; members "
         f"{result.counts.tolist()}; reseeded {(np.flatnonzero(result.reseeded) + 1).tolist()}"
     ]
     if result.score is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from math import comb
 
 import numpy as np
+from scipy.special import erf
 
 from cryomatch import geometry
 
@@ -81,3 +82,23 @@ def cramer_rao(views, noise_sigma):
         angle.append(np.rad2deg(np.sqrt(bound[0, 0])))
         shift.append(np.sqrt(0.5 * (bound[1, 1] + bound[2, 2])))
     return np.array(angle), np.array(shift)
+
+
+def disc_variance(images, radius: float):
+    """Variance (n,) of each image (n, box, box) over the disc of ``radius`` pixels about the
+    box centre: the signal of an SNR defined over the particle."""
+    images = np.asarray(images, dtype=np.float64)
+    box = images.shape[-1]
+    g = np.arange(box) - box // 2
+    disc = g[:, None] ** 2 + g[None, :] ** 2 <= radius * radius
+    return images[:, disc].var(axis=1)
+
+
+def efficient_fractions(bound_angle, bound_shift, angle_limit: float, shift_limit: float):
+    """Fractions of images whose angle error is within ``angle_limit`` degrees and whose
+    shift error is within ``shift_limit`` pixels for an efficient estimator (errors Gaussian
+    at the Cramer-Rao bound: the angle's standard deviation, the shift's per axis), per
+    image from the bounds of its view (n,)."""
+    angle = erf(angle_limit / (np.sqrt(2.0) * np.asarray(bound_angle)))
+    shift = 1.0 - np.exp(-(shift_limit**2) / (2.0 * np.asarray(bound_shift) ** 2))
+    return float(np.mean(angle)), float(np.mean(shift))

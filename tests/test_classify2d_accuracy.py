@@ -22,9 +22,16 @@ import numpy as np
 import pytest
 import starfile
 
+from cryomatch.kernels.align2d import from_reference_frame
 from cryomatch.stages.classify2d import Settings, classify2d, iteration_dir
 from cryomatch.stages.simulate.views import simulate_views
-from metrics2d import adjusted_rand_index, cramer_rao, pose_errors
+from metrics2d import (
+    adjusted_rand_index,
+    cramer_rao,
+    disc_variance,
+    efficient_fractions,
+    pose_errors,
+)
 
 MAXIT = 10
 SETTINGS = Settings(ou=24, xr=3, yr=3, ts=1)  # rings cover the particle, +-3 px search
@@ -85,3 +92,62 @@ def test_accuracy_figures_where_the_noise_allows(real_data, tmp_path):
     assert ari >= 0.95
     assert mirror_ok[correct].mean() >= 0.98
     assert np.mean((angle[correct] < 2) & (shift[correct] < 0.5)) >= 0.95
+
+
+# --- issue 12, point 3: against the efficient estimator, SNR over the particle disc -------
+DISC_SEED = 12
+
+
+def _simulate_at_disc_snr(real_data, folder, snr_disc, n, ou):
+    """Images of 5 views of EMD-1832 (64 px, random in-plane angle, mirror, +-3 px shifts)
+    whose SNR is ``snr_disc`` with the signal variance over the disc of radius ``ou``; returns
+    (star, views, noise sigma, the SNR measured from the noise actually added)."""
+    kwargs = dict(
+        n_views=5,
+        box=64,
+        seed=DISC_SEED,
+        map_path=str(real_data / "maps" / "emd_1832.map"),
+        max_shift=3.0,
+    )
+    probe = simulate_views(folder / "probe", n=1, snr=1.0, **kwargs)  # the same views
+    views = mrcfile.read(probe.parent / "views.mrcs").astype(np.float64)
+    factor = disc_variance(views, ou).mean() / views.var(axis=(1, 2)).mean()
+    star = simulate_views(folder / "data", n=n, snr=snr_disc / factor, **kwargs)
+    truth = starfile.read(star)["particles"]
+    clean = from_reference_frame(
+        views[truth["rlnClassNumber"].to_numpy() - 1],
+        truth["rlnAnglePsi"].to_numpy(),
+        truth["rlnIsFlip"].to_numpy(bool),
+        truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / 5.7,
+    )
+    sigma = float(np.std(mrcfile.read(star.parent / "particles.mrcs") - clean))
+    return star, views, sigma, disc_variance(views, ou).mean() / sigma**2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("snr", [0.3, 1.0])
+def test_accuracy_against_the_efficient_estimator(real_data, tmp_path, snr):
+    ou = 24
+    star, views, sigma, measured = _simulate_at_disc_snr(real_data, tmp_path, snr, 1000, ou)
+    assert measured == pytest.approx(snr, rel=0.05)  # the disc definition holds
+    out = tmp_path / "out"
+    last = classify2d(star, out, classes=5, maxit=0, settings=Settings(ou=ou, xr=3, yr=3))
+    truth = starfile.read(star)["particles"]
+    estimate = starfile.read(last / "particles.star")["particles"]
+    angle, shift, mirror_ok, correct = pose_errors(truth, estimate, 5.7)
+    ari = adjusted_rand_index(truth["rlnClassNumber"], estimate["rlnClassNumber"])
+    bound_angle, bound_shift = cramer_rao(views, sigma)
+    view = truth["rlnClassNumber"].to_numpy()[correct] - 1
+    allowed = efficient_fractions(bound_angle[view], bound_shift[view], 2.0, 0.5)
+    found = (np.mean(angle[correct] < 2.0), np.mean(shift[correct] < 0.5))
+    print(
+        f"SNR {snr} over the disc of radius {ou} (measured {measured:.3f}), {last.name}: "
+        f"ARI {ari:.4f}, correctly classed {correct.mean():.4f}, mirror right "
+        f"{mirror_ok[correct].mean():.4f}; angle < 2 deg {found[0]:.4f} (efficient "
+        f"{allowed[0]:.4f}, ratio {found[0] / allowed[0]:.3f}); shift < 0.5 px {found[1]:.4f} "
+        f"(efficient {allowed[1]:.4f}, ratio {found[1] / allowed[1]:.3f}); Cramer-Rao angle "
+        f"{bound_angle.mean():.3f} deg, shift {bound_shift.mean():.3f} px per axis"
+    )
+    assert found[0] >= 0.9 * allowed[0] and found[1] >= 0.9 * allowed[1]
+    if snr >= 1.0:
+        assert ari >= 0.95

@@ -23,7 +23,7 @@ import pytest
 import starfile
 
 from cryomatch.kernels.align2d import from_reference_frame
-from cryomatch.stages.classify2d import Settings, classify2d, iteration_dir
+from cryomatch.stages.classify2d import Settings, classify2d
 from cryomatch.stages.simulate.views import simulate_views
 from metrics2d import (
     adjusted_rand_index,
@@ -49,9 +49,9 @@ def _run(real_data, tmp_path, snr):
         map_path=str(real_data / "maps" / "emd_1832.map"),
         max_shift=3.0,
     )
-    classify2d(star, tmp_path / "out", classes=5, maxit=MAXIT, settings=SETTINGS)
+    last = classify2d(star, tmp_path / "out", classes=5, maxit=MAXIT, settings=SETTINGS)
     truth = starfile.read(star)["particles"]
-    estimate = starfile.read(iteration_dir(tmp_path / "out", MAXIT) / "particles.star")["particles"]
+    estimate = starfile.read(last / "particles.star")["particles"]
     angle, shift, mirror_ok, correct = pose_errors(truth, estimate, 5.7)
     ari = adjusted_rand_index(truth["rlnClassNumber"], estimate["rlnClassNumber"])
     views = mrcfile.read(data / "views.mrcs")

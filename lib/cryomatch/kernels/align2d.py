@@ -795,6 +795,37 @@ def refine(image_spec, refs: References, reference, mirror, batch: int = 256) ->
     )
 
 
+def refine_poses(images, origin, reference, mirror, fine: References, radii, room, passes=2):
+    """The final refinement of :func:`search`'s matches (``to_params`` form: origins (M, 2)
+    in pixels, ``reference`` and ``mirror`` (M,)) on the exact images (M, box, box): rings
+    of each image moved by the exact Fourier shift to its match, sampled by cubic B-spline,
+    against its own reference only (:func:`refine`; ``fine``: references from
+    :func:`prepare_references` with ``order=3`` and a small grid); up to ``passes`` times for
+    the images a pass moved by more than a quarter of ``fine``'s step. Images whose rings
+    would leave them (|origin| > ``room`` per axis) are left as they are. Returns
+    (psi (M,), origin (M, 2), score (M,), refined (M,) bool); psi and score NaN where not
+    refined."""
+    xp = array_module(images)
+    n = len(images)
+    origin = np.array(origin, dtype=np.float64)
+    psi, score = np.full(n, np.nan), np.full(n, np.nan)
+    inside = np.abs(origin).max(axis=1) <= room + 1e-6
+    todo = np.flatnonzero(inside)
+    for _ in range(passes):
+        if not len(todo):
+            break
+        spectra = image_spectra(
+            images[xp.asarray(todo)], origin[todo], radii, fine.n_angles, order=3
+        )
+        best = refine(spectra, fine, reference[todo], mirror[todo])
+        before = origin[todo]
+        psi[todo], origin[todo], _ = best.to_params(before)
+        score[todo] = best.score
+        moved = np.linalg.norm(origin[todo] - before, axis=1) > fine.step / 4
+        todo = todo[moved & (np.abs(origin[todo]).max(axis=1) <= room + 1e-6)]
+    return psi, origin, score, inside
+
+
 def _check_layout(image_spec, refs: References) -> None:
     u = refs.blocks[0][0]  # (Q', K, b)
     if tuple(image_spec.values.shape[1:]) != u.shape[:2]:

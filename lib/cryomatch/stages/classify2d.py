@@ -313,23 +313,12 @@ def align(source: ImageSource, references, origin, settings: Settings, backend: 
         result = align2d.search(spectra, refs)
         cls[lo:hi], score[lo:hi] = result.reference, result.score
         psi[lo:hi], new_origin[lo:hi], mirror[lo:hi] = result.to_params(start[lo:hi])
-        # the final refinement: the exact (Fourier-shifted, spline-sampled) image about its
-        # match, against its own reference only, where the match keeps the rings inside;
-        # again for the images it moved by more than a quarter of its grid step
-        todo = np.flatnonzero(~out_of_range(new_origin[lo:hi], settings, box))
-        for _ in range(2):
-            if not len(todo):
-                break
-            rows = lo + todo
-            spectra = align2d.image_spectra(
-                images[xp.asarray(todo)], new_origin[rows], radii, n_angles, order=3
-            )
-            best = align2d.refine(spectra, fine, cls[rows], mirror[rows])
-            before = new_origin[rows]
-            psi[rows], new_origin[rows], _ = best.to_params(before)
-            score[rows] = best.score
-            moved = np.linalg.norm(new_origin[rows] - before, axis=1) > FINE_STEP / 4
-            todo = todo[moved & ~out_of_range(new_origin[rows], settings, box)]
+        # the final refinement on the exact images, against their own reference only
+        fine_psi, new_origin[lo:hi], fine_score, refined = align2d.refine_poses(
+            images, new_origin[lo:hi], cls[lo:hi], mirror[lo:hi], fine, radii, room
+        )
+        psi[lo:hi] = np.where(refined, fine_psi, psi[lo:hi])
+        score[lo:hi] = np.where(refined, fine_score, score[lo:hi])
     return cls, psi, new_origin, mirror, score, recentred
 
 

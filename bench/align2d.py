@@ -6,8 +6,9 @@ spectra of the images (shift to the current centre, rings, folded spectra: "prep
 search (coarse pass, exact re-scoring, sub-pixel refinement on the grid) and the final
 refinement of each match on the exact image (:func:`align2d.refine_poses`: B-spline rings
 about the match against its own reference, a second pass for the images the first moved
-by more than a quarter step: "refine"; pure-noise images, the worst case). Printed: images aligned per second per
-reference, and FLOP rates against numpy's complex64 matrix product measured in the same run:
+by more than a quarter step: "refine"; pure-noise images, the worst case). Printed: images
+aligned per second per reference, and FLOP rates against numpy's complex64 matrix product
+measured in the same run:
 
 * effective: the arithmetic of the dense formulation the issue asks for (shared notes,
   sections 1 and 2): per (image, reference, shift) and per mirror one complex product per

@@ -22,15 +22,14 @@ import numpy as np
 import pytest
 import starfile
 
-from cryomatch.kernels.align2d import from_reference_frame
 from cryomatch.stages.classify2d import Settings, classify2d
 from cryomatch.stages.simulate.views import simulate_views
 from metrics2d import (
     adjusted_rand_index,
     cramer_rao,
-    disc_variance,
     efficient_fractions,
     pose_errors,
+    simulate_at_disc_snr,
 )
 
 MAXIT = 10
@@ -98,37 +97,13 @@ def test_accuracy_figures_where_the_noise_allows(real_data, tmp_path):
 DISC_SEED = 12
 
 
-def _simulate_at_disc_snr(real_data, folder, snr_disc, n, ou):
-    """Images of 5 views of EMD-1832 (64 px, random in-plane angle, mirror, +-3 px shifts)
-    whose SNR is ``snr_disc`` with the signal variance over the disc of radius ``ou``; returns
-    (star, views, noise sigma, the SNR measured from the noise actually added)."""
-    kwargs = dict(
-        n_views=5,
-        box=64,
-        seed=DISC_SEED,
-        map_path=str(real_data / "maps" / "emd_1832.map"),
-        max_shift=3.0,
-    )
-    probe = simulate_views(folder / "probe", n=1, snr=1.0, **kwargs)  # the same views
-    views = mrcfile.read(probe.parent / "views.mrcs").astype(np.float64)
-    factor = disc_variance(views, ou).mean() / views.var(axis=(1, 2)).mean()
-    star = simulate_views(folder / "data", n=n, snr=snr_disc / factor, **kwargs)
-    truth = starfile.read(star)["particles"]
-    clean = from_reference_frame(
-        views[truth["rlnClassNumber"].to_numpy() - 1],
-        truth["rlnAnglePsi"].to_numpy(),
-        truth["rlnIsFlip"].to_numpy(bool),
-        truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / 5.7,
-    )
-    sigma = float(np.std(mrcfile.read(star.parent / "particles.mrcs") - clean))
-    return star, views, sigma, disc_variance(views, ou).mean() / sigma**2
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("snr", [0.3, 1.0])
 def test_accuracy_against_the_efficient_estimator(real_data, tmp_path, snr):
     ou = 24
-    star, views, sigma, measured = _simulate_at_disc_snr(real_data, tmp_path, snr, 1000, ou)
+    star, views, sigma, measured = simulate_at_disc_snr(
+        tmp_path, snr, 1000, ou, real_data / "maps" / "emd_1832.map", DISC_SEED
+    )
     assert measured == pytest.approx(snr, rel=0.05)  # the disc definition holds
     out = tmp_path / "out"
     last = classify2d(star, out, classes=5, maxit=0, settings=Settings(ou=ou, xr=3, yr=3))

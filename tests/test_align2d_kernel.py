@@ -368,3 +368,14 @@ def test_search_on_the_gpu_matches_numpy(views, rng):
     np.testing.assert_array_equal(gpu.mirror, cpu.mirror)
     np.testing.assert_allclose(gpu.angle, cpu.angle, atol=0.05)
     np.testing.assert_allclose(gpu.shift, cpu.shift, atol=0.01)
+    # and the final refinement of those matches
+    start = cpu.to_params(zero)[1]
+    fine = [
+        align2d.prepare_references(v, radii, w, 1, 1, 0.5, order=3)
+        for v in (views, cupy.asarray(views))
+    ]
+    args = (start, cpu.reference, cpu.mirror)
+    cpu_psi, cpu_origin, _, _ = align2d.refine_poses(images, *args, fine[0], radii, 3)
+    gpu_psi, gpu_origin, _, _ = align2d.refine_poses(cupy.asarray(images), *args, fine[1], radii, 3)
+    np.testing.assert_allclose(geometry.wrap_degrees(gpu_psi - cpu_psi), 0, atol=0.05)
+    np.testing.assert_allclose(gpu_origin, cpu_origin, atol=0.01)

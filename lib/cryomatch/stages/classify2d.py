@@ -3,28 +3,36 @@ sxmref_ali2d: Penczek, Radermacher and Frank 1992, Ultramicroscopy 40:33).
 
 Iteration 0 makes the initial references: the ``--references`` stack, or ``--classes K``
 averages of a random partition of the images (seeded by ``rand_seed``). Each iteration
-n >= 1 reads ``iter{n-1}/particles.star`` and ``iter{n-1}/references.mrcs`` and
+n >= 1 reads ``iter{n-1}/particles.star``, ``references.mrcs`` and ``convergence.json`` and
 
 1. aligns every image to every reference over the full circle, both mirrors and the
    ``+-xr, +-yr`` grid of step ``ts`` about the image's current shift
-   (:mod:`cryomatch.kernels.align2d`), and assigns it to the best reference;
+   (:mod:`cryomatch.kernels.align2d`; an image whose shift leaves the searchable range is
+   re-centred: searched about the nearest centre its rings allow), assigns it to the best
+   reference, and refines its pose on the exact image against that reference only;
 2. averages each class from its aligned images (Wiener filter with ``snr`` when ``CTF``),
    and two half averages from a random split of its members, for the FRC;
-3. centres each average (``center=1``) by the centre of mass of its squared, low-passed
-   contrast, and composes the centring shift into its members' parameters;
+3. centres each average (``center``: -1 its members' mean shift, 1 the centre of mass of
+   its squared, low-passed contrast, 2 the phase centre of gravity) and composes the
+   centring shift into its members' origins, never clipped (a STAR origin always aligns
+   the image to its class average; those now out of range are counted);
 4. reseeds empty and tiny classes (fewer than ``min_class_size`` members) and, while the
    largest class holds 1.5 times the mean class size, the smaller of the closest pair of
    duplicate classes (two averages that differ, after alignment, little more than a
    class's two half averages do): from a random subset (``rand_seed``) of the
    worse-fitting half of the largest class, splitting it;
-5. low-passes each centred average where its FRC falls below 0.5: the next references.
+5. low-passes each centred average where its FRC falls below 0.5: the next references;
+6. stops as SPARX does when no image changed class, no class was reseeded and the
+   criterion (the squared references inside the mask) stopped improving; after that an
+   iteration copies the converged one (``maxit`` 0: up to 10 iterations).
 
 Outputs in ``OUT/classify2d/iterNNN/``: ``class_averages.mrcs``, ``references.mrcs``,
-``classes.csv`` (members, FRC resolution, centring shift, reseeding per class), ``frc.csv``
-(FRC per class against spatial frequency in 1/A), ``particles.star`` (RELION: rlnClassNumber,
-rlnAnglePsi, rlnOriginXAngst/YAngst, rlnIsFlip, and rlnParticleFigureOfMerit, the peak
-normalized cross-correlation) and ``class_averages.png``. Input files are only read; a line
-per iteration in the log says how many images changed class.
+``classes.csv`` (members, FRC resolution, centring shift, reseeding, criterion, and the
+images that changed class, were re-centred or are out of range, per class),
+``convergence.json``, ``frc.csv`` (FRC per class against spatial frequency in 1/A),
+``particles.star`` (RELION: rlnClassNumber, rlnAnglePsi, rlnOriginXAngst/YAngst, rlnIsFlip,
+and rlnParticleFigureOfMerit, the peak normalized cross-correlation) and
+``class_averages.png``. Input files are only read; the log has a line per iteration.
 """
 
 from __future__ import annotations
@@ -912,7 +920,7 @@ def add_arguments(p) -> None:
         "--min-class-size",
         type=int,
         default=d.min_class_size,
-        help="reseed smaller classes; 0: max(4, 20%% of the mean class size)",
+        help="reseed smaller classes; 0: max(4, 20%% of the mean class size), at most half of it",
     )
     p.add_argument("--mask", help="2D mask (MRC) for normalization and the references")
     p.add_argument(

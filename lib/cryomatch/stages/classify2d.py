@@ -792,7 +792,8 @@ def _run_iteration(
     prov = provenance.record("classify2d", params)
     folder = iteration_dir(out, iteration)
     last = iteration_dir(out, iteration - 1)
-    previous = read_json(last / "convergence.json") if iteration > 0 else None
+    state_file = last / "convergence.json"  # absent in runs of older versions: not converged
+    previous = read_json(state_file) if iteration > 0 and state_file.exists() else None
     if previous is not None and previous["converged"]:
         with Outputs() as outputs:
             _copy_converged(last, folder, previous, outputs)

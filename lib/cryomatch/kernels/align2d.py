@@ -735,20 +735,17 @@ class Alignment:
         return psi, new_origin, self.mirror
 
 
-def search(
-    image_spec, refs: References, top: int = 2, batch: int = 256, exclude=None, subpixel=True
-) -> Alignment:
+def search(image_spec, refs: References, top: int = 2, batch: int = 256, exclude=None) -> Alignment:
     """Align images (:class:`FoldedSpectra` from :func:`image_spectra`) to every reference,
     shift and mirror (module docstring), ``batch`` images at a time (the coarse pass in
     cache-sized parts of those, :func:`coarse_scores`); ``exclude`` (M,) names a reference
-    each image must not match (e.g. itself), or -1. ``subpixel=False``: the best grid shift
-    and the angle there, for a :func:`refine` to follow (no climb, no parabolas)."""
+    each image must not match (e.g. itself), or -1."""
     xp = array_module(image_spec.values)
     _check_layout(image_spec, refs)
     if exclude is None:
         exclude = xp.full(len(image_spec), -1)
     parts = [
-        _search_batch(image_spec[lo : lo + batch], refs, top, exclude[lo : lo + batch], subpixel)
+        _search_batch(image_spec[lo : lo + batch], refs, top, exclude[lo : lo + batch])
         for lo in range(0, len(image_spec), batch)
     ]
     return Alignment(
@@ -850,7 +847,7 @@ def coarse_scores(image_spec, refs: References, batch=None):
     )
 
 
-def _search_batch(image_spec, refs: References, top: int, exclude, subpixel=True) -> Alignment:
+def _search_batch(image_spec, refs: References, top: int, exclude) -> Alignment:
     xp = array_module(image_spec.values)
     m = len(image_spec)
     s, d = refs.n_refs, refs.n_shifts
@@ -871,13 +868,9 @@ def _search_batch(image_spec, refs: References, top: int, exclude, subpixel=True
     rows = xp.arange(m) * top + pick
     n_best = xp.take_along_axis(n_cand, pick[:, None], axis=1)[:, 0]
     mir_best = xp.take_along_axis(mir_cand, pick[:, None], axis=1)[:, 0]
-    theta, value = theta[rows], value[rows]
-    if subpixel:
-        shift, theta, value, n_best = _refine_shift(
-            values, refs, n_best, mir_best, theta, value, c[rows]
-        )
-    else:
-        shift = xp.asarray(refs.grid)[n_best % refs.n_shifts].astype(xp.float64)
+    shift, theta, value, n_best = _refine_shift(
+        values, refs, n_best, mir_best, theta[rows], value[rows], c[rows]
+    )
     return Alignment(
         reference=n_best // d,
         mirror=mir_best,

@@ -87,7 +87,8 @@ def _gauss3(a, b, c):
 
 def estimate_radius(image, radii=None, count: int = 10) -> float:
     """Bead radius (px) of an image: the scale whose ``count`` strongest normalized-LoG peaks
-    (relative to the response's noise) are strongest, refined by a parabola."""
+    (relative to the response's noise) are strongest, refined by a parabola; NaN when that
+    is the smallest or largest of ``radii`` (no blob scale: no beads)."""
     radii = np.arange(1.0, 8.01, 0.5) if radii is None else np.asarray(radii, dtype=float)
     score = []
     for r in radii:
@@ -95,11 +96,28 @@ def estimate_radius(image, radii=None, count: int = 10) -> float:
         peaks = find_peaks(resp, r, 3.0, count)[0]
         score.append(np.sort(peaks.strengths)[::-1][:count].mean() if len(peaks.strengths) else 0)
     score = np.array(score)
-    k = int(np.clip(np.argmax(score), 1, len(radii) - 2))
+    if np.argmax(score) in (0, len(radii) - 1):
+        return float("nan")
+    k = int(np.argmax(score))
     a, b, c = score[k - 1 : k + 2]
     denom = a - 2 * b + c
     step = radii[1] - radii[0]
     return float(radii[k] + (np.clip(0.5 * (a - c) / denom, -1, 1) * step if denom < 0 else 0.0))
+
+
+def count_beads(strengths, floor: float, min_beads: int = 4, max_beads: int = 100, gap=2.0) -> int:
+    """How many of the strongest candidates are gold beads: the largest drop in strength
+    (sorted, strongest first, ``floor`` appended: the detection threshold),
+    s[k - 1] / s[k] over k = ``min_beads`` .. ``max_beads``, separates them from the
+    specimen's own blobs when it is at least ``gap`` (gold is far denser than biological
+    matter); 0 when there is no such drop."""
+    s = np.append(np.sort(np.asarray(strengths, dtype=np.float64))[::-1], floor)
+    k = np.arange(min_beads, min(max_beads, len(s) - 1) + 1)
+    if not len(k):
+        return 0
+    ratio = s[k - 1] / np.maximum(s[k], 1e-30)
+    best = int(np.argmax(ratio))
+    return int(k[best]) if ratio[best] >= gap else 0
 
 
 def match_offset(predicted, candidates, search: float, tol: float):
@@ -154,16 +172,14 @@ def track(
     angles,
     start: int,
     shape: tuple[int, int],
-    max_points: int = 60,
-    min_strength: float = 8.0,
+    seeds,
     search: float | None = None,
     tol: float = 2.0,
     margin: float = 3.0,
     fit_options: dict | None = None,
 ):
-    """Track points through a series: the ``max_points`` strongest candidates of image
-    ``start`` (strength >= ``min_strength`` and 0.3 x the median of the ten strongest) are
-    followed outwards in tilt (:func:`outward_order`);
+    """Track points through a series: the ``seeds`` (m, 2) in image ``start`` (e.g. the
+    beads :func:`count_beads` accepts) are followed outwards in tilt (:func:`outward_order`);
     each image's positions are predicted from the projection model fitted so far, moved by
     the translation that matches most candidates (:func:`match_offset` within ``search`` px,
     default a quarter of the image) and assigned to the nearest candidate within ``tol`` px.
@@ -176,10 +192,7 @@ def track(
     ny, nx = shape
     search = 0.25 * min(ny, nx) if search is None else search
     fit_options = dict(fit_options or {})
-    first = candidates[start]
-    top = np.sort(first.strengths)[::-1][:10]
-    pick = first.strengths >= max(min_strength, 0.3 * np.median(top) if len(top) else 0.0)
-    seeds = first.positions[pick][:max_points]
+    seeds = np.asarray(seeds, dtype=np.float64).reshape(-1, 2)
     m = len(seeds)
     observed = np.full((n, m, 2), np.nan)
     if m == 0:

@@ -119,6 +119,12 @@ def _ellipsoid_chord(origin, direction, centre, metric):
     return 2 * np.sqrt(np.clip(disc, 0, None)) / a
 
 
+def _near(u, centre, theta, reach):
+    """Rays (bool) within ``reach`` + 1 px of an object's projected centre."""
+    cu = centre[0] * np.cos(theta) - centre[2] * np.sin(theta)
+    return (np.abs(u[:, 0] - cu) < reach + 1) & (np.abs(u[:, 1] - centre[1]) < reach + 1)
+
+
 def project(
     phantom: Phantom,
     angles,
@@ -139,7 +145,9 @@ def project(
         (grid[:, None] + sub[None]).ravel(), (grid[:, None] + sub[None]).ravel(), indexing="ij"
     )
     q = np.stack([x.ravel(), y.ravel()], 1)
-    metrics = [r @ np.diag(1 / a**2) @ r.T for r, a in zip(phantom.rotations, phantom.axes)]
+    metrics = [
+        r @ np.diag(1 / a**2) @ r.T for r, a in zip(phantom.rotations, phantom.axes, strict=True)
+    ]
     out = np.empty((len(angles), size, size))
     for i, theta in enumerate(np.deg2rad(angles)):
         u = q @ rot.T + shifts[i]
@@ -150,15 +158,18 @@ def project(
         if phantom.box is not None:
             half, rho = phantom.box
             total += rho * _box_chord(origin, direction, half)
-        for centre, metric, rho in zip(phantom.centres, metrics, phantom.densities):
-            near = np.abs(u[:, 1] - centre[1]) < 0.2 * size  # cheap cut along the axis
+        for centre, metric, rho, axes in zip(
+            phantom.centres, metrics, phantom.densities, phantom.axes, strict=True
+        ):
+            near = _near(u, centre, theta, axes.max())
             total[near] += rho * _ellipsoid_chord(origin[near], direction, centre, metric)
         r2 = phantom.bead_radius**2
         for centre in phantom.beads:
-            d = origin - centre
+            near = _near(u, centre, theta, phantom.bead_radius)
+            d = origin[near] - centre
             along = d @ direction
             perp2 = (d * d).sum(1) - along**2
-            total += phantom.bead_density * 2 * np.sqrt(np.clip(r2 - perp2, 0, None))
+            total[near] += phantom.bead_density * 2 * np.sqrt(np.clip(r2 - perp2, 0, None))
         block = total.reshape(size, supersample, size, supersample)
         out[i] = block.mean(axis=(1, 3))
     return out.astype(np.float32)

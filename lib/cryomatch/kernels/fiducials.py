@@ -18,14 +18,19 @@ from scipy.spatial import cKDTree
 
 from .projection_model import ModelFit, fit_projection_model, project_points
 
+ROUND = 0.75  # beads: smaller / larger principal curvature at least this
+
 
 @dataclass
 class Candidates:
     """Bead candidates of one image: positions (k, 2) x, y px about the centre, strengths
-    (k,) in units of the response's robust noise level, strongest first."""
+    (k,) in units of the response's robust noise level, strongest first, and roundness
+    (k,): the ratio of the smaller to the larger principal curvature at the peak (1 for a
+    round blob, near 0 along an edge or ridge)."""
 
     positions: np.ndarray
     strengths: np.ndarray
+    roundness: np.ndarray
 
 
 def bead_response(images, radius: float) -> np.ndarray:
@@ -47,11 +52,24 @@ def noise_level(response) -> np.ndarray:
     return 1.4826 * np.median(np.abs(flat - med), axis=1) + 1e-30
 
 
-def find_peaks(response, radius: float, threshold: float, max_count: int) -> list[Candidates]:
+def curvatures(images, radius: float):
+    """Hessian (hxx, hyy, hxy), each (n, ny, nx), of images smoothed at sigma = radius / sqrt 2."""
+    sigma = max(radius / np.sqrt(2.0), 0.7)
+    images = np.asarray(images, dtype=np.float32)
+    return tuple(
+        ndimage.gaussian_filter(images, (0, sigma, sigma), order=o)
+        for o in ((0, 0, 2), (0, 2, 0), (0, 1, 1))
+    )
+
+
+def find_peaks(
+    response, radius: float, threshold: float, max_count: int, hessian=None
+) -> list[Candidates]:
     """Local maxima of each response image (n, ny, nx) above ``threshold`` x its noise
     level, at least ``radius`` + 1 px from the frame and ~``radius`` px from a stronger peak
     (non-maximum suppression), at most ``max_count`` per image, with subpixel positions from
-    a Gaussian through each peak and its neighbours along x and y."""
+    a Gaussian through each peak and its neighbours along x and y. ``hessian``
+    (:func:`curvatures` of the images) gives each peak's roundness (else 1)."""
     response = np.asarray(response, dtype=np.float64)
     n, ny, nx = response.shape
     size = 2 * int(np.ceil(radius)) + 1
@@ -70,7 +88,13 @@ def find_peaks(response, radius: float, threshold: float, max_count: int) -> lis
         dy = _gauss3(r[y - 1, x], r[y, x], r[y + 1, x])
         positions = np.stack([x + dx - nx // 2, y + dy - ny // 2], axis=1).astype(np.float64)
         strengths = (r[y, x] - np.median(r)) / level[i]
-        out.append(Candidates(positions, strengths))
+        roundness = np.ones(len(x))
+        if hessian is not None:
+            hxx, hyy, hxy = (h[i, y, x].astype(np.float64) for h in hessian)
+            mean, dev = (hxx + hyy) / 2, np.hypot((hxx - hyy) / 2, hxy)
+            big, small = mean - dev, mean + dev  # bright blob: both negative, |big| >= |small|
+            roundness = np.where(big < 0, np.clip(small / np.minimum(big, -1e-30), 0, 1), 0)
+        out.append(Candidates(positions, strengths, roundness))
     return out
 
 
@@ -86,15 +110,16 @@ def _gauss3(a, b, c):
 
 
 def estimate_radius(image, radii=None, count: int = 10) -> float:
-    """Bead radius (px) of an image: the scale whose ``count`` strongest normalized-LoG peaks
-    (relative to the response's noise) are strongest, refined by a parabola; NaN when that
-    is the smallest or largest of ``radii`` (no blob scale: no beads)."""
+    """Bead radius (px) of an image: the scale whose ``count`` strongest round (roundness
+    >= ROUND) normalized-LoG peaks (relative to the response's noise) are strongest, refined
+    by a parabola; NaN when that is the smallest or largest of ``radii`` (no blob scale)."""
     radii = np.arange(1.0, 8.01, 0.5) if radii is None else np.asarray(radii, dtype=float)
     score = []
     for r in radii:
         resp = bead_response(np.asarray(image)[None], r)
-        peaks = find_peaks(resp, r, 3.0, count)[0]
-        score.append(np.sort(peaks.strengths)[::-1][:count].mean() if len(peaks.strengths) else 0)
+        peaks = find_peaks(resp, r, 3.0, 4 * count, curvatures(np.asarray(image)[None], r))[0]
+        peaks = peaks.strengths[peaks.roundness >= ROUND]
+        score.append(np.sort(peaks)[::-1][:count].mean() if len(peaks) else 0)
     score = np.array(score)
     if np.argmax(score) in (0, len(radii) - 1):
         return float("nan")

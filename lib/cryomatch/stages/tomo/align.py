@@ -182,7 +182,7 @@ def tomo_align(
     pixel_size: float | None = None,
     backend: str = "numpy",
     bead_size: float | None = None,
-    min_beads: int = 4,
+    min_beads: int = 5,
     max_beads: int = 60,
     patch_size: int | None = None,
     patch_spacing: float | None = None,
@@ -242,6 +242,8 @@ def tomo_align(
             None if patch_size is None else max(8, patch_size // binning),
             None if patch_spacing is None else patch_spacing / binning,
             fit_options,
+            max_residual,
+            binning,
             notes,
         )
     model_align.log(f"method {chosen} ({'chosen' if method == 'auto' else 'asked for'}): {reason}")
@@ -459,7 +461,7 @@ def add_arguments(p) -> None:
         "the field of view, else patch (the choice and its reason are logged)",
     )
     p.add_argument("--bead-size", type=float, help="gold bead diameter, nm (default: estimated)")
-    p.add_argument("--min-beads", type=int, default=4, help="fiducial: fewest beads to use")
+    p.add_argument("--min-beads", type=int, default=5, help="fiducial: fewest beads to use")
     p.add_argument("--max-beads", type=int, default=60, help="fiducial: most beads tracked")
     p.add_argument("--patch-size", type=int, help="patch: patch size, px (default: size/4)")
     p.add_argument("--patch-spacing", type=float, help="patch: grid spacing, px (default: size/2)")

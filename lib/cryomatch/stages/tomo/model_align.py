@@ -70,43 +70,56 @@ def bead_radius(stack, start: int, bead_size: float | None, pixel_size: float) -
 
 
 def find_beads(stack, start: int, radius: float, min_beads: int, max_beads: int):
-    """Bead seeds (k, 2) in image ``start`` and every image's candidates (or None when the
-    image holds fewer than ``min_beads`` beads)."""
+    """Bead seeds (k, 2) in image ``start`` (round blobs much stronger than the rest:
+    :func:`~cryomatch.kernels.fiducials.count_beads`) and every image's candidates; None
+    when the image holds fewer than ``min_beads`` beads."""
     if not np.isfinite(radius):
         return None, None
+    image = stack[start : start + 1]
     first = fiducials.find_peaks(
-        fiducials.bead_response(stack[start : start + 1], radius),
+        fiducials.bead_response(image, radius),
         radius,
         DETECTION_THRESHOLD,
         4 * max_beads,
+        fiducials.curvatures(image, radius),
     )[0]
-    k = fiducials.count_beads(first.strengths, DETECTION_THRESHOLD, min_beads, max_beads)
+    round_ = first.roundness >= fiducials.ROUND
+    strengths = first.strengths[round_]
+    k = fiducials.count_beads(strengths, DETECTION_THRESHOLD, min_beads, max_beads)
     if k < min_beads:
         return None, None
+    seeds = first.positions[round_][:k]
     candidates = fiducials.find_peaks(
         fiducials.bead_response(stack, radius), radius, DETECTION_THRESHOLD, 4 * max_beads
     )
-    return first.positions[:k], candidates
+    return seeds, candidates
 
 
 def fiducial_alignment(
-    stack, angles, start, radius, seeds, candidates, fit_options, min_beads
-) -> ModelAlignment | None:
-    """Track the beads, fit the model, drop poor tracks and fit again; None when fewer than
-    ``min_beads`` good tracks remain."""
+    stack, angles, start, radius, seeds, candidates, fit_options, min_beads, max_residual
+) -> tuple[ModelAlignment | None, str]:
+    """Track the beads, fit the model, drop poor tracks and fit again. Returns (alignment,
+    why): why is '' on success; (None, why) when fewer than ``min_beads`` (or half the
+    seeds) good tracks remain; (alignment, why) when their mean residual exceeds
+    ``max_residual`` px (of ``stack``)."""
     shape = stack.shape[1:]
     tol = max(2.0, radius)
     observed, model = fiducials.track(
         candidates, angles, start, shape, seeds, tol=tol, fit_options=fit_options
     )
-    if model is None:
-        return None
     keep = fiducials.drop_poor_tracks(observed, model)
-    if keep.sum() < min_beads:
-        return None
+    need = max(min_beads, int(np.ceil(0.5 * len(seeds))))
+    if keep.sum() < need:
+        return None, f"only {keep.sum()} of {len(seeds)} beads could be tracked ({need} needed)"
     observed = observed[:, keep]
     model = fit_projection_model(observed, angles, reference=start, **fit_options)
-    return ModelAlignment("fiducial", model, observed, radius)
+    result = ModelAlignment("fiducial", model, observed, radius)
+    if not model.mean_residual <= max_residual:
+        return result, (
+            f"the bead model's mean residual {model.mean_residual:.2f} px (this binning) is "
+            f"above max_residual {max_residual:g} px"
+        )
+    return result, ""
 
 
 def patch_alignment(stack, angles, start, patch, spacing, fit_options) -> ModelAlignment:
@@ -128,32 +141,33 @@ def choose_and_align(
     patch_size: int | None,
     patch_spacing: float | None,
     fit_options: dict,
+    max_residual: float,
+    binning: int,
     notes: list,
 ):
     """Run ``method`` (fiducial, patch) or choose one (auto) on a stack whose tilt axis runs
-    about along y. Returns (method, reason, ModelAlignment or None: an image-based method
-    (reprojection) is to be run by the caller)."""
+    about along y (binned by ``binning``; ``max_residual`` in px of the input). Returns
+    (method, reason, ModelAlignment or None: an image-based method (reprojection) is to be
+    run by the caller)."""
     n = len(stack)
+    limit = max_residual / binning
     crossing, _ = crossing_images(stack)
     isolated = crossing <= CROSSING_FRACTION * n
     if method in ("fiducial", "auto"):
         radius = bead_radius(stack, start, bead_size, pixel_size)
         seeds, candidates = find_beads(stack, start, radius, min_beads, max_beads)
         if seeds is not None:
-            result = fiducial_alignment(
-                stack, angles, start, radius, seeds, candidates, fit_options, min_beads
+            result, why = fiducial_alignment(
+                stack, angles, start, radius, seeds, candidates, fit_options, min_beads, limit
             )
-            if result is not None:
+            if result is not None and (not why or method == "fiducial"):
                 used = result.model.used.any(axis=0).sum()
                 reason = (
                     f"{len(seeds)} gold beads (radius {radius:.1f} px) found in the image at "
                     f"{angles[start]:g} deg, {used} tracked through the series"
                 )
                 return "fiducial", reason, result
-            why = (
-                f"the {len(seeds)} beads found could not be tracked (fewer than {min_beads} "
-                "good tracks)"
-            )
+            why = f"{len(seeds)} bead-like blobs found, but {why}"
         else:
             size = "no bead-sized blobs" if not np.isfinite(radius) else f"radius {radius:.1f} px"
             why = f"no gold beads found ({size}; at least {min_beads} needed)"

@@ -207,7 +207,7 @@ def track(
     beads :func:`count_beads` accepts) are followed outwards in tilt (:func:`outward_order`);
     each image's positions are predicted from the projection model fitted so far, moved by
     the translation that matches most candidates (:func:`match_offset` within ``search`` px,
-    default a quarter of the image) and assigned to the nearest candidate within ``tol`` px.
+    default 0.4 x the image side) and assigned to the nearest candidate within ``tol`` px.
     Positions predicted within ``margin`` px of the frame are not searched. Then the model is
     fitted to all tracks (``fit_options`` go to :func:`fit_projection_model`), gaps and
     rejected observations are searched again at the positions the final model predicts, and
@@ -215,7 +215,7 @@ def track(
     angles = np.asarray(angles, dtype=np.float64)
     n = len(angles)
     ny, nx = shape
-    search = 0.25 * min(ny, nx) if search is None else search
+    search = 0.4 * min(ny, nx) if search is None else search
     fit_options = dict(fit_options or {})
     seeds = np.asarray(seeds, dtype=np.float64).reshape(-1, 2)
     m = len(seeds)

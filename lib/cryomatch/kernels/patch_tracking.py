@@ -52,6 +52,17 @@ def _register(ref, mov, window, weight) -> np.ndarray:
     return register_translation(ref, mov, 20, whiten=0.0, weight=weight)
 
 
+def _register_profiles(ref, mov, window, weight) -> np.ndarray:
+    """Shifts (k,) along the axis (y) moving each ``mov`` patch onto its ``ref``, from their
+    profiles along y (sums across the axis): features at different heights shear across
+    the axis from one tilt to the next, which biases a 2D registration along oblique edges;
+    the profiles do not change."""
+    k, p, _ = ref.shape
+    profiles = [((a - a.mean(axis=(1, 2), keepdims=True)) * window).sum(axis=2) for a in (ref, mov)]
+    wide = [np.repeat(x[:, :, None], 8, axis=2) for x in profiles]  # (k, p, 8): no x shift
+    return register_translation(*wide, 20, whiten=0.0, weight=bandpass(p, 8, 0.2, 0.02))[:, 1]
+
+
 def track_patches(
     stack,
     angles,
@@ -61,6 +72,7 @@ def track_patches(
     lowpass: float = 0.2,
     highpass: float = 0.02,
     passes: int = 2,
+    along_from_profiles: bool = True,
     fit_options: dict | None = None,
 ):
     """Track a grid of patches (``patch`` px, default a quarter of the smaller image side
@@ -69,6 +81,7 @@ def track_patches(
     gives a first translation; then every patch of a, stretched about its own centre by
     cos(theta_b) / cos(theta_a), is registered onto b at the predicted place (``passes``
     times, resampling at the new place). A patch that would leave the frame stops there.
+    The tracks are then fitted with the projection model.
     Returns (observed (n, k, 2) with NaN where not tracked, the fitted ModelFit)."""
     stack = np.asarray(stack, dtype=np.float64)
     angles = np.asarray(angles, dtype=np.float64)
@@ -111,9 +124,11 @@ def track_patches(
         template = _sample(spline(a), prev[ok], patch, c)
         current = pos[ok]
         for _ in range(passes):
-            current = current - _register(
-                template, _sample(spline(b), current, patch), window, weight
-            )
+            region = _sample(spline(b), current, patch)
+            moved = _register(template, region, window, weight)
+            if along_from_profiles:
+                moved[:, 1] = _register_profiles(template, region, window, weight)
+            current = current - moved
         inside = (np.abs(current) < limit).all(axis=1)
         rows = np.flatnonzero(ok)[inside]
         observed[b, rows] = current[inside]

@@ -150,9 +150,10 @@ def fit_projection_model(
     or 'per_view'; ``tilt_angles`` and ``magnification`` add per-image offsets / scales.
     After each fit, observations whose residual exceeds ``reject`` times the median residual
     / 1.18 (a robust sigma), and at least ``min_reject`` px, are rejected as outliers and the
-    model is fitted again, at most ``rounds`` times. Points seen in fewer than ``min_views``
-    images are left out (NaN positions). ``reference`` (default: the image nearest 0
-    degrees) keeps its shift (and optional variables) fixed.
+    model is fitted again, at most ``rounds`` times. Points seen (and not rejected) in
+    fewer than ``min_views`` images are left out (NaN positions); an image with no point
+    keeps its starting shift (``ModelFit.used`` shows which). ``reference`` (default: the
+    image nearest 0 degrees) keeps its shift (and optional variables) fixed.
     """
     observed = np.asarray(observed, dtype=np.float64)
     angles = np.asarray(angles, dtype=np.float64)
@@ -162,7 +163,6 @@ def fit_projection_model(
     if reference is None:
         reference = int(np.argmin(np.abs(angles)))
     seen = np.isfinite(observed).all(axis=-1)
-    keep = seen.sum(axis=0) >= min_views
     others = np.flatnonzero(np.arange(n) != reference)
     blocks = {"shift": 2}
     if rotation == "per_view":
@@ -211,12 +211,13 @@ def fit_projection_model(
     rejected = np.zeros((n, m), dtype=bool)
     first = initial is None
     for _ in range(max(1, rounds)):
+        keep = (seen & ~rejected).sum(axis=0) >= min_views  # points still determined
         used = seen & keep[None, :] & ~rejected
         vi, pj = np.nonzero(used)
         target = observed[vi, pj]
         weight = np.sqrt(max(len(vi), 1))
 
-        def residual(v, vi=vi, pj=pj, target=target, weight=weight):
+        def residual(v, vi=vi, pj=pj, target=target, weight=weight, keep=keep):
             pos, sh, axis, psi, dth, logm = unpack(v)
             p = pos[pj]
             q = _project(
@@ -232,7 +233,7 @@ def fit_projection_model(
             gauge = weight * pos[keep, 2].mean() if keep.any() else 0.0
             return np.concatenate([(q - target).ravel(), [gauge]])
 
-        def jacobian(v, vi=vi, pj=pj, weight=weight):
+        def jacobian(v, vi=vi, pj=pj, weight=weight, keep=keep):
             return _jacobian(unpack(v), vi, pj, angles, keep, weight, reference, n_global, blocks)
 
         if first and loss != "linear":  # plain least squares first: near the minimum fast
@@ -249,6 +250,7 @@ def fit_projection_model(
         rejected |= bad
     pos, sh, axis, psi, dth, logm = unpack(v0)
     predicted = project_points(pos, angles + dth, sh, axis + psi, np.exp(logm))
+    keep = (seen & ~rejected).sum(axis=0) >= min_views
     used = seen & keep[None, :] & ~rejected
     pos = np.where(keep[:, None], pos, np.nan)
     return ModelFit(

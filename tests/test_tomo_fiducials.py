@@ -16,7 +16,10 @@ from cryomatch.geometry import remove_unobservable
 from cryomatch.io.tilts import read_angles, read_xf, write_tlt
 from cryomatch.kernels import fiducials
 from cryomatch.kernels.projection_model import fit_projection_model, project_points
+from cryomatch.stages.simulate.tiltseries import simulate_tiltseries
 from cryomatch.stages.tomo.align import tomo_align
+from cryomatch.stages.tomo.common import prepare, read_tilt_series
+from cryomatch.stages.tomo.model_align import crossing_images
 from phantoms_tomo import Phantom, bead_positions, project, tilt_series
 
 ANGLES = np.arange(-60, 61, 2.0)
@@ -230,6 +233,21 @@ def test_bad_model_options(beads_slab, tmp_path):
     assert not (tmp_path / "out").exists() or not any(
         p.is_file() for p in (tmp_path / "out").rglob("*")
     )
+
+
+# --- the demo (point 7) -------------------------------------------------------------------
+def test_demo_is_an_extended_specimen_with_beads_aligned_by_them(tmp_path):
+    stack = simulate_tiltseries(
+        tmp_path / "demo", size=64, tilt_axis=3.0, seed=0, specimen="slab", noise=0.15
+    )
+    crossing, _ = crossing_images(prepare(read_tilt_series(stack).data))
+    assert crossing > 0.5 * len(ANGLES)  # wider than the field of view
+    folder = tomo_align(stack, tmp_path / "out", name="demo", pixel_size=10.0)
+    summary = json.loads((folder / "alignment.json").read_text())
+    assert summary["method"] == "fiducial" and summary["warnings"] == []
+    truth = pd.read_csv(tmp_path / "demo" / "truth.csv", comment="#")
+    assert rms(shifts_of(folder), truth[["shift_x", "shift_y"]].to_numpy()).max() <= 0.2
+    assert summary["model"]["n_points"] >= 6 and summary["model"]["mean_residual"] < 0.3
 
 
 # --- the real needle (no beads, isolated object) --------------------------------------------

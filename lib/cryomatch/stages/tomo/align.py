@@ -246,7 +246,8 @@ def tomo_align(
             binning,
             notes,
         )
-    model_align.log(f"method {chosen} ({'chosen' if method == 'auto' else 'asked for'}): {reason}")
+    how = "chosen" if method == "auto" else "asked for"
+    model_align.log(f"method {chosen} ({how})" + ("" if reason == "asked for" else f": {reason}"))
     delta = offset = 0.0
     record = []
     fitted_angles = series.angles

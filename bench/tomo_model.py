@@ -40,7 +40,7 @@ def main():
     parser.add_argument("--others", action="store_true", help="also COM and reprojection")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    print("seed  specimen  method        err_x   err_y   seconds")
+    print("seed  specimen  method        err_x   err_y   axis (3)  CPU-s")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for seed in args.seeds:
@@ -55,11 +55,15 @@ def main():
                     start = time.process_time()
                     folder = tomo_align(path, tmp / method, method=method, pixel_size=10.0)
                     seconds = time.process_time() - start
-                    used = pd.read_json(folder / "alignment.json", typ="series")["method"]
+                    summary = pd.read_json(folder / "alignment.json", typ="series")
+                    used, axis = summary["method"], summary["tilt_axis"]
                     ex, ey = error(folder, shifts, angles)
                     name = f"{method}:{used}" if method == "auto" else method
                     kind = "beads" if beads else "no beads"
-                    print(f"{seed:4d}  {kind:8s}  {name:13s} {ex:6.3f}  {ey:6.3f}  {seconds:7.1f}")
+                    print(
+                        f"{seed:4d}  {kind:8s}  {name:13s} {ex:6.3f}  {ey:6.3f}  {axis:8.2f}  "
+                        f"{seconds:5.1f}"
+                    )
 
 
 if __name__ == "__main__":

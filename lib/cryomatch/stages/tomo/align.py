@@ -6,19 +6,25 @@ conservation of mass (``xrange``, ``p``, ``nslices``); ``COM-CL`` centre of mass
 line (``com_ref_index``, ``cl_ref_index``, ``cl_resolution``, ``cl_div_factor``); and
 cryomatch's ``reprojection`` (global first guess refined against leave-one-out
 reprojections; nothing chained). ``start`` defaults to the tilt nearest 0 degrees.
+``fiducial`` (gold beads) and ``patch`` (patch tracking) fit a projection model
+(:mod:`~cryomatch.stages.tomo.model_align`); ``auto`` (the default) picks fiducial,
+reprojection or patch from the data and logs why.
 
 The raw images are first turned so that the tilt axis (nominal angle from the config or the
 .mdoc) runs along y and aligned; with ``fit_tilt_axis`` the residual angle is then estimated
 from the common line of the aligned stack (:func:`~cryomatch.kernels.tiltaxis.tilt_axis_angle`)
 and the raw images turned and aligned again; with ``center_axis`` the axis offset
 (centre-of-mass fit, :func:`~cryomatch.kernels.tiltaxis.tilt_axis_offset`) is removed from
-the shifts.
+the shifts. The projection model of fiducial and patch fits the tilt-axis angle itself and
+puts the axis through the centre of the image nearest 0 degrees.
 
 Outputs in OUT/tomo/NAME: ``shifts.csv`` (index, angle, shift_x, shift_y in pixels of the
 input), ``NAME.xf`` and ``NAME.tlt`` (IMOD), ``aligned.mrc`` (the input images turned and
 shifted: tilt axis along y), ``reconstruction.mrc`` (WBP or SIRT of the aligned images with
 their background removed and, with ``invert``, their contrast inverted; (z, y, x)),
-``alignment.json`` (tilt axis, offset, method, record) and ``alignment.png``.
+``alignment.json`` (tilt axis, offset, method and why, warnings, record, model figures),
+``alignment.png``, ``points.csv`` (bead or patch 3D positions and residuals) and
+``model.csv`` (per image: fitted tilt angle, axis angle, magnification, shift, residual).
 """
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ def test_centre_of_mass_on_a_slab_warns_and_records_it(bare_slab, tmp_path):
     assert summary["method"] == "COM" and "frame edges" in summary["warnings"][0]
 
 
-def test_residual_above_threshold_warns(beads_slab, tmp_path):
+def test_bead_size_from_config_and_residual_above_threshold_warns(beads_slab, tmp_path):
     stack = beads_slab[0]
     with pytest.warns(CryomatchWarning, match="above max_residual"):
         folder = tomo_align(
@@ -218,10 +218,12 @@ def test_residual_above_threshold_warns(beads_slab, tmp_path):
             tmp_path / "out",
             method="fiducial",
             pixel_size=10.0,
+            bead_size=5.0,  # nm: 5 px across at 10 A per px
             max_residual=0.01,
         )
     summary = json.loads((folder / "alignment.json").read_text())
     assert summary["method"] == "fiducial" and "max_residual" in summary["warnings"][0]
+    assert summary["model"]["bead_radius"] == pytest.approx(2.5)
 
 
 def test_bad_model_options(beads_slab, tmp_path):

@@ -222,7 +222,50 @@ rule likelihood_gather:
         "--stacks {input.stacks} {params.opts} > {log} 2>&1"
 
 
+rule reweight:
+    input:
+        matrix=rules.likelihood_gather.output.matrix,
+        star=rules.likelihood_gather.output.star,
+        templates=TEMPLATE_FILES,
+        code=code("reweight"),
+    output:
+        weights=f"{LIKELIHOOD_DIR}/reweight/ensemble_weights.csv",
+        png=report(
+            f"{LIKELIHOOD_DIR}/reweight/ensemble_weights.png",
+            caption="../workflow/report/ensemble_weights.rst",
+            category="Likelihood",
+        ),
+        posterior=f"{LIKELIHOOD_DIR}/reweight/structure_posterior.npy",
+        posterior_csv=f"{LIKELIHOOD_DIR}/reweight/structure_posterior.csv",
+    log:
+        f"{LOGS}/reweight.log",
+    benchmark:
+        f"{BENCH}/reweight.tsv"
+    conda:
+        conda_env()
+    threads: res("reweight", "cpus_per_task")
+    resources:
+        **rule_resources("reweight"),
+    params:
+        cryomatch=CRYOMATCH,
+        out=lambda wildcards, output: os.path.dirname(output.weights),
+        opts=cli_options(
+            LIKELIHOOD.get("reweight", {}),
+            {
+                "alpha": "--alpha",
+                "samples": "--samples",
+                "burn_in": "--burn-in",
+                "interval": "--interval",
+                "seed": "--seed",
+            },
+        ),
+    shell:
+        "{params.cryomatch} reweight --matrix {input.matrix} --star {input.star} "
+        "--templates {input.templates} --out {params.out} {params.opts} > {log} 2>&1"
+
+
 TARGETS["likelihood"] = [
     *rules.likelihood_gather.output,
+    *rules.reweight.output,
     *rules.template_list.output,
 ]

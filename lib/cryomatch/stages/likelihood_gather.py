@@ -41,7 +41,9 @@ from ..io.particles import Particles, read_particles, write_particles
 from ..io.polar_files import ArrayWriter, read_templates
 from ..kernels.likelihood import displacement_grid
 from ..progress import progress
+from ..symmetry import to_asymmetric_unit
 from .likelihood import output_paths
+from .templates import read_template_list
 
 CSV_STRUCTURES = 64  # per-structure CSV columns up to this many structures
 FIGURE_STRUCTURES = 8  # differences drawn for at most this many structures after the first
@@ -101,7 +103,14 @@ def read_structure_results(out: Path, i: int, tset, labels, sizes) -> dict[str, 
             ]
         for key, value in zip(POSE_KEYS, pose, strict=True):
             rows[key].append(value)
-    return {k: np.concatenate(v).astype(np.float64) for k, v in rows.items()}
+    out = {k: np.concatenate(v).astype(np.float64) for k, v in rows.items()}
+    symbol = str(tset.meta.get("symmetry", "C1"))
+    if symbol != "C1":  # refined poses may leave the asymmetric unit: back into it
+        inside = to_asymmetric_unit(
+            geometry.euler_to_matrix(out["rot"], out["tilt"], out["psi"]), symbol
+        )
+        out["rot"], out["tilt"], out["psi"] = geometry.matrix_to_euler(inside)
+    return out
 
 
 def likelihood_gather(
@@ -225,7 +234,11 @@ def difference_figure(ll: np.ndarray, names: list[str]):
 
 def add_arguments(p) -> None:
     p.add_argument("--results", required=True, help="the likelihood output folder (OUT)")
-    p.add_argument("--templates", nargs="+", required=True, help="template sets in structure order")
+    names = p.add_mutually_exclusive_group(required=True)
+    names.add_argument("--templates", nargs="+", help="template sets in structure order")
+    names.add_argument(
+        "--template-list", help="instead: template_file_list.npy (the sets in structure order)"
+    )
     p.add_argument("--stacks", nargs="+", required=True, help="preprocessed stacks' STAR files")
     p.add_argument("--max-displacement-pixels", type=float, default=3.0)
     p.add_argument("--n-displacements-x", type=int, default=7)
@@ -235,7 +248,7 @@ def add_arguments(p) -> None:
 def run(args) -> None:
     likelihood_gather(
         args.results,
-        args.templates,
+        read_template_list(args.template_list) if args.template_list else args.templates,
         args.stacks,
         args.max_displacement_pixels,
         args.n_displacements_x,

@@ -37,6 +37,7 @@ from ..io.files import write_csv, write_npy
 from ..io.polar_files import read_templates
 from ..io.star import read_star
 from ..kernels import reweight as kernel
+from .templates import read_template_list
 
 CSV_STRUCTURES = 64
 MIN_ESS = 100.0
@@ -209,7 +210,9 @@ def weights_figure(weights: pd.DataFrame, pct: str, n_images: int):
 def add_arguments(p) -> None:
     p.add_argument("--matrix", required=True, help="likelihood_matrix.npy [structure, image]")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--templates", nargs="*", help="template sets in structure order (names)")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument("--templates", nargs="*", help="template sets in structure order (names)")
+    names.add_argument("--template-list", help="instead: template_file_list.npy")
     p.add_argument("--star", help="best_poses.star of the same images (image names)")
     p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet prior concentration")
     p.add_argument("--samples", type=int, default=2000, help="Gibbs samples kept")
@@ -222,7 +225,7 @@ def run(args) -> None:
     reweight(
         args.matrix,
         args.out,
-        args.templates,
+        read_template_list(args.template_list) if args.template_list else args.templates,
         args.star,
         args.alpha,
         args.samples,

@@ -130,6 +130,30 @@ def test_best_poses_star_is_usable_downstream(run, tmp_path, monkeypatch):
     assert np.all((expected > 0) & (expected <= structure * (1 + 1e-9)))
 
 
+def test_one_job_for_several_template_sets(run, tmp_path, capsys):
+    """``cryomatch likelihood --templates T0 T1 --i-template 5 7``: the same files as one job
+    per set (an ensemble's group of frames); unequal lists are an error."""
+    root, _, ffts, temps, _ = run
+    opts = ["--max-displacement-pixels", "2", "--n-displacements-x", "5"]
+    opts += ["--n-displacements-y", "5"]
+    main(
+        ["likelihood", "--fourier-stack", str(ffts[1]), "--templates", *map(str, temps)]
+        + ["--out", str(tmp_path), "--i-template", "5", "7", *opts]
+    )
+    for i, j in ((0, 5), (1, 7)):
+        alone = output_paths(root / "likelihood", i, "000001")
+        together = output_paths(tmp_path, j, "000001")
+        for key in ("ll_integrated", "template", "inplane_rotation"):
+            np.testing.assert_array_equal(np.load(together[key]), np.load(alone[key]))
+    code = main(
+        ["likelihood", "--fourier-stack", str(ffts[1]), "--templates", *map(str, temps)]
+        + ["--out", str(tmp_path / "x"), "--i-template", "3"]
+    )
+    assert code == 2
+    assert "2 template sets but 1 --i-template" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_full_cross_correlation_and_prior_shifts(run, tmp_path):
     _, _, ffts, temps, _ = run
     paths = likelihood(ffts[0], temps[0], tmp_path, 0, 1.0, 3, 3, full_cross_correlation=True)

@@ -96,13 +96,13 @@ def _c4_map(box, pixel):
 
 @pytest.fixture(scope="module")
 def c4_run(real_data, tmp_path_factory):
-    """24 images (SNR 1, 48 px) of the TRPV1 map (C4), searched with C1 and with C4."""
+    """16 images (SNR 1, 48 px) of the TRPV1 map (C4), searched with C1 and with C4."""
     root = tmp_path_factory.mktemp("c4")
     volume = real_data / "maps" / "trpv1_volume_48px_4.88A.mrc"
     star = simulate_particles(
-        root / "sim", n=24, snr=1.0, box=48, seed=2, maps=[str(volume)], max_shift=1.0
+        root / "sim", n=16, snr=1.0, box=48, seed=2, maps=[str(volume)], max_shift=1.0
     )
-    preprocess(star, root, stack_size=24)
+    preprocess(star, root, stack_size=16)
     stack = root / "particles" / "stack_000000.star"
     fft = fourier_stack(stack, root / "fft")
     runs = {}
@@ -130,6 +130,7 @@ def test_c4_search_over_the_asymmetric_unit(c4_run):
     truth = starfile.read(star)["particles"]
     best = starfile.read(runs["C4"][2]["star"])["particles"]
     assert np.all(symmetry.in_asymmetric_unit(best["rlnAngleRot"], best["rlnAngleTilt"], "C4"))
+    assert np.all(np.abs(best["rlnAngleRot"]) <= 45.0 + 1e-6)  # as RELION writes them
     angle = np.min(
         geometry.angle_between_rotations(
             symmetry.equivalent_poses(_pose_matrices(truth), "C4"), _pose_matrices(best)[:, None]
@@ -141,7 +142,7 @@ def test_c4_search_over_the_asymmetric_unit(c4_run):
     rho = {k: np.load(v[1]["cross_correlation"]) for k, v in runs.items()}
     # the whole sphere's grid holds views whose C4 copies fall between the unit's views:
     # the same best pose for most images, a nearby one (within a grid step) for a few
-    assert np.mean(rho["C4"] >= rho["C1"] - 1e-4) >= 0.9
+    assert np.median(rho["C1"] - rho["C4"]) < 1e-3
     assert np.all(rho["C4"] >= rho["C1"] - 0.05)
     print(
         f"\n  TRPV1 map, simulated: views {views['C1']} -> {views['C4']}, search CPU s "

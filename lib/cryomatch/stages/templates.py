@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import provenance
 from ..errors import CryomatchError, CryomatchWarning
-from ..geometry import matrix_to_euler
+from ..geometry import matrix_to_euler, wrap_degrees
 from ..io.atomic import Outputs
 from ..io.files import write_npy
 from ..io.polar_files import read_fourier_stack, write_set
@@ -102,11 +102,14 @@ def make_templates(
 
 def symmetric_views(viewing_distance: float, symmetry: str = "C1"):
     """(rot, tilt, weights) of CryoLike's views (see :func:`viewing_directions`) in RELION's
-    asymmetric unit of ``symmetry`` (boundaries included), the weights renormalized to sum 1
-    (a boundary view's weight divided by its symmetry copies in the unit)."""
+    asymmetric unit of ``symmetry`` (boundaries included; rot in (-180, 180] as RELION writes
+    it), the weights renormalized to sum 1 (a boundary view's weight divided by its symmetry
+    copies in the unit)."""
     rot, tilt, weights = viewing_directions(viewing_distance)
-    keep = in_asymmetric_unit(rot, tilt, check_symbol(symmetry))
-    rot, tilt, weights = rot[keep], tilt[keep], weights[keep]
+    if check_symbol(symmetry) == "C1":
+        return rot, tilt, weights
+    keep = in_asymmetric_unit(rot, tilt, symmetry)
+    rot, tilt, weights = wrap_degrees(rot[keep]), tilt[keep], weights[keep]  # as RELION
     # a view on the unit's boundary stands for the copies of it that the unit also holds:
     # its weight is shared among them (so the weights stay a quadrature of the sphere)
     rot_eq, tilt_eq, _ = matrix_to_euler(equivalent_poses(view_matrices(rot, tilt), symmetry))

@@ -1,5 +1,7 @@
-# Likelihood: polar Fourier stacks, templates per structure, one job per (i_template,
-# stack), then the likelihood matrix and best poses over all structures.
+# Likelihood: polar Fourier stacks, templates per structure (and per group of frames of
+# each ensemble), one job per (i_template, stack) (per group of frames and stack for
+# ensembles), then the likelihood matrix and best poses over all structures, and the
+# ensemble reweighting of that matrix.
 import re
 
 from cryomatch.io.structures import count_frames, selected_frames
@@ -34,7 +36,7 @@ TEMPLATE_FILES = [
     f"{TEMPLATES_DIR}/templates_fourier_{name}.npy" for name in STRUCTURE_NAMES
 ]
 TEMPLATE_INPUTS = list(TEMPLATE_FILES)
-ENSEMBLE_GROUPS = {}  # (ensemble name, group) -> (ensemble config, frames)
+ENSEMBLE_GROUPS = {}  # (name, group) -> (ensemble config, frames, first i_template)
 for ensemble in ENSEMBLES:
     source = ensemble.get("trajectory") or ensemble["topology"]
     ens_name = ensemble.get("name") or structure_name(source)

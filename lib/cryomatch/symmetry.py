@@ -130,3 +130,97 @@ def equivalent_poses(matrices, symbol: str) -> np.ndarray:
     """All symmetry-equivalent RELION poses ``A S`` (..., order, 3, 3) of poses A (..., 3, 3)."""
     group = point_group(symbol)
     return np.einsum("...ij,gjk->...gik", np.asarray(matrices, dtype=np.float64), group)
+
+
+# --- asymmetric units of viewing directions ------------------------------------------------
+# RELION's geometric asymmetric units (facts from RELION's healpix_sampling.cpp,
+# removeSymmetryEquivalentPointsGeometric): ranges of rot and tilt (degrees), and for the
+# polyhedral groups half-spaces d . normal >= 0 of the viewing direction d.
+_ASU_NORMALS = {
+    "T": [(-0.942809, 0.0, 0.0), (0.471405, 0.272165, 0.7698), (0.471404, 0.816497, 0.0)],
+    "O": [(0.0, -1.0, 1.0), (1.0, 1.0, 0.0), (-1.0, 1.0, 0.0)],
+    "I2": [
+        (0.0, 1.0, 0.0),
+        (-0.4999999839058737, -0.8090170074556163, 0.3090169861701543),
+        (0.4999999839058737, -0.8090170074556163, 0.3090169861701543),
+    ],
+    "I4": [  # RELION writes these with <= 0: negated here
+        (0.0, 0.0, -1.0),
+        (-0.187592467856686, 0.303530987314591, 0.491123477863004),
+        (-0.187592467856686, -0.303530987314591, 0.491123477863004),
+    ],
+}
+_ASU_TILT_OF_I2_NORMALS = {"I1": 90.0, "I3": 31.7174745559, "I4": -31.7174745559}
+_EPS = 1e-6  # degrees (and dot products) of slack on the boundaries
+
+
+def _asu_normals(s: str) -> np.ndarray:
+    from .geometry import euler_to_matrix
+
+    if s in ("I1", "I3"):
+        a = euler_to_matrix(0.0, _ASU_TILT_OF_I2_NORMALS[s], 0.0)
+        normals = np.asarray(_ASU_NORMALS["I2"]) @ a.T
+    elif s == "I4":
+        a = euler_to_matrix(0.0, _ASU_TILT_OF_I2_NORMALS[s], 0.0)
+        normals = np.asarray(_ASU_NORMALS["I4"]) @ a.T
+    else:
+        normals = np.asarray(_ASU_NORMALS["I2" if s == "I" else s])
+    return normals / np.linalg.norm(normals, axis=1, keepdims=True)
+
+
+def in_asymmetric_unit(rot, tilt, symbol: str) -> np.ndarray:
+    """Whether viewing directions (rot, tilt in degrees, RELION) lie in RELION's asymmetric
+    unit of ``symbol``: Cn |rot| <= 180/n; Dn 90 - 180/n <= rot <= 90 + 180/n and tilt <= 90
+    (D1: tilt <= 90); T, O, I half-spaces about the polyhedron's axes (with rot ranges for T
+    and O). Boundaries are included."""
+    s = check_symbol(symbol)
+    rot = (np.asarray(rot, dtype=np.float64) + 180.0) % 360.0 - 180.0  # [-180, 180)
+    rot = np.where(rot <= -180.0 + _EPS, rot + 360.0, rot)  # (-180, 180]
+    tilt = np.asarray(tilt, dtype=np.float64)
+    rot, tilt = np.broadcast_arrays(rot, tilt)
+    upper = tilt <= 90.0 + _EPS
+    if s[0] == "C":
+        return np.abs(rot) <= 180.0 / int(s[1:]) + _EPS
+    if s[0] == "D":
+        n = int(s[1:])
+        if n == 1:
+            return upper
+        return (np.abs(rot - 90.0) <= 180.0 / n + _EPS) & upper
+    from .geometry import viewing_direction
+
+    inside = np.all(viewing_direction(rot, tilt) @ _asu_normals(s).T >= -_EPS, axis=-1)
+    if s == "T":
+        ranged = ((rot >= 90.0 - _EPS) & (rot <= 150.0 + _EPS)) | (np.abs(rot) <= _EPS)
+        return inside & ranged
+    if s == "O":
+        ranged = ((rot >= 45.0 - _EPS) & (rot <= 135.0 + _EPS) & upper) | (np.abs(rot) <= _EPS)
+        return inside & ranged
+    return inside
+
+
+def to_asymmetric_unit(matrices, symbol: str) -> np.ndarray:
+    """The symmetry-equivalent pose (A S, see :func:`equivalent_poses`) of each RELION pose
+    A (..., 3, 3) whose viewing direction lies in the asymmetric unit (the first such in the
+    group's order; the pose itself when it is inside already)."""
+    from .geometry import matrix_to_euler
+
+    matrices = np.asarray(matrices, dtype=np.float64)
+    candidates = equivalent_poses(matrices, symbol)  # (..., order, 3, 3)
+    rot, tilt, _ = matrix_to_euler(candidates)
+    inside = in_asymmetric_unit(rot, tilt, symbol)
+    if not np.all(inside.any(axis=-1)):
+        raise AssertionError(f"{symbol}: a pose has no equivalent in the asymmetric unit")
+    pick = np.argmax(inside, axis=-1)
+    return np.take_along_axis(candidates, pick[..., None, None, None], axis=-3)[..., 0, :, :]
+
+
+def generators(symbol: str) -> np.ndarray:
+    """One rotation (by 360/fold degrees) per generating axis of ``symbol`` (k, 3, 3), on
+    (x, y, z); empty for C1. Together they generate the group."""
+    gens = _generators(check_symbol(symbol))
+    out = [
+        Rotation.from_rotvec(np.asarray(axis) / np.linalg.norm(axis) * 2 * np.pi / fold).as_matrix()
+        for fold, axis in gens
+        if fold > 1
+    ]
+    return np.stack(out) if out else np.zeros((0, 3, 3))

@@ -141,8 +141,9 @@ class LocalZNCC(ZNCCAlignment):
         reference_quats=None,
         backend=None,
     ):
-        """Align subvolumes (n, *shape) about their priors: (shifts (n, 3), quats (n, 4),
-        scores (n,)) of the full poses (prior composed with the correction).
+        """Align subvolumes (n, *shape) about their priors: (labels (n,), shifts (n, 3),
+        quats (n, 4), scores (n,)): the best template and the full poses (prior composed
+        with the correction).
 
         prior_quats (n, 4), prior_shifts (n, 3): the priors (alignment API's convention);
         box_quats (n, 4): each box's orientation in the tomogram (its wedge; default
@@ -163,21 +164,25 @@ class LocalZNCC(ZNCCAlignment):
         ref = prior_quats if reference_quats is None else np.asarray(reference_quats)
         prep = self._prepare(xp, np.array([0.0, 0, 0, 1]))
         shifts, quats, scores = np.zeros((n, 3)), np.zeros((n, 4)), np.zeros(n)
+        labels = np.zeros(n, dtype=np.int64)
         batch = self._batch_size(max_shifts, xp.__name__)
         for lo in range(0, n, batch):
             sel = np.arange(lo, min(n, lo + batch))
-            v = xp.stack([to_prior_frame(imgs[i], prior_quats[i], prior_shifts[i], xp) for i in sel])
+            v = xp.stack(
+                [to_prior_frame(imgs[i], prior_quats[i], prior_shifts[i], xp) for i in sel]
+            )
             wedge_rot = Rotation.from_quat(box[sel]) * Rotation.from_quat(prior_quats[sel])
             weights = xp.stack(
                 [self._tilt_model.rfft_mask(r, self.input_shape, xp) for r in wedge_rot]
             )
             allowed = self._allowed(prior_quats[sel], ref[sel])
-            d, q, sc = self._search_local(_standardize(v), weights, prep, max_shifts, allowed)
+            lab, d, q, sc = self._search_local(_standardize(v), weights, prep, max_shifts, allowed)
+            labels[sel] = lab
             quats[sel], shifts[sel] = geometry.compose_subvolume_poses(
                 prior_quats[sel], prior_shifts[sel], q, d
             )
             scores[sel] = sc
-        return shifts, quats, scores
+        return labels, shifts, quats, scores
 
     def _allowed(self, prior_quats, reference_quats):
         if self.cone is None and self.inplane is None:
@@ -189,8 +194,8 @@ class LocalZNCC(ZNCCAlignment):
         return allowed_rotations(*relion, self.quaternions, self.cone, self.inplane)
 
     def _search_local(self, v, wedges, prep, max_shifts, allowed):
-        """(corrections' shifts (S, 3), quats (S, 4), scores (S,)) of subvolumes already in
-        their priors' frames, with their wedges (S, nz, ny, nx//2+1)."""
+        """(labels (S,), corrections' shifts (S, 3), quats (S, 4), scores (S,)) of subvolumes
+        in their priors' frames, with their wedges (S, nz, ny, nx//2+1)."""
         s = len(v)
         rows = np.arange(s)
         n_rot = len(self.quaternions)
@@ -213,7 +218,7 @@ class LocalZNCC(ZNCCAlignment):
             values = np.where(nbr >= 0, value[rows[:, None], cols], -np.inf)
             quats, _ = refine_rotation.interpolate_rotation(values, r0, self.quaternions, table)
         shift, score = self._subvoxel(data, prep, d0, max_shifts, column=column)
-        return shift, quats, score
+        return column // n_rot, shift, quats, score
 
     def _subvolume_data_local(self, v, wedges, prep):
         """(G^2 V, G V, spectrum of (G v)^2, ||G t'||^2 per (subvolume, column)); G the
@@ -248,6 +253,10 @@ class LocalZNCC(ZNCCAlignment):
         num = paired_window_correlation(a_num, prep.columns(index), shape, coords)
         m1 = paired_window_correlation(a, masks, shape, coords)
         m2 = paired_window_correlation(a2, masks, shape, coords)
-        ms = mask_sum[0] if len(mask_sum) == 1 else mask_sum.reshape(num.shape[:-3])[..., None, None, None]
+        ms = (
+            mask_sum[0]
+            if len(mask_sum) == 1
+            else mask_sum.reshape(num.shape[:-3])[..., None, None, None]
+        )
         cnorm = norm[xp.asarray(np.arange(s)), xp.asarray(index)].reshape(num.shape[:-3])
         return num / _local_std(m1, m2, ms) / cnorm[..., None, None, None]

@@ -244,8 +244,9 @@ def simulate_subvolumes(
         blocks = {"optics": optics_table(box, pixel_size), "particles": table}
         write_star(out / "subvolumes.star", blocks, prov, outputs)
         if prior_error is not None:
-            priors = prior_table(table, quats, shifts, shape, pixel_size, prior_error,
-                                 prior_shift_error, rng)
+            priors = prior_table(
+                table, quats, shifts, shape, pixel_size, prior_error, prior_shift_error, rng
+            )
             blocks = {"optics": optics_table(box, pixel_size), "particles": priors}
             write_star(out / "priors.star", blocks, prov, outputs)
         if tomogram:

@@ -112,8 +112,10 @@ class StackSource:
         return None, self.reader.voxel_size()
 
     def read(self, start: int, stop: int, shape) -> tuple[np.ndarray, np.ndarray]:
-        """(subvolumes, their offsets (n, 3) z, y, x voxels from where the row puts them)."""
-        return self.reader.read(start, stop), np.zeros((stop - start, 3))
+        """(subvolumes, where the rows put their particles relative to the box centre (n, 3)
+        z, y, x voxels: minus their origins, 0 without)."""
+        origin = origins_pixels(self.table.iloc[start:stop], getattr(self, "_angpix", 1.0))
+        return self.reader.read(start, stop), -origin[:, ::-1]
 
     def close(self):
         self.reader.close()

@@ -51,14 +51,20 @@ from . import refine as refine_rotation
 from .base import as_backend, check_max_shifts
 from .models import ZNCCAlignment, _local_std, _standardize
 
+# the subvolumes are turned back by their priors with linear interpolation: 4x faster than
+# cubic (half the search's time otherwise); its attenuation of the high frequencies is
+# the same for every rotation searched, and the search runs low-passed
+RESAMPLE_ORDER = 1
 
-def to_prior_frame(volume, quat, shift, xp=np):
+
+def to_prior_frame(volume, quat, shift, xp=np, order: int = 3):
     """The subvolume turned back by its prior: ``v_p(y) = v(R_P (y - c) + c + s_P)`` with c
-    acryo's centre (cubic spline; outside the box: the volume's mean)."""
+    acryo's centre (spline of ``order``; outside the box: the volume's mean)."""
     rot = Rotation.from_quat(np.asarray(quat, dtype=np.float64)).as_matrix()
     c = geometry.acryo_centre(volume.shape)
     volume = xp.asarray(volume, dtype=xp.float32)
-    return affine_resample(volume, rot, c - rot @ c + np.asarray(shift), float(volume.mean()))
+    offset = c - rot @ c + np.asarray(shift)
+    return affine_resample(volume, rot, offset, float(volume.mean()), order=order)
 
 
 def allowed_rotations(reference_matrices, prior_matrices, grid_quats, cone, inplane):
@@ -169,7 +175,10 @@ class LocalZNCC(ZNCCAlignment):
         for lo in range(0, n, batch):
             sel = np.arange(lo, min(n, lo + batch))
             v = xp.stack(
-                [to_prior_frame(imgs[i], prior_quats[i], prior_shifts[i], xp) for i in sel]
+                [
+                    to_prior_frame(imgs[i], prior_quats[i], prior_shifts[i], xp, RESAMPLE_ORDER)
+                    for i in sel
+                ]
             )
             wedge_rot = Rotation.from_quat(box[sel]) * Rotation.from_quat(prior_quats[sel])
             weights = xp.stack(

@@ -120,43 +120,57 @@ def run_priors(n, seed, n_single=10):
 
 
 def run_iteration(n, seed):
-    """One loop iteration on n subvolumes in two chunks, extrapolated to 1000."""
-    from cryomatch.stages.subtomo_refine import refine_align, refine_init, refine_merge
+    """One loop iteration: the two half-set models' setup of one job, the per-subvolume
+    cost (align + wedge-weighted sum) over n subvolumes, and the merge; extrapolated to
+    1000 subvolumes."""
+    from cryomatch.io.mrc import read_volume
+    from cryomatch.stages.subtomo import build_local_model, open_source
+    from cryomatch.stages.subtomo_refine import (
+        _align_chunk,
+        refine_align,
+        refine_init,
+        refine_merge,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         simulate_subvolumes(
             tmp, n=n, snr=0.1, box=BOX, seed=seed, max_shift=2.0, uniform=True, prior_error=10.0
         )
         star, mask, out = f"{tmp}/priors.star", f"{tmp}/mask.mrc", f"{tmp}/loop"
-        refine_init(
+        state = refine_init(
             out, f"{tmp}/templates/template_01.mrc", star=star, angular_range=10, angular_step=5
         )
-        half = n // 2
+        search = {"range": 10.0, "step": 5.0}
+        ref, mask_arr = (read_volume(f"{out}/it000/reference1.mrc")[0], read_volume(mask)[0])
         t = time.perf_counter()
-        refine_align(out, 1, 0, star=star, mask=mask, chunk_size=2, max_shifts=MAX_SHIFTS)
-        small = time.perf_counter() - t  # two setups + 2 particles
+        models = {}
+        for h in (1, 2):
+            models[h] = build_local_model(ref[None], mask_arr, search, state["cutoff"], TILT, True)
+            models[h]._prepare(np, [0.0, 0.0, 0.0, 1.0])
+        setup = time.perf_counter() - t
+        source = open_source(None, star, ())
+        source.table = read_star(f"{out}/it000/particles.star")["particles"]
+        source._angpix = state["angpix"]
         t = time.perf_counter()
-        refine_align(out, 1, 1, star=star, mask=mask, chunk_size=half, max_shifts=MAX_SHIFTS)
-        big = time.perf_counter() - t  # two setups + half particles
-        per_particle = (big - small) / (half - 2)
-        setup = small - 2 * per_particle
-        # a complete iteration for the merge's timing: chunks of `half`
-        refine_align(out, 1, 0, star=star, mask=mask, chunk_size=half, max_shifts=MAX_SHIFTS)
+        _align_chunk(source, models, 0, n, MAX_SHIFTS, state["angpix"], TILT, "numpy", 16)
+        per_particle = (time.perf_counter() - t) / n
+        source.close()
+        refine_align(out, 1, 0, star=star, mask=mask, chunk_size=n, max_shifts=MAX_SHIFTS)
         t = time.perf_counter()
-        refine_merge(out, 1, 2, mask=mask)
+        refine_merge(out, 1, 1, mask=mask)
         merge = time.perf_counter() - t
-    chunks, size = 10, 100
-    job = setup + size * per_particle
-    total = chunks * job / 2 + merge
     print(
         f"one refinement iteration (125 rotations about the priors, two half-set models per "
         f"job): setup {setup:.1f} s per job, {per_particle:.3f} s per subvolume (align + "
-        f"wedge-weighted sum), merge {merge:.1f} s (measured on {n})"
+        f"wedge-weighted sum), merge {merge:.1f} s (measured on {n} subvolumes)"
     )
-    print(
-        f"-> 1000 subvolumes of {BOX}^3 in 10 jobs of 100, two at a time on 2 cores: "
-        f"{total:.0f} s per iteration (extrapolated from the measured subset)"
-    )
+    for size in (100, 500):
+        jobs = 1000 // size
+        total = jobs * (setup + size * per_particle) / 2 + merge
+        print(
+            f"-> 1000 subvolumes of {BOX}^3 in {jobs} jobs of {size}, two at a time on 2 "
+            f"cores: {total:.0f} s per iteration (extrapolated from the measured subset)"
+        )
 
 
 def main() -> None:

@@ -298,3 +298,32 @@ def test_loop_resolution_near_true_poses(real_so3, tmp_path):
     true_res = fsc_kernels.resolution_at(freq, curve, 0.143)
     print(f"loop {state['resolution']:.1f} A, true poses {true_res:.1f} A")
     assert abs(state["resolution"] - true_res) <= 0.1 * true_res
+
+
+def test_loop_without_priors_searches_about_the_identity(tmp_path):
+    """A bare volume stack has no priors: iteration 1 searches the (max, step) grid about
+    the identity, as ``subtomo align`` does, and iteration 2 goes on about its poses."""
+    sim = tmp_path / "sim"
+    simulate_subvolumes(sim, n=8, snr=2.0, box=24, seed=3, max_angle=2.0, max_shift=1.0)
+    out = tmp_path / "loop"
+    stack = sim / "subvolumes.mrcs"
+    state = refine_init(
+        out,
+        sim / "templates" / "template_01.mrc",
+        subvolumes=stack,
+        angpix=8.0,
+        initial_lowpass=30.0,
+        angular_range=4.0,
+        angular_step=2.0,
+    )
+    assert not state["priors"]
+    for it in (1, 2):
+        refine_align(
+            out, it, 0, subvolumes=stack, chunk_size=8, rotations=[(2, 2)] * 3, max_shifts=(2, 2, 2)
+        )
+        state = refine_merge(out, it, 1)
+    table = read_star(out / "it002" / "particles.star")["particles"]
+    truth = read_star(sim / "subvolumes.star")["particles"]
+    rot, shift = _errors(table, truth, 8.0)
+    assert rot.mean() < 2.0 and shift.mean() < 0.3
+    assert np.isfinite(state["mean_angle_change"])

@@ -36,7 +36,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from .. import geometry
-from ..backend import array_module, to_numpy
+from ..backend import array_module, fft_module, to_numpy
 from ..errors import CryomatchError
 from ..kernels.correlation3d import (
     paired_window_correlation,
@@ -133,7 +133,11 @@ class LocalZNCC(ZNCCAlignment):
         hermitian[0] = 1.0
         h = xp.asarray(np.tile(hermitian, ny) / (nz * ny * nx))  # per (ky, kx) pair
         power = (layout[0] ** 2 + layout[1] ** 2) * h[:, None, None]  # (P, nz, C)
-        prep.power = power.reshape(-1, power.shape[-1])
+        # in the rfftn grid's (nz, ny, kx) order, times the squared low-pass: a particle's
+        # ||G t'||^2 is then its 0/1 wedge, flattened, times this matrix
+        power = power.transpose(1, 0, 2).reshape(-1, power.shape[-1])
+        prep.power = power * (filt[0] * filt[0]).reshape(-1)[:, None]
+        prep.nyquist = without_nyquist(self.input_shape, xp)
         return prep
 
     # --- the search ------------------------------------------------------------------------
@@ -233,15 +237,12 @@ class LocalZNCC(ZNCCAlignment):
         """(G^2 V, G V, spectrum of (G v)^2, ||G t'||^2 per (subvolume, column)); G the
         low-pass times each subvolume's wedge."""
         xp = array_module(v)
-        from ..backend import fft_module
-
         fft = fft_module(xp)
         g = prep.filt[0][None] * wedges  # (S, nz, ny, kx), wedge is 0/1
         a = rfft_spectra(v) * g
         vf = fft.irfftn(a, s=self.input_shape, axes=(-3, -2, -1))
-        a2 = rfft_spectra(vf * vf) * without_nyquist(self.input_shape, xp)
-        g2 = (g * g).transpose(0, 2, 3, 1).reshape(len(v), -1)  # (S, P * nz) as the layout
-        energy = xp.maximum(g2 @ prep.power, 1e-12)  # (S, C)
+        a2 = rfft_spectra(vf * vf) * prep.nyquist
+        energy = xp.maximum(wedges.reshape(len(v), -1) @ prep.power, 1e-12)  # (S, C)
         return a * prep.filt[0][None], a, a2, xp.sqrt(energy)
 
     def _scores(self, data, prep, coords, column=None, local=None):

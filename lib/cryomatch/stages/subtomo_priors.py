@@ -44,7 +44,8 @@ def has_priors(table: pd.DataFrame) -> bool:
 def check_priors(table: pd.DataFrame, path) -> None:
     """One error if some prior angles or origins are missing or not finite."""
     cols = [c for c in (*ANGLES, *SUBTOMO, *REFERENCE) if c in table]
-    cols += [c for c in table if c.startswith("rlnOrigin")]
+    origins = [f"rlnOrigin{a}{u}" for u in ("Angst", "") for a in "XYZ"]
+    cols += [c for c in origins if c in table]
     values = table[cols].apply(pd.to_numeric, errors="coerce").to_numpy(float)
     bad = ~np.isfinite(values)
     if bad.any():

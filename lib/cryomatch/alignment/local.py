@@ -20,8 +20,8 @@ for all pairs (the templates' power spectra against the particles' filters):
 
 with t' the rotated template made zero-mean and unit-norm under its mask M, and std_M the
 local standard deviation of the filtered subvolume under the mask (Roseman's FLCF; the
-wedge normalization is the constrained correlation of Foerster et al., Methods Enzymol.
-483, 215, 2010). Without that normalization, rotations that put more of the template's
+wedge normalization is the constrained correlation of Foerster et al., J. Struct. Biol.
+161, 276, 2008). Without that normalization, rotations that put more of the template's
 power inside the particle's wedge would score higher.
 
 The grid is acryo's (range, step) per axis; ``cone`` and ``inplane`` (degrees) keep, per

@@ -17,4 +17,5 @@ COMMANDS = [
     ("likelihood-gather", "likelihood_gather", "likelihood matrix, best poses and figure"),
     ("reweight", "reweight", "population weights of structures from the likelihood matrix"),
     ("subtomo", "subtomo", "align subvolumes to templates (ZNCC/PCC, rotations, missing wedge)"),
+    ("subtomo-refine", "subtomo_refine", "subtomogram averaging: iterations with half sets, FSC"),
 ]

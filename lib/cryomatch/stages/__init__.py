@@ -16,4 +16,5 @@ COMMANDS = [
     ("likelihood", "likelihood", "best pose and log-likelihoods: one template set x one stack"),
     ("likelihood-gather", "likelihood_gather", "likelihood matrix, best poses and figure"),
     ("subtomo", "subtomo", "align subvolumes to templates (ZNCC/PCC, rotations, missing wedge)"),
+    ("particle-series", "particle_series", "particle series: average by back-projection, refine"),
 ]

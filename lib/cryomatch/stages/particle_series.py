@@ -1,0 +1,567 @@
+"""Particle series (RELION 5 / WarpTools 2D tilt stacks, or RELION 3 per-tilt rows): the
+average by Fourier back-projection, and a local refinement of the particle poses.
+
+``cryomatch particle-series reconstruct`` inserts each tilt image's 2D transform as a central
+slice of the particle's 3D transform (:mod:`cryomatch.kernels.backprojection`), weighted by
+the CTF and the dose: plain images enter as ``w CTF X`` with weight ``(w CTF)^2``,
+CTF-premultiplied ones (rlnCtfDataAreCtfPremultiplied) as ``w X`` with the same weight, where
+``w = rlnCtfScalefactor x dose weight`` (Grant and Grigorieff's critical exposure from
+rlnMicrographPreExposure, or the B-factor envelope of rlnCtfBfactor); the sums are divided by
+the summed weights plus ``wiener`` x their mean. Two half maps from the particles' halves
+(rlnRandomSubset, else alternating) and their FSC; with ``--reference`` the FSC of the average
+against that map, unmasked and inside a soft sphere.
+
+``cryomatch particle-series refine`` searches, per particle, small rotations (a ball of
+``max_angle`` degrees on a ``angle_step`` grid, then a finer grid about the best) and 3D
+shifts (``max_shift`` pixels, ``shift_step``) that best match every tilt image of the particle
+with the central slices of a reference, CTF and dose applied, up to ``lowpass`` Angstrom. The
+reference of each particle is the reconstruction from all the *other* particles (leave one
+out: no particle is compared with a map it is in). Writes the refined STAR, the per-particle
+changes (degrees, Angstrom), the new average and, with ``--reference``, the FSC against it
+before and after.
+
+Outputs in OUT: ``average.mrc``, ``half1.mrc``, ``half2.mrc``, ``average.png``,
+``fsc_halves.csv`` (1/A, FSC), ``fsc_reference.csv`` (1/A, unmasked, masked), ``fsc.png``,
+``summary.json``; refine adds ``particles_refined.star``, ``pose_changes.csv`` and
+``fsc_reference_before.csv``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.spatial.transform import Rotation
+
+from .. import geometry, provenance
+from ..backend import array_module, fft_module, get_xp, to_numpy
+from ..errors import CryomatchError
+from ..io.atomic import Outputs
+from ..io.figures import curves, orthogonal_slices, save_png
+from ..io.files import write_csv, write_json
+from ..io.mrc import read_volume, write_mrc
+from ..io.particle_series import ParticleSeries, read_particle_series, read_tilt_images
+from ..io.star import read_star, write_star
+from ..kernels import backprojection as bp
+from ..kernels.ctf import ctf
+from ..kernels.fsc import fsc, resolution_at
+from ..kernels.volumes import soft_sphere
+from ..progress import progress
+
+
+def log(message: str) -> None:
+    print(f"particle-series: {message}", file=sys.stderr, flush=True)
+
+
+# --- per-tilt weights -------------------------------------------------------------------------
+class Grid:
+    """The slice points of one padded grid and their frequencies in 1/A."""
+
+    def __init__(self, box: int, pad: int, pixel_size: float, xp=np):
+        self.box, self.pad, self.size = box, pad, bp.padded_size(box, pad)
+        self.radius = self.size // 2 - 1 if pad > 1 else box / 2 - 0.5
+        self.ky, self.kx, self.flat = bp.slice_grid(self.size, self.radius, xp)
+        self.kx_a = self.kx / (self.size * pixel_size)
+        self.ky_a = self.ky / (self.size * pixel_size)
+        self.k_a = xp.sqrt(self.kx_a**2 + self.ky_a**2)
+
+
+def tilt_factors(series: ParticleSeries, rows, grid: Grid, dose: bool = True):
+    """(CTF (n, m), envelope w (n, m)) of tilt rows at the grid's points: w is
+    rlnCtfScalefactor times the dose weight (exposure) or the B-factor envelope."""
+    xp = array_module(grid.kx)
+    t = series.tilts.iloc[np.asarray(rows)]
+    c = ctf(
+        grid.kx_a,
+        grid.ky_a,
+        *(t[col].to_numpy(float) for col in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")),
+        t["rlnVoltage"].to_numpy(float),
+        t["rlnSphericalAberration"].to_numpy(float),
+        t["rlnAmplitudeContrast"].to_numpy(float),
+        t["rlnPhaseShift"].to_numpy(float),
+    )
+    env = xp.asarray(t["scale"].to_numpy(float))[:, None] * xp.ones_like(c)
+    if dose:
+        exposure = t["exposure"].to_numpy(float)
+        if np.isfinite(exposure).all():
+            env = env * bp.dose_weights(grid.k_a, xp.asarray(exposure))
+        bfactor = t["bfactor"].to_numpy(float)
+        if np.any(bfactor != 0):
+            env = env * bp.bfactor_weights(grid.k_a, xp.asarray(bfactor))
+    return c, env
+
+
+def centred_spectra(series, images, rows, grid: Grid, matrices=None, extra_shift=None):
+    """Slice values (n, m) of tilt images, moved so that the particle sits at the centre
+    (minus its recorded displacement shift_x/y, plus ``extra_shift`` (n, 2) px)."""
+    xp = array_module(grid.kx)
+    spectra = bp.centred_fft2(xp.asarray(images), grid.size).reshape(len(images), -1)[:, grid.flat]
+    t = series.tilts.iloc[np.asarray(rows)]
+    d = np.stack([t["shift_x"].to_numpy(float), t["shift_y"].to_numpy(float)], 1) / series.pixel_size
+    if extra_shift is not None:
+        d = d + extra_shift
+    if np.any(d != 0):
+        d = xp.asarray(d)
+        phase = 2j * np.pi * (grid.kx[None] * d[:, :1] + grid.ky[None] * d[:, 1:]) / grid.size
+        spectra = spectra * xp.exp(phase)
+    return spectra
+
+
+# --- reconstruction ---------------------------------------------------------------------------
+class Accumulator:
+    """Summed slices and weights of the two halves on a padded grid."""
+
+    def __init__(self, grid: Grid, xp):
+        n = grid.size**3
+        self.data = [xp.zeros(n, dtype=xp.complex128) for _ in range(2)]
+        self.weight = [xp.zeros(n, dtype=xp.float64) for _ in range(2)]
+
+    def maps(self, grid: Grid, wiener: float, gridding: str):
+        """(half1, half2, average) float32 numpy maps."""
+        out = [
+            bp.reconstruct(d, w, grid.box, wiener, grid.radius, gridding)
+            for d, w in zip(self.data, self.weight, strict=True)
+        ]
+        out.append(
+            bp.reconstruct(
+                self.data[0] + self.data[1],
+                self.weight[0] + self.weight[1],
+                grid.box,
+                wiener,
+                grid.radius,
+                gridding,
+            )
+        )
+        return [to_numpy(m) for m in out]
+
+
+def insert_particles(series, particles, poses, grid, acc, gridding, dose, xp, halves=None):
+    """Insert the tilt images of ``particles`` (poses (n_particles, 3, 3) for all particles)
+    into the accumulator of each particle's half (``halves`` overrides: one per particle)."""
+    matrices = series.compose(poses)
+    for i, p in enumerate(particles):
+        rows = series.rows_of([p])
+        images = read_tilt_images(series, rows)
+        c, env = tilt_factors(series, rows, grid, dose)
+        spectra = centred_spectra(series, images, rows, grid)
+        values = spectra * env if series.premultiplied else spectra * c * env
+        half = int(series.particles["half"].iloc[p]) if halves is None else halves[i]
+        bp.insert_slices(
+            acc.data[half - 1],
+            acc.weight[half - 1],
+            values,
+            (c * env) ** 2,
+            xp.asarray(matrices[rows]),
+            grid.ky,
+            grid.kx,
+            gridding,
+        )
+    return acc
+
+
+def reference_fsc(average, reference, pixel_size, mask_radius, mask_edge):
+    """(freq 1/A, unmasked FSC, FSC inside a soft sphere) of the average and a reference."""
+    box = average.shape[-1]
+    if reference.shape != average.shape:
+        raise CryomatchError(f"the reference has shape {reference.shape}, the average {average.shape}")
+    radius = box // 2 - 4 if mask_radius is None else mask_radius
+    mask = soft_sphere(average.shape, radius, mask_edge)
+    freq, unmasked = fsc(average, reference, pixel_size)
+    _, masked = fsc(average * mask, reference * mask, pixel_size)
+    return freq, unmasked, masked
+
+
+def fsc_summary(freq, curve, box: int) -> dict:
+    return {
+        "fsc_at_half_nyquist": float(curve[box // 4]),
+        "half_nyquist_A": float(1 / freq[box // 4]),
+        "resolution_fsc_0.5_A": resolution_at(freq, curve, 0.5),
+        "resolution_fsc_0.143_A": resolution_at(freq, curve, 0.143),
+    }
+
+
+def reconstruct_series(series, poses, pad, gridding, wiener, dose, batch_size, xp):
+    grid = Grid(series.box, pad, series.pixel_size, xp)
+    acc = Accumulator(grid, xp)
+    everyone = np.arange(series.n_particles)
+    for start in progress(range(0, len(everyone), batch_size), desc="insert", unit="batch"):
+        insert_particles(
+            series, everyone[start : start + batch_size], poses, grid, acc, gridding, dose, xp
+        )
+    return grid, acc, acc.maps(grid, wiener, gridding)
+
+
+def particle_series_reconstruct(
+    star,
+    out,
+    tomograms=None,
+    angpix=None,
+    reference=None,
+    pad=2,
+    gridding="trilinear",
+    wiener=0.1,
+    dose=True,
+    mask_radius=None,
+    mask_edge=3.0,
+    batch_size=8,
+    backend="numpy",
+) -> dict:
+    """Reconstruct the average of a particle series and write it with its FSCs (see module)."""
+    out = Path(out)
+    params = dict(
+        star=str(star), tomograms=tomograms, angpix=angpix, reference=reference, pad=pad,
+        gridding=gridding, wiener=wiener, dose=dose, mask_radius=mask_radius,
+        mask_edge=mask_edge, batch_size=batch_size, backend=backend,
+    )
+    prov = provenance.record("particle-series reconstruct", params)
+    xp = get_xp(backend)
+    series = read_particle_series(star, tomograms, angpix)
+    for note in series.notes:
+        log(note)
+    ref = _read_reference(reference, series)
+    _, _, (half1, half2, average) = reconstruct_series(
+        series, series.poses, pad, gridding, wiener, dose, batch_size, xp
+    )
+    summary = {"notes": series.notes, "n_particles": series.n_particles, "n_tilts": len(series.tilts)}
+    with Outputs() as outputs:
+        _write_maps(out, series, half1, half2, average, ref, mask_radius, mask_edge, prov, outputs, summary)
+        write_json(out / "summary.json", {"provenance": prov, **summary}, outputs)
+    return summary
+
+
+def _read_reference(reference, series):
+    if reference is None:
+        return None
+    ref, _ = read_volume(reference)
+    if ref.shape != (series.box,) * 3:
+        raise CryomatchError(
+            f"the reference has shape {ref.shape}, the particle images are {series.box} px", reference
+        )
+    return ref
+
+
+def _write_maps(out, series, half1, half2, average, ref, mask_radius, mask_edge, prov, outputs, summary, tag=""):
+    px = series.pixel_size
+    labels = provenance.mrc_labels(prov)
+    for name, vol in (("half1", half1), ("half2", half2), ("average", average)):
+        write_mrc(out / f"{name}{tag}.mrc", vol, px, labels, outputs)
+    save_png(orthogonal_slices(average, f"average of {series.n_particles} particles"), out / f"average{tag}.png", outputs)
+    freq, halves = fsc(half1, half2, px)
+    write_csv(out / f"fsc_halves{tag}.csv", pd.DataFrame({"frequency_1_per_A": freq, "fsc": halves}), prov, outputs)
+    curves_to_plot = {"half maps": halves}
+    summary["halves"] = fsc_summary(freq, halves, series.box)
+    log(f"half-map FSC 0.143 at {summary['halves']['resolution_fsc_0.143_A']:.1f} A")
+    if ref is not None:
+        freq, unmasked, masked = reference_fsc(average, ref, px, mask_radius, mask_edge)
+        table = pd.DataFrame({"frequency_1_per_A": freq, "fsc_unmasked": unmasked, "fsc_masked": masked})
+        write_csv(out / f"fsc_reference{tag}.csv", table, prov, outputs)
+        curves_to_plot |= {"vs reference": unmasked, "vs reference, soft sphere": masked}
+        summary["reference_unmasked"] = fsc_summary(freq, unmasked, series.box)
+        summary["reference_masked"] = fsc_summary(freq, masked, series.box)
+        for key in ("reference_unmasked", "reference_masked"):
+            s = summary[key]
+            log(
+                f"FSC {key.replace('_', ' ')}: {s['fsc_at_half_nyquist']:.3f} at half Nyquist "
+                f"({s['half_nyquist_A']:.0f} A), 0.5 at {s['resolution_fsc_0.5_A']:.1f} A"
+            )
+    fig = curves(freq, curves_to_plot, "spatial frequency (1/A)", "FSC", "Fourier shell correlation", hlines=(0.5, 0.143))
+    save_png(fig, out / f"fsc{tag}.png", outputs)
+
+
+# --- local refinement ---------------------------------------------------------------------------
+def rotation_ball(max_angle: float, step: float) -> np.ndarray:
+    """Small rotations (n, 3, 3): rotation vectors on a cubic grid of ``step`` degrees within
+    a ball of ``max_angle`` degrees (the identity first)."""
+    if step <= 0 or max_angle <= 0:
+        return np.eye(3)[None]
+    k = int(np.floor(max_angle / step + 1e-9))
+    g = np.arange(-k, k + 1) * step
+    v = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    v = v[np.linalg.norm(v, axis=1) <= max_angle + 1e-9]
+    v = v[np.argsort(np.linalg.norm(v, axis=1), kind="stable")]
+    return Rotation.from_rotvec(v, degrees=True).as_matrix()
+
+
+def shift_grid(max_shift: float, step: float) -> np.ndarray:
+    """3D shifts (n, 3) in pixels on a cubic grid within a ball of ``max_shift``."""
+    if step <= 0 or max_shift <= 0:
+        return np.zeros((1, 3))
+    k = int(np.floor(max_shift / step + 1e-9))
+    g = np.arange(-k, k + 1) * step
+    s = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    return s[np.linalg.norm(s, axis=1) <= max_shift + 1e-9]
+
+
+def score_candidates(data, model_slices, matrices, grid_box, shifts, xp):
+    """Scores (n_rot, n_shift) of a particle: the sum over tilts of the cross-correlation of
+    each tilt's data with its model slice, the model moved by the projected 3D shift, divided
+    by the model's norm. data (t, box, box) complex spectra on the unpadded centred grid;
+    model_slices (n_rot, t, box, box); matrices (n_rot, t, 3, 3); shifts (s, 3) px."""
+    fft = fft_module(xp)
+    box = grid_box
+    cross = data[None] * xp.conj(model_slices)  # (r, t, box, box), centred
+    cc = fft.ifft2(fft.ifftshift(cross, axes=(-2, -1))).real  # cc[d] = sum D conj(M e^{-..d})
+    norm = xp.sqrt(xp.sum(xp.abs(model_slices) ** 2, axis=(1, 2, 3)))
+    # image displacement of each tilt for each shift: (R s)[:2]
+    d = xp.einsum("rtij,sj->rtsi", xp.asarray(matrices)[..., :2, :], xp.asarray(shifts))
+    # bilinear interpolation of the periodic cc maps at d (x, y)
+    x0 = xp.floor(d[..., 0])
+    y0 = xp.floor(d[..., 1])
+    fx, fy = d[..., 0] - x0, d[..., 1] - y0
+    r_idx = xp.arange(cc.shape[0])[:, None, None]
+    t_idx = xp.arange(cc.shape[1])[None, :, None]
+    total = 0.0
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            iy = (y0 + dy).astype(xp.int64) % box
+            ix = (x0 + dx).astype(xp.int64) % box
+            total = total + wy * wx * cc[r_idx, t_idx, iy, ix]
+    return xp.sum(total, axis=1) / norm[:, None]
+
+
+def refine_particle(series, p, ref_spectrum, grid, band, rotations, shifts, dose, xp, pose):
+    """Best (rotation C (3, 3), shift (3,) px, score gain) for particle p against the
+    reference's padded spectrum: tilt matrices R C, image shifts (R C s)[:2]."""
+    rows = series.rows_of([p])
+    box = series.box
+    unpadded = Grid(box, 1, series.pixel_size, xp)
+    images = read_tilt_images(series, rows)
+    spectra = centred_spectra(series, images, rows, unpadded)
+    c, env = tilt_factors(series, rows, unpadded, dose)
+    lo, hi = band
+    keep = (unpadded.k_a >= lo) & (unpadded.k_a <= hi)
+    model_factor = (c * c * env if series.premultiplied else c * env) * keep[None]
+    data = xp.zeros((len(rows), box * box), dtype=xp.complex128)
+    data[:, unpadded.flat] = spectra * keep[None]
+    data = data.reshape(len(rows), box, box)
+    base = series.compose(pose)[rows]
+    best = (np.eye(3), np.zeros(3), -np.inf)
+    ky, kx = unpadded.ky * grid.pad, unpadded.kx * grid.pad
+    scores_identity = None
+    for chunk in range(0, len(rotations), 16):
+        rots = rotations[chunk : chunk + 16]
+        mats = base[None] @ rots[:, None]  # (r, t, 3, 3): R C
+        slices = bp.extract_slices(ref_spectrum, xp.asarray(mats.reshape(-1, 3, 3)), ky, kx)
+        slices = slices.reshape(len(rots), len(rows), -1) * model_factor[None]
+        model = xp.zeros((len(rots), len(rows), box * box), dtype=xp.complex128)
+        model[..., unpadded.flat] = slices
+        model = model.reshape(len(rots), len(rows), box, box)
+        scores = to_numpy(score_candidates(data, model, mats, box, shifts, xp))
+        if chunk == 0:
+            scores_identity = float(scores[0, np.argmin(np.linalg.norm(shifts, axis=1))])
+        r, s = np.unravel_index(int(np.argmax(scores)), scores.shape)
+        if scores[r, s] > best[2]:
+            best = (rots[r], shifts[s], float(scores[r, s]))
+    return best[0], best[1], best[2] - scores_identity
+
+
+def leave_one_out_spectrum(series, p, acc, grid, poses, wiener, gridding, dose, xp):
+    """Padded reference spectrum of the reconstruction from all particles but p."""
+    single = Accumulator(grid, xp)
+    half = int(series.particles["half"].iloc[p])
+    insert_particles(series, [p], poses, grid, single, gridding, dose, xp, halves=[half])
+    data = acc.data[0] + acc.data[1] - single.data[half - 1]
+    weight = acc.weight[0] + acc.weight[1] - single.weight[half - 1]
+    weight = xp.maximum(weight, 0.0)
+    vol = bp.reconstruct(data, weight, grid.box, wiener, grid.radius, gridding)
+    return bp.reference_spectrum(vol, grid.pad, gridding)
+
+
+def particle_series_refine(
+    star,
+    out,
+    tomograms=None,
+    angpix=None,
+    reference=None,
+    max_angle=6.0,
+    angle_step=2.0,
+    max_shift=2.0,
+    shift_step=1.0,
+    lowpass=30.0,
+    highpass=300.0,
+    pad=2,
+    gridding="trilinear",
+    wiener=0.1,
+    dose=True,
+    mask_radius=None,
+    mask_edge=3.0,
+    batch_size=8,
+    backend="numpy",
+) -> dict:
+    """Refine every particle's pose locally (see module) and write the refined outputs."""
+    out = Path(out)
+    params = dict(
+        star=str(star), tomograms=tomograms, angpix=angpix, reference=reference,
+        max_angle=max_angle, angle_step=angle_step, max_shift=max_shift, shift_step=shift_step,
+        lowpass=lowpass, highpass=highpass, pad=pad, gridding=gridding, wiener=wiener, dose=dose,
+        mask_radius=mask_radius, mask_edge=mask_edge, batch_size=batch_size, backend=backend,
+    )
+    prov = provenance.record("particle-series refine", params)
+    xp = get_xp(backend)
+    series = read_particle_series(star, tomograms, angpix)
+    for note in series.notes:
+        log(note)
+    ref = _read_reference(reference, series)
+    nyquist = 2 * series.pixel_size
+    if lowpass < nyquist:
+        raise CryomatchError(f"lowpass {lowpass} A is beyond Nyquist ({nyquist:g} A)")
+    grid, acc, (h1, h2, before) = reconstruct_series(
+        series, series.poses, pad, gridding, wiener, dose, batch_size, xp
+    )
+    coarse = rotation_ball(max_angle, angle_step)
+    fine = rotation_ball(angle_step, angle_step / 3) if angle_step > 0 else coarse
+    shifts = shift_grid(max_shift, shift_step)
+    fine_shifts = shift_grid(shift_step, shift_step / 2) if shift_step > 0 else shifts
+    band = (1.0 / highpass, 1.0 / lowpass)
+    poses = series.poses.copy()
+    new_poses = poses.copy()
+    shifts_px = np.zeros((series.n_particles, 3))
+    gains = np.zeros(series.n_particles)
+    for p in progress(range(series.n_particles), desc="refine", unit="particle"):
+        ref_spec = leave_one_out_spectrum(series, p, acc, grid, poses, wiener, gridding, dose, xp)
+        c1, s1, g1 = refine_particle(series, p, ref_spec, grid, band, coarse, shifts, dose, xp, poses)
+        # fine pass about the coarse optimum
+        fine_rots = c1[None] @ fine
+        c2, s2, g2 = refine_particle(
+            series, p, ref_spec, grid, band, fine_rots, s1[None] + fine_shifts, dose, xp, poses
+        )  # g2: gain over the coarse optimum
+        correction, shift = (c2, s2) if g2 > 0 else (c1, s1)
+        gains[p] = g1 + max(g2, 0.0)
+        m = series.mirror
+        new_poses[p] = poses[p] @ m @ correction @ m  # R' = frame A' mirror = R C
+        shifts_px[p] = shift
+    refined = _apply_shifts(series, new_poses, shifts_px)
+    angle = geometry.angle_between_rotations(new_poses, poses)
+    log(
+        f"poses moved by {np.median(angle):.2f} deg (median; max {angle.max():.2f}), shifts "
+        f"{np.median(np.linalg.norm(shifts_px, axis=1)) * series.pixel_size:.1f} A (median)"
+    )
+    _, _, (h1r, h2r, after) = reconstruct_series(
+        refined, new_poses, pad, gridding, wiener, dose, batch_size, xp
+    )
+    summary = {
+        "notes": series.notes,
+        "n_particles": series.n_particles,
+        "rotation_change_deg": {"median": float(np.median(angle)), "max": float(angle.max())},
+        "shift_change_A": {
+            "median": float(np.median(np.linalg.norm(shifts_px, axis=1)) * series.pixel_size),
+            "max": float(np.linalg.norm(shifts_px, axis=1).max() * series.pixel_size),
+        },
+    }
+    changes = pd.DataFrame(
+        {
+            "particle": np.arange(series.n_particles) + 1,
+            "rotation_change_deg": angle,
+            "shift_x_A": shifts_px[:, 0] * series.pixel_size,
+            "shift_y_A": shifts_px[:, 1] * series.pixel_size,
+            "shift_z_A": shifts_px[:, 2] * series.pixel_size,
+            "score_gain": gains,
+        }
+    )
+    with Outputs() as outputs:
+        before_summary = {}
+        if ref is not None:
+            freq, unmasked, masked = reference_fsc(before, ref, series.pixel_size, mask_radius, mask_edge)
+            table = pd.DataFrame({"frequency_1_per_A": freq, "fsc_unmasked": unmasked, "fsc_masked": masked})
+            write_csv(out / "fsc_reference_before.csv", table, prov, outputs)
+            before_summary = {
+                "reference_unmasked_before": fsc_summary(freq, unmasked, series.box),
+                "reference_masked_before": fsc_summary(freq, masked, series.box),
+            }
+        summary |= before_summary
+        _write_maps(out, refined, h1r, h2r, after, ref, mask_radius, mask_edge, prov, outputs, summary)
+        write_csv(out / "pose_changes.csv", changes, prov, outputs)
+        write_star(out / "particles_refined.star", _refined_blocks(series, new_poses, shifts_px), prov, outputs)
+        write_json(out / "summary.json", {"provenance": prov, **summary}, outputs)
+    return summary
+
+
+def _apply_shifts(series: ParticleSeries, new_poses, shifts_px) -> ParticleSeries:
+    """A copy of the series whose tilt displacements include the found 3D shifts."""
+    tilts = series.tilts.copy()
+    p = tilts["particle"].to_numpy()
+    r = series.compose(new_poses)
+    d = np.einsum("tij,tj->ti", r[:, :2, :], shifts_px[p]) * series.pixel_size
+    tilts["shift_x"] = tilts["shift_x"] + d[:, 0]
+    tilts["shift_y"] = tilts["shift_y"] + d[:, 1]
+    return ParticleSeries(
+        tilts, series.frames, series.mirror, series.particles, new_poses, series.pixel_size,
+        series.box, series.premultiplied, series.layout, series.source, list(series.notes),
+    )
+
+
+def _refined_blocks(series: ParticleSeries, new_poses, shifts_px) -> dict:
+    """The input STAR's blocks with refined angles and origins (RELION's conventions)."""
+    blocks = {k: v for k, v in read_star(series.source).items()}
+    key = "particles" if isinstance(blocks.get("particles"), pd.DataFrame) else next(
+        k for k, v in blocks.items() if isinstance(v, pd.DataFrame) and "rlnImageName" in v
+    )
+    table = blocks[key].copy()
+    if series.layout == "relion5":
+        rot, tilt, psi = geometry.matrix_to_euler(new_poses)
+        table["rlnAngleRot"], table["rlnAngleTilt"], table["rlnAnglePsi"] = rot, tilt, psi
+        # the particle moved by A mirror s in the tomogram frame; RELION 5 puts it at
+        # coordinate - origin, so the origin decreases by that (Angstrom)
+        move = np.einsum("pij,pj->pi", new_poses @ series.mirror, shifts_px) * series.pixel_size
+        for i, a in enumerate("XYZ"):
+            old = table.get(f"rlnOrigin{a}Angst", pd.Series(np.zeros(len(table)))).to_numpy(float)
+            table[f"rlnOrigin{a}Angst"] = old - move[:, i]
+    else:
+        p = series.tilts["particle"].to_numpy()
+        r = series.compose(new_poses)
+        rot, tilt, psi = geometry.matrix_to_euler(r)
+        table["rlnAngleRot"], table["rlnAngleTilt"], table["rlnAnglePsi"] = rot, tilt, psi
+        d = np.einsum("tij,tj->ti", r[:, :2, :], shifts_px[p]) * series.pixel_size
+        for i, a in enumerate("XY"):
+            old = table.get(f"rlnOrigin{a}Angst", pd.Series(np.zeros(len(table)))).to_numpy(float)
+            table[f"rlnOrigin{a}Angst"] = old - d[:, i]
+    blocks[key] = table
+    return blocks
+
+
+# --- command line -------------------------------------------------------------------------
+def _common(a) -> None:
+    a.add_argument("--star", required=True, help="optimisation-set, RELION 5 particles or per-tilt STAR")
+    a.add_argument("--tomograms", help="RELION 5 tomograms STAR (default: the optimisation set's)")
+    a.add_argument("--out", required=True, help="output folder")
+    a.add_argument("--angpix", type=float, help="pixel size (A) of the tilt images (default: STAR)")
+    a.add_argument("--reference", help="map (MRC) to compare the average with (FSC)")
+    a.add_argument("--pad", type=int, default=2, help="Fourier oversampling of the insertion")
+    a.add_argument("--gridding", choices=bp.GRIDDINGS, default="trilinear", help="insertion kernel")
+    a.add_argument("--wiener", type=float, default=0.1, help="Wiener constant, x mean weight")
+    a.add_argument("--no-dose", dest="dose", action="store_false", help="no dose weighting")
+    a.add_argument("--mask-radius", type=float, help="soft sphere radius (px) for the masked FSC")
+    a.add_argument("--mask-edge", type=float, default=3.0, help="soft sphere edge (px)")
+    a.add_argument("--batch-size", type=int, default=8, help="particles read at a time")
+    a.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="array backend")
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _common(sub.add_parser("reconstruct", help="average by Fourier back-projection, FSCs"))
+    r = sub.add_parser("refine", help="local pose refinement, then the new average")
+    _common(r)
+    r.add_argument("--max-angle", type=float, default=6.0, help="rotation search radius (deg)")
+    r.add_argument("--angle-step", type=float, default=2.0, help="rotation grid step (deg)")
+    r.add_argument("--max-shift", type=float, default=2.0, help="3D shift search radius (px)")
+    r.add_argument("--shift-step", type=float, default=1.0, help="shift grid step (px)")
+    r.add_argument("--lowpass", type=float, default=30.0, help="compare up to this resolution (A)")
+    r.add_argument("--highpass", type=float, default=300.0, help="... from this resolution (A)")
+
+
+def run(args) -> None:
+    common = dict(
+        tomograms=args.tomograms, angpix=args.angpix, reference=args.reference, pad=args.pad,
+        gridding=args.gridding, wiener=args.wiener, dose=args.dose, mask_radius=args.mask_radius,
+        mask_edge=args.mask_edge, batch_size=args.batch_size, backend=args.backend,
+    )
+    if args.action == "reconstruct":
+        particle_series_reconstruct(args.star, args.out, **common)
+    else:
+        particle_series_refine(
+            args.star, args.out, max_angle=args.max_angle, angle_step=args.angle_step,
+            max_shift=args.max_shift, shift_step=args.shift_step, lowpass=args.lowpass,
+            highpass=args.highpass, **common,
+        )

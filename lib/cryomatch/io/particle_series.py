@@ -34,7 +34,6 @@ a refined particle pose gives new tilt matrices.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +73,7 @@ class ParticleSeries:
     layout: str  # "relion5" or "relion3"
     source: Path
     notes: list[str] = field(default_factory=list)
+    tomograms: Path | None = None  # the RELION 5 tomograms STAR
 
     @property
     def n_particles(self) -> int:
@@ -299,7 +299,7 @@ def _read_relion5(path, blocks, table, tomo_path, pixel_size) -> ParticleSeries:
     )
     return ParticleSeries(
         tilts, np.stack(frames), Z_MIRROR.copy(), table, poses, float(pixel_size), box, premult,
-        "relion5", path, notes,
+        "relion5", path, notes, tomo_path,
     )
 
 
@@ -363,8 +363,6 @@ def _read_relion3(path, blocks, table, pixel_size) -> ParticleSeries:
     a = geometry.euler_to_matrix(*(table[c].to_numpy(float) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
     poses = a[first_rows]
     frames = a @ np.swapaxes(poses[codes], -1, -2)  # R = frame A_p: frame = A_t A_p^T
-    if not premultiplied_flag(table):
-        pass
     return ParticleSeries(
         tilts, frames, np.eye(3), particles, poses, float(pixel_size), box,
         premultiplied_flag(table), "relion3", path, notes,
@@ -396,4 +394,3 @@ def warn(series: ParticleSeries, message: str) -> None:
     warnings.warn(f"{series.source}: {message}", CryomatchWarning, stacklevel=2)
 
 
-__all__ = ["ParticleSeries", "read_particle_series", "read_tilt_images", "os"]

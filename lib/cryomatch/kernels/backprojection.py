@@ -82,31 +82,26 @@ def slice_coordinates(matrices, ky, kx):
     return r[:, 0, None, :] * kx[None, :, None] + r[:, 1, None, :] * ky[None, :, None]
 
 
-def _corners(coords, size: int, gridding: str):
-    """(flat indices (c, ...), weights (c, ...)) of the grid points each coordinate (..., 3)
-    spreads onto: 8 trilinear corners or 1 nearest point; grid centre at size // 2."""
+def _spread(coords, size: int, gridding: str):
+    """Yield (flat index, weight) per grid point that coordinates (..., 3) (x, y, z, grid
+    centre at size // 2) spread onto: 8 trilinear corners, or 1 nearest point."""
     xp = array_module(coords)
     c = coords + size // 2
     if gridding == "nearest":
-        i = xp.rint(c).astype(xp.int64)
-        i = xp.clip(i, 0, size - 1)
-        flat = (i[..., 2] * size + i[..., 1]) * size + i[..., 0]
-        return flat[None], xp.ones((1,) + flat.shape)
+        i = xp.clip(xp.rint(c).astype(xp.int64), 0, size - 1)
+        yield (i[..., 2] * size + i[..., 1]) * size + i[..., 0], 1.0
+        return
     if gridding != "trilinear":
         raise ValueError(f"unknown gridding {gridding!r} (use one of {GRIDDINGS})")
-    i0 = xp.floor(c).astype(xp.int64)
+    i0 = xp.clip(xp.floor(c).astype(xp.int64), 0, size - 2)
     f = c - i0
-    i0 = xp.clip(i0, 0, size - 2)
-    flats, weights = [], []
-    for dz in (0, 1):
-        wz = f[..., 2] if dz else 1.0 - f[..., 2]
-        for dy in (0, 1):
-            wy = f[..., 1] if dy else 1.0 - f[..., 1]
-            for dx in (0, 1):
-                wx = f[..., 0] if dx else 1.0 - f[..., 0]
-                flats.append(((i0[..., 2] + dz) * size + i0[..., 1] + dy) * size + i0[..., 0] + dx)
-                weights.append(wz * wy * wx)
-    return xp.stack(flats), xp.stack(weights)
+    base = (i0[..., 2] * size + i0[..., 1]) * size + i0[..., 0]
+    fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
+    for dz, wz in ((0, 1.0 - fz), (1, fz)):
+        for dy, wy in ((0, 1.0 - fy), (1, fy)):
+            wzy = wz * wy
+            for dx, wx in ((0, 1.0 - fx), (1, fx)):
+                yield base + ((dz * size + dy) * size + dx), wzy * wx
 
 
 def insert_slices(data, weight, values, slice_weights, matrices, ky, kx, gridding="trilinear"):
@@ -118,14 +113,13 @@ def insert_slices(data, weight, values, slice_weights, matrices, ky, kx, griddin
     """
     xp = array_module(values)
     size = round(data.size ** (1 / 3))
-    flats, w = _corners(slice_coordinates(matrices, ky, kx), size, gridding)
-    flats = flats.reshape(len(flats), -1)
-    w = w.reshape(len(w), -1)
+    coords = slice_coordinates(matrices, ky, kx).reshape(-1, 3)
     v = values.reshape(-1)
     sw = slice_weights.reshape(-1)
     d_flat, w_flat = data.reshape(-1), weight.reshape(-1)
     n = d_flat.size
-    for idx, wc in zip(flats, w, strict=True):
+    for idx, wc in _spread(coords, size, gridding):
+        wc = wc * xp.ones(len(v)) if np.isscalar(wc) else wc
         d_flat += xp.bincount(idx, weights=wc * v.real, minlength=n)
         d_flat += 1j * xp.bincount(idx, weights=wc * v.imag, minlength=n)
         w_flat += xp.bincount(idx, weights=wc * sw, minlength=n)
@@ -135,12 +129,12 @@ def insert_slices(data, weight, values, slice_weights, matrices, ky, kx, griddin
 def extract_slices(spectrum, matrices, ky, kx, gridding="trilinear"):
     """Central slices (n, m) complex of a centred 3D transform (size^3) at rotations R
     (n, 3, 3), sampled at the slice points (ky, kx) (m,) by trilinear interpolation."""
-    xp = array_module(spectrum)
     size = spectrum.shape[-1]
-    coords = slice_coordinates(matrices, ky, kx)
-    flats, w = _corners(coords, size, gridding)
     flat = spectrum.reshape(-1)
-    return xp.sum(flat[flats] * w, axis=0)
+    out = 0.0
+    for idx, w in _spread(slice_coordinates(matrices, ky, kx), size, gridding):
+        out = out + flat[idx] * w
+    return out
 
 
 def gridding_correction(box: int, size: int, gridding="trilinear", xp=np):

@@ -137,27 +137,45 @@ class Accumulator:
         return [to_numpy(m) for m in out]
 
 
-def insert_particles(series, particles, poses, grid, acc, gridding, dose, xp, halves=None):
+SPLITS = ("particles", "tilts")
+
+
+def tilt_halves(series, rows, split: str, p: int) -> np.ndarray:
+    """Half (1 or 2) of each tilt row: the particle's (gold standard), or by alternate tilt
+    (odd/even tilt index: independent noise, shared particles; a check of the data)."""
+    if split == "tilts":
+        return (series.tilts["tilt"].to_numpy()[rows] % 2) + 1
+    if split != "particles":
+        raise ValueError(f"unknown split {split!r} (use one of {SPLITS})")
+    return np.full(len(rows), int(series.particles["half"].iloc[p]))
+
+
+def insert_particles(series, particles, poses, grid, acc, gridding, dose, xp, split="particles"):
     """Insert the tilt images of ``particles`` (poses (n_particles, 3, 3) for all particles)
-    into the accumulator of each particle's half (``halves`` overrides: one per particle)."""
+    into the accumulators of their halves (:func:`tilt_halves`)."""
     matrices = series.compose(poses)
-    for i, p in enumerate(particles):
+    for p in particles:
         rows = series.rows_of([p])
         images = read_tilt_images(series, rows)
         c, env = tilt_factors(series, rows, grid, dose)
         spectra = centred_spectra(series, images, rows, grid)
         values = spectra * env if series.premultiplied else spectra * c * env
-        half = int(series.particles["half"].iloc[p]) if halves is None else halves[i]
-        bp.insert_slices(
-            acc.data[half - 1],
-            acc.weight[half - 1],
-            values,
-            (c * env) ** 2,
-            xp.asarray(matrices[rows]),
-            grid.ky,
-            grid.kx,
-            gridding,
-        )
+        weights = (c * env) ** 2
+        halves = tilt_halves(series, rows, split, p)
+        for half in (1, 2):
+            sel = np.flatnonzero(halves == half)
+            if len(sel) == 0:
+                continue
+            bp.insert_slices(
+                acc.data[half - 1],
+                acc.weight[half - 1],
+                values[sel],
+                weights[sel],
+                xp.asarray(matrices[rows[sel]]),
+                grid.ky,
+                grid.kx,
+                gridding,
+            )
     return acc
 
 
@@ -182,14 +200,14 @@ def fsc_summary(freq, curve, box: int) -> dict:
     }
 
 
-def reconstruct_series(series, poses, pad, gridding, wiener, dose, batch_size, xp):
+def reconstruct_series(series, poses, pad, gridding, wiener, dose, batch_size, xp, split="particles"):
+    """(grid, accumulator, [half1, half2, average]) of a series at particle poses (n, 3, 3)."""
     grid = Grid(series.box, pad, series.pixel_size, xp)
     acc = Accumulator(grid, xp)
     everyone = np.arange(series.n_particles)
     for start in progress(range(0, len(everyone), batch_size), desc="insert", unit="batch"):
-        insert_particles(
-            series, everyone[start : start + batch_size], poses, grid, acc, gridding, dose, xp
-        )
+        batch = everyone[start : start + batch_size]
+        insert_particles(series, batch, poses, grid, acc, gridding, dose, xp, split)
     return grid, acc, acc.maps(grid, wiener, gridding)
 
 
@@ -205,6 +223,7 @@ def particle_series_reconstruct(
     dose=True,
     mask_radius=None,
     mask_edge=3.0,
+    split="particles",
     batch_size=8,
     backend="numpy",
 ) -> dict:
@@ -213,7 +232,7 @@ def particle_series_reconstruct(
     params = dict(
         star=str(star), tomograms=tomograms, angpix=angpix, reference=reference, pad=pad,
         gridding=gridding, wiener=wiener, dose=dose, mask_radius=mask_radius,
-        mask_edge=mask_edge, batch_size=batch_size, backend=backend,
+        mask_edge=mask_edge, split=split, batch_size=batch_size, backend=backend,
     )
     prov = provenance.record("particle-series reconstruct", params)
     xp = get_xp(backend)
@@ -222,9 +241,16 @@ def particle_series_reconstruct(
         log(note)
     ref = _read_reference(reference, series)
     _, _, (half1, half2, average) = reconstruct_series(
-        series, series.poses, pad, gridding, wiener, dose, batch_size, xp
+        series, series.poses, pad, gridding, wiener, dose, batch_size, xp, split
     )
-    summary = {"notes": series.notes, "n_particles": series.n_particles, "n_tilts": len(series.tilts)}
+    summary = {
+        "notes": series.notes,
+        "n_particles": series.n_particles,
+        "n_tilts": len(series.tilts),
+        "pixel_size_A": series.pixel_size,
+        "box": series.box,
+        "halves_split_by": split,
+    }
     with Outputs() as outputs:
         _write_maps(out, series, half1, half2, average, ref, mask_radius, mask_edge, prov, outputs, summary)
         write_json(out / "summary.json", {"provenance": prov, **summary}, outputs)
@@ -331,14 +357,15 @@ def refine_particle(series, p, ref_spectrum, grid, band, rotations, shifts, dose
     spectra = centred_spectra(series, images, rows, unpadded)
     c, env = tilt_factors(series, rows, unpadded, dose)
     lo, hi = band
-    keep = (unpadded.k_a >= lo) & (unpadded.k_a <= hi)
-    model_factor = (c * c * env if series.premultiplied else c * env) * keep[None]
+    keep = xp.flatnonzero((unpadded.k_a >= lo) & (unpadded.k_a <= hi))
+    model_factor = (c * c * env if series.premultiplied else c * env)[:, keep]
+    flat = unpadded.flat[keep]
     data = xp.zeros((len(rows), box * box), dtype=xp.complex128)
-    data[:, unpadded.flat] = spectra * keep[None]
+    data[:, flat] = spectra[:, keep]
     data = data.reshape(len(rows), box, box)
     base = series.compose(pose)[rows]
     best = (np.eye(3), np.zeros(3), -np.inf)
-    ky, kx = unpadded.ky * grid.pad, unpadded.kx * grid.pad
+    ky, kx = unpadded.ky[keep] * grid.pad, unpadded.kx[keep] * grid.pad
     scores_identity = None
     for chunk in range(0, len(rotations), 16):
         rots = rotations[chunk : chunk + 16]
@@ -346,7 +373,7 @@ def refine_particle(series, p, ref_spectrum, grid, band, rotations, shifts, dose
         slices = bp.extract_slices(ref_spectrum, xp.asarray(mats.reshape(-1, 3, 3)), ky, kx)
         slices = slices.reshape(len(rots), len(rows), -1) * model_factor[None]
         model = xp.zeros((len(rots), len(rows), box * box), dtype=xp.complex128)
-        model[..., unpadded.flat] = slices
+        model[..., flat] = slices
         model = model.reshape(len(rots), len(rows), box, box)
         scores = to_numpy(score_candidates(data, model, mats, box, shifts, xp))
         if chunk == 0:
@@ -360,10 +387,9 @@ def refine_particle(series, p, ref_spectrum, grid, band, rotations, shifts, dose
 def leave_one_out_spectrum(series, p, acc, grid, poses, wiener, gridding, dose, xp):
     """Padded reference spectrum of the reconstruction from all particles but p."""
     single = Accumulator(grid, xp)
-    half = int(series.particles["half"].iloc[p])
-    insert_particles(series, [p], poses, grid, single, gridding, dose, xp, halves=[half])
-    data = acc.data[0] + acc.data[1] - single.data[half - 1]
-    weight = acc.weight[0] + acc.weight[1] - single.weight[half - 1]
+    insert_particles(series, [p], poses, grid, single, gridding, dose, xp)
+    data = acc.data[0] + acc.data[1] - single.data[0] - single.data[1]
+    weight = acc.weight[0] + acc.weight[1] - single.weight[0] - single.weight[1]
     weight = xp.maximum(weight, 0.0)
     vol = bp.reconstruct(data, weight, grid.box, wiener, grid.radius, gridding)
     return bp.reference_spectrum(vol, grid.pad, gridding)
@@ -411,7 +437,7 @@ def particle_series_refine(
         series, series.poses, pad, gridding, wiener, dose, batch_size, xp
     )
     coarse = rotation_ball(max_angle, angle_step)
-    fine = rotation_ball(angle_step, angle_step / 3) if angle_step > 0 else coarse
+    fine = rotation_ball(angle_step, angle_step / 2) if angle_step > 0 else coarse
     shifts = shift_grid(max_shift, shift_step)
     fine_shifts = shift_grid(shift_step, shift_step / 2) if shift_step > 0 else shifts
     band = (1.0 / highpass, 1.0 / lowpass)
@@ -473,7 +499,12 @@ def particle_series_refine(
         summary |= before_summary
         _write_maps(out, refined, h1r, h2r, after, ref, mask_radius, mask_edge, prov, outputs, summary)
         write_csv(out / "pose_changes.csv", changes, prov, outputs)
-        write_star(out / "particles_refined.star", _refined_blocks(series, new_poses, shifts_px), prov, outputs)
+        refined_star = out / "particles_refined.star"
+        write_star(refined_star, _refined_blocks(series, new_poses, shifts_px), prov, outputs)
+        if series.tomograms is not None:
+            names = {"rlnTomoParticlesFile": str(refined_star.resolve()),
+                     "rlnTomoTomogramsFile": str(series.tomograms)}
+            write_star(out / "optimisation_set_refined.star", {"": names}, prov, outputs)
         write_json(out / "summary.json", {"provenance": prov, **summary}, outputs)
     return summary
 
@@ -517,8 +548,17 @@ def _refined_blocks(series: ParticleSeries, new_poses, shifts_px) -> dict:
         for i, a in enumerate("XY"):
             old = table.get(f"rlnOrigin{a}Angst", pd.Series(np.zeros(len(table)))).to_numpy(float)
             table[f"rlnOrigin{a}Angst"] = old - d[:, i]
+    table["rlnImageName"] = _absolute_names(series)
     blocks[key] = table
     return blocks
+
+
+def _absolute_names(series: ParticleSeries) -> list[str]:
+    """rlnImageName of the input rows with absolute stack paths (the outputs live elsewhere)."""
+    t = series.tilts
+    if series.layout == "relion5":
+        return list(t.groupby("particle", sort=True)["image_file"].first())
+    return [f"{i + 1:06d}@{f}" for i, f in zip(t["image_index"], t["image_file"], strict=True)]
 
 
 # --- command line -------------------------------------------------------------------------
@@ -540,7 +580,12 @@ def _common(a) -> None:
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    _common(sub.add_parser("reconstruct", help="average by Fourier back-projection, FSCs"))
+    c = sub.add_parser("reconstruct", help="average by Fourier back-projection, FSCs")
+    _common(c)
+    c.add_argument(
+        "--split", choices=SPLITS, default="particles",
+        help="half maps from the particles' halves, or from odd/even tilts (a data check)",
+    )
     r = sub.add_parser("refine", help="local pose refinement, then the new average")
     _common(r)
     r.add_argument("--max-angle", type=float, default=6.0, help="rotation search radius (deg)")
@@ -558,7 +603,7 @@ def run(args) -> None:
         mask_edge=args.mask_edge, batch_size=args.batch_size, backend=args.backend,
     )
     if args.action == "reconstruct":
-        particle_series_reconstruct(args.star, args.out, **common)
+        particle_series_reconstruct(args.star, args.out, split=args.split, **common)
     else:
         particle_series_refine(
             args.star, args.out, max_angle=args.max_angle, angle_step=args.angle_step,

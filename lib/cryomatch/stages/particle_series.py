@@ -407,6 +407,7 @@ def particle_series_refine(
     shift_step=1.0,
     lowpass=30.0,
     highpass=300.0,
+    iterations=2,
     pad=2,
     gridding="trilinear",
     wiener=0.1,
@@ -421,7 +422,7 @@ def particle_series_refine(
     params = dict(
         star=str(star), tomograms=tomograms, angpix=angpix, reference=reference,
         max_angle=max_angle, angle_step=angle_step, max_shift=max_shift, shift_step=shift_step,
-        lowpass=lowpass, highpass=highpass, pad=pad, gridding=gridding, wiener=wiener, dose=dose,
+        lowpass=lowpass, highpass=highpass, iterations=iterations, pad=pad, gridding=gridding, wiener=wiener, dose=dose,
         mask_radius=mask_radius, mask_edge=mask_edge, batch_size=batch_size, backend=backend,
     )
     prov = provenance.record("particle-series refine", params)
@@ -430,59 +431,60 @@ def particle_series_refine(
     for note in series.notes:
         log(note)
     ref = _read_reference(reference, series)
+    if iterations < 1:
+        raise CryomatchError(f"iterations must be at least 1, got {iterations}")
     nyquist = 2 * series.pixel_size
     if lowpass < nyquist:
         raise CryomatchError(f"lowpass {lowpass} A is beyond Nyquist ({nyquist:g} A)")
-    grid, acc, (h1, h2, before) = reconstruct_series(
-        series, series.poses, pad, gridding, wiener, dose, batch_size, xp
-    )
     coarse = rotation_ball(max_angle, angle_step)
     fine = rotation_ball(angle_step, angle_step / 2) if angle_step > 0 else coarse
     shifts = shift_grid(max_shift, shift_step)
-    fine_shifts = shift_grid(shift_step, shift_step / 2) if shift_step > 0 else shifts
+    fine_shifts = shift_grid(shift_step, shift_step / 4) if shift_step > 0 else shifts
     band = (1.0 / highpass, 1.0 / lowpass)
     poses = series.poses.copy()
-    new_poses = poses.copy()
-    shifts_px = np.zeros((series.n_particles, 3))
+    moves = np.zeros((series.n_particles, 3))  # particle moves in the frames' coordinates (px)
     gains = np.zeros(series.n_particles)
-    for p in progress(range(series.n_particles), desc="refine", unit="particle"):
-        ref_spec = leave_one_out_spectrum(series, p, acc, grid, poses, wiener, gridding, dose, xp)
-        c1, s1, g1 = refine_particle(series, p, ref_spec, grid, band, coarse, shifts, dose, xp, poses)
-        # fine pass about the coarse optimum
-        fine_rots = c1[None] @ fine
-        c2, s2, g2 = refine_particle(
-            series, p, ref_spec, grid, band, fine_rots, s1[None] + fine_shifts, dose, xp, poses
-        )  # g2: gain over the coarse optimum
-        correction, shift = (c2, s2) if g2 > 0 else (c1, s1)
-        gains[p] = g1 + max(g2, 0.0)
-        m = series.mirror
-        new_poses[p] = poses[p] @ m @ correction @ m  # R' = frame A' mirror = R C
-        shifts_px[p] = shift
-    refined = _apply_shifts(series, new_poses, shifts_px)
-    angle = geometry.angle_between_rotations(new_poses, poses)
+    current, before = series, None
+    for iteration in range(iterations):
+        grid, acc, maps = reconstruct_series(current, poses, pad, gridding, wiener, dose, batch_size, xp)
+        before = maps[2] if before is None else before
+        new_poses = poses.copy()
+        for p in progress(range(series.n_particles), desc=f"refine {iteration + 1}", unit="particle"):
+            ref_spec = leave_one_out_spectrum(current, p, acc, grid, poses, wiener, gridding, dose, xp)
+            c1, s1, g1 = refine_particle(current, p, ref_spec, grid, band, coarse, shifts, dose, xp, poses)
+            c2, s2, g2 = refine_particle(  # finer grids about the coarse optimum
+                current, p, ref_spec, grid, band, c1[None] @ fine, s1[None] + fine_shifts, dose, xp, poses
+            )  # g2: gain over the coarse optimum
+            correction, shift = (c2, s2) if g2 > 0 else (c1, s1)
+            gains[p] += g1 + max(g2, 0.0)
+            m = series.mirror
+            new_poses[p] = poses[p] @ m @ correction @ m  # R' = frame A' mirror = R C
+            moves[p] += new_poses[p] @ m @ shift  # R' s = frame (A' mirror s)
+        step = geometry.angle_between_rotations(new_poses, poses)
+        poses = new_poses
+        current = _moved(series, poses, moves)
+        log(f"iteration {iteration + 1}: poses turned by {np.median(step):.2f} deg (median)")
+    angle = geometry.angle_between_rotations(poses, series.poses)
+    moved_a = np.linalg.norm(moves, axis=1) * series.pixel_size
     log(
-        f"poses moved by {np.median(angle):.2f} deg (median; max {angle.max():.2f}), shifts "
-        f"{np.median(np.linalg.norm(shifts_px, axis=1)) * series.pixel_size:.1f} A (median)"
+        f"poses moved by {np.median(angle):.2f} deg (median; max {angle.max():.2f}), particles by "
+        f"{np.median(moved_a):.1f} A (median; max {moved_a.max():.1f})"
     )
-    _, _, (h1r, h2r, after) = reconstruct_series(
-        refined, new_poses, pad, gridding, wiener, dose, batch_size, xp
-    )
+    _, _, (h1r, h2r, after) = reconstruct_series(current, poses, pad, gridding, wiener, dose, batch_size, xp)
     summary = {
         "notes": series.notes,
         "n_particles": series.n_particles,
+        "iterations": iterations,
         "rotation_change_deg": {"median": float(np.median(angle)), "max": float(angle.max())},
-        "shift_change_A": {
-            "median": float(np.median(np.linalg.norm(shifts_px, axis=1)) * series.pixel_size),
-            "max": float(np.linalg.norm(shifts_px, axis=1).max() * series.pixel_size),
-        },
+        "shift_change_A": {"median": float(np.median(moved_a)), "max": float(moved_a.max())},
     }
     changes = pd.DataFrame(
         {
             "particle": np.arange(series.n_particles) + 1,
             "rotation_change_deg": angle,
-            "shift_x_A": shifts_px[:, 0] * series.pixel_size,
-            "shift_y_A": shifts_px[:, 1] * series.pixel_size,
-            "shift_z_A": shifts_px[:, 2] * series.pixel_size,
+            "move_x_A": moves[:, 0] * series.pixel_size,
+            "move_y_A": moves[:, 1] * series.pixel_size,
+            "move_z_A": moves[:, 2] * series.pixel_size,
             "score_gain": gains,
         }
     )
@@ -497,10 +499,10 @@ def particle_series_refine(
                 "reference_masked_before": fsc_summary(freq, masked, series.box),
             }
         summary |= before_summary
-        _write_maps(out, refined, h1r, h2r, after, ref, mask_radius, mask_edge, prov, outputs, summary)
+        _write_maps(out, current, h1r, h2r, after, ref, mask_radius, mask_edge, prov, outputs, summary)
         write_csv(out / "pose_changes.csv", changes, prov, outputs)
         refined_star = out / "particles_refined.star"
-        write_star(refined_star, _refined_blocks(series, new_poses, shifts_px), prov, outputs)
+        write_star(refined_star, _refined_blocks(series, poses, moves), prov, outputs)
         if series.tomograms is not None:
             names = {"rlnTomoParticlesFile": str(refined_star.resolve()),
                      "rlnTomoTomogramsFile": str(series.tomograms)}
@@ -509,45 +511,48 @@ def particle_series_refine(
     return summary
 
 
-def _apply_shifts(series: ParticleSeries, new_poses, shifts_px) -> ParticleSeries:
-    """A copy of the series whose tilt displacements include the found 3D shifts."""
+def _moved(series: ParticleSeries, poses, moves) -> ParticleSeries:
+    """A copy of the series at new particle poses whose tilt displacements include the
+    particles' moves (n, 3) px in the frames' coordinates (tomogram frame for RELION 5)."""
     tilts = series.tilts.copy()
-    p = tilts["particle"].to_numpy()
-    r = series.compose(new_poses)
-    d = np.einsum("tij,tj->ti", r[:, :2, :], shifts_px[p]) * series.pixel_size
+    d = _tilt_displacements(series, moves) * series.pixel_size
     tilts["shift_x"] = tilts["shift_x"] + d[:, 0]
     tilts["shift_y"] = tilts["shift_y"] + d[:, 1]
     return ParticleSeries(
-        tilts, series.frames, series.mirror, series.particles, new_poses, series.pixel_size,
+        tilts, series.frames, series.mirror, series.particles, poses, series.pixel_size,
         series.box, series.premultiplied, series.layout, series.source, list(series.notes),
+        series.tomograms,
     )
 
 
-def _refined_blocks(series: ParticleSeries, new_poses, shifts_px) -> dict:
-    """The input STAR's blocks with refined angles and origins (RELION's conventions)."""
-    blocks = {k: v for k, v in read_star(series.source).items()}
+def _tilt_displacements(series: ParticleSeries, moves) -> np.ndarray:
+    """Image displacements (n_tilts, 2) px of particle moves (n, 3) px: (frame u)[:2]."""
+    p = series.tilts["particle"].to_numpy()
+    return np.einsum("tij,tj->ti", series.frames[:, :2, :], moves[p])
+
+
+def _refined_blocks(series: ParticleSeries, poses, moves) -> dict:
+    """The input STAR's blocks with refined angles and origins (RELION's conventions): RELION 5
+    puts a particle at coordinate - origin (tomogram frame, A), so a move u lowers the origin
+    by u; per-tilt rows get their image displacement subtracted from rlnOriginX/YAngst."""
+    blocks = dict(read_star(series.source).items())
     key = "particles" if isinstance(blocks.get("particles"), pd.DataFrame) else next(
         k for k, v in blocks.items() if isinstance(v, pd.DataFrame) and "rlnImageName" in v
     )
     table = blocks[key].copy()
+    zeros = pd.Series(np.zeros(len(table)))
     if series.layout == "relion5":
-        rot, tilt, psi = geometry.matrix_to_euler(new_poses)
-        table["rlnAngleRot"], table["rlnAngleTilt"], table["rlnAnglePsi"] = rot, tilt, psi
-        # the particle moved by A mirror s in the tomogram frame; RELION 5 puts it at
-        # coordinate - origin, so the origin decreases by that (Angstrom)
-        move = np.einsum("pij,pj->pi", new_poses @ series.mirror, shifts_px) * series.pixel_size
-        for i, a in enumerate("XYZ"):
-            old = table.get(f"rlnOrigin{a}Angst", pd.Series(np.zeros(len(table)))).to_numpy(float)
-            table[f"rlnOrigin{a}Angst"] = old - move[:, i]
+        rot, tilt, psi = geometry.matrix_to_euler(poses)
+        move = moves * series.pixel_size
+        axes = "XYZ"
     else:
-        p = series.tilts["particle"].to_numpy()
-        r = series.compose(new_poses)
-        rot, tilt, psi = geometry.matrix_to_euler(r)
-        table["rlnAngleRot"], table["rlnAngleTilt"], table["rlnAnglePsi"] = rot, tilt, psi
-        d = np.einsum("tij,tj->ti", r[:, :2, :], shifts_px[p]) * series.pixel_size
-        for i, a in enumerate("XY"):
-            old = table.get(f"rlnOrigin{a}Angst", pd.Series(np.zeros(len(table)))).to_numpy(float)
-            table[f"rlnOrigin{a}Angst"] = old - d[:, i]
+        rot, tilt, psi = geometry.matrix_to_euler(series.compose(poses))
+        move = _tilt_displacements(series, moves) * series.pixel_size
+        axes = "XY"
+    table["rlnAngleRot"], table["rlnAngleTilt"], table["rlnAnglePsi"] = rot, tilt, psi
+    for i, a in enumerate(axes):
+        old = table.get(f"rlnOrigin{a}Angst", zeros).to_numpy(float)
+        table[f"rlnOrigin{a}Angst"] = old - move[:, i]
     table["rlnImageName"] = _absolute_names(series)
     blocks[key] = table
     return blocks
@@ -594,6 +599,7 @@ def add_arguments(p) -> None:
     r.add_argument("--shift-step", type=float, default=1.0, help="shift grid step (px)")
     r.add_argument("--lowpass", type=float, default=30.0, help="compare up to this resolution (A)")
     r.add_argument("--highpass", type=float, default=300.0, help="... from this resolution (A)")
+    r.add_argument("--iterations", type=int, default=2, help="rounds of refinement")
 
 
 def run(args) -> None:
@@ -608,5 +614,5 @@ def run(args) -> None:
         particle_series_refine(
             args.star, args.out, max_angle=args.max_angle, angle_step=args.angle_step,
             max_shift=args.max_shift, shift_step=args.shift_step, lowpass=args.lowpass,
-            highpass=args.highpass, **common,
+            highpass=args.highpass, iterations=args.iterations, **common,
         )

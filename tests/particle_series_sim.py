@@ -42,8 +42,17 @@ def perturb(poses: np.ndarray, degrees: float, rng: np.random.Generator) -> np.n
     return poses @ turn
 
 
-def simulate(out: Path, real: Path, volume, pixel_size: float, n: int, rng, snr=None,
-             pose_error=0.0, origin_error=0.0) -> dict:
+def simulate(
+    out: Path,
+    real: Path,
+    volume,
+    pixel_size: float,
+    n: int,
+    rng,
+    snr=None,
+    pose_error=0.0,
+    origin_error=0.0,
+) -> dict:
     """Write stacks, particles STAR and optimisation set under ``out``; returns the true poses
     (n, 3, 3), the STAR poses (perturbed by ``pose_error`` degrees), the STAR origins (n, 3)
     in A (random directions of length ``origin_error``; the images are centred) and the
@@ -69,8 +78,16 @@ def simulate(out: Path, real: Path, volume, pixel_size: float, n: int, rng, snr=
         m = np.stack([_rows(tilts[f"rlnTomoProj{a}"])[:, :3] for a in "XYZ"], axis=1)
         r = m @ true[p] @ np.diag([1.0, 1.0, -1.0])
         proj = project_volume(coefficients, r)
-        c = ctf(kx, ky, tilts["rlnDefocusU"].to_numpy(), tilts["rlnDefocusV"].to_numpy(),
-                tilts["rlnDefocusAngle"].to_numpy(), 300.0, 2.7, 0.07)
+        c = ctf(
+            kx,
+            ky,
+            tilts["rlnDefocusU"].to_numpy(),
+            tilts["rlnDefocusV"].to_numpy(),
+            tilts["rlnDefocusAngle"].to_numpy(),
+            300.0,
+            2.7,
+            0.07,
+        )
         scale = tilts["rlnCtfScalefactor"].to_numpy()[:, None, None]
         dose = bp.dose_weights(k.ravel(), tilts["rlnMicrographPreExposure"].to_numpy())
         env = scale * dose.reshape(len(tilts), *k.shape)
@@ -86,24 +103,61 @@ def simulate(out: Path, real: Path, volume, pixel_size: float, n: int, rng, snr=
             mrc.set_data(images)
             mrc.voxel_size = pixel_size
         rot, tilt, psi = geometry.matrix_to_euler(given[p])
-        rows.append({
-            "rlnTomoName": name, "rlnTomoParticleId": p + 1, "rlnCoordinateX": 0.0,
-            "rlnCoordinateY": 0.0, "rlnCoordinateZ": 0.0, "rlnAngleRot": float(rot),
-            "rlnAngleTilt": float(tilt), "rlnAnglePsi": float(psi),
-            "rlnTomoParticleName": f"{name}/{p + 1}", "rlnOpticsGroup": 1,
-            "rlnImageName": str(stack), "rlnOriginXAngst": origins[p, 0],
-            "rlnOriginYAngst": origins[p, 1], "rlnOriginZAngst": origins[p, 2], "rlnTomoVisibleFrames": "[" + ",".join(["1"] * n_tilts) + "]",
-        })
-    optics = pd.DataFrame([{
-        "rlnOpticsGroup": 1, "rlnOpticsGroupName": "opticsGroup1", "rlnSphericalAberration": 2.7,
-        "rlnVoltage": 300.0, "rlnTomoTiltSeriesPixelSize": 1.667, "rlnCtfDataAreCtfPremultiplied": 1,
-        "rlnImageDimensionality": 2, "rlnImagePixelSize": pixel_size, "rlnImageSize": box,
-        "rlnAmplitudeContrast": 0.07,
-    }])
+        rows.append(
+            {
+                "rlnTomoName": name,
+                "rlnTomoParticleId": p + 1,
+                "rlnCoordinateX": 0.0,
+                "rlnCoordinateY": 0.0,
+                "rlnCoordinateZ": 0.0,
+                "rlnAngleRot": float(rot),
+                "rlnAngleTilt": float(tilt),
+                "rlnAnglePsi": float(psi),
+                "rlnTomoParticleName": f"{name}/{p + 1}",
+                "rlnOpticsGroup": 1,
+                "rlnImageName": str(stack),
+                "rlnOriginXAngst": origins[p, 0],
+                "rlnOriginYAngst": origins[p, 1],
+                "rlnOriginZAngst": origins[p, 2],
+                "rlnTomoVisibleFrames": "[" + ",".join(["1"] * n_tilts) + "]",
+            }
+        )
+    optics = pd.DataFrame(
+        [
+            {
+                "rlnOpticsGroup": 1,
+                "rlnOpticsGroupName": "opticsGroup1",
+                "rlnSphericalAberration": 2.7,
+                "rlnVoltage": 300.0,
+                "rlnTomoTiltSeriesPixelSize": 1.667,
+                "rlnCtfDataAreCtfPremultiplied": 1,
+                "rlnImageDimensionality": 2,
+                "rlnImagePixelSize": pixel_size,
+                "rlnImageSize": box,
+                "rlnAmplitudeContrast": 0.07,
+            }
+        ]
+    )
     particles = out / "particles.star"
-    starfile.write({"general": {"rlnTomoSubTomosAre2DStacks": 1}, "optics": optics,
-                    "particles": pd.DataFrame(rows)}, particles, overwrite=True)
+    starfile.write(
+        {
+            "general": {"rlnTomoSubTomosAre2DStacks": 1},
+            "optics": optics,
+            "particles": pd.DataFrame(rows),
+        },
+        particles,
+        overwrite=True,
+    )
     opt = out / "optimisation_set.star"
-    starfile.write({"": {"rlnTomoParticlesFile": str(particles),
-                         "rlnTomoTomogramsFile": str(tomo_path)}}, opt, overwrite=True)
-    return {"true": true, "given": given, "origins": origins, "optimisation_set": opt, "particles": particles}
+    starfile.write(
+        {"": {"rlnTomoParticlesFile": str(particles), "rlnTomoTomogramsFile": str(tomo_path)}},
+        opt,
+        overwrite=True,
+    )
+    return {
+        "true": true,
+        "given": given,
+        "origins": origins,
+        "optimisation_set": opt,
+        "particles": particles,
+    }

@@ -34,7 +34,6 @@ a refined particle pose gives new tilt matrices.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from .. import geometry
-from ..errors import CryomatchError, CryomatchWarning
+from ..errors import CryomatchError
 from .mrc import open_mrc, stack_shape
 from .star import read_star
 
@@ -129,9 +128,7 @@ def _beside(name, star: Path) -> Path:
 def _particle_table(blocks, path) -> pd.DataFrame:
     if isinstance(blocks.get("particles"), pd.DataFrame):
         return blocks["particles"]
-    tables = [
-        v for k, v in blocks.items() if isinstance(v, pd.DataFrame) and "rlnImageName" in v
-    ]
+    tables = [v for k, v in blocks.items() if isinstance(v, pd.DataFrame) and "rlnImageName" in v]
     if not tables:
         raise CryomatchError("no particle block with rlnImageName in the STAR file", path)
     return tables[0]
@@ -151,11 +148,9 @@ def _require(table, columns, path, what="column"):
         if table[c].dtype.kind in "biuf":
             bad = ~np.isfinite(table[c].to_numpy(dtype=np.float64))
             if bad.any():
-                raise CryomatchError(f"row {int(np.flatnonzero(bad)[0]) + 1}: {c} is not finite", path)
-
-
-def _stack_file(name, star: Path) -> Path:
-    return _beside(name, star)
+                raise CryomatchError(
+                    f"row {int(np.flatnonzero(bad)[0]) + 1}: {c} is not finite", path
+                )
 
 
 def _halves(table: pd.DataFrame) -> np.ndarray:
@@ -186,7 +181,9 @@ def _visible(value, n_frames: int, path: Path, row: int) -> np.ndarray:
     try:
         flags = np.asarray(json.loads(str(value)), dtype=bool)
     except (ValueError, TypeError) as exc:
-        raise CryomatchError(f"row {row + 1}: rlnTomoVisibleFrames {value!r} is not a list", path) from exc
+        raise CryomatchError(
+            f"row {row + 1}: rlnTomoVisibleFrames {value!r} is not a list", path
+        ) from exc
     if len(flags) != n_frames:
         raise CryomatchError(
             f"row {row + 1}: rlnTomoVisibleFrames has {len(flags)} entries, the tomogram "
@@ -208,7 +205,9 @@ def _matrix_rows(series: pd.Series, path: Path, column: str) -> np.ndarray:
 
 # --- RELION 5 / WarpTools -------------------------------------------------------------------
 def _read_relion5(path, blocks, table, tomo_path, pixel_size) -> ParticleSeries:
-    _require(table, ["rlnTomoName", "rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], path)
+    _require(
+        table, ["rlnTomoName", "rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], path
+    )
     optics = blocks.get("optics")
     table = table.reset_index(drop=True).copy()
     if isinstance(optics, pd.DataFrame) and "rlnOpticsGroup" in table:
@@ -226,18 +225,39 @@ def _read_relion5(path, blocks, table, tomo_path, pixel_size) -> ParticleSeries:
     glob = tomo_blocks.get("global")
     if not isinstance(glob, pd.DataFrame):
         raise CryomatchError("no data_global block in the tomograms STAR", tomo_path)
-    _require(glob, ["rlnTomoName", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"], tomo_path)
+    _require(
+        glob,
+        ["rlnTomoName", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"],
+        tomo_path,
+    )
     glob = glob.set_index("rlnTomoName")
     notes = []
     rows, frames = [], []
     for p, particle in table.iterrows():
         name = particle["rlnTomoName"]
         if name not in glob.index or not isinstance(tomo_blocks.get(name), pd.DataFrame):
-            raise CryomatchError(f"tomogram {name!r} (particle row {p + 1}) is not in the tomograms STAR", tomo_path)
+            raise CryomatchError(
+                f"tomogram {name!r} (particle row {p + 1}) is not in the tomograms STAR", tomo_path
+            )
         tilt_table = tomo_blocks[name]
-        _require(tilt_table, ["rlnTomoProjX", "rlnTomoProjY", "rlnTomoProjZ", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"], tomo_path, f"column of block {name}")
+        _require(
+            tilt_table,
+            [
+                "rlnTomoProjX",
+                "rlnTomoProjY",
+                "rlnTomoProjZ",
+                "rlnDefocusU",
+                "rlnDefocusV",
+                "rlnDefocusAngle",
+            ],
+            tomo_path,
+            f"column of block {name}",
+        )
         proj = np.stack(
-            [_matrix_rows(tilt_table[f"rlnTomoProj{a}"], tomo_path, f"rlnTomoProj{a}") for a in "XYZ"],
+            [
+                _matrix_rows(tilt_table[f"rlnTomoProj{a}"], tomo_path, f"rlnTomoProj{a}")
+                for a in "XYZ"
+            ],
             axis=1,
         )  # (n_frames, 3 rows, 4)
         n_frames = len(tilt_table)
@@ -246,7 +266,7 @@ def _read_relion5(path, blocks, table, tomo_path, pixel_size) -> ParticleSeries:
             if "rlnTomoVisibleFrames" in table
             else np.ones(n_frames, dtype=bool)
         )
-        file = _stack_file(str(particle["rlnImageName"]).split("@")[-1], path)
+        file = _beside(str(particle["rlnImageName"]).split("@")[-1], path)
         g = glob.loc[name]
         for t in range(n_frames):
             if not visible[t]:
@@ -278,7 +298,10 @@ def _read_relion5(path, blocks, table, tomo_path, pixel_size) -> ParticleSeries:
     tilts = pd.DataFrame(rows)
     box = _check_stacks(tilts, path)
     origins = np.stack(
-        [table.get(f"rlnOrigin{a}Angst", pd.Series(np.zeros(len(table)))).to_numpy(float) for a in "XYZ"],
+        [
+            table.get(f"rlnOrigin{a}Angst", pd.Series(np.zeros(len(table)))).to_numpy(float)
+            for a in "XYZ"
+        ],
         axis=1,
     )
     if np.abs(origins).max() > 0:
@@ -298,16 +321,33 @@ def _read_relion5(path, blocks, table, tomo_path, pixel_size) -> ParticleSeries:
         "tilt image = projection at M A diag(1,1,-1)"
     )
     return ParticleSeries(
-        tilts, np.stack(frames), Z_MIRROR.copy(), table, poses, float(pixel_size), box, premult,
-        "relion5", path, notes, tomo_path,
+        tilts,
+        np.stack(frames),
+        Z_MIRROR.copy(),
+        table,
+        poses,
+        float(pixel_size),
+        box,
+        premult,
+        "relion5",
+        path,
+        notes,
+        tomo_path,
     )
 
 
 # --- RELION 3 per-tilt rows (cryoDRGN-ET) -------------------------------------------------------
 def _read_relion3(path, blocks, table, pixel_size) -> ParticleSeries:
     table = table.reset_index(drop=True).copy()
-    _require(table, ["rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", *CTF_COLUMNS[:6]], path)
-    key = next((c for c in ("rlnGroupName", "rlnTomoParticleName", "rlnTomoParticleId") if c in table), None)
+    _require(
+        table,
+        ["rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", *CTF_COLUMNS[:6]],
+        path,
+    )
+    key = next(
+        (c for c in ("rlnGroupName", "rlnTomoParticleName", "rlnTomoParticleId") if c in table),
+        None,
+    )
     if key is None:
         raise CryomatchError(
             "per-tilt rows need rlnGroupName, rlnTomoParticleName or rlnTomoParticleId to group "
@@ -318,7 +358,9 @@ def _read_relion3(path, blocks, table, pixel_size) -> ParticleSeries:
         if "rlnImagePixelSize" in table:
             pixel_size = float(table["rlnImagePixelSize"].iloc[0])
         elif {"rlnDetectorPixelSize", "rlnMagnification"} <= set(table):
-            pixel_size = float(table["rlnDetectorPixelSize"].iloc[0] * 1e4 / table["rlnMagnification"].iloc[0])
+            pixel_size = float(
+                table["rlnDetectorPixelSize"].iloc[0] * 1e4 / table["rlnMagnification"].iloc[0]
+            )
         else:
             raise CryomatchError("no pixel size in the STAR: give the pixel size", path)
     names = table["rlnImageName"].astype(str).str.split("@", n=1, expand=True)
@@ -327,29 +369,28 @@ def _read_relion3(path, blocks, table, pixel_size) -> ParticleSeries:
     index = pd.to_numeric(names[0], errors="coerce")
     if index.isna().any() or (index < 1).any():
         raise CryomatchError("rlnImageName must be 'N@stack' with N >= 1", path)
-    files = {n: str(_stack_file(n, path)) for n in names[1].unique()}
+    files = {n: str(_beside(n, path)) for n in names[1].unique()}
     codes, uniques = pd.factorize(table[key], sort=False)
     particles = pd.DataFrame({key: uniques})
     first_rows = np.array([np.flatnonzero(codes == p)[0] for p in range(len(uniques))])
-    bf = table.get("rlnCtfBfactor", pd.Series(np.zeros(len(table)))).to_numpy(float)
+    bf = _column(table, "rlnCtfBfactor", 0.0)
     warp_sign = bool((bf <= 0).all())
     notes = [
-        f"RELION 3 per-tilt rows grouped by {key}: {len(uniques)} particles, {len(table)} tilt images",
-        "rlnCtfBfactor read as Warp's (negative dampens)" if warp_sign and bf.any()
+        f"RELION 3 per-tilt rows grouped by {key}: {len(uniques)} particles, "
+        f"{len(table)} tilt images at {pixel_size:g} A/px",
+        "rlnCtfBfactor read as Warp's (negative dampens)"
+        if warp_sign and bf.any()
         else "rlnCtfBfactor read as RELION's (positive dampens)",
     ]
-    origin = [
-        table.get(f"rlnOrigin{a}Angst", table.get(f"rlnOrigin{a}", pd.Series(np.zeros(len(table)))) * (1.0 if f"rlnOrigin{a}Angst" in table else pixel_size)).to_numpy(float)
-        for a in "XY"
-    ]
+    origin = [_origin(table, a, pixel_size) for a in "XY"]
     tilts = pd.DataFrame(
         {
             "particle": codes,
             "tilt": table.groupby(codes).cumcount().to_numpy(),
             "image_file": names[1].map(files).to_numpy(),
             "image_index": index.astype(np.int64).to_numpy() - 1,
-            **{c: table.get(c, pd.Series(np.zeros(len(table)))).to_numpy(float) for c in CTF_COLUMNS},
-            "scale": table.get("rlnCtfScalefactor", pd.Series(np.ones(len(table)))).to_numpy(float),
+            **{c: _column(table, c, 0.0) for c in CTF_COLUMNS},
+            "scale": _column(table, "rlnCtfScalefactor", 1.0),
             "exposure": np.full(len(table), np.nan),
             "bfactor": -bf if warp_sign else bf,
             "shift_x": -origin[0],
@@ -360,13 +401,37 @@ def _read_relion3(path, blocks, table, pixel_size) -> ParticleSeries:
         particles["rlnRandomSubset"] = table["rlnRandomSubset"].to_numpy()[first_rows]
     particles["half"] = _halves(particles)
     box = _check_stacks(tilts, path)
-    a = geometry.euler_to_matrix(*(table[c].to_numpy(float) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
+    a = geometry.euler_to_matrix(
+        *(table[c].to_numpy(float) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))
+    )
     poses = a[first_rows]
     frames = a @ np.swapaxes(poses[codes], -1, -2)  # R = frame A_p: frame = A_t A_p^T
     return ParticleSeries(
-        tilts, frames, np.eye(3), particles, poses, float(pixel_size), box,
-        premultiplied_flag(table), "relion3", path, notes,
+        tilts,
+        frames,
+        np.eye(3),
+        particles,
+        poses,
+        float(pixel_size),
+        box,
+        premultiplied_flag(table),
+        "relion3",
+        path,
+        notes,
     )
+
+
+def _column(table: pd.DataFrame, name: str, default: float) -> np.ndarray:
+    if name in table:
+        return table[name].to_numpy(float)
+    return np.full(len(table), default)
+
+
+def _origin(table: pd.DataFrame, axis: str, pixel_size: float) -> np.ndarray:
+    """rlnOrigin{axis}Angst, or RELION 3.0's rlnOrigin{axis} in pixels, in A (0 if absent)."""
+    if f"rlnOrigin{axis}Angst" in table:
+        return _column(table, f"rlnOrigin{axis}Angst", 0.0)
+    return _column(table, f"rlnOrigin{axis}", 0.0) * pixel_size
 
 
 def premultiplied_flag(table: pd.DataFrame) -> bool:
@@ -387,10 +452,3 @@ def read_tilt_images(series: ParticleSeries, rows) -> np.ndarray:
             raise CryomatchError("the stack holds NaN or inf pixels", file)
         out[np.flatnonzero(sub["image_file"].to_numpy() == file)] = block
     return out
-
-
-def warn(series: ParticleSeries, message: str) -> None:
-    series.notes.append(message)
-    warnings.warn(f"{series.source}: {message}", CryomatchWarning, stacklevel=2)
-
-

@@ -157,8 +157,7 @@ def normalise(data, weight, wiener: float, radius: float | None = None):
         k2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2
         filled &= k2 <= radius * radius
     mean = float(weight[filled].mean()) if bool(filled.any()) else 1.0
-    out = xp.where(filled, data / (weight + wiener * mean), 0.0)
-    return out
+    return xp.where(filled, data / xp.where(filled, weight + wiener * mean, 1.0), 0.0)
 
 
 def reconstruct(data, weight, box: int, wiener: float, radius=None, gridding="trilinear"):

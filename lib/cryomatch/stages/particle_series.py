@@ -14,7 +14,9 @@ against that map, unmasked and inside a soft sphere.
 ``cryomatch particle-series refine`` searches, per particle, small rotations (a ball of
 ``max_angle`` degrees on a ``angle_step`` grid, then a finer grid about the best) and 3D
 shifts (``max_shift`` pixels, ``shift_step``) that best match every tilt image of the particle
-with the central slices of a reference, CTF and dose applied, up to ``lowpass`` Angstrom. The
+with the central slices of a reference, CTF and dose applied, up to ``lowpass`` Angstrom
+(default: where the half-map FSC of the current average falls below 0.143, so that only
+frequencies that carry signal are compared). The
 reference of each particle is the reconstruction from all the *other* particles (leave one
 out: no particle is compared with a map it is in). Writes the refined STAR, the per-particle
 changes (degrees, Angstrom), the new average and, with ``--reference``, the FSC against it
@@ -99,7 +101,10 @@ def centred_spectra(series, images, rows, grid: Grid, matrices=None, extra_shift
     xp = array_module(grid.kx)
     spectra = bp.centred_fft2(xp.asarray(images), grid.size).reshape(len(images), -1)[:, grid.flat]
     t = series.tilts.iloc[np.asarray(rows)]
-    d = np.stack([t["shift_x"].to_numpy(float), t["shift_y"].to_numpy(float)], 1) / series.pixel_size
+    d = (
+        np.stack([t["shift_x"].to_numpy(float), t["shift_y"].to_numpy(float)], 1)
+        / series.pixel_size
+    )
     if extra_shift is not None:
         d = d + extra_shift
     if np.any(d != 0):
@@ -183,7 +188,9 @@ def reference_fsc(average, reference, pixel_size, mask_radius, mask_edge):
     """(freq 1/A, unmasked FSC, FSC inside a soft sphere) of the average and a reference."""
     box = average.shape[-1]
     if reference.shape != average.shape:
-        raise CryomatchError(f"the reference has shape {reference.shape}, the average {average.shape}")
+        raise CryomatchError(
+            f"the reference has shape {reference.shape}, the average {average.shape}"
+        )
     radius = box // 2 - 4 if mask_radius is None else mask_radius
     mask = soft_sphere(average.shape, radius, mask_edge)
     freq, unmasked = fsc(average, reference, pixel_size)
@@ -200,7 +207,9 @@ def fsc_summary(freq, curve, box: int) -> dict:
     }
 
 
-def reconstruct_series(series, poses, pad, gridding, wiener, dose, batch_size, xp, split="particles"):
+def reconstruct_series(
+    series, poses, pad, gridding, wiener, dose, batch_size, xp, split="particles"
+):
     """(grid, accumulator, [half1, half2, average]) of a series at particle poses (n, 3, 3)."""
     grid = Grid(series.box, pad, series.pixel_size, xp)
     acc = Accumulator(grid, xp)
@@ -230,9 +239,19 @@ def particle_series_reconstruct(
     """Reconstruct the average of a particle series and write it with its FSCs (see module)."""
     out = Path(out)
     params = dict(
-        star=str(star), tomograms=tomograms, angpix=angpix, reference=reference, pad=pad,
-        gridding=gridding, wiener=wiener, dose=dose, mask_radius=mask_radius,
-        mask_edge=mask_edge, split=split, batch_size=batch_size, backend=backend,
+        star=str(star),
+        tomograms=tomograms,
+        angpix=angpix,
+        reference=reference,
+        pad=pad,
+        gridding=gridding,
+        wiener=wiener,
+        dose=dose,
+        mask_radius=mask_radius,
+        mask_edge=mask_edge,
+        split=split,
+        batch_size=batch_size,
+        backend=backend,
     )
     prov = provenance.record("particle-series reconstruct", params)
     xp = get_xp(backend)
@@ -252,7 +271,9 @@ def particle_series_reconstruct(
         "halves_split_by": split,
     }
     with Outputs() as outputs:
-        _write_maps(out, series, half1, half2, average, ref, mask_radius, mask_edge, prov, outputs, summary)
+        _write_maps(
+            out, series, half1, half2, average, ref, mask_radius, mask_edge, prov, outputs, summary
+        )
         write_json(out / "summary.json", {"provenance": prov, **summary}, outputs)
     return summary
 
@@ -263,25 +284,39 @@ def _read_reference(reference, series):
     ref, _ = read_volume(reference)
     if ref.shape != (series.box,) * 3:
         raise CryomatchError(
-            f"the reference has shape {ref.shape}, the particle images are {series.box} px", reference
+            f"the reference has shape {ref.shape}, the particle images are {series.box} px",
+            reference,
         )
     return ref
 
 
-def _write_maps(out, series, half1, half2, average, ref, mask_radius, mask_edge, prov, outputs, summary, tag=""):
+def _write_maps(
+    out, series, half1, half2, average, ref, mask_radius, mask_edge, prov, outputs, summary, tag=""
+):
     px = series.pixel_size
     labels = provenance.mrc_labels(prov)
     for name, vol in (("half1", half1), ("half2", half2), ("average", average)):
         write_mrc(out / f"{name}{tag}.mrc", vol, px, labels, outputs)
-    save_png(orthogonal_slices(average, f"average of {series.n_particles} particles"), out / f"average{tag}.png", outputs)
+    save_png(
+        orthogonal_slices(average, f"average of {series.n_particles} particles"),
+        out / f"average{tag}.png",
+        outputs,
+    )
     freq, halves = fsc(half1, half2, px)
-    write_csv(out / f"fsc_halves{tag}.csv", pd.DataFrame({"frequency_1_per_A": freq, "fsc": halves}), prov, outputs)
+    write_csv(
+        out / f"fsc_halves{tag}.csv",
+        pd.DataFrame({"frequency_1_per_A": freq, "fsc": halves}),
+        prov,
+        outputs,
+    )
     curves_to_plot = {"half maps": halves}
     summary["halves"] = fsc_summary(freq, halves, series.box)
     log(f"half-map FSC 0.143 at {summary['halves']['resolution_fsc_0.143_A']:.1f} A")
     if ref is not None:
         freq, unmasked, masked = reference_fsc(average, ref, px, mask_radius, mask_edge)
-        table = pd.DataFrame({"frequency_1_per_A": freq, "fsc_unmasked": unmasked, "fsc_masked": masked})
+        table = pd.DataFrame(
+            {"frequency_1_per_A": freq, "fsc_unmasked": unmasked, "fsc_masked": masked}
+        )
         write_csv(out / f"fsc_reference{tag}.csv", table, prov, outputs)
         curves_to_plot |= {"vs reference": unmasked, "vs reference, soft sphere": masked}
         summary["reference_unmasked"] = fsc_summary(freq, unmasked, series.box)
@@ -292,7 +327,14 @@ def _write_maps(out, series, half1, half2, average, ref, mask_radius, mask_edge,
                 f"FSC {key.replace('_', ' ')}: {s['fsc_at_half_nyquist']:.3f} at half Nyquist "
                 f"({s['half_nyquist_A']:.0f} A), 0.5 at {s['resolution_fsc_0.5_A']:.1f} A"
             )
-    fig = curves(freq, curves_to_plot, "spatial frequency (1/A)", "FSC", "Fourier shell correlation", hlines=(0.5, 0.143))
+    fig = curves(
+        freq,
+        curves_to_plot,
+        "spatial frequency (1/A)",
+        "FSC",
+        "Fourier shell correlation",
+        hlines=(0.5, 0.143),
+    )
     save_png(fig, out / f"fsc{tag}.png", outputs)
 
 
@@ -405,7 +447,7 @@ def particle_series_refine(
     angle_step=2.0,
     max_shift=2.0,
     shift_step=1.0,
-    lowpass=30.0,
+    lowpass=None,
     highpass=300.0,
     iterations=2,
     pad=2,
@@ -420,10 +462,25 @@ def particle_series_refine(
     """Refine every particle's pose locally (see module) and write the refined outputs."""
     out = Path(out)
     params = dict(
-        star=str(star), tomograms=tomograms, angpix=angpix, reference=reference,
-        max_angle=max_angle, angle_step=angle_step, max_shift=max_shift, shift_step=shift_step,
-        lowpass=lowpass, highpass=highpass, iterations=iterations, pad=pad, gridding=gridding, wiener=wiener, dose=dose,
-        mask_radius=mask_radius, mask_edge=mask_edge, batch_size=batch_size, backend=backend,
+        star=str(star),
+        tomograms=tomograms,
+        angpix=angpix,
+        reference=reference,
+        max_angle=max_angle,
+        angle_step=angle_step,
+        max_shift=max_shift,
+        shift_step=shift_step,
+        lowpass=lowpass,
+        highpass=highpass,
+        iterations=iterations,
+        pad=pad,
+        gridding=gridding,
+        wiener=wiener,
+        dose=dose,
+        mask_radius=mask_radius,
+        mask_edge=mask_edge,
+        batch_size=batch_size,
+        backend=backend,
     )
     prov = provenance.record("particle-series refine", params)
     xp = get_xp(backend)
@@ -434,26 +491,53 @@ def particle_series_refine(
     if iterations < 1:
         raise CryomatchError(f"iterations must be at least 1, got {iterations}")
     nyquist = 2 * series.pixel_size
-    if lowpass < nyquist:
+    if lowpass is not None and lowpass < nyquist:
         raise CryomatchError(f"lowpass {lowpass} A is beyond Nyquist ({nyquist:g} A)")
     coarse = rotation_ball(max_angle, angle_step)
     fine = rotation_ball(angle_step, angle_step / 2) if angle_step > 0 else coarse
     shifts = shift_grid(max_shift, shift_step)
     fine_shifts = shift_grid(shift_step, shift_step / 4) if shift_step > 0 else shifts
-    band = (1.0 / highpass, 1.0 / lowpass)
     poses = series.poses.copy()
     moves = np.zeros((series.n_particles, 3))  # particle moves in the frames' coordinates (px)
     gains = np.zeros(series.n_particles)
-    current, before = series, None
+    current, before, lowpass_used = series, None, []
     for iteration in range(iterations):
-        grid, acc, maps = reconstruct_series(current, poses, pad, gridding, wiener, dose, batch_size, xp)
+        grid, acc, maps = reconstruct_series(
+            current, poses, pad, gridding, wiener, dose, batch_size, xp
+        )
         before = maps[2] if before is None else before
+        limit = lowpass
+        if limit is None:
+            freq, halves = fsc(maps[0], maps[1], series.pixel_size)
+            limit = max(resolution_at(freq, halves, 0.143), nyquist)
+            if not np.isfinite(limit):
+                raise CryomatchError(
+                    "the half maps do not correlate at all: nothing to refine against", star
+                )
+        band = (1.0 / highpass, 1.0 / limit)
+        lowpass_used.append(limit)
+        log(f"iteration {iteration + 1}: comparing from {highpass:g} A to {limit:.1f} A")
         new_poses = poses.copy()
-        for p in progress(range(series.n_particles), desc=f"refine {iteration + 1}", unit="particle"):
-            ref_spec = leave_one_out_spectrum(current, p, acc, grid, poses, wiener, gridding, dose, xp)
-            c1, s1, g1 = refine_particle(current, p, ref_spec, grid, band, coarse, shifts, dose, xp, poses)
+        for p in progress(
+            range(series.n_particles), desc=f"refine {iteration + 1}", unit="particle"
+        ):
+            ref_spec = leave_one_out_spectrum(
+                current, p, acc, grid, poses, wiener, gridding, dose, xp
+            )
+            c1, s1, g1 = refine_particle(
+                current, p, ref_spec, grid, band, coarse, shifts, dose, xp, poses
+            )
             c2, s2, g2 = refine_particle(  # finer grids about the coarse optimum
-                current, p, ref_spec, grid, band, c1[None] @ fine, s1[None] + fine_shifts, dose, xp, poses
+                current,
+                p,
+                ref_spec,
+                grid,
+                band,
+                c1[None] @ fine,
+                s1[None] + fine_shifts,
+                dose,
+                xp,
+                poses,
             )  # g2: gain over the coarse optimum
             correction, shift = (c2, s2) if g2 > 0 else (c1, s1)
             gains[p] += g1 + max(g2, 0.0)
@@ -470,11 +554,14 @@ def particle_series_refine(
         f"poses moved by {np.median(angle):.2f} deg (median; max {angle.max():.2f}), particles by "
         f"{np.median(moved_a):.1f} A (median; max {moved_a.max():.1f})"
     )
-    _, _, (h1r, h2r, after) = reconstruct_series(current, poses, pad, gridding, wiener, dose, batch_size, xp)
+    _, _, (h1r, h2r, after) = reconstruct_series(
+        current, poses, pad, gridding, wiener, dose, batch_size, xp
+    )
     summary = {
         "notes": series.notes,
         "n_particles": series.n_particles,
         "iterations": iterations,
+        "lowpass_A": lowpass_used,
         "rotation_change_deg": {"median": float(np.median(angle)), "max": float(angle.max())},
         "shift_change_A": {"median": float(np.median(moved_a)), "max": float(moved_a.max())},
     }
@@ -491,21 +578,29 @@ def particle_series_refine(
     with Outputs() as outputs:
         before_summary = {}
         if ref is not None:
-            freq, unmasked, masked = reference_fsc(before, ref, series.pixel_size, mask_radius, mask_edge)
-            table = pd.DataFrame({"frequency_1_per_A": freq, "fsc_unmasked": unmasked, "fsc_masked": masked})
+            freq, unmasked, masked = reference_fsc(
+                before, ref, series.pixel_size, mask_radius, mask_edge
+            )
+            table = pd.DataFrame(
+                {"frequency_1_per_A": freq, "fsc_unmasked": unmasked, "fsc_masked": masked}
+            )
             write_csv(out / "fsc_reference_before.csv", table, prov, outputs)
             before_summary = {
                 "reference_unmasked_before": fsc_summary(freq, unmasked, series.box),
                 "reference_masked_before": fsc_summary(freq, masked, series.box),
             }
         summary |= before_summary
-        _write_maps(out, current, h1r, h2r, after, ref, mask_radius, mask_edge, prov, outputs, summary)
+        _write_maps(
+            out, current, h1r, h2r, after, ref, mask_radius, mask_edge, prov, outputs, summary
+        )
         write_csv(out / "pose_changes.csv", changes, prov, outputs)
         refined_star = out / "particles_refined.star"
         write_star(refined_star, _refined_blocks(series, poses, moves), prov, outputs)
         if series.tomograms is not None:
-            names = {"rlnTomoParticlesFile": str(refined_star.resolve()),
-                     "rlnTomoTomogramsFile": str(series.tomograms)}
+            names = {
+                "rlnTomoParticlesFile": str(refined_star.resolve()),
+                "rlnTomoTomogramsFile": str(series.tomograms),
+            }
             write_star(out / "optimisation_set_refined.star", {"": names}, prov, outputs)
         write_json(out / "summary.json", {"provenance": prov, **summary}, outputs)
     return summary
@@ -519,8 +614,17 @@ def _moved(series: ParticleSeries, poses, moves) -> ParticleSeries:
     tilts["shift_x"] = tilts["shift_x"] + d[:, 0]
     tilts["shift_y"] = tilts["shift_y"] + d[:, 1]
     return ParticleSeries(
-        tilts, series.frames, series.mirror, series.particles, poses, series.pixel_size,
-        series.box, series.premultiplied, series.layout, series.source, list(series.notes),
+        tilts,
+        series.frames,
+        series.mirror,
+        series.particles,
+        poses,
+        series.pixel_size,
+        series.box,
+        series.premultiplied,
+        series.layout,
+        series.source,
+        list(series.notes),
         series.tomograms,
     )
 
@@ -536,8 +640,12 @@ def _refined_blocks(series: ParticleSeries, poses, moves) -> dict:
     puts a particle at coordinate - origin (tomogram frame, A), so a move u lowers the origin
     by u; per-tilt rows get their image displacement subtracted from rlnOriginX/YAngst."""
     blocks = dict(read_star(series.source).items())
-    key = "particles" if isinstance(blocks.get("particles"), pd.DataFrame) else next(
-        k for k, v in blocks.items() if isinstance(v, pd.DataFrame) and "rlnImageName" in v
+    key = (
+        "particles"
+        if isinstance(blocks.get("particles"), pd.DataFrame)
+        else next(
+            k for k, v in blocks.items() if isinstance(v, pd.DataFrame) and "rlnImageName" in v
+        )
     )
     table = blocks[key].copy()
     zeros = pd.Series(np.zeros(len(table)))
@@ -568,7 +676,9 @@ def _absolute_names(series: ParticleSeries) -> list[str]:
 
 # --- command line -------------------------------------------------------------------------
 def _common(a) -> None:
-    a.add_argument("--star", required=True, help="optimisation-set, RELION 5 particles or per-tilt STAR")
+    a.add_argument(
+        "--star", required=True, help="optimisation-set, RELION 5 particles or per-tilt STAR"
+    )
     a.add_argument("--tomograms", help="RELION 5 tomograms STAR (default: the optimisation set's)")
     a.add_argument("--out", required=True, help="output folder")
     a.add_argument("--angpix", type=float, help="pixel size (A) of the tilt images (default: STAR)")
@@ -588,7 +698,9 @@ def add_arguments(p) -> None:
     c = sub.add_parser("reconstruct", help="average by Fourier back-projection, FSCs")
     _common(c)
     c.add_argument(
-        "--split", choices=SPLITS, default="particles",
+        "--split",
+        choices=SPLITS,
+        default="particles",
         help="half maps from the particles' halves, or from odd/even tilts (a data check)",
     )
     r = sub.add_parser("refine", help="local pose refinement, then the new average")
@@ -597,22 +709,41 @@ def add_arguments(p) -> None:
     r.add_argument("--angle-step", type=float, default=2.0, help="rotation grid step (deg)")
     r.add_argument("--max-shift", type=float, default=2.0, help="3D shift search radius (px)")
     r.add_argument("--shift-step", type=float, default=1.0, help="shift grid step (px)")
-    r.add_argument("--lowpass", type=float, default=30.0, help="compare up to this resolution (A)")
+    r.add_argument(
+        "--lowpass",
+        type=float,
+        help="compare up to this resolution (A); default: the half maps' FSC 0.143",
+    )
     r.add_argument("--highpass", type=float, default=300.0, help="... from this resolution (A)")
     r.add_argument("--iterations", type=int, default=2, help="rounds of refinement")
 
 
 def run(args) -> None:
     common = dict(
-        tomograms=args.tomograms, angpix=args.angpix, reference=args.reference, pad=args.pad,
-        gridding=args.gridding, wiener=args.wiener, dose=args.dose, mask_radius=args.mask_radius,
-        mask_edge=args.mask_edge, batch_size=args.batch_size, backend=args.backend,
+        tomograms=args.tomograms,
+        angpix=args.angpix,
+        reference=args.reference,
+        pad=args.pad,
+        gridding=args.gridding,
+        wiener=args.wiener,
+        dose=args.dose,
+        mask_radius=args.mask_radius,
+        mask_edge=args.mask_edge,
+        batch_size=args.batch_size,
+        backend=args.backend,
     )
     if args.action == "reconstruct":
         particle_series_reconstruct(args.star, args.out, split=args.split, **common)
     else:
         particle_series_refine(
-            args.star, args.out, max_angle=args.max_angle, angle_step=args.angle_step,
-            max_shift=args.max_shift, shift_step=args.shift_step, lowpass=args.lowpass,
-            highpass=args.highpass, iterations=args.iterations, **common,
+            args.star,
+            args.out,
+            max_angle=args.max_angle,
+            angle_step=args.angle_step,
+            max_shift=args.max_shift,
+            shift_step=args.shift_step,
+            lowpass=args.lowpass,
+            highpass=args.highpass,
+            iterations=args.iterations,
+            **common,
         )

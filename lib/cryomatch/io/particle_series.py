@@ -34,6 +34,7 @@ a refined particle pose gives new tilt matrices.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from .. import geometry
-from ..errors import CryomatchError
+from ..errors import CryomatchError, CryomatchWarning
 from .mrc import open_mrc, stack_shape
 from .star import read_star
 
@@ -445,7 +446,10 @@ def read_tilt_images(series: ParticleSeries, rows) -> np.ndarray:
     sub = series.tilts.iloc[np.asarray(rows)]
     out = np.empty((len(sub), series.box, series.box), dtype=np.float32)
     for file, group in sub.groupby("image_file", sort=False):
-        with open_mrc(file) as mrc:
+        with warnings.catch_warnings():  # a broken header was warned about when read
+            warnings.simplefilter("ignore", CryomatchWarning)
+            mrc = open_mrc(file)
+        with mrc:
             data = mrc.data
             block = np.asarray(data[group["image_index"].to_numpy()], dtype=np.float32)
         if not np.isfinite(block).all():

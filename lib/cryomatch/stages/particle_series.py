@@ -31,6 +31,7 @@ Outputs in OUT: ``average.mrc``, ``half1.mrc``, ``half2.mrc``, ``average.png``,
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from scipy.spatial.transform import Rotation
 
 from .. import geometry, provenance
 from ..backend import array_module, fft_module, get_xp, to_numpy
-from ..errors import CryomatchError
+from ..errors import CryomatchError, CryomatchWarning
 from ..io.atomic import Outputs
 from ..io.figures import curves, orthogonal_slices, save_png
 from ..io.files import write_csv, write_json
@@ -259,6 +260,7 @@ def particle_series_reconstruct(
     for note in series.notes:
         log(note)
     ref = _read_reference(reference, series)
+    _check_halves(series, split)
     _, _, (half1, half2, average) = reconstruct_series(
         series, series.poses, pad, gridding, wiener, dose, batch_size, xp, split
     )
@@ -276,6 +278,20 @@ def particle_series_reconstruct(
         )
         write_json(out / "summary.json", {"provenance": prov, **summary}, outputs)
     return summary
+
+
+def _check_halves(series, split: str) -> None:
+    """Warn (log and summary) when a particle half is too small for a meaningful FSC."""
+    if split != "particles":
+        return
+    counts = [int((series.particles["half"] == h).sum()) for h in (1, 2)]
+    if min(counts) < 2:
+        message = (
+            f"the particle halves hold {counts[0]} and {counts[1]} particles: their FSC means "
+            "little (split by tilts to check the data)"
+        )
+        series.notes.append(message)
+        warnings.warn(f"{series.source}: {message}", CryomatchWarning, stacklevel=2)
 
 
 def _read_reference(reference, series):
@@ -512,7 +528,8 @@ def particle_series_refine(
             limit = max(resolution_at(freq, halves, 0.143), nyquist)
             if not np.isfinite(limit):
                 raise CryomatchError(
-                    "the half maps do not correlate at all: nothing to refine against", star
+                    "the half maps do not correlate at all: give --lowpass (A) to refine against",
+                    star,
                 )
         band = (1.0 / highpass, 1.0 / limit)
         lowpass_used.append(limit)

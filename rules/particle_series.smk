@@ -95,6 +95,7 @@ rule particle_series_refine:
                 "lowpass": "--lowpass",
                 "highpass": "--highpass",
                 "iterations": "--iterations",
+                "references": "--references",
             },
         ),
     shell:

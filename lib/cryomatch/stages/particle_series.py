@@ -17,10 +17,11 @@ shifts (``max_shift`` pixels, ``shift_step``) that best match every tilt image o
 with the central slices of a reference, CTF and dose applied, up to ``lowpass`` Angstrom
 (default: where the half-map FSC of the current average falls below 0.143, so that only
 frequencies that carry signal are compared). The
-reference of each particle is the reconstruction from all the *other* particles (leave one
-out: no particle is compared with a map it is in). Writes the refined STAR, the per-particle
-changes (degrees, Angstrom), the new average and, with ``--reference``, the FSC against it
-before and after.
+reference of each particle is the reconstruction from the *other* particles of its half
+(``references="halves"``: gold standard, the halves never mix and their FSC stays an honest
+measure), or from all other particles (``"all"``); never from the particle itself. Writes
+the refined STAR, the per-particle changes (degrees, Angstrom), the new average and, with
+``--reference``, the FSC against it before and after.
 
 Outputs in OUT: ``average.mrc``, ``half1.mrc``, ``half2.mrc``, ``average.png``,
 ``fsc_halves.csv`` (1/A, FSC), ``fsc_reference.csv`` (1/A, unmasked, masked), ``fsc.png``,
@@ -442,12 +443,22 @@ def refine_particle(series, p, ref_spectrum, grid, band, rotations, shifts, dose
     return best[0], best[1], best[2] - scores_identity
 
 
-def leave_one_out_spectrum(series, p, acc, grid, poses, wiener, gridding, dose, xp):
-    """Padded reference spectrum of the reconstruction from all particles but p."""
+REFERENCES = ("halves", "all")
+
+
+def leave_one_out_spectrum(series, p, acc, grid, poses, wiener, gridding, dose, xp, references):
+    """Padded reference spectrum of the reconstruction from the other particles of p's half
+    (``references`` "halves") or from all other particles ("all")."""
     single = Accumulator(grid, xp)
     insert_particles(series, [p], poses, grid, single, gridding, dose, xp)
-    data = acc.data[0] + acc.data[1] - single.data[0] - single.data[1]
-    weight = acc.weight[0] + acc.weight[1] - single.weight[0] - single.weight[1]
+    if references == "halves":
+        h = int(series.particles["half"].iloc[p]) - 1
+        data, weight = acc.data[h] - single.data[h], acc.weight[h] - single.weight[h]
+    elif references == "all":
+        data = acc.data[0] + acc.data[1] - single.data[0] - single.data[1]
+        weight = acc.weight[0] + acc.weight[1] - single.weight[0] - single.weight[1]
+    else:
+        raise ValueError(f"unknown references {references!r} (use one of {REFERENCES})")
     weight = xp.maximum(weight, 0.0)
     vol = bp.reconstruct(data, weight, grid.box, wiener, grid.radius, gridding)
     return bp.reference_spectrum(vol, grid.pad, gridding)
@@ -466,6 +477,7 @@ def particle_series_refine(
     lowpass=None,
     highpass=300.0,
     iterations=2,
+    references="halves",
     pad=2,
     gridding="trilinear",
     wiener=0.1,
@@ -489,6 +501,7 @@ def particle_series_refine(
         lowpass=lowpass,
         highpass=highpass,
         iterations=iterations,
+        references=references,
         pad=pad,
         gridding=gridding,
         wiener=wiener,
@@ -504,6 +517,13 @@ def particle_series_refine(
     for note in series.notes:
         log(note)
     ref = _read_reference(reference, series)
+    counts = [int((series.particles["half"] == h).sum()) for h in (1, 2)]
+    if references == "halves" and min(counts) < 2:
+        raise CryomatchError(
+            f"the particle halves hold {counts[0]} and {counts[1]} particles: too few for "
+            "references from each half (use references 'all')",
+            star,
+        )
     if iterations < 1:
         raise CryomatchError(f"iterations must be at least 1, got {iterations}")
     nyquist = 2 * series.pixel_size
@@ -539,7 +559,7 @@ def particle_series_refine(
             range(series.n_particles), desc=f"refine {iteration + 1}", unit="particle"
         ):
             ref_spec = leave_one_out_spectrum(
-                current, p, acc, grid, poses, wiener, gridding, dose, xp
+                current, p, acc, grid, poses, wiener, gridding, dose, xp, references
             )
             c1, s1, g1 = refine_particle(
                 current, p, ref_spec, grid, band, coarse, shifts, dose, xp, poses
@@ -578,6 +598,7 @@ def particle_series_refine(
         "notes": series.notes,
         "n_particles": series.n_particles,
         "iterations": iterations,
+        "references": references,
         "lowpass_A": lowpass_used,
         "rotation_change_deg": {"median": float(np.median(angle)), "max": float(angle.max())},
         "shift_change_A": {"median": float(np.median(moved_a)), "max": float(moved_a.max())},
@@ -733,6 +754,12 @@ def add_arguments(p) -> None:
     )
     r.add_argument("--highpass", type=float, default=300.0, help="... from this resolution (A)")
     r.add_argument("--iterations", type=int, default=2, help="rounds of refinement")
+    r.add_argument(
+        "--references",
+        choices=REFERENCES,
+        default="halves",
+        help="reference per particle: the other particles of its half (gold standard), or all",
+    )
 
 
 def run(args) -> None:
@@ -762,5 +789,6 @@ def run(args) -> None:
             lowpass=args.lowpass,
             highpass=args.highpass,
             iterations=args.iterations,
+            references=args.references,
             **common,
         )

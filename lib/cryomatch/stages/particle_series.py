@@ -380,15 +380,16 @@ def shift_grid(max_shift: float, step: float) -> np.ndarray:
 
 
 def score_candidates(data, model_slices, matrices, grid_box, shifts, xp):
-    """Scores (n_rot, n_shift) of a particle: the sum over tilts of the cross-correlation of
-    each tilt's data with its model slice, the model moved by the projected 3D shift, divided
-    by the model's norm. data (t, box, box) complex spectra on the unpadded centred grid;
-    model_slices (n_rot, t, box, box); matrices (n_rot, t, 3, 3); shifts (s, 3) px."""
+    """Cross-correlations (n_rot, n_shift) of a particle: the sum over tilts of each tilt's
+    data correlated with its model slice moved by the projected 3D shift. data (t, box, box)
+    complex spectra on the unpadded centred grid (divided by the noise power for a
+    likelihood); model_slices (n_rot, t, box, box); matrices (n_rot, t, 3, 3); shifts (s, 3)
+    px."""
     fft = fft_module(xp)
     box = grid_box
     cross = data[None] * xp.conj(model_slices)  # (r, t, box, box), centred
-    cc = fft.ifft2(fft.ifftshift(cross, axes=(-2, -1))).real  # cc[d] = sum D conj(M e^{-..d})
-    norm = xp.sqrt(xp.sum(xp.abs(model_slices) ** 2, axis=(1, 2, 3)))
+    # cc[d] = sum_k D conj(M e^{-2 pi i k d / box}) (ifft2 divides by box^2: undone)
+    cc = fft.ifft2(fft.ifftshift(cross, axes=(-2, -1))).real * (box * box)
     # image displacement of each tilt for each shift: (R s)[:2]
     d = xp.einsum("rtij,sj->rtsi", xp.asarray(matrices)[..., :2, :], xp.asarray(shifts))
     # bilinear interpolation of the periodic cc maps at d (x, y)
@@ -403,12 +404,24 @@ def score_candidates(data, model_slices, matrices, grid_box, shifts, xp):
             iy = (y0 + dy).astype(xp.int64) % box
             ix = (x0 + dx).astype(xp.int64) % box
             total = total + wy * wx * cc[r_idx, t_idx, iy, ix]
-    return xp.sum(total, axis=1) / norm[:, None]
+    return xp.sum(total, axis=1)
 
 
-def refine_particle(series, p, ref_spectrum, grid, band, rotations, shifts, dose, xp, pose):
-    """Best (rotation C (3, 3), shift (3,) px, score gain) for particle p against the
-    reference's padded spectrum: tilt matrices R C, image shifts (R C s)[:2]."""
+ESTIMATES = ("mean", "best")
+
+
+def refine_particle(
+    series, p, ref_spectrum, grid, band, rotations, shifts, dose, xp, pose, estimate="mean"
+):
+    """(rotation C (3, 3), shift (3,) px, log-likelihood gain) for particle p against the
+    reference's padded spectrum: tilt matrices R C, image shifts (R C s)[:2].
+
+    Each candidate's log-likelihood under white Gaussian noise per tilt and shell (its power
+    estimated from the data, where the signal is weak) with the best non-negative amplitude
+    ``a``: ``L = max(CC, 0)^2 / (2 |M|^2)`` (whitened). ``estimate`` "mean" returns the
+    posterior mean over the candidates (uniform prior; a flat posterior, where the data do not
+    decide, stays near the identity), "best" the most likely candidate. The gain is the best
+    candidate's L minus the identity's."""
     rows = series.rows_of([p])
     box = series.box
     unpadded = Grid(box, 1, series.pixel_size, xp)
@@ -419,28 +432,42 @@ def refine_particle(series, p, ref_spectrum, grid, band, rotations, shifts, dose
     keep = xp.flatnonzero((unpadded.k_a >= lo) & (unpadded.k_a <= hi))
     model_factor = (c * c * env if series.premultiplied else c * env)[:, keep]
     flat = unpadded.flat[keep]
+    # noise power per tilt and shell
+    shells = xp.rint(xp.sqrt(unpadded.kx[keep] ** 2 + unpadded.ky[keep] ** 2)).astype(xp.int64)
+    power = xp.abs(spectra[:, keep]) ** 2
+    counts = xp.bincount(shells, minlength=box)
+    sigma2 = xp.stack([xp.bincount(shells, weights=row, minlength=box) for row in power])
+    sigma2 = sigma2 / xp.maximum(counts, 1)[None]
+    sigma2 = xp.maximum(sigma2, 1e-12 * float(sigma2.max()))[:, shells]  # (t, m)
     data = xp.zeros((len(rows), box * box), dtype=xp.complex128)
-    data[:, flat] = spectra[:, keep]
+    data[:, flat] = spectra[:, keep] / sigma2  # the cross-correlation divides by sigma2
     data = data.reshape(len(rows), box, box)
     base = series.compose(pose)[rows]
-    best = (np.eye(3), np.zeros(3), -np.inf)
     ky, kx = unpadded.ky[keep] * grid.pad, unpadded.kx[keep] * grid.pad
-    scores_identity = None
+    loglik = np.empty((len(rotations), len(shifts)))
     for chunk in range(0, len(rotations), 16):
         rots = rotations[chunk : chunk + 16]
         mats = base[None] @ rots[:, None]  # (r, t, 3, 3): R C
         slices = bp.extract_slices(ref_spectrum, xp.asarray(mats.reshape(-1, 3, 3)), ky, kx)
         slices = slices.reshape(len(rots), len(rows), -1) * model_factor[None]
+        norm = to_numpy(xp.sum(xp.abs(slices) ** 2 / sigma2[None], axis=(1, 2)))
         model = xp.zeros((len(rots), len(rows), box * box), dtype=xp.complex128)
         model[..., flat] = slices
         model = model.reshape(len(rots), len(rows), box, box)
-        scores = to_numpy(score_candidates(data, model, mats, box, shifts, xp))
-        if chunk == 0:
-            scores_identity = float(scores[0, np.argmin(np.linalg.norm(shifts, axis=1))])
-        r, s = np.unravel_index(int(np.argmax(scores)), scores.shape)
-        if scores[r, s] > best[2]:
-            best = (rots[r], shifts[s], float(scores[r, s]))
-    return best[0], best[1], best[2] - scores_identity
+        cc = to_numpy(score_candidates(data, model, mats, box, shifts, xp))
+        loglik[chunk : chunk + len(rots)] = np.maximum(cc, 0.0) ** 2 / (2 * norm[:, None])
+    identity = int(np.argmin(np.linalg.norm(shifts, axis=1)))
+    gain = float(loglik.max() - loglik[0, identity])
+    if estimate == "best":
+        r, s = np.unravel_index(int(np.argmax(loglik)), loglik.shape)
+        return rotations[r], shifts[s], gain
+    if estimate != "mean":
+        raise ValueError(f"unknown estimate {estimate!r} (use one of {ESTIMATES})")
+    weights = np.exp(loglik - loglik.max())
+    weights /= weights.sum()
+    rotation = Rotation.from_matrix(rotations).mean(weights=weights.sum(axis=1)).as_matrix()
+    shift = weights.sum(axis=0) @ shifts
+    return rotation, shift, gain
 
 
 REFERENCES = ("halves", "all")
@@ -478,6 +505,7 @@ def particle_series_refine(
     highpass=300.0,
     iterations=2,
     references="halves",
+    estimate="mean",
     pad=2,
     gridding="trilinear",
     wiener=0.1,
@@ -502,6 +530,7 @@ def particle_series_refine(
         highpass=highpass,
         iterations=iterations,
         references=references,
+        estimate=estimate,
         pad=pad,
         gridding=gridding,
         wiener=wiener,
@@ -562,9 +591,9 @@ def particle_series_refine(
                 current, p, acc, grid, poses, wiener, gridding, dose, xp, references
             )
             c1, s1, g1 = refine_particle(
-                current, p, ref_spec, grid, band, coarse, shifts, dose, xp, poses
+                current, p, ref_spec, grid, band, coarse, shifts, dose, xp, poses, estimate
             )
-            c2, s2, g2 = refine_particle(  # finer grids about the coarse optimum
+            correction, shift, g2 = refine_particle(  # finer grids about the coarse estimate
                 current,
                 p,
                 ref_spec,
@@ -575,8 +604,8 @@ def particle_series_refine(
                 dose,
                 xp,
                 poses,
-            )  # g2: gain over the coarse optimum
-            correction, shift = (c2, s2) if g2 > 0 else (c1, s1)
+                estimate,
+            )  # g2: log-likelihood gain over the coarse estimate
             gains[p] += g1 + max(g2, 0.0)
             m = series.mirror
             new_poses[p] = poses[p] @ m @ correction @ m  # R' = frame A' mirror = R C
@@ -599,6 +628,7 @@ def particle_series_refine(
         "n_particles": series.n_particles,
         "iterations": iterations,
         "references": references,
+        "estimate": estimate,
         "lowpass_A": lowpass_used,
         "rotation_change_deg": {"median": float(np.median(angle)), "max": float(angle.max())},
         "shift_change_A": {"median": float(np.median(moved_a)), "max": float(moved_a.max())},
@@ -610,7 +640,7 @@ def particle_series_refine(
             "move_x_A": moves[:, 0] * series.pixel_size,
             "move_y_A": moves[:, 1] * series.pixel_size,
             "move_z_A": moves[:, 2] * series.pixel_size,
-            "score_gain": gains,
+            "loglik_gain": gains,
         }
     )
     with Outputs() as outputs:
@@ -760,6 +790,12 @@ def add_arguments(p) -> None:
         default="halves",
         help="reference per particle: the other particles of its half (gold standard), or all",
     )
+    r.add_argument(
+        "--estimate",
+        choices=ESTIMATES,
+        default="mean",
+        help="pose: posterior mean over the candidates, or the most likely one",
+    )
 
 
 def run(args) -> None:
@@ -790,5 +826,6 @@ def run(args) -> None:
             highpass=args.highpass,
             iterations=args.iterations,
             references=args.references,
+            estimate=args.estimate,
             **common,
         )

@@ -96,6 +96,7 @@ rule particle_series_refine:
                 "highpass": "--highpass",
                 "iterations": "--iterations",
                 "references": "--references",
+                "estimate": "--estimate",
             },
         ),
     shell:

@@ -50,7 +50,8 @@ from ..io.particle_series import ParticleSeries, read_particle_series, read_tilt
 from ..io.star import read_star, write_star
 from ..kernels import backprojection as bp
 from ..kernels.ctf import ctf
-from ..kernels.fsc import fsc, resolution_at
+from ..kernels.fourier import shift_images
+from ..kernels.fsc import fsc, fsc_weight, resolution_at, shell_filter
 from ..kernels.volumes import soft_sphere
 from ..progress import progress
 
@@ -97,7 +98,7 @@ def tilt_factors(series: ParticleSeries, rows, grid: Grid, dose: bool = True):
     return c, env
 
 
-def centred_spectra(series, images, rows, grid: Grid, matrices=None, extra_shift=None):
+def centred_spectra(series, images, rows, grid: Grid, extra_shift=None):
     """Slice values (n, m) of tilt images, moved so that the particle sits at the centre
     (minus its recorded displacement shift_x/y, plus ``extra_shift`` (n, 2) px)."""
     xp = array_module(grid.kx)
@@ -203,6 +204,7 @@ def reference_fsc(average, reference, pixel_size, mask_radius, mask_edge):
 def fsc_summary(freq, curve, box: int) -> dict:
     return {
         "fsc_at_half_nyquist": float(curve[box // 4]),
+        "mean_fsc_to_half_nyquist": float(np.mean(curve[1 : box // 4 + 1])),
         "half_nyquist_A": float(1 / freq[box // 4]),
         "resolution_fsc_0.5_A": resolution_at(freq, curve, 0.5),
         "resolution_fsc_0.143_A": resolution_at(freq, curve, 0.143),
@@ -411,7 +413,18 @@ ESTIMATES = ("mean", "best")
 
 
 def refine_particle(
-    series, p, ref_spectrum, grid, band, rotations, shifts, dose, xp, pose, estimate="mean"
+    series,
+    p,
+    ref_spectrum,
+    grid,
+    band,
+    rotations,
+    shifts,
+    dose,
+    xp,
+    pose,
+    estimate="mean",
+    mask=None,
 ):
     """(rotation C (3, 3), shift (3,) px, log-likelihood gain) for particle p against the
     reference's padded spectrum: tilt matrices R C, image shifts (R C s)[:2].
@@ -421,12 +434,19 @@ def refine_particle(
     ``a``: ``L = max(CC, 0)^2 / (2 |M|^2)`` (whitened). ``estimate`` "mean" returns the
     posterior mean over the candidates (uniform prior; a flat posterior, where the data do not
     decide, stays near the identity), "best" the most likely candidate. The gain is the best
-    candidate's L minus the identity's."""
+    candidate's L minus the identity's. ``mask`` (box, box): a soft disk the centred images
+    are multiplied by (their neighbours left out), or None."""
     rows = series.rows_of([p])
     box = series.box
     unpadded = Grid(box, 1, series.pixel_size, xp)
-    images = read_tilt_images(series, rows)
-    spectra = centred_spectra(series, images, rows, unpadded)
+    images = xp.asarray(read_tilt_images(series, rows), dtype=xp.float64)
+    if mask is not None:  # centre the particle, then keep it alone (no neighbours)
+        t = series.tilts.iloc[rows]
+        d = np.stack([t["shift_x"].to_numpy(float), t["shift_y"].to_numpy(float)], 1)
+        images = shift_images(images, xp.asarray(-d / series.pixel_size)) * mask
+        spectra = bp.centred_fft2(images, box).reshape(len(rows), -1)[:, unpadded.flat]
+    else:
+        spectra = centred_spectra(series, images, rows, unpadded)
     c, env = tilt_factors(series, rows, unpadded, dose)
     lo, hi = band
     keep = xp.flatnonzero((unpadded.k_a >= lo) & (unpadded.k_a <= hi))
@@ -473,9 +493,12 @@ def refine_particle(
 REFERENCES = ("halves", "all")
 
 
-def leave_one_out_spectrum(series, p, acc, grid, poses, wiener, gridding, dose, xp, references):
+def leave_one_out_spectrum(
+    series, p, acc, grid, poses, wiener, gridding, dose, xp, references, mask=None, shells=None
+):
     """Padded reference spectrum of the reconstruction from the other particles of p's half
-    (``references`` "halves") or from all other particles ("all")."""
+    (``references`` "halves") or from all other particles ("all"), times ``mask`` (3D) if
+    given, its Fourier shells weighted by ``shells`` (box // 2 + 1,) if given."""
     single = Accumulator(grid, xp)
     insert_particles(series, [p], poses, grid, single, gridding, dose, xp)
     if references == "halves":
@@ -488,6 +511,10 @@ def leave_one_out_spectrum(series, p, acc, grid, poses, wiener, gridding, dose, 
         raise ValueError(f"unknown references {references!r} (use one of {REFERENCES})")
     weight = xp.maximum(weight, 0.0)
     vol = bp.reconstruct(data, weight, grid.box, wiener, grid.radius, gridding)
+    if shells is not None:
+        vol = shell_filter(vol, shells)
+    if mask is not None:
+        vol = vol * mask
     return bp.reference_spectrum(vol, grid.pad, gridding)
 
 
@@ -566,14 +593,23 @@ def particle_series_refine(
     moves = np.zeros((series.n_particles, 3))  # particle moves in the frames' coordinates (px)
     gains = np.zeros(series.n_particles)
     current, before, lowpass_used = series, None, []
+    radius = series.box // 2 - 4 if mask_radius is None else mask_radius
+    sphere = xp.asarray(soft_sphere((series.box,) * 3, radius, mask_edge))
+    centre = (0, series.box // 2, series.box // 2)
+    disk = xp.asarray(soft_sphere((1, series.box, series.box), radius, mask_edge, centre)[0])
     for iteration in range(iterations):
         grid, acc, maps = reconstruct_series(
             current, poses, pad, gridding, wiener, dose, batch_size, xp
         )
-        before = maps[2] if before is None else before
+        if before is None:
+            before = maps[2]
+            freq0, halves0 = fsc(maps[0], maps[1], series.pixel_size)
+            before_halves = fsc_summary(freq0, halves0, series.box)
+        freq, halves = fsc(maps[0], maps[1], series.pixel_size)
+        # the reference's shells weighted by their reliability (Rosenthal and Henderson)
+        shells = fsc_weight(halves)
         limit = lowpass
         if limit is None:
-            freq, halves = fsc(maps[0], maps[1], series.pixel_size)
             limit = max(resolution_at(freq, halves, 0.143), nyquist)
             if not np.isfinite(limit):
                 raise CryomatchError(
@@ -588,10 +624,10 @@ def particle_series_refine(
             range(series.n_particles), desc=f"refine {iteration + 1}", unit="particle"
         ):
             ref_spec = leave_one_out_spectrum(
-                current, p, acc, grid, poses, wiener, gridding, dose, xp, references
+                current, p, acc, grid, poses, wiener, gridding, dose, xp, references, sphere, shells
             )
             c1, s1, g1 = refine_particle(
-                current, p, ref_spec, grid, band, coarse, shifts, dose, xp, poses, estimate
+                current, p, ref_spec, grid, band, coarse, shifts, dose, xp, poses, estimate, disk
             )
             correction, shift, g2 = refine_particle(  # finer grids about the coarse estimate
                 current,
@@ -605,6 +641,7 @@ def particle_series_refine(
                 xp,
                 poses,
                 estimate,
+                disk,
             )  # g2: log-likelihood gain over the coarse estimate
             gains[p] += g1 + max(g2, 0.0)
             m = series.mirror
@@ -644,7 +681,7 @@ def particle_series_refine(
         }
     )
     with Outputs() as outputs:
-        before_summary = {}
+        before_summary = {"halves_before": before_halves}
         if ref is not None:
             freq, unmasked, masked = reference_fsc(
                 before, ref, series.pixel_size, mask_radius, mask_edge
@@ -653,7 +690,7 @@ def particle_series_refine(
                 {"frequency_1_per_A": freq, "fsc_unmasked": unmasked, "fsc_masked": masked}
             )
             write_csv(out / "fsc_reference_before.csv", table, prov, outputs)
-            before_summary = {
+            before_summary |= {
                 "reference_unmasked_before": fsc_summary(freq, unmasked, series.box),
                 "reference_masked_before": fsc_summary(freq, masked, series.box),
             }

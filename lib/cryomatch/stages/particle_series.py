@@ -16,7 +16,7 @@ against that map, unmasked and inside a soft sphere.
 shifts (``max_shift`` pixels, ``shift_step``) that best match every tilt image of the particle
 with the central slices of a reference, CTF and dose applied, up to ``lowpass`` Angstrom
 (default: where the half-map FSC of the current average falls below 0.143, so that only
-frequencies that carry signal are compared). The
+frequencies that carry signal are compared; never lower than the round before). The
 reference of each particle is the reconstruction from the *other* particles of its half
 (``references="halves"``: gold standard, the halves never mix and their FSC stays an honest
 measure), or from all other particles (``"all"``); never from the particle itself. Writes
@@ -609,8 +609,9 @@ def particle_series_refine(
         # the reference's shells weighted by their reliability (Rosenthal and Henderson)
         shells = fsc_weight(halves)
         limit = lowpass
-        if limit is None:
+        if limit is None:  # the band never narrows: a noisy crossing must not undo a round
             limit = max(resolution_at(freq, halves, 0.143), nyquist)
+            limit = min(limit, lowpass_used[-1]) if lowpass_used else limit
             if not np.isfinite(limit):
                 raise CryomatchError(
                     "the half maps do not correlate at all: give --lowpass (A) to refine against",

@@ -699,6 +699,7 @@ def particle_series_refine(
         _write_maps(
             out, current, h1r, h2r, after, ref, mask_radius, mask_edge, prov, outputs, summary
         )
+        _compare_halves(series, summary)
         write_csv(out / "pose_changes.csv", changes, prov, outputs)
         refined_star = out / "particles_refined.star"
         write_star(refined_star, _refined_blocks(series, poses, moves), prov, outputs)
@@ -710,6 +711,21 @@ def particle_series_refine(
             write_star(out / "optimisation_set_refined.star", {"": names}, prov, outputs)
         write_json(out / "summary.json", {"provenance": prov, **summary}, outputs)
     return summary
+
+
+def _compare_halves(series: ParticleSeries, summary: dict) -> None:
+    """Warn (log and summary) when the half maps agree less after the refinement than before:
+    the data then do not determine the poses better than the input did."""
+    before = summary["halves_before"]["mean_fsc_to_half_nyquist"]
+    after = summary["halves"]["mean_fsc_to_half_nyquist"]
+    summary["refinement_improved_halves"] = bool(after > before)
+    if after <= before:
+        message = (
+            f"the half maps agree less after refinement (mean FSC to half Nyquist {before:.3f} "
+            f"-> {after:.3f}): the data do not determine the poses better than the input's"
+        )
+        series.notes.append(message)
+        warnings.warn(f"{series.source}: {message}", CryomatchWarning, stacklevel=2)
 
 
 def _moved(series: ParticleSeries, poses, moves) -> ParticleSeries:

@@ -98,9 +98,9 @@ def tilt_factors(series: ParticleSeries, rows, grid: Grid, dose: bool = True):
     return c, env
 
 
-def centred_spectra(series, images, rows, grid: Grid, extra_shift=None):
+def centred_spectra(series, images, rows, grid: Grid):
     """Slice values (n, m) of tilt images, moved so that the particle sits at the centre
-    (minus its recorded displacement shift_x/y, plus ``extra_shift`` (n, 2) px)."""
+    (minus its recorded displacement shift_x/y)."""
     xp = array_module(grid.kx)
     spectra = bp.centred_fft2(xp.asarray(images), grid.size).reshape(len(images), -1)[:, grid.flat]
     t = series.tilts.iloc[np.asarray(rows)]
@@ -108,8 +108,6 @@ def centred_spectra(series, images, rows, grid: Grid, extra_shift=None):
         np.stack([t["shift_x"].to_numpy(float), t["shift_y"].to_numpy(float)], 1)
         / series.pixel_size
     )
-    if extra_shift is not None:
-        d = d + extra_shift
     if np.any(d != 0):
         d = xp.asarray(d)
         phase = 2j * np.pi * (grid.kx[None] * d[:, :1] + grid.ky[None] * d[:, 1:]) / grid.size
@@ -346,9 +344,9 @@ def _write_maps(
                 f"FSC {key.replace('_', ' ')}: {s['fsc_at_half_nyquist']:.3f} at half Nyquist "
                 f"({s['half_nyquist_A']:.0f} A), 0.5 at {s['resolution_fsc_0.5_A']:.1f} A"
             )
-    fig = curves(
-        freq,
-        curves_to_plot,
+    fig = curves(  # from shell 1: shell 0 is the mean
+        freq[1:],
+        {name: curve[1:] for name, curve in curves_to_plot.items()},
         "spatial frequency (1/A)",
         "FSC",
         "Fourier shell correlation",

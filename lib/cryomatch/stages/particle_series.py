@@ -308,20 +308,20 @@ def _read_reference(reference, series):
 
 
 def _write_maps(
-    out, series, half1, half2, average, ref, mask_radius, mask_edge, prov, outputs, summary, tag=""
+    out, series, half1, half2, average, ref, mask_radius, mask_edge, prov, outputs, summary
 ):
     px = series.pixel_size
     labels = provenance.mrc_labels(prov)
     for name, vol in (("half1", half1), ("half2", half2), ("average", average)):
-        write_mrc(out / f"{name}{tag}.mrc", vol, px, labels, outputs)
+        write_mrc(out / f"{name}.mrc", vol, px, labels, outputs)
     save_png(
         orthogonal_slices(average, f"average of {series.n_particles} particles"),
-        out / f"average{tag}.png",
+        out / f"average.png",
         outputs,
     )
     freq, halves = fsc(half1, half2, px)
     write_csv(
-        out / f"fsc_halves{tag}.csv",
+        out / f"fsc_halves.csv",
         pd.DataFrame({"frequency_1_per_A": freq, "fsc": halves}),
         prov,
         outputs,
@@ -334,7 +334,7 @@ def _write_maps(
         table = pd.DataFrame(
             {"frequency_1_per_A": freq, "fsc_unmasked": unmasked, "fsc_masked": masked}
         )
-        write_csv(out / f"fsc_reference{tag}.csv", table, prov, outputs)
+        write_csv(out / f"fsc_reference.csv", table, prov, outputs)
         curves_to_plot |= {"vs reference": unmasked, "vs reference, soft sphere": masked}
         summary["reference_unmasked"] = fsc_summary(freq, unmasked, series.box)
         summary["reference_masked"] = fsc_summary(freq, masked, series.box)
@@ -352,7 +352,7 @@ def _write_maps(
         "Fourier shell correlation",
         hlines=(0.5, 0.143),
     )
-    save_png(fig, out / f"fsc{tag}.png", outputs)
+    save_png(fig, out / f"fsc.png", outputs)
 
 
 # --- local refinement ---------------------------------------------------------------------------

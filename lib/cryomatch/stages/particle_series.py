@@ -316,12 +316,12 @@ def _write_maps(
         write_mrc(out / f"{name}.mrc", vol, px, labels, outputs)
     save_png(
         orthogonal_slices(average, f"average of {series.n_particles} particles"),
-        out / f"average.png",
+        out / "average.png",
         outputs,
     )
     freq, halves = fsc(half1, half2, px)
     write_csv(
-        out / f"fsc_halves.csv",
+        out / "fsc_halves.csv",
         pd.DataFrame({"frequency_1_per_A": freq, "fsc": halves}),
         prov,
         outputs,
@@ -334,7 +334,7 @@ def _write_maps(
         table = pd.DataFrame(
             {"frequency_1_per_A": freq, "fsc_unmasked": unmasked, "fsc_masked": masked}
         )
-        write_csv(out / f"fsc_reference.csv", table, prov, outputs)
+        write_csv(out / "fsc_reference.csv", table, prov, outputs)
         curves_to_plot |= {"vs reference": unmasked, "vs reference, soft sphere": masked}
         summary["reference_unmasked"] = fsc_summary(freq, unmasked, series.box)
         summary["reference_masked"] = fsc_summary(freq, masked, series.box)
@@ -352,7 +352,7 @@ def _write_maps(
         "Fourier shell correlation",
         hlines=(0.5, 0.143),
     )
-    save_png(fig, out / f"fsc.png", outputs)
+    save_png(fig, out / "fsc.png", outputs)
 
 
 # --- local refinement ---------------------------------------------------------------------------

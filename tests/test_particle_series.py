@@ -318,3 +318,12 @@ def test_cupy_reconstruction_matches_numpy(real_data, tmp_path):
     cpu, _ = read_volume(tmp_path / "cpu" / "average.mrc")
     gpu, _ = read_volume(tmp_path / "gpu" / "average.mrc")
     np.testing.assert_allclose(gpu, cpu, atol=1e-5 * np.abs(cpu).max())
+
+
+def test_refining_halves_of_one_particle_is_an_error(real_data, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryomatchWarning)  # the stack's header is broken
+        with pytest.raises(CryomatchError, match="1 and 5 particles") as info:
+            ps.particle_series_refine(real_data / CRYODRGN, tmp_path / "out", angpix=14.56)
+    assert info.value.path == str(real_data / CRYODRGN)
+    assert not (tmp_path / "out").exists()

@@ -66,7 +66,7 @@ class Grid:
 
     def __init__(self, box: int, pad: int, pixel_size: float, xp=np):
         self.box, self.pad, self.size = box, pad, bp.padded_size(box, pad)
-        self.radius = self.size // 2 - 1 if pad > 1 else box / 2 - 0.5
+        self.radius = self.size // 2 - 1  # trilinear corners stay inside the grid
         self.ky, self.kx, self.flat = bp.slice_grid(self.size, self.radius, xp)
         self.kx_a = self.kx / (self.size * pixel_size)
         self.ky_a = self.ky / (self.size * pixel_size)
@@ -513,7 +513,7 @@ def leave_one_out_spectrum(
         vol = shell_filter(vol, shells)
     if mask is not None:
         vol = vol * mask
-    return bp.reference_spectrum(vol, grid.pad, gridding)
+    return bp.reference_spectrum(vol, grid.pad)  # sampled by trilinear extract_slices
 
 
 def particle_series_refine(

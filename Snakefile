@@ -24,6 +24,7 @@ include: "rules/likelihood.smk"
 include: "rules/classify2d.smk"
 include: "rules/tomo.smk"
 include: "rules/subtomo.smk"
+include: "rules/particle_series.smk"
 
 
 check_resources()

@@ -18,4 +18,5 @@ COMMANDS = [
     ("reweight", "reweight", "population weights of structures from the likelihood matrix"),
     ("subtomo", "subtomo", "align subvolumes to templates (ZNCC/PCC, rotations, missing wedge)"),
     ("subtomo-refine", "subtomo_refine", "subtomogram averaging: iterations with half sets, FSC"),
+    ("particle-series", "particle_series", "particle series: average by back-projection, refine"),
 ]

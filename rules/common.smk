@@ -1,23 +1,60 @@
 # Shared helpers: output folder, package sources per stage, resources, targets.
 import shlex
 import sys
+import time
 
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 
 # The package of this checkout, for the Snakefile and for every job (also in conda envs).
 LIB = os.path.join(workflow.basedir, "lib")
 sys.path.insert(0, LIB)
+# Every rule runs `{params.cryomatch} STAGE ... > {log} 2>&1`: the interpreter that runs
+# Snakemake (so an unactivated venv works), or the environment's python with --sdm conda.
+# It goes through the environment so that the rules' params (and reruns) do not depend on
+# where the interpreter is.
+os.environ["CRYOMATCH_PYTHON"] = (
+    "python"
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    else sys.executable
+)
 CRYOMATCH = (
-    f"PYTHONPATH={shlex.quote(LIB)}${{PYTHONPATH:+:$PYTHONPATH}} python -m cryomatch"
+    f"PYTHONPATH={shlex.quote(LIB)}${{PYTHONPATH:+:$PYTHONPATH}} "
+    '"$CRYOMATCH_PYTHON" -m cryomatch'
 )
 
 from cryomatch.errors import CryomatchError
-from cryomatch.workflow import cli_options, count_particles, n_stacks, package_sources
+from cryomatch.workflow import (
+    cli_options,
+    count_particles,
+    failure_messages,
+    n_stacks,
+    package_sources,
+    record_lock_owner,
+    release_stale_lock,
+)
 
 OUT = config["output_dir"].rstrip("/")
 LOGS = f"{OUT}/logs"
 BENCH = f"{OUT}/benchmarks"
 TARGETS = {}  # stage name -> files of that stage; each rules/*.smk adds its own
+STARTED = time.time()
+
+# After `kill -9` (or a crash) Snakemake's lock stays: remove it when its run is dead.
+if workflow.is_main_process and (message := release_stale_lock()):
+    print(f"cryomatch: {message}", file=sys.stderr)
+
+
+onstart:
+    record_lock_owner()
+
+
+onerror:
+    # Each failed job's one-line error and its log, above Snakemake's summary.
+    messages = failure_messages(LOGS, STARTED) or [
+        "(no error line in the job logs: see Snakemake's messages above)"
+    ]
+    print("\n".join(["", "Failed jobs:", *messages, ""]), file=sys.stderr)
 
 
 def code(module):

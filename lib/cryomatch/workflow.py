@@ -1,11 +1,16 @@
 """Helpers the Snakefile uses: package sources per stage (so that code edits rerun the
-rules that use them), command-line options from config sections, particle counts."""
+rules that use them), command-line options from config sections, particle counts, the
+errors of failed jobs, and locks left by a killed run."""
 
 from __future__ import annotations
 
 import ast
 import math
+import os
+import re
 import shlex
+import shutil
+import socket
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -109,3 +114,81 @@ def count_subvolumes(path) -> int:
 
 def n_stacks(n_particles: int, stack_size: int) -> int:
     return max(1, math.ceil(n_particles / stack_size))
+
+
+# --- runs that stop: failed jobs' messages, locks left by a killed Snakemake ----------------
+OWNER = "cryomatch.owner"  # in .snakemake/locks/: host and pid of the run holding the lock
+_FAILURE = re.compile(r"^(cryomatch: error: .*|slurmstepd: error: .*)$", re.MULTILINE)
+
+
+def failure_messages(log_dir: str | os.PathLike, since: float) -> list[str]:
+    """The one-line errors in job logs under ``log_dir`` written since ``since`` (epoch s),
+    each followed by its log's path: ``cryomatch: error: ...`` lines of stages and
+    ``slurmstepd: error: ...`` lines (time limit, memory) of SLURM logs."""
+    found = []
+    for log in sorted(Path(log_dir).rglob("*.log")):
+        try:
+            if log.stat().st_mtime < since:
+                continue
+            text = log.read_text(errors="replace")
+        except OSError:
+            continue
+        found += [f"{line}  [log: {log}]" for line in _FAILURE.findall(text)]
+    return found
+
+
+def record_lock_owner(snakemake_dir: str | os.PathLike = ".snakemake") -> None:
+    """Note this host and process beside Snakemake's lock (called once the lock is held;
+    Snakemake removes the folder, and the note, when it unlocks)."""
+    locks = Path(snakemake_dir) / "locks"
+    if locks.is_dir():
+        (locks / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+
+
+def release_stale_lock(snakemake_dir: str | os.PathLike = ".snakemake") -> str | None:
+    """Remove Snakemake's lock when the run that took it is dead (killed with -9, or the
+    machine went down): its owner note names this host and a process that no longer
+    exists, or there is no note and no Snakemake process on this host works in this
+    folder. A lock taken on another host is kept. Returns a message when one was removed."""
+    locks = Path(snakemake_dir) / "locks"
+    if not any(locks.glob("*.lock")):
+        return None
+    owner = locks / OWNER
+    try:
+        host, pid = owner.read_text().split()
+    except (OSError, ValueError):
+        host, pid = None, None
+    if host is not None:
+        if host != socket.gethostname() or _alive(int(pid)):
+            return None
+    elif _snakemake_running_in(Path(snakemake_dir).resolve().parent):
+        return None
+    shutil.rmtree(locks, ignore_errors=True)
+    who = f"{host} pid {pid}" if host else "no owner noted"
+    return f"removed the lock of a Snakemake run that no longer exists ({who})"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _snakemake_running_in(folder: Path) -> bool:
+    """Whether another Snakemake process on this host has ``folder`` as its working folder."""
+    mine = {os.getpid(), os.getppid()}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(proc.name) in mine:
+                continue
+            if "snakemake" not in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                continue
+            if Path(os.readlink(proc / "cwd")) == folder:
+                return True
+        except (OSError, ValueError):
+            continue
+    return False

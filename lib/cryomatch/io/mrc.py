@@ -19,7 +19,7 @@ import mrcfile.utils
 import numpy as np
 
 from ..errors import CryomatchError, CryomatchWarning
-from .atomic import Outputs, atomic_path
+from .atomic import Outputs, atomic_path, finish_mapped, mapped
 
 _MODES = {0, 1, 2, 3, 4, 6, 12}
 HEADER_BYTES = 1024
@@ -188,8 +188,11 @@ class StackWriter:
 
     def __init__(self, path, n: int, box: int, voxel_size: float, labels=None, outputs=None):
         self._ctx = atomic_path(path, outputs)
-        tmp = self._ctx.__enter__()
-        self._mrc = mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True)
+        self._mrc = mapped(
+            self._ctx,
+            lambda tmp: mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True),
+            lambda mrc: mrc.close(),
+        )
         self._mrc.set_image_stack()
         _set_header(self._mrc, voxel_size, labels, True)
         self._next = 0
@@ -204,13 +207,13 @@ class StackWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None and self._next != self.n:
+        if exc is None and self._next != self.n:
             exc = RuntimeError(f"stack writer got {self._next} of {self.n} images")
-            exc_type = RuntimeError
-        if exc_type is None:
-            self._mrc.update_header_stats()
-        self._mrc.close()
-        self._ctx.__exit__(exc_type, exc, tb)  # renames on success, removes on error
-        if exc is not None:
-            raise exc
+
+        def close():
+            if exc is None:
+                self._mrc.update_header_stats()
+            self._mrc.close()
+
+        finish_mapped(self._ctx, close, exc)  # renames on success, removes on error
         return False

@@ -80,7 +80,7 @@ def test_best_structure_and_pose_recover_the_truth(run):
         *(truth[c].to_numpy() - best[c].to_numpy() for c in ("rlnOriginXAngst", "rlnOriginYAngst"))
     )
     assert np.mean(shift <= APIX) >= 0.75  # within the 1 px grid spacing
-    csv = pd.read_csv(gathered["csv"], comment="#")
+    csv = pd.read_csv(gathered["csv"])
     assert list(csv.columns[:2]) == ["image", "ll_integrated_structure_01"]
     # log-likelihoods differ between images (CryoLike's optimal-pose run wrote a constant)
     assert csv["ll_integrated_structure_01"].std() > 1 and csv["ll_optimal_structure_01"].std() > 1

@@ -200,9 +200,7 @@ def test_real_needle_alignment_agrees_with_stackreg(real_data, tmp_path):
         folder = tomo_align(
             stack, tmp_path / method, method=method, tilt_axis=90.0, pixel_size=33.6, binning=2
         )
-        shifts[method] = pd.read_csv(folder / "shifts.csv")[
-            ["shift_x", "shift_y"]
-        ].to_numpy()
+        shifts[method] = pd.read_csv(folder / "shifts.csv")[["shift_x", "shift_y"]].to_numpy()
         axes[method] = json.loads((folder / "alignment.json").read_text())["tilt_axis"]
     d = remove_unobservable(shifts["reprojection"] - shifts["StackReg"], angles)
     assert np.sqrt((d**2).mean(axis=0)).max() < 0.5

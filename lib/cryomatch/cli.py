@@ -44,8 +44,15 @@ positive_float = _number(float, 0.0, False, "positive number")
 nonnegative_float = _number(float, 0.0, True, "non-negative number")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad options are one line too (``--help`` shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"cryomatch: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cryomatch",
         description="Align and score cryo-EM and cryo-ET images against references.",
     )

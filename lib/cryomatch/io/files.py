@@ -38,7 +38,7 @@ def write_csv(
 
 
 def provenance_sidecar(path: str | os.PathLike) -> Path:
-    """Where the provenance of an output that cannot hold it (CSV) goes: ``NAME.provenance.json``."""
+    """Where the provenance of an output that cannot hold it (CSV) goes: NAME.provenance.json."""
     path = Path(path)
     return path.with_name(path.name + ".provenance.json")
 

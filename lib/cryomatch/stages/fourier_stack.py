@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import geometry, provenance
 from ..backend import get_xp, to_numpy
+from ..cli import positive_float, positive_int
 from ..errors import CryomatchError
 from ..io.atomic import Outputs
 from ..io.particles import ImageReader, read_particles
@@ -103,18 +104,20 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output folder (e.g. results/particles/fft)")
     p.add_argument(
         "--resolution-factor",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="largest polar radius as a multiple of Nyquist",
     )
-    p.add_argument("--n-inplanes", type=int, help="in-plane angles (default 2 x box)")
+    p.add_argument("--n-inplanes", type=positive_int, help="in-plane angles (default 2 x box)")
     p.add_argument(
         "--method",
         default="auto",
         choices=["auto", "dft", "finufft"],
         help="exact transform: direct DFT (matrix products) or finufft",
     )
-    p.add_argument("--batch-size", type=int, default=256, help="images transformed at a time")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=256, help="images transformed at a time"
+    )
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
 
 

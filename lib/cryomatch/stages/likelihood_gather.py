@@ -26,6 +26,7 @@ import pandas as pd
 from scipy.special import logsumexp
 
 from .. import geometry, provenance
+from ..cli import nonnegative_float, positive_int
 from ..errors import CryomatchError
 from ..io.atomic import Outputs
 from ..io.figures import new_figure, save_png
@@ -173,9 +174,9 @@ def add_arguments(p) -> None:
     p.add_argument("--results", required=True, help="the likelihood output folder (OUT)")
     p.add_argument("--templates", nargs="+", required=True, help="template sets in structure order")
     p.add_argument("--stacks", nargs="+", required=True, help="preprocessed stacks' STAR files")
-    p.add_argument("--max-displacement-pixels", type=float, default=3.0)
-    p.add_argument("--n-displacements-x", type=int, default=7)
-    p.add_argument("--n-displacements-y", type=int, default=7)
+    p.add_argument("--max-displacement-pixels", type=nonnegative_float, default=3.0)
+    p.add_argument("--n-displacements-x", type=positive_int, default=7)
+    p.add_argument("--n-displacements-y", type=positive_int, default=7)
 
 
 def run(args) -> None:

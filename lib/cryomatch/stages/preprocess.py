@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import provenance
+from ..cli import positive_float, positive_int
 from ..errors import CryomatchError
 from ..io.atomic import Outputs
 from ..io.figures import image_montage, save_png
@@ -119,19 +120,27 @@ def preprocess(
 def add_arguments(p) -> None:
     p.add_argument("--star", required=True, help="particles: RELION STAR or cryoSPARC .cs")
     p.add_argument("--out", required=True, help="output folder (stacks go to OUT/particles)")
-    p.add_argument("--box", type=int, help="Fourier-crop to this box (pixels)")
-    p.add_argument("--pixel-size", type=float, help="Fourier-crop to about this pixel size (A)")
-    p.add_argument("--stack-size", type=int, default=1000, help="images per output stack")
+    p.add_argument("--box", type=positive_int, help="Fourier-crop to this box (pixels)")
+    p.add_argument(
+        "--pixel-size", type=positive_float, help="Fourier-crop to about this pixel size (A)"
+    )
+    p.add_argument("--stack-size", type=positive_int, default=1000, help="images per output stack")
     p.add_argument("--invert", action="store_true", help="invert contrast (dark -> white)")
-    p.add_argument("--bg-radius", type=float, help="background circle radius, output pixels")
+    p.add_argument(
+        "--bg-radius", type=positive_float, help="background circle radius, output pixels"
+    )
     p.add_argument(
         "--no-ramp",
         dest="ramp",
         action="store_false",
         help="subtract the background mean only, not a fitted plane",
     )
-    p.add_argument("--angpix", type=float, help="input pixel size (A) when the metadata lacks it")
-    p.add_argument("--batch-size", type=int, default=512, help="images processed at a time")
+    p.add_argument(
+        "--angpix", type=positive_float, help="input pixel size (A) when the metadata lacks it"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=512, help="images processed at a time"
+    )
 
 
 def run(args) -> None:

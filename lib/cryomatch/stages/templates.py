@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import provenance
+from ..cli import positive_float
 from ..errors import CryomatchError, CryomatchWarning
 from ..io.atomic import Outputs
 from ..io.files import write_npy
@@ -173,7 +174,10 @@ def add_arguments(p) -> None:
         help="atomic models: all atoms, or C-alpha with per-residue radii",
     )
     p.add_argument(
-        "--atom-sigma", type=float, default=1.0, help="Gaussian width of atoms (A), all-atom"
+        "--atom-sigma",
+        type=positive_float,
+        default=1.0,
+        help="Gaussian width of atoms (A), all-atom",
     )
     p.add_argument("--name", help="template name (default: the structure's file name)")
     p.add_argument(

@@ -109,7 +109,8 @@ def _n_particles():
     if not star:
         return config["demo"]["particles"]["n"]
     try:
-        return count_particles(star)
+        drop = config["preprocess"].get("drop_duplicates")
+        return count_particles(star, "drop" if drop else "error")
     except CryomatchError as exc:
         raise WorkflowError(f"particles.star: {exc}") from exc
 

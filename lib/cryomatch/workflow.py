@@ -91,11 +91,12 @@ def cli_options(section: dict, flags: dict[str, str]) -> str:
     return " ".join(out)
 
 
-def count_particles(path: str) -> int:
-    """Number of particle rows in a STAR or .cs file (read without opening images)."""
+def count_particles(path: str, duplicates: str = "error") -> int:
+    """Number of particle rows in a STAR or .cs file (read without opening images); rows
+    that repeat an image are an error, or not counted with ``duplicates='drop'``."""
     from .io.particles import read_particles
 
-    return len(read_particles(path, require_ctf=False, images=False))
+    return len(read_particles(path, require_ctf=False, images=False, duplicates=duplicates))
 
 
 def count_subvolumes(path) -> int:

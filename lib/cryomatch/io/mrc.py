@@ -125,13 +125,16 @@ def stack_shape(mrc) -> tuple[int, int, int]:
 
 
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
-    """A 3D map as float32 (z, y, x) and its header voxel size (None when 0)."""
+    """A 3D map as float32 (z, y, x) and its header voxel size (None when 0); a map that
+    is all zeros (or NaN/inf anywhere) is an error."""
     with open_mrc(path) as mrc:
         data = np.asarray(mrc.data, dtype=np.float32)
         voxel = header_voxel_size(mrc, path)
     if data.ndim != 3:
         raise CryomatchError(f"expected a 3D map, found shape {data.shape}", path)
     check_finite(data, path)
+    if not data.any():
+        raise CryomatchError("the map is all zeros", path)
     return data, voxel
 
 

@@ -6,8 +6,9 @@ stack (``stack_NNNNNN.star``: optics groups, CTF, poses), ``particles.star`` ove
 stacks and ``preview.png`` (the first 16 images). Per batch of images: optional Fourier
 cropping to a box or pixel size, RELION-style normalization (background outside a circle
 of ``bg_radius`` pixels, default 37.5% of the box, to mean 0 and standard deviation 1,
-after removing a plane when ``ramp``), optional contrast inversion. Memory stays bounded
-by ``batch_size``.
+after removing a plane when ``ramp``; images whose background has no variance, such as
+constant or all-zero images, are an error naming them), optional contrast inversion.
+Memory stays bounded by ``batch_size``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ def output_box(in_box: int, in_pixel: float, box: int | None, pixel_size: float 
     return out
 
 
+def flat_images_error(particles, rows) -> CryomatchError:
+    """The error for images whose background has no variance (constant, all zero)."""
+    table = particles.table.iloc[rows[:5]]
+    pairs = zip(table["image_index"], table["image_file"], strict=True)
+    names = [f"{i + 1:06d}@{f}" for i, f in pairs]
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return CryomatchError(
+        f"{len(rows)} image(s) have no variance in the background (constant or all-zero "
+        f"images cannot be normalized): {', '.join(names)}{more}; remove them from the "
+        "particle file",
+        particles.source,
+    )
+
+
 def preprocess(
     star: str | Path,
     out: str | Path,
@@ -61,13 +76,15 @@ def preprocess(
     ramp: bool = True,
     angpix: float | None = None,
     batch_size: int = 512,
+    drop_duplicates: bool = False,
 ) -> list[Path]:
     """Preprocess the particles of ``star`` into ``out/particles``; returns the stack paths."""
     if stack_size < 1:
         raise CryomatchError(f"stack_size must be at least 1, got {stack_size}")
     params = {k: v for k, v in locals().items() if k not in ("star", "out")}
     prov = provenance.record("preprocess", params)
-    particles = read_particles(star, pixel_size=angpix)
+    duplicates = "drop" if drop_duplicates else "error"
+    particles = read_particles(star, pixel_size=angpix, duplicates=duplicates)
     folder = Path(out) / "particles"
     with ImageReader(particles) as reader, Outputs() as outputs:
         in_box = reader.check()
@@ -94,7 +111,11 @@ def preprocess(
             with StackWriter(path, hi - lo, new_box, new_pixel, labels, outputs) as writer:
                 for start in range(lo, hi, batch_size):
                     images = reader.read(start, min(hi, start + batch_size))
-                    images = normalize_background(fourier_crop(images, new_box), radius, ramp)
+                    images, flat = normalize_background(
+                        fourier_crop(images, new_box), radius, ramp, return_flat=True
+                    )
+                    if flat.any():
+                        raise flat_images_error(particles, start + np.flatnonzero(flat))
                     images = -images if invert else images
                     writer.write(images)
                     if preview is None:
@@ -141,6 +162,11 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--batch-size", type=positive_int, default=512, help="images processed at a time"
     )
+    p.add_argument(
+        "--drop-duplicates",
+        action="store_true",
+        help="drop rows that repeat an earlier row's image (with a warning), not an error",
+    )
 
 
 def run(args) -> None:
@@ -155,4 +181,5 @@ def run(args) -> None:
         args.ramp,
         args.angpix,
         args.batch_size,
+        args.drop_duplicates,
     )

@@ -27,7 +27,8 @@ def _number(kind, low, inclusive: bool, name: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if value != value or (value < low if inclusive else value <= low):  # NaN too
             bound = f"at least {low}" if inclusive else f"greater than {low}"
             raise argparse.ArgumentTypeError(f"{text} is out of range: must be {bound}")

@@ -32,7 +32,9 @@ FILES = [
     "references.mrcs",
     "particles.star",
     "frc.csv",
+    "frc.csv.provenance.json",
     "classes.csv",
+    "classes.csv.provenance.json",
     "class_averages.png",
     "frc.png",
 ]

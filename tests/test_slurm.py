@@ -90,3 +90,30 @@ def test_likelihood_jobs_run_as_one_slurm_array(cluster, tmp_path):
     assert len({j["ArrayJobId"] for j in tasks}) == 1 and all(j.get("ArrayTaskId") for j in tasks)
     assert all(j["JobState"] == "COMPLETED" for j in ran)
     assert (tmp_path / "results/likelihood/likelihood_matrix.npy").is_file()
+
+
+@pytest.mark.slow
+def test_failed_job_shows_its_error_line_through_slurm(cluster, tmp_path, demo_particles):
+    import shutil
+
+    data = tmp_path / "in"
+    data.mkdir()
+    shutil.copy(demo_particles, data / "particles.star")
+    raw = (demo_particles.parent / "particles.mrcs").read_bytes()
+    (data / "particles.mrcs").write_bytes(raw[: len(raw) // 2])
+    config = {**TINY, "particles": {"star": str(data / "particles.star"), "angpix": None}}
+    out = snakemake(
+        tmp_path,
+        "--profile",
+        str(REPO / "workflow/profiles/slurm"),
+        *FAST_STATUS,
+        configfile=write_config(tmp_path, config),
+        check=False,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    error = [x for x in text.splitlines() if x.startswith("cryomatch: error:")]
+    assert len(error) == 1, text
+    assert "particles.mrcs: truncated MRC file" in error[0]
+    assert error[0].endswith("[log: results/logs/preprocess.log]")
+    assert "    input:" not in text  # no file lists

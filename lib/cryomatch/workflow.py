@@ -119,22 +119,25 @@ def n_stacks(n_particles: int, stack_size: int) -> int:
 
 # --- runs that stop: failed jobs' messages, locks left by a killed Snakemake ----------------
 OWNER = "cryomatch.owner"  # in .snakemake/locks/: host and pid of the run holding the lock
-_FAILURE = re.compile(r"^(cryomatch: error: .*|slurmstepd: error: .*)$", re.MULTILINE)
+_STAGE_ERROR = re.compile(r"^cryomatch: error: .*$", re.MULTILINE)
+_SLURM_ERROR = re.compile(r"^slurmstepd: error: .*$", re.MULTILINE)
 
 
 def failure_messages(log_dir: str | os.PathLike, since: float) -> list[str]:
     """The one-line errors in job logs under ``log_dir`` written since ``since`` (epoch s),
-    each followed by its log's path: ``cryomatch: error: ...`` lines of stages and
-    ``slurmstepd: error: ...`` lines (time limit, memory) of SLURM logs."""
+    each followed by its log's path: ``cryomatch: error: ...`` lines of the stages' logs,
+    ``slurmstepd: error: ...`` lines (time limit, memory) of SLURM's logs (``slurm/``)."""
     found = []
     for log in sorted(Path(log_dir).rglob("*.log")):
+        slurm = "slurm" in log.relative_to(log_dir).parts[:-1]
         try:
             if log.stat().st_mtime < since:
                 continue
             text = log.read_text(errors="replace")
         except OSError:
             continue
-        found += [f"{line}  [log: {log}]" for line in _FAILURE.findall(text)]
+        lines = (_SLURM_ERROR if slurm else _STAGE_ERROR).findall(text)
+        found += [f"{line}  [log: {log}]" for line in lines]
     return found
 
 

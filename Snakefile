@@ -29,6 +29,16 @@ include: "rules/subtomo.smk"
 check_resources()
 
 
+onstart:
+    record_lock_owner()
+
+
+onerror:
+    print_failures(
+        LOGS, STARTED
+    )  # each failed job's error line and log, above the summary
+
+
 rule all:
     default_target: True
     input:

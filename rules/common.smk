@@ -9,15 +9,16 @@ from snakemake.settings.types import DeploymentMethod
 # The package of this checkout, for the Snakefile and for every job (also in conda envs).
 LIB = os.path.join(workflow.basedir, "lib")
 sys.path.insert(0, LIB)
-# Every rule runs `{params.cryomatch} STAGE ... > {log} 2>&1`: the interpreter that runs
+# Each job runs `{params.cryomatch} STAGE ... > {log} 2>&1`, with the interpreter that runs
 # Snakemake (so an unactivated venv works), or the environment's python with --sdm conda.
-# It goes through the environment so that the rules' params (and reruns) do not depend on
-# where the interpreter is.
-os.environ["CRYOMATCH_PYTHON"] = (
+# It is set in the shell prefix of every job, so that the rules' params (and reruns) do
+# not depend on where the interpreter is.
+PYTHON = (
     "python"
     if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-    else sys.executable
+    else shlex.quote(sys.executable)
 )
+shell.prefix(f"set -euo pipefail; CRYOMATCH_PYTHON={PYTHON}; ")
 CRYOMATCH = (
     f"PYTHONPATH={shlex.quote(LIB)}${{PYTHONPATH:+:$PYTHONPATH}} "
     '"$CRYOMATCH_PYTHON" -m cryomatch'
@@ -27,7 +28,7 @@ from cryomatch.errors import CryomatchError
 from cryomatch.workflow import (
     cli_options,
     count_particles,
-    failure_messages,
+    print_failures,
     n_stacks,
     package_sources,
     record_lock_owner,
@@ -43,18 +44,6 @@ STARTED = time.time()
 # After `kill -9` (or a crash) Snakemake's lock stays: remove it when its run is dead.
 if workflow.is_main_process and (message := release_stale_lock()):
     print(f"cryomatch: {message}", file=sys.stderr)
-
-
-onstart:
-    record_lock_owner()
-
-
-onerror:
-    # Each failed job's one-line error and its log, above Snakemake's summary.
-    messages = failure_messages(LOGS, STARTED) or [
-        "(no error line in the job logs: see Snakemake's messages above)"
-    ]
-    print("\n".join(["", "Failed jobs:", *messages, ""]), file=sys.stderr)
 
 
 def code(module):

@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -139,6 +140,14 @@ def failure_messages(log_dir: str | os.PathLike, since: float) -> list[str]:
         lines = (_SLURM_ERROR if slurm else _STAGE_ERROR).findall(text)
         found += [f"{line}  [log: {log}]" for line in lines]
     return found
+
+
+def print_failures(log_dir: str | os.PathLike, since: float) -> None:
+    """Print the :func:`failure_messages` of a failed run to stderr."""
+    messages = failure_messages(log_dir, since) or [
+        "(no error line in the job logs: see Snakemake's messages above)"
+    ]
+    print("\n".join(["", "Failed jobs:", *messages, ""]), file=sys.stderr)
 
 
 def record_lock_owner(snakemake_dir: str | os.PathLike = ".snakemake") -> None:

@@ -251,6 +251,17 @@ def test_constant_images_are_an_error_naming_them(capsys, dataset, tmp_path, val
     assert _files(tmp_path / "particles") == []
 
 
+def test_constant_image_in_fourier_stack(capsys, dataset, tmp_path):
+    star = str(dataset / "particles.star")
+    assert main(["preprocess", "--star", star, "--out", str(tmp_path)]) == 0
+    _set_images(tmp_path / "particles" / "stack_000000.mrcs", [5], 0.0)
+    star = str(tmp_path / "particles" / "stack_000000.star")
+    assert main(["fourier-stack", "--star", star, "--out", str(tmp_path / "fft")]) == 2
+    err = capsys.readouterr().err
+    assert "1 image(s) have no variance in the image" in err and "000006@" in err
+    assert _files(tmp_path / "fft") == []
+
+
 def test_all_zero_stack(capsys, dataset, tmp_path):
     _set_images(dataset / "particles.mrcs", range(40), 0.0)
     assert main(["preprocess", "--star", str(dataset / "particles.star"), "--out", str(tmp_path)])

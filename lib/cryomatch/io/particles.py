@@ -302,6 +302,21 @@ def ctf_arguments(table: pd.DataFrame) -> list[np.ndarray]:
 
 
 # --- images ------------------------------------------------------------------------------
+def flat_images_error(particles: Particles, rows, where: str = "background") -> CryomatchError:
+    """The error naming images (``rows`` of ``particles``) with no variance in their
+    ``where`` (constant or all-zero images: nothing to normalize or score)."""
+    table = particles.table.iloc[rows[:5]]
+    pairs = zip(table["image_index"], table["image_file"], strict=True)
+    names = [f"{i + 1:06d}@{f}" for i, f in pairs]
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return CryomatchError(
+        f"{len(rows)} image(s) have no variance in the {where} (constant or all-zero "
+        f"images cannot be normalized or scored): {', '.join(names)}{more}; remove them "
+        "from the particle file",
+        particles.source,
+    )
+
+
 class ImageReader:
     """Reads particle images by row from memory-mapped stacks (open files are cached)."""
 

@@ -24,7 +24,7 @@ from ..errors import CryomatchError
 from ..io.atomic import Outputs
 from ..io.figures import image_montage, save_png
 from ..io.mrc import StackWriter
-from ..io.particles import ImageReader, read_particles, write_particles
+from ..io.particles import ImageReader, flat_images_error, read_particles, write_particles
 from ..kernels.fourier import fourier_crop
 from ..kernels.normalize import normalize_background
 from ..progress import progress
@@ -49,20 +49,6 @@ def output_box(in_box: int, in_pixel: float, box: int | None, pixel_size: float 
     if out < 8:
         raise CryomatchError(f"the target box {out} is too small (at least 8 pixels)")
     return out
-
-
-def flat_images_error(particles, rows) -> CryomatchError:
-    """The error for images whose background has no variance (constant, all zero)."""
-    table = particles.table.iloc[rows[:5]]
-    pairs = zip(table["image_index"], table["image_file"], strict=True)
-    names = [f"{i + 1:06d}@{f}" for i, f in pairs]
-    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
-    return CryomatchError(
-        f"{len(rows)} image(s) have no variance in the background (constant or all-zero "
-        f"images cannot be normalized): {', '.join(names)}{more}; remove them from the "
-        "particle file",
-        particles.source,
-    )
 
 
 def preprocess(

@@ -41,7 +41,8 @@ BENCH = f"{OUT}/benchmarks"
 TARGETS = {}  # stage name -> files of that stage; each rules/*.smk adds its own
 STARTED = time.time()
 
-# After `kill -9` (or a crash) Snakemake's lock stays: remove it when its run is dead.
+# After `kill -9` (or a crash) Snakemake's lock stays: remove it when its run (and its
+# jobs) are dead.
 if workflow.is_main_process and (message := release_stale_lock()):
     print(f"cryomatch: {message}", file=sys.stderr)
 

@@ -332,6 +332,21 @@ def test_stale_lock_of_a_dead_run_is_released(tmp_path):
     assert workflow.release_stale_lock(tmp_path / "b" / ".snakemake") is None and locks.exists()
     locks = _locked(tmp_path / "c", f"elsewhere.example {dead.pid}\n")  # another host: kept
     assert workflow.release_stale_lock(tmp_path / "c" / ".snakemake") is None and locks.exists()
+    # a job of the dead run still runs in this folder: kept, and said why
+    locks = _locked(tmp_path / "d", f"{host} {dead.pid}\n")
+    sleeper = "import time; print(flush=True); time.sleep(30)"
+    job = subprocess.Popen(
+        [sys.executable, "-c", sleeper, "-m", "cryomatch"],
+        cwd=tmp_path / "d",
+        stdout=subprocess.PIPE,
+    )
+    try:
+        job.stdout.readline()  # it runs
+        message = workflow.release_stale_lock(tmp_path / "d" / ".snakemake")
+    finally:
+        job.kill()
+        job.wait()
+    assert f"its jobs still run (pids {job.pid})" in message and locks.exists()
 
 
 def test_failure_messages_name_the_log(tmp_path):

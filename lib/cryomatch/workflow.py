@@ -162,10 +162,13 @@ def release_stale_lock(snakemake_dir: str | os.PathLike = ".snakemake") -> str |
     """Remove Snakemake's lock when the run that took it is dead (killed with -9, or the
     machine went down): its owner note names this host and a process that no longer
     exists, or there is no note and no Snakemake process on this host works in this
-    folder. A lock taken on another host is kept. Returns a message when one was removed."""
+    folder. A lock taken on another host is kept, and so is the lock of a dead run whose
+    jobs still run here (they would overwrite a new run's outputs). Returns a message
+    when one was removed or kept for running jobs."""
     locks = Path(snakemake_dir) / "locks"
     if not any(locks.glob("*.lock")):
         return None
+    folder = Path(snakemake_dir).resolve().parent
     owner = locks / OWNER
     try:
         host, pid = owner.read_text().split()
@@ -174,8 +177,15 @@ def release_stale_lock(snakemake_dir: str | os.PathLike = ".snakemake") -> str |
     if host is not None:
         if host != socket.gethostname() or _alive(int(pid)):
             return None
-    elif _snakemake_running_in(Path(snakemake_dir).resolve().parent):
+    elif _processes_in(folder, "snakemake"):
         return None
+    jobs = _processes_in(folder, "cryomatch")
+    if jobs:
+        return (
+            f"the Snakemake run that locked this folder is dead but its jobs still run "
+            f"(pids {' '.join(map(str, jobs))}): wait for them to end, or end them, and "
+            "run again"
+        )
     shutil.rmtree(locks, ignore_errors=True)
     who = f"{host} pid {pid}" if host else "no owner noted"
     return f"removed the lock of a Snakemake run that no longer exists ({who})"
@@ -191,17 +201,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _snakemake_running_in(folder: Path) -> bool:
-    """Whether another Snakemake process on this host has ``folder`` as its working folder."""
+def _processes_in(folder: Path, word: str) -> list[int]:
+    """Other processes on this host whose command line holds ``word`` and whose working
+    folder is ``folder``."""
     mine = {os.getpid(), os.getppid()}
+    found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if int(proc.name) in mine:
                 continue
-            if "snakemake" not in (proc / "cmdline").read_bytes().decode(errors="replace"):
+            if word not in (proc / "cmdline").read_bytes().decode(errors="replace"):
                 continue
             if Path(os.readlink(proc / "cwd")) == folder:
-                return True
+                found.append(int(proc.name))
         except (OSError, ValueError):
             continue
-    return False
+    return sorted(found)

@@ -25,7 +25,14 @@ from cryomatch.cli import main
 from cryomatch.io import atomic
 from cryomatch.io.mrc import StackWriter, read_volume, write_mrc
 from cryomatch.io.star import read_star, write_star
-from workflow_helpers import REPO, TINY, command, snakemake, write_config
+from workflow_helpers import (
+    REPO,
+    TINY,
+    command,
+    snakemake,
+    truncated_stack_config,
+    write_config,
+)
 
 ROOT = os.geteuid() == 0
 
@@ -54,16 +61,6 @@ def _files(folder: Path) -> list[Path]:
     return (
         sorted(p for p in Path(folder).rglob("*") if p.is_file()) if Path(folder).exists() else []
     )
-
-
-@pytest.fixture
-def dataset(tmp_path, demo_particles):
-    """A private copy of the demo particles (40 images of 32 x 32) that a test may damage."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    shutil.copy(demo_particles, folder / "particles.star")
-    shutil.copy(demo_particles.parent / "particles.mrcs", folder / "particles.mrcs")
-    return folder
 
 
 # --- 2. disk full, permissions: one line naming the file, nothing left, no signal ----------
@@ -374,13 +371,7 @@ def _bare_environment():
 
 @pytest.mark.workflow
 def test_failed_job_shows_its_error_line_without_activating_the_venv(tmp_path, demo_particles):
-    data = tmp_path / "in"
-    data.mkdir()
-    shutil.copy(demo_particles, data / "particles.star")
-    raw = (demo_particles.parent / "particles.mrcs").read_bytes()
-    (data / "particles.mrcs").write_bytes(raw[: len(raw) // 2])
-    config = {**TINY, "particles": {"star": str(data / "particles.star"), "angpix": None}}
-    cmd = command(tmp_path, configfile=write_config(tmp_path, config))
+    cmd = command(tmp_path, configfile=truncated_stack_config(tmp_path, demo_particles))
     out = subprocess.run(cmd, capture_output=True, text=True, env=_bare_environment())
     assert out.returncode != 0
     text = out.stderr + out.stdout

@@ -5,7 +5,7 @@ import filecmp
 import pytest
 
 from slurm_cluster import Cluster, unavailable_reason
-from workflow_helpers import REPO, TINY, snakemake, write_config
+from workflow_helpers import REPO, TINY, snakemake, truncated_stack_config, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -94,20 +94,12 @@ def test_likelihood_jobs_run_as_one_slurm_array(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_failed_job_shows_its_error_line_through_slurm(cluster, tmp_path, demo_particles):
-    import shutil
-
-    data = tmp_path / "in"
-    data.mkdir()
-    shutil.copy(demo_particles, data / "particles.star")
-    raw = (demo_particles.parent / "particles.mrcs").read_bytes()
-    (data / "particles.mrcs").write_bytes(raw[: len(raw) // 2])
-    config = {**TINY, "particles": {"star": str(data / "particles.star"), "angpix": None}}
     out = snakemake(
         tmp_path,
         "--profile",
         str(REPO / "workflow/profiles/slurm"),
         *FAST_STATUS,
-        configfile=write_config(tmp_path, config),
+        configfile=truncated_stack_config(tmp_path, demo_particles),
         check=False,
     )
     text = out.stdout + out.stderr

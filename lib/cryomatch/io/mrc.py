@@ -210,13 +210,19 @@ class StackWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc is None and self._next != self.n:
-            exc = RuntimeError(f"stack writer got {self._next} of {self.n} images")
-
-        def close():
-            if exc is None:
-                self._mrc.update_header_stats()
-            self._mrc.close()
-
-        finish_mapped(self._ctx, close, exc)  # renames on success, removes on error
+        finish_mrc_writer(self, exc)
         return False
+
+
+def finish_mrc_writer(writer, exc: BaseException | None) -> None:
+    """Close a memory-mapped MRC writer (``_ctx``, ``_mrc``, ``_next`` of ``n`` written):
+    header statistics and rename when complete; else remove it and raise."""
+    if exc is None and writer._next != writer.n:
+        exc = RuntimeError(f"{type(writer).__name__} got {writer._next} of {writer.n}")
+
+    def close():
+        if exc is None:
+            writer._mrc.update_header_stats()
+        writer._mrc.close()
+
+    finish_mapped(writer._ctx, close, exc)

@@ -13,8 +13,8 @@ import mrcfile
 import numpy as np
 
 from ..errors import CryomatchError
-from .atomic import Outputs, atomic_path, finish_mapped, mapped
-from .mrc import _set_header, check_finite, header_voxel_size, open_mrc
+from .atomic import Outputs, atomic_path, mapped
+from .mrc import _set_header, check_finite, finish_mrc_writer, header_voxel_size, open_mrc
 
 
 class VolumeStackReader:
@@ -89,15 +89,7 @@ class VolumeStackWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc is None and self._next != self.n:
-            exc = RuntimeError(f"volume stack writer got {self._next} of {self.n}")
-
-        def close():
-            if exc is None:
-                self._mrc.update_header_stats()
-            self._mrc.close()
-
-        finish_mapped(self._ctx, close, exc)
+        finish_mrc_writer(self, exc)
         return False
 
 

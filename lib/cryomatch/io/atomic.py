@@ -2,7 +2,8 @@
 renamed when complete, so a killed job never leaves a file that looks finished.
 
 :class:`Outputs` groups the files of one stage run: if the run fails, every file it has
-already completed is removed too, so bad input leaves no partial output behind.
+already completed is removed too (and the folders made for them, when left empty), so bad
+input leaves no partial output behind.
 
 Temporaries are hidden files ``.NAME.tmp-XXXX.SUFFIX`` beside ``NAME``; the ones a killed
 run left behind are removed when ``NAME`` is written again. Write errors (a full disk, a
@@ -44,7 +45,9 @@ def atomic_path(path: str | os.PathLike, outputs: Outputs | None = None):
     OSError about the temporary is raised again naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_folders(path.parent)
+    if outputs is not None:
+        outputs.folders += created
     for stale in temporaries(path):  # left by a killed run that wrote this file
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
@@ -60,11 +63,26 @@ def atomic_path(path: str | os.PathLike, outputs: Outputs | None = None):
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if outputs is None:
+            _remove_empty(created)
         if isinstance(exc, OSError) and exc.filename in (None, tmp):
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     if outputs is not None:
         outputs.completed.append(path)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """mkdir -p ``folder``; returns the folders it created, outermost first."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):  # innermost first
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty
 
 
 def reserve(path: str | os.PathLike) -> None:
@@ -134,6 +152,7 @@ class Outputs:
 
     def __init__(self):
         self.completed: list[Path] = []
+        self.folders: list[Path] = []  # created for the outputs, removed again if empty
 
     def path(self, path: str | os.PathLike):
         return atomic_path(path, self)
@@ -146,4 +165,5 @@ class Outputs:
             for p in self.completed:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(p)
+            _remove_empty(self.folders)
         return False

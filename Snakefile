@@ -33,10 +33,9 @@ onstart:
     record_lock_owner()
 
 
+# A failed run ends with each failed job's one-line error and its log.
 onerror:
-    print_failures(
-        LOGS, STARTED
-    )  # each failed job's error line and log, above the summary
+    print_failures(LOGS, STARTED)
 
 
 rule all:

@@ -28,9 +28,9 @@ from cryomatch.errors import CryomatchError
 from cryomatch.workflow import (
     cli_options,
     count_particles,
-    print_failures,
     n_stacks,
     package_sources,
+    print_failures,
     record_lock_owner,
     release_stale_lock,
 )

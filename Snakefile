@@ -30,6 +30,15 @@ include: "rules/particle_series.smk"
 check_resources()
 
 
+onstart:
+    record_lock_owner()
+
+
+# A failed run ends with each failed job's one-line error and its log.
+onerror:
+    print_failures(LOGS, STARTED)
+
+
 rule all:
     default_target: True
     input:

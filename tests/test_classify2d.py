@@ -33,7 +33,9 @@ FILES = [
     "references.mrcs",
     "particles.star",
     "frc.csv",
+    "frc.csv.provenance.json",
     "classes.csv",
+    "classes.csv.provenance.json",
     "class_averages.png",
     "frc.png",
 ]

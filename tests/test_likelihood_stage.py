@@ -82,7 +82,7 @@ def test_best_structure_and_pose_recover_the_truth(run):
         *(truth[c].to_numpy() - best[c].to_numpy() for c in ("rlnOriginXAngst", "rlnOriginYAngst"))
     )
     assert np.mean(shift <= APIX) >= 0.75  # within the 1 px grid spacing
-    csv = pd.read_csv(gathered["csv"], comment="#")
+    csv = pd.read_csv(gathered["csv"])
     assert list(csv.columns[:4]) == [
         "image",
         "best_structure",

@@ -37,6 +37,7 @@ import numpy as np
 
 from .. import geometry, provenance
 from ..backend import get_xp
+from ..cli import nonnegative_float, positive_float, positive_int
 from ..errors import CryomatchError
 from ..io.atomic import Outputs
 from ..io.files import write_json, write_npy
@@ -314,9 +315,9 @@ def add_arguments(p) -> None:
         default=[0],
         help="N of OUT/templateN, one per template set",
     )
-    p.add_argument("--max-displacement-pixels", type=float, default=3.0)
-    p.add_argument("--n-displacements-x", type=int, default=7)
-    p.add_argument("--n-displacements-y", type=int, default=7)
+    p.add_argument("--max-displacement-pixels", type=nonnegative_float, default=3.0)
+    p.add_argument("--n-displacements-x", type=positive_int, default=7)
+    p.add_argument("--n-displacements-y", type=positive_int, default=7)
     p.add_argument(
         "--use-prior-shifts",
         action="store_true",
@@ -342,12 +343,16 @@ def add_arguments(p) -> None:
         default=1e-4,
         help="share of the integrated likelihood pruning may leave out",
     )
-    p.add_argument("--memory-mb", type=float, default=1000.0, help="memory budget of the batches")
+    p.add_argument(
+        "--memory-mb", type=positive_float, default=1000.0, help="memory budget of the batches"
+    )
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     p.add_argument(
         "--atoms", default="all", choices=["all", "ca"], help="atomic models (refinement)"
     )
-    p.add_argument("--atom-sigma", type=float, default=1.0, help="atom width (A), refinement")
+    p.add_argument(
+        "--atom-sigma", type=positive_float, default=1.0, help="atom width (A), refinement"
+    )
 
 
 def run(args) -> None:

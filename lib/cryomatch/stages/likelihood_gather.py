@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .. import geometry, provenance
+from ..cli import nonnegative_float, positive_int
 from ..errors import CryomatchError
 from ..io.atomic import Outputs
 from ..io.figures import new_figure, save_png
@@ -240,9 +241,9 @@ def add_arguments(p) -> None:
         "--template-list", help="instead: template_file_list.npy (the sets in structure order)"
     )
     p.add_argument("--stacks", nargs="+", required=True, help="preprocessed stacks' STAR files")
-    p.add_argument("--max-displacement-pixels", type=float, default=3.0)
-    p.add_argument("--n-displacements-x", type=int, default=7)
-    p.add_argument("--n-displacements-y", type=int, default=7)
+    p.add_argument("--max-displacement-pixels", type=nonnegative_float, default=3.0)
+    p.add_argument("--n-displacements-x", type=positive_int, default=7)
+    p.add_argument("--n-displacements-y", type=positive_int, default=7)
 
 
 def run(args) -> None:

@@ -36,6 +36,7 @@ from ..alignment.base import AlignmentResult, transform_subvolume
 from ..alignment.local import LocalZNCC
 from ..alignment.tilt import add_tilt_arguments, single_axis, tilt_from_arguments
 from ..backend import get_xp
+from ..cli import positive_float, positive_int
 from ..errors import CryomatchError, CryomatchWarning
 from ..io.atomic import Outputs
 from ..io.figures import orthogonal_slices, save_png
@@ -521,15 +522,15 @@ def add_arguments(p) -> None:
     a.add_argument(
         "--refine", action="store_true", help="local rotation search below the grid step"
     )
-    a.add_argument("--angpix", type=float, help="pixel size (A) of subvolumes/tomograms")
+    a.add_argument("--angpix", type=positive_float, help="pixel size (A) of subvolumes/tomograms")
     a.add_argument("--chunk", type=int, help="align only this chunk (for `subtomo merge`)")
-    a.add_argument("--chunk-size", type=int, default=100, help="subvolumes per chunk")
-    a.add_argument("--batch-size", type=int, default=32, help="subvolumes read at a time")
+    a.add_argument("--chunk-size", type=positive_int, default=100, help="subvolumes per chunk")
+    a.add_argument("--batch-size", type=positive_int, default=32, help="subvolumes read at a time")
     a.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="array backend")
     add_prior_arguments(a)
     m = sub.add_parser("merge", help="merge the chunks into the STAR and the averages")
     m.add_argument("--out", required=True, help="output folder (holding chunks/)")
-    m.add_argument("--chunks", type=int, required=True, help="number of chunks")
+    m.add_argument("--chunks", type=positive_int, required=True, help="number of chunks")
 
 
 def add_prior_arguments(a) -> None:

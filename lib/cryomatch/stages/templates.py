@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import provenance
+from ..cli import positive_float
 from ..errors import CryomatchError, CryomatchWarning
 from ..geometry import matrix_to_euler, wrap_degrees
 from ..io.atomic import Outputs
@@ -322,7 +323,10 @@ def add_arguments(p) -> None:
         help="atomic models: all atoms, or C-alpha with per-residue radii",
     )
     p.add_argument(
-        "--atom-sigma", type=float, default=1.0, help="Gaussian width of atoms (A), all-atom"
+        "--atom-sigma",
+        type=positive_float,
+        default=1.0,
+        help="Gaussian width of atoms (A), all-atom",
     )
     p.add_argument("--name", help="template name (default: the structure's file name)")
     p.add_argument(

@@ -36,6 +36,7 @@ from scipy.spatial.transform import Rotation
 from ... import geometry, provenance
 from ...alignment.rotations import euler_zyx_to_rotation
 from ...alignment.tilt import add_tilt_arguments, single_axis, tilt_from_arguments
+from ...cli import nonnegative_float, positive_float, positive_int
 from ...errors import CryomatchError
 from ...io.atomic import Outputs
 from ...io.mrc import write_mrc
@@ -326,33 +327,44 @@ def read_simulated(folder):
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--n", type=int, required=True, help="number of subvolumes")
-    p.add_argument("--snr", type=float, required=True, help="signal-to-noise variance ratio")
-    p.add_argument("--box", type=int, required=True, help="subvolume size in voxels")
+    p.add_argument("--n", type=positive_int, required=True, help="number of subvolumes")
+    p.add_argument(
+        "--snr", type=positive_float, required=True, help="signal-to-noise variance ratio"
+    )
+    p.add_argument("--box", type=positive_int, required=True, help="subvolume size in voxels")
     p.add_argument("--seed", type=int, required=True, help="random seed")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--pixel-size", type=float, default=8.0, help="Angstrom per voxel")
-    p.add_argument("--n-templates", type=int, default=1, help="phantom templates")
-    p.add_argument("--max-angle", type=float, default=10.0, help="largest angle per axis, degrees")
-    p.add_argument("--max-shift", type=float, default=3.0, help="largest shift per axis, voxels")
+    p.add_argument("--pixel-size", type=positive_float, default=8.0, help="Angstrom per voxel")
+    p.add_argument("--n-templates", type=positive_int, default=1, help="phantom templates")
+    p.add_argument(
+        "--max-angle", type=nonnegative_float, default=10.0, help="largest angle per axis, degrees"
+    )
+    p.add_argument(
+        "--max-shift", type=nonnegative_float, default=3.0, help="largest shift per axis, voxels"
+    )
     add_tilt_arguments(p)
     p.add_argument(
         "--tomogram",
         action="store_true",
         help="also write the particles into one tomogram with a RELION 5 STAR",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="subvolumes rendered at a time")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="subvolumes rendered at a time"
+    )
     p.add_argument("--map", help="a map (MRC) to copy instead of phantoms (resampled to --box)")
     p.add_argument(
         "--uniform", action="store_true", help="rotations uniform on SO(3) (not +-max-angle)"
     )
     p.add_argument(
         "--prior-error",
-        type=float,
+        type=nonnegative_float,
         help="also write priors.star: the poses turned by this many degrees (random axes)",
     )
     p.add_argument(
-        "--prior-shift-error", type=float, default=1.0, help="prior shift error, voxels per axis"
+        "--prior-shift-error",
+        type=nonnegative_float,
+        default=1.0,
+        help="prior shift error, voxels per axis",
     )
 
 

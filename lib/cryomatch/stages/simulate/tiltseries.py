@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ... import geometry, provenance
+from ...cli import nonnegative_float, nonnegative_int, positive_float, positive_int
 from ...errors import CryomatchError
 from ...io.atomic import Outputs
 from ...io.files import write_csv, write_json
@@ -107,7 +108,7 @@ def simulate_tiltseries(
 
 def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--size", type=int, default=64, help="image size in pixels")
+    p.add_argument("--size", type=positive_int, default=64, help="image size in pixels")
     p.add_argument(
         "--tilts",
         type=float,
@@ -116,10 +117,12 @@ def add_arguments(p) -> None:
         metavar=("MIN", "MAX", "STEP"),
         help="tilt range in degrees",
     )
-    p.add_argument("--max-shift", type=float, default=8.0, help="largest shift per axis, pixels")
+    p.add_argument(
+        "--max-shift", type=nonnegative_float, default=8.0, help="largest shift per axis, pixels"
+    )
     p.add_argument(
         "--noise",
-        type=float,
+        type=nonnegative_float,
         default=0.15,
         help="noise sigma as a fraction of the noise-free stack's standard deviation",
     )
@@ -130,9 +133,9 @@ def add_arguments(p) -> None:
         default=0.0,
         help="tilt-axis angle, degrees counter-clockwise from +y",
     )
-    p.add_argument("--pixel-size", type=float, default=10.0, help="Angstrom per pixel")
-    p.add_argument("--n-ellipsoids", type=int, default=24, help="number of ellipsoids")
-    p.add_argument("--n-beads", type=int, default=12, help="number of beads")
+    p.add_argument("--pixel-size", type=positive_float, default=10.0, help="Angstrom per pixel")
+    p.add_argument("--n-ellipsoids", type=nonnegative_int, default=24, help="number of ellipsoids")
+    p.add_argument("--n-beads", type=nonnegative_int, default=12, help="number of beads")
     p.add_argument(
         "--specimen",
         default="object",

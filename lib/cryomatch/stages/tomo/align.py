@@ -37,6 +37,7 @@ import pandas as pd
 
 from ... import geometry, provenance
 from ...backend import get_xp, to_numpy
+from ...cli import positive_float, positive_int
 from ...errors import CryomatchError
 from ...io.atomic import Outputs
 from ...io.figures import save_png
@@ -438,9 +439,13 @@ def add_method_arguments(p) -> None:
         help="a .rawtlt/.tlt/.mdoc file or the angles themselves (default: a file "
         "beside the stack)",
     )
-    p.add_argument("--pixel-size", type=float, help="Angstrom per pixel (default: .mdoc/header)")
+    p.add_argument(
+        "--pixel-size", type=positive_float, help="Angstrom per pixel (default: .mdoc/header)"
+    )
     p.add_argument("--invert", action="store_true", help="dark objects on a bright background")
-    p.add_argument("--thickness", type=int, help="reconstruction thickness (default: width)")
+    p.add_argument(
+        "--thickness", type=positive_int, help="reconstruction thickness (default: width)"
+    )
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
 
 
@@ -516,9 +521,9 @@ def add_arguments(p) -> None:
         help="do not move the tilt axis to the image centre",
     )
     p.add_argument("--start", type=int, help="image index to start from (default: nearest 0)")
-    p.add_argument("--binning", type=int, default=1, help="align at this binning")
+    p.add_argument("--binning", type=positive_int, default=1, help="align at this binning")
     p.add_argument("--reconstruction", default="wbp", choices=["wbp", "sirt"])
-    p.add_argument("--sirt-iterations", type=int, default=30)
+    p.add_argument("--sirt-iterations", type=positive_int, default=30)
     p.add_argument("--upsample-factor", type=int, help="PC: subpixel upsampling (default 3)")
     p.add_argument("--xrange", type=float, nargs=2, help="COM: rows along the axis to use")
     p.add_argument("--p", type=int, help="COM: largest shift along the axis (default 20)")

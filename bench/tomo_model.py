@@ -29,7 +29,7 @@ from phantoms_tomo import tilt_series  # noqa: E402
 
 
 def error(folder, truth, angles):
-    found = pd.read_csv(folder / "shifts.csv", comment="#")[["shift_x", "shift_y"]].to_numpy()
+    found = pd.read_csv(folder / "shifts.csv")[["shift_x", "shift_y"]].to_numpy()
     d = remove_unobservable(found - truth, angles)
     return np.sqrt((d**2).mean(axis=0))
 

@@ -103,7 +103,7 @@ def test_stage_writes_weights_plot_and_posteriors(tmp_path):
             "100",
         ]
     )
-    weights = pd.read_csv(tmp_path / "out" / "ensemble_weights.csv", comment="#")
+    weights = pd.read_csv(tmp_path / "out" / "ensemble_weights.csv")
     assert list(weights.columns[:5]) == [
         "structure",
         "weight",
@@ -115,13 +115,13 @@ def test_stage_writes_weights_plot_and_posteriors(tmp_path):
     assert np.all(weights["lower_90"] <= weights["upper_90"])
     post = np.load(tmp_path / "out" / "structure_posterior.npy")
     assert post.shape == (3, 100) and post.dtype == np.float32
-    per_image = pd.read_csv(tmp_path / "out" / "structure_posterior.csv", comment="#")
+    per_image = pd.read_csv(tmp_path / "out" / "structure_posterior.csv")
     assert np.mean(per_image["structure"] == [f"structure_{k + 1}" for k in truth]) > 0.9
     assert (tmp_path / "out" / "ensemble_weights.png").stat().st_size > 1000
     # one structure: weight 1 with the interval [1, 1]
     np.save(tmp_path / "one.npy", ll[:1])
     paths = reweight(tmp_path / "one.npy", tmp_path / "one", n_samples=20, burn_in=2)
-    one = pd.read_csv(paths["weights"], comment="#")
+    one = pd.read_csv(paths["weights"])
     assert one[["weight", "posterior_mean", "lower_90", "upper_90"]].to_numpy().tolist() == [
         [1.0, 1.0, 1.0, 1.0]
     ]
@@ -166,11 +166,11 @@ def test_populations_from_simulated_images(tmp_path):
         likelihood(fft, t, tmp_path / "likelihood", i)
     gathered = likelihood_gather(tmp_path / "likelihood", temps, [stack])
     paths = reweight(gathered["matrix"], tmp_path / "reweight", temps, gathered["star"], seed=2)
-    weights = pd.read_csv(paths["weights"], comment="#")
+    weights = pd.read_csv(paths["weights"])
     truth = np.array(counts) / sum(counts)
     print(f"\n  populations 0.6/0.3/0.1 at SNR 0.1, 300 images:\n{weights.to_string()}")
     np.testing.assert_allclose(weights["weight"], truth, atol=0.05)
     assert np.all((weights["lower_90"] <= truth) & (truth <= weights["upper_90"]))
     np.save(tmp_path / "one.npy", np.load(gathered["matrix"])[:1])
-    one = pd.read_csv(reweight(tmp_path / "one.npy", tmp_path / "one")["weights"], comment="#")
+    one = pd.read_csv(reweight(tmp_path / "one.npy", tmp_path / "one")["weights"])
     assert one["weight"].tolist() == [1.0] and one["lower_90"].tolist() == [1.0]

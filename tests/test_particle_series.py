@@ -106,7 +106,7 @@ def test_simulated_series_reconstructs_the_map(real_data, tmp_path, seed):
     got = summary["reference_unmasked"]
     assert got["fsc_at_half_nyquist"] > 0.97
     assert got["resolution_fsc_0.5_A"] < 27.0  # Nyquist is 24 A
-    table = pd.read_csv(tmp_path / "out" / "fsc_reference.csv", comment="#")
+    table = pd.read_csv(tmp_path / "out" / "fsc_reference.csv")
     assert table["fsc_unmasked"].iloc[1:13].min() > 0.93  # 8 particles leave small gaps
     average, _ = read_volume(tmp_path / "out" / "average.mrc")
     # the mirror matters: a z-mirrored truth correlates far less
@@ -162,7 +162,7 @@ def _cryodrgn_tilt_fsc(real_data, out, angpix):
             real_data / CRYODRGN, out, angpix=angpix, split="tilts"
         )
     assert summary["halves_split_by"] == "tilts"
-    return pd.read_csv(out / "fsc_halves.csv", comment="#")["fsc"].to_numpy()
+    return pd.read_csv(out / "fsc_halves.csv")["fsc"].to_numpy()
 
 
 def test_cryodrgn_series_reads_and_reconstructs(real_data, tmp_path):
@@ -249,7 +249,7 @@ def test_workflow_reconstructs_the_warptools_series(real_data, tmp_path):
     configfile = write_config(tmp_path, config)
     snakemake(tmp_path, configfile=configfile)
     out = tmp_path / "results" / "particle_series" / "reconstruct"
-    table = pd.read_csv(out / "fsc_reference.csv", comment="#")
+    table = pd.read_csv(out / "fsc_reference.csv")
     assert table["fsc_masked"].iloc[8] > 0.6  # shell 8 of 32: half Nyquist
     assert (tmp_path / "results" / "logs" / "particle_series_reconstruct.log").is_file()
 
@@ -300,7 +300,7 @@ def test_refinement_recovers_perturbed_poses_and_origins(real_data, tmp_path):
     after = summary["reference_masked"]["fsc_at_half_nyquist"]
     assert after > summary["reference_masked_before"]["fsc_at_half_nyquist"] + 0.01  # 0.877->0.899
     assert summary["refinement_improved_halves"]
-    changes = pd.read_csv(tmp_path / "out" / "pose_changes.csv", comment="#")
+    changes = pd.read_csv(tmp_path / "out" / "pose_changes.csv")
     assert len(changes) == 12
     # the refined STAR (angles, origins) reads back into the same average
     ps.particle_series_reconstruct(

@@ -39,7 +39,7 @@ def write_series(folder, stack, angles=ANGLES, name="s"):
 
 
 def shifts_of(folder):
-    return pd.read_csv(folder / "shifts.csv", comment="#")[["shift_x", "shift_y"]].to_numpy()
+    return pd.read_csv(folder / "shifts.csv")[["shift_x", "shift_y"]].to_numpy()
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_fiducial_alignment_of_a_slab_with_beads(beads_slab, tmp_path):
     assert summary["tilt_axis"] == pytest.approx(3.0, abs=0.2)
     assert rms(shifts_of(folder), shifts).max() <= 0.2
     assert summary["model"]["mean_residual"] < 0.3
-    points = pd.read_csv(folder / "points.csv", comment="#")
+    points = pd.read_csv(folder / "points.csv")
     assert len(points) >= 18 and (points["mean_residual"] < 0.5).all()
     # bead 3D positions, up to the translation the data cannot see
     found = points[["x", "y", "z"]].to_numpy()
@@ -149,7 +149,7 @@ def test_fiducial_alignment_of_a_slab_with_beads(beads_slab, tmp_path):
     matrices, xf_shifts = read_xf(folder / "s.xf")
     np.testing.assert_allclose(xf_shifts, shifts_of(folder), atol=1e-3)
     np.testing.assert_allclose(read_angles(folder / "s.tlt").angles, ANGLES)
-    model = pd.read_csv(folder / "model.csv", comment="#")
+    model = pd.read_csv(folder / "model.csv")
     assert model["mean_residual"].notna().all()
     assert (folder / "alignment.png").stat().st_size > 1000
 
@@ -197,7 +197,7 @@ def test_auto_picks_reprojection_for_an_isolated_object(tmp_path):
     assert "inside the field of view" in summary["method_reason"]
     assert summary["warnings"] == []
     assert rms(shifts_of(folder), shifts).max() <= 0.3
-    assert pd.read_csv(folder / "points.csv", comment="#").empty
+    assert pd.read_csv(folder / "points.csv").empty
 
 
 def test_centre_of_mass_on_a_slab_warns_and_records_it(bare_slab, tmp_path):
@@ -247,7 +247,7 @@ def test_demo_is_an_extended_specimen_with_beads_aligned_by_them(tmp_path):
     folder = tomo_align(stack, tmp_path / "out", name="demo", pixel_size=10.0)
     summary = json.loads((folder / "alignment.json").read_text())
     assert summary["method"] == "fiducial" and summary["warnings"] == []
-    truth = pd.read_csv(tmp_path / "demo" / "truth.csv", comment="#")
+    truth = pd.read_csv(tmp_path / "demo" / "truth.csv")
     assert rms(shifts_of(folder), truth[["shift_x", "shift_y"]].to_numpy()).max() <= 0.2
     assert summary["model"]["n_points"] >= 6 and summary["model"]["mean_residual"] < 0.3
 

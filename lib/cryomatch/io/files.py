@@ -50,4 +50,4 @@ def write_json(path: str | os.PathLike, data: dict, outputs: Outputs | None = No
 
 def read_csv(path: str | os.PathLike) -> pd.DataFrame:
     """A CSV output (also older ones with leading '#' provenance lines)."""
-    return pd.read_csv(path, comment="#")
+    return pd.read_csv(path)

@@ -50,14 +50,25 @@ def test_every_class_too_small_to_reseed(tmp_path, capsys):
 
 
 def test_identical_images(tmp_path):
+    # twelve slots holding the same pixels: a result
+    star = _views(tmp_path, 12)
+    with mrcfile.open(tmp_path / "data" / "particles.mrcs", "r+") as m:
+        m.data[1:] = m.data[0]
+    classify2d(star, tmp_path / "out", classes=3, maxit=3, settings=SETTINGS)
+    _check(tmp_path / "out", 12, 3)
+
+
+def test_rows_repeating_one_image_are_one_error(tmp_path):
+    # twelve rows naming the same image (issue 11: duplicate rows are an error naming them)
     star = _views(tmp_path, 1)
     table = starfile.read(star)
     table["particles"] = table["particles"].loc[np.zeros(12, int)].reset_index(drop=True)
     starfile.write(table, tmp_path / "data" / "same.star")
-    classify2d(
-        tmp_path / "data" / "same.star", tmp_path / "out", classes=3, maxit=3, settings=SETTINGS
-    )
-    _check(tmp_path / "out", 12, 3)
+    with pytest.raises(CryomatchError, match="repeat an earlier row's image: 000001@particles"):
+        classify2d(
+            tmp_path / "data" / "same.star", tmp_path / "out", classes=3, maxit=3, settings=SETTINGS
+        )
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.star"))
 
 
 def test_blank_images(tmp_path):

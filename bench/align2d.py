@@ -42,6 +42,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cryomatch.kernels import align2d  # noqa: E402
+from cryomatch.stages.classify2d import FINE_RANGE as FINE  # noqa: E402
+from cryomatch.stages.classify2d import FINE_STEP as STEP  # noqa: E402
 
 
 def cpu_time(fn) -> float:
@@ -94,7 +96,7 @@ def main() -> None:
             return align2d.prepare_references(references, radii, n_angles, xr, xr, 1.0)
 
         def fine_prep(references=references):
-            return align2d.prepare_references(references, radii, n_angles, 1, 1, 0.5, order=3)
+            return align2d.prepare_references(references, radii, n_angles, FINE, FINE, STEP, order=3)
 
         def refine(found, fine):
             origin = found.to_params(origins)[1]

@@ -774,9 +774,7 @@ def refine(image_spec, refs: References, reference, mirror, batch: int = 256) ->
         mir = mirror[lo : lo + batch]
         c = _exact_products(values, refs, n_best[:, None], mir[:, None])[:, 0]
         theta, value = _refine_angle(c, refs.n_angles)
-        shift, theta, value, n_best = _refine_shift(
-            values, refs, n_best, mir, theta, value, c, joint=True
-        )
+        shift, theta, value, n_best = _refine_shift(values, refs, n_best, mir, theta, value, c)
         parts.append(
             Alignment(
                 to_numpy(n_best // refs.n_shifts),
@@ -792,6 +790,9 @@ def refine(image_spec, refs: References, reference, mirror, batch: int = 256) ->
             for f in ("reference", "mirror", "angle", "shift", "score")
         )
     )
+
+
+SECOND_PASS = 0.25  # refine_poses: images moved by more than this many fine grid steps
 
 
 def refine_poses(images, origin, reference, mirror, fine: References, radii, room, passes=2):
@@ -820,7 +821,7 @@ def refine_poses(images, origin, reference, mirror, fine: References, radii, roo
         before = origin[todo]
         psi[todo], origin[todo], _ = best.to_params(before)
         score[todo] = best.score
-        moved = np.linalg.norm(origin[todo] - before, axis=1) > fine.step
+        moved = np.linalg.norm(origin[todo] - before, axis=1) > SECOND_PASS * fine.step
         todo = todo[moved & (np.abs(origin[todo]).max(axis=1) <= room + 1e-6)]
     return psi, origin, score, inside
 
@@ -899,7 +900,7 @@ def _neighbours(values, refs: References, n_best, mirror, theta):
     return index, c, _polynomial(c, theta, refs.n_angles)[0], inside
 
 
-def _refine_shift(values, refs: References, n_best, mirror, theta, peak, c_best, joint=False):
+def _refine_shift(values, refs: References, n_best, mirror, theta, peak, c_best):
     """Sub-step shift and angle of each winner. First a climb on the grid at the refined
     angle while a neighbouring shift correlates better (the coarse pass may have picked a
     neighbour of the best shift); then parabolas along x and y through the neighbours give
@@ -927,9 +928,6 @@ def _refine_shift(values, refs: References, n_best, mirror, theta, peak, c_best,
         index[todo], c[todo], scores[todo], inside[todo] = _neighbours(
             values[todo], refs, n_best[todo], mirror[todo], theta[todo]
         )
-    if joint:
-        theta, value, t = _joint_newton(values, refs, n_best, mirror, theta, inside, c_best, c)
-        return xp.asarray(refs.grid)[n_best % refs.n_shifts] + refs.step * t, theta, value, n_best
     f_lo, f_hi = scores[:, :2], scores[:, 2:]
     curvature = f_lo - 2.0 * peak[:, None] + f_hi
     ok = inside & (curvature < 0)
@@ -944,77 +942,6 @@ def _refine_shift(values, refs: References, n_best, mirror, theta, peak, c_best,
     theta, value = _newton(c_at, theta, n_angles, theta, step)
     shift = xp.asarray(refs.grid)[n_best % refs.n_shifts] + refs.step * t
     return shift, theta, value, n_best
-
-
-# Lagrange basis on the grid points -1, 0, 1 (in grid steps) and its first two derivatives
-_LAGRANGE = (
-    lambda t: np.stack([0.5 * (t * t - t), 1.0 - t * t, 0.5 * (t * t + t)], -1),
-    lambda t: np.stack([t - 0.5, -2.0 * t, t + 0.5], -1),
-    lambda t: np.broadcast_to(np.array([1.0, -2.0, 1.0]), (*t.shape, 3)),
-)
-
-
-def _joint_newton(values, refs: References, n_best, mirror, theta, inside, c_best, c_cross, steps=3):
-    """Sub-step shift and angle of each winner by Newton steps on the correlation
-    ``F(tx, ty, theta)`` jointly (shift and angle are coupled: a turn about another centre
-    is a turn and a shift): the product spectra of the 3 x 3 grid shifts about the winner
-    (a missing neighbour on the grid's edge stands in by the winner), interpolated in the
-    shift by the quadratic Lagrange basis along each axis; F and its derivatives in
-    ``tx, ty`` (grid steps) and theta come from the interpolated spectra and their
-    derivatives (:func:`_polynomial`). A step is taken where the Hessian is negative
-    definite, ``t`` kept within half a grid step on each axis that has both neighbours (0
-    on the others) and theta within a sample step of the start. Returns (theta, value,
-    t (M, 2))."""
-    xp = array_module(values)
-    m = len(values)
-    nx, ny = refs.grid_shape
-    d = n_best % refs.n_shifts
-    pos = xp.stack([d % nx, d // nx], axis=1)
-    corners = xp.asarray(np.array([[-1, -1], [1, -1], [-1, 1], [1, 1]]))  # (x, y) steps
-    ix = xp.clip(pos[:, None, 0] + corners[:, 0], 0, nx - 1)  # (M, 4)
-    iy = xp.clip(pos[:, None, 1] + corners[:, 1], 0, ny - 1)
-    diagonal = _exact_products(values, refs, (n_best - d)[:, None] + iy * nx + ix, mirror[:, None])
-    # the 3 x 3 spectra, y-major: corners, the neighbours x-, y-, x+, y+ and the winner
-    c = xp.stack(
-        [diagonal[:, 0], c_cross[:, 1], diagonal[:, 1], c_cross[:, 0], c_best, c_cross[:, 2]]
-        + [diagonal[:, 2], c_cross[:, 3], diagonal[:, 3]],
-        axis=1,
-    )  # (M, 9, Q)
-    n_angles = refs.n_angles
-    reach = 2.0 * np.pi / n_angles
-    centre = theta
-    t = np.zeros((m, 2))
-    free = to_numpy(inside).astype(bool)
-    for _ in range(steps):
-        # weights (M, 6, 9) of C, C_x, C_y, C_xx, C_yy, C_xy on the 3 x 3 spectra
-        bx = [f(t[:, 0]) for f in _LAGRANGE]  # each (M, 3)
-        by = [f(t[:, 1]) for f in _LAGRANGE]
-        pairs = ((0, 0), (1, 0), (0, 1), (2, 0), (0, 2), (1, 1))  # (x order, y order)
-        w = np.stack([by[j][:, :, None] * bx[i][:, None, :] for i, j in pairs], 1)
-        spectra = xp.matmul(xp.asarray(w.reshape(m, 6, 9).astype(np.complex64)), c)
-        f0, f1, f2 = (to_numpy(v).astype(np.float64) for v in _polynomial(spectra, theta, n_angles))
-        grad = np.stack([f0[:, 1], f0[:, 2], f1[:, 0]], 1)
-        hess = np.empty((m, 3, 3))
-        hess[:, 0, 0], hess[:, 1, 1], hess[:, 2, 2] = f0[:, 3], f0[:, 4], f2[:, 0]
-        hess[:, 0, 1] = hess[:, 1, 0] = f0[:, 5]
-        hess[:, 0, 2] = hess[:, 2, 0] = f1[:, 1]
-        hess[:, 1, 2] = hess[:, 2, 1] = f1[:, 2]
-        for a in range(2):  # an axis without both neighbours stays on the grid point
-            fixed = ~free[:, a]
-            grad[fixed, a] = 0.0
-            hess[fixed, a, :] = hess[fixed, :, a] = 0.0
-            hess[fixed, a, a] = -1.0
-        ok = np.all(np.linalg.eigvalsh(hess) < 0, axis=1)
-        step = np.zeros((m, 3))
-        step[ok] = -np.linalg.solve(hess[ok], grad[ok][:, :, None])[:, :, 0]
-        t = np.clip(t + step[:, :2], -1.0, 1.0) * free
-        theta_np = np.clip(to_numpy(theta) + step[:, 2], to_numpy(centre) - reach, to_numpy(centre) + reach)
-        theta = xp.asarray(theta_np)
-    bx, by = _LAGRANGE[0](t[:, 0]), _LAGRANGE[0](t[:, 1])
-    w = (by[:, :, None] * bx[:, None, :]).reshape(m, 1, 9).astype(np.complex64)
-    c_at = xp.matmul(xp.asarray(w), c)[:, 0]
-    value = _polynomial(c_at, theta, n_angles)[0]
-    return theta, value, xp.asarray(t)
 
 
 # --- images in the reference frame, averages, FRC, centring --------------------------------

@@ -64,7 +64,7 @@ from ..progress import progress
 FRC_THRESHOLD = 0.5  # the references are low-passed where the half-set FRC falls below this
 DEFAULT_MAXIT = 10  # maxit 0: up to this many iterations, with the automatic stop (SPARX)
 CRITERION_TOLERANCE = 1e-5  # relative rise of the criterion that still counts as improving
-FINE_RANGE, FINE_STEP = 0.75, 0.25  # shift grid (pixels) of the final refinement about each match
+FINE_RANGE, FINE_STEP = 1.0, 0.5  # shift grid (pixels) of the final refinement about each match
 CENTRING = {
     -1: "mean of the members' shifts",
     0: "none",

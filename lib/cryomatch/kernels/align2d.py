@@ -792,6 +792,9 @@ def refine(image_spec, refs: References, reference, mirror, batch: int = 256) ->
     )
 
 
+SECOND_PASS = 0.25  # refine_poses: images moved by more than this many fine grid steps
+
+
 def refine_poses(images, origin, reference, mirror, fine: References, radii, room, passes=2):
     """The final refinement of :func:`search`'s matches (``to_params`` form: origins (M, 2)
     in pixels, ``reference`` and ``mirror`` (M,)) on the exact images (M, box, box): rings
@@ -818,7 +821,7 @@ def refine_poses(images, origin, reference, mirror, fine: References, radii, roo
         before = origin[todo]
         psi[todo], origin[todo], _ = best.to_params(before)
         score[todo] = best.score
-        moved = np.linalg.norm(origin[todo] - before, axis=1) > fine.step / 4
+        moved = np.linalg.norm(origin[todo] - before, axis=1) > SECOND_PASS * fine.step
         todo = todo[moved & (np.abs(origin[todo]).max(axis=1) <= room + 1e-6)]
     return psi, origin, score, inside
 

@@ -10,7 +10,9 @@ the ray, interpolate linearly across it, weight by the path length per step. The
 back-projector is ``A^T`` itself, so forward and back projection are exact adjoints.
 
 Arrays: volumes (nz, ny, nx), stacks (n_tilts, ny, nx). Internally the products run on
-"sinogram layout" (n_tilts * nx, ny) and (nz * nx, ny): y is the last, contiguous axis.
+"sinogram layout" (n_tilts * nx, ny) and (nz * nx, ny): y is the last, contiguous axis. On
+the CPU a product takes ``BLOCK`` columns (y positions) at a time, so that the dense operand
+of each sparse x dense product stays in cache (about twice as fast as one product at 256^3).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..backend import array_module, fft_module
+
+BLOCK = 32  # y positions per sparse x dense product on the CPU
 
 
 class ParallelBeamProjector:
@@ -68,13 +72,25 @@ class ParallelBeamProjector:
         return self.xp.ascontiguousarray(slices.reshape(self.nz, self.nx, ny).transpose(0, 2, 1))
 
     # --- operators --------------------------------------------------------------------------
+    def project(self, slices):
+        """``A`` on slice layout (nz * nx, ny) -> sinogram layout (n * nx, ny)."""
+        return _product(self.a, slices, self.xp)
+
+    def back_project(self, sinograms):
+        """``A^T`` on sinogram layout (n * nx, ny) -> slice layout (nz * nx, ny)."""
+        return _product(self.at, sinograms, self.xp)
+
     def forward(self, volume):
         """Projections (n, ny, nx) of a volume (nz, ny, nx)."""
-        return self.from_sinograms(self.a @ self.to_slices(volume.astype(self.dtype, copy=False)))
+        return self.from_sinograms(
+            self.project(self.to_slices(volume.astype(self.dtype, copy=False)))
+        )
 
     def back(self, stack):
         """Back-projection (nz, ny, nx) of a stack (n, ny, nx): the exact adjoint of forward."""
-        return self.from_slices(self.at @ self.to_sinograms(stack.astype(self.dtype, copy=False)))
+        return self.from_slices(
+            self.back_project(self.to_sinograms(stack.astype(self.dtype, copy=False)))
+        )
 
     def self_projection(self, sinograms):
         """``A_i A_i^T`` applied to each tilt's own sinogram rows: what projecting back, at
@@ -102,6 +118,16 @@ class ParallelBeamProjector:
             self._row_scale = self._row_scale.astype(self.dtype)
             self._col_scale = self._col_scale.astype(self.dtype)
         return self._row_scale, self._col_scale
+
+
+def _product(matrix, dense, xp):
+    """``matrix @ dense`` (sparse x dense); on the CPU ``BLOCK`` columns at a time."""
+    if xp is not np or dense.shape[1] <= BLOCK:
+        return matrix @ dense
+    out = np.empty((matrix.shape[0], dense.shape[1]), dtype=np.result_type(matrix, dense))
+    for lo in range(0, dense.shape[1], BLOCK):
+        out[:, lo : lo + BLOCK] = matrix @ np.ascontiguousarray(dense[:, lo : lo + BLOCK])
+    return out
 
 
 def joseph_matrix(angles, nx: int, nz: int) -> sp.csr_matrix:
@@ -206,19 +232,53 @@ def sirt(
 ):
     """SIRT: ``x += C A^T R (b - A x)`` with R, C the inverse row and column sums of A
     (Gregor & Benson 2008, IEEE Trans. Med. Imaging 27:918). ``start``: initial volume."""
-    xp = projector.xp
-    rows, cols = projector.sirt_scales()
-    b = projector.to_sinograms(stack.astype(projector.dtype, copy=False))
-    ny = b.shape[1]
-    x = (
-        xp.zeros((projector.nz * projector.nx, ny), dtype=projector.dtype)
-        if start is None
-        else projector.to_slices(start.astype(projector.dtype, copy=False))
-    )
-    for it in range(iterations):
-        x += cols * (projector.at @ (rows * (b - projector.a @ x)))
-        if nonnegative:
-            xp.maximum(x, 0, out=x)
-        if callback is not None:
-            callback(it)
-    return projector.from_slices(x)
+    solver = SIRT(projector, start, nonnegative)
+    solver.run(stack, iterations, callback)
+    return solver.volume()
+
+
+class SIRT:
+    """SIRT (see :func:`sirt`) whose volume carries over from one :meth:`run` to the next, for
+    data that change a little between runs (re-aligned stacks): a warm start. The volume's
+    projection ``A x`` is kept, so an update costs one back- and one forward-projection."""
+
+    def __init__(
+        self, projector: ParallelBeamProjector, start=None, nonnegative: bool = False, leak=0.0
+    ):
+        self.projector = projector
+        self.leak = leak
+        self.nonnegative = nonnegative
+        self.x = None if start is None else projector.to_slices(start.astype(projector.dtype))
+        self._ax = None  # A x in sinogram layout, None when stale
+        self.iterations = 0
+
+    def run(self, stack, iterations: int, callback=None) -> None:
+        """``iterations`` updates toward the stack (n, ny, nx) from the current volume."""
+        p, xp = self.projector, self.projector.xp
+        rows, cols = p.sirt_scales()
+        b = p.to_sinograms(stack.astype(p.dtype, copy=False))
+        if self.x is None:
+            self.x = xp.zeros((p.nz * p.nx, b.shape[1]), dtype=p.dtype)
+            self._ax = xp.zeros_like(b)
+        for it in range(iterations):
+            ax = self._ax if self._ax is not None else p.project(self.x)
+            update = cols * p.back_project(rows * (b - ax))
+            if self.leak:
+                self.x *= 1 - self.leak
+            self.x += update
+            if self.nonnegative:
+                xp.maximum(self.x, 0, out=self.x)
+            self._ax = None
+            self.iterations += 1
+            if callback is not None:
+                callback(it)
+
+    def volume(self):
+        """The current volume (nz, ny, nx)."""
+        return self.projector.from_slices(self.x)
+
+    def projections(self):
+        """Its projections (n, ny, nx), ``A x``."""
+        if self._ax is None:
+            self._ax = self.projector.project(self.x)
+        return self.projector.from_sinograms(self._ax)

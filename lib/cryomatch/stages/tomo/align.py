@@ -8,9 +8,11 @@ cryomatch's ``reprojection`` (global first guess refined against leave-one-out
 reprojections; nothing chained). ``start`` defaults to the tilt nearest 0 degrees.
 
 The raw images are first turned so that the tilt axis (nominal angle from the config or the
-.mdoc) runs along y and aligned; with ``fit_tilt_axis`` the residual angle is then estimated
-from the common line of the aligned stack (:func:`~cryomatch.kernels.tiltaxis.tilt_axis_angle`)
-and the raw images turned and aligned again; with ``center_axis`` the axis offset
+.mdoc; with neither, and ``fit_tilt_axis``, the best of a search over the whole half circle,
+:func:`~cryomatch.kernels.tiltaxis.search_tilt_axis`) runs along y and aligned; with
+``fit_tilt_axis`` the residual angle is then estimated from the common line of the aligned
+stack (:func:`~cryomatch.kernels.tiltaxis.tilt_axis_angle`) and the raw images turned and
+aligned again; with ``center_axis`` the axis offset
 (centre-of-mass fit, :func:`~cryomatch.kernels.tiltaxis.tilt_axis_offset`) is removed from
 the shifts.
 
@@ -71,7 +73,7 @@ def align_stack(
     initial="COM",
     iterations: int = 10,
     tolerance: float = 0.01,
-    smooth_degree: int = 8,
+    smooth_degree: int = 12,
     thickness: int | None = None,
     batch_size: int = 16,
     xp=np,
@@ -198,6 +200,11 @@ def tomo_align(
     data = prepare(series.data, invert)
 
     axis = series.tilt_axis
+    searched = None
+    if fit_tilt_axis and not series.tilt_axis_known:  # no axis given: search the half circle
+        first = start if start is not None and 0 <= start < len(data) else None
+        first = tiltalign.default_start(series.angles) if first is None else first
+        axis, searched = tiltaxis.search_tilt_axis(data, first)
     turned = tiltalign.rotate_stack(data, axis)
     small = tiltalign.bin_stack(turned, binning)
     result = align_stack(small, method, start, series.angles, xp=xp, **options)
@@ -207,7 +214,7 @@ def tomo_align(
             tiltalign.shift_stack(small, result.shifts), tilt_axis_search
         )
         if abs(delta) > 0.01:
-            axis = series.tilt_axis + delta
+            axis = axis + delta
             turned = tiltalign.rotate_stack(data, axis)
             small = tiltalign.bin_stack(turned, binning)
             result = align_stack(small, method, start, series.angles, xp=xp, **options)
@@ -239,7 +246,8 @@ def tomo_align(
         "pixel_size": series.pixel_size,
         "method": method,
         "tilt_axis": axis,
-        "tilt_axis_nominal": series.tilt_axis,
+        "tilt_axis_nominal": series.tilt_axis if series.tilt_axis_known else None,
+        "tilt_axis_searched": None if searched is None else searched.tolist(),
         "tilt_axis_fit": delta,
         "axis_offset": offset,
         "binning": binning,
@@ -339,7 +347,7 @@ def add_arguments(p) -> None:
     p.add_argument("--iterations", type=int, help="reprojection: largest number of rounds (10)")
     p.add_argument("--tolerance", type=float, help="reprojection: stop below (0.01 px)")
     p.add_argument(
-        "--smooth-degree", type=int, help="reprojection: slow terms kept from the first guess (8)"
+        "--smooth-degree", type=int, help="reprojection: slow terms kept from the first guess (12)"
     )
 
 

@@ -7,8 +7,11 @@ image onto its reprojection by cross-correlation with an upsampled DFT (Guizar-S
 al. 2008); shifts longer than ``shift_cutoff`` are scaled
 down to it, a stochastic relaxation pulls offsets toward their mean, and a centre-of-mass
 term moves each image's centre of mass toward the projection of the reconstruction's. The
-loop stops when the largest correlation shift is below ``shift_tolerance``. mumott draws its
-sample from an unseeded generator; here a ``seed`` makes runs reproducible.
+loop stops when the largest correlation shift is below ``shift_tolerance``, or (not in
+mumott) when over the last ``PLATEAU`` (5) iterations no image has moved by
+``shift_tolerance`` in net: on real data (the NIST needle) a few images keep going back and
+forth by one quantum (1 / upsampling), so that mumott's rule alone never ends the loop.
+mumott draws its sample from an unseeded generator; here a ``seed`` makes runs reproducible.
 
 The reconstruction is where the time goes. mumott runs 10 MITRA iterations from zero in every
 alignment iteration (about 20 projector applications). Here SIRT is warm-started: each
@@ -50,6 +53,13 @@ def _relax_offsets(offsets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     diffs = offsets - offsets.mean()
     noise = np.abs(np.std(diffs) * rng.standard_normal(diffs.shape))
     return np.sign(diffs) * np.fmax(0.0, np.abs(diffs) - noise)
+
+
+PLATEAU = 5  # iterations over which no net move of any image also ends the loop
+
+
+def _largest_move(delta) -> float:
+    return float(np.hypot(delta[:, 0], delta[:, 1]).max())
 
 
 def centre_of_mass_shifts(images, volume, angles) -> np.ndarray:
@@ -145,6 +155,7 @@ def run_phase_matching_alignment(
     solver = SIRT(projector, leak=leak) if reconstruction == "sirt" else None
     data = xp.asarray(stack, dtype=np.float32)
     record = []
+    history = [offsets.copy()]
     volume = projections = reference = None
     for iteration in range(1, maxiter + 1):
         t0 = time.perf_counter()
@@ -206,8 +217,13 @@ def run_phase_matching_alignment(
         record.append(row)
         if callback is not None:
             callback(row)
+        history.append(offsets.copy())
         if row["max_shift"] < shift_tolerance:
             break
+        if len(history) > PLATEAU and _largest_move(history[-1] - history[-1 - PLATEAU]) < (
+            shift_tolerance
+        ):
+            break  # the shifts go back and forth by the last quantum: nothing moves any more
     if volume is None and solver is not None:
         volume = solver.volume()
     return {

@@ -228,57 +228,80 @@ def sirt(
     iterations: int = 20,
     start=None,
     nonnegative: bool = False,
-    callback=None,
 ):
     """SIRT: ``x += C A^T R (b - A x)`` with R, C the inverse row and column sums of A
     (Gregor & Benson 2008, IEEE Trans. Med. Imaging 27:918). ``start``: initial volume."""
     solver = SIRT(projector, start, nonnegative)
-    solver.run(stack, iterations, callback)
+    solver.run(stack, iterations)
     return solver.volume()
 
 
 class SIRT:
     """SIRT (see :func:`sirt`) whose volume carries over from one :meth:`run` to the next, for
-    data that change a little between runs (re-aligned stacks): a warm start. The volume's
-    projection ``A x`` is kept, so an update costs one back- and one forward-projection."""
+    data that change a little between runs (re-aligned stacks): a warm start. With ``leak``
+    each update is ``x <- (1 - leak) x + C A^T R (b - A x)``, whose fixed point
+    ``(leak I + C A^T R A) x = C A^T R b`` is a Tikhonov-regularized solution. The volume's
+    projection ``A x`` is kept, so an update costs one back- and one forward-projection.
+    Slices along y are independent problems: on the CPU the volume is held as contiguous
+    blocks of ``BLOCK`` y positions, each iterated on its own (no copies between products)."""
 
     def __init__(
         self, projector: ParallelBeamProjector, start=None, nonnegative: bool = False, leak=0.0
     ):
         self.projector = projector
-        self.leak = leak
         self.nonnegative = nonnegative
-        self.x = None if start is None else projector.to_slices(start.astype(projector.dtype))
-        self._ax = None  # A x in sinogram layout, None when stale
+        self.leak = leak
+        self.blocks = None  # [(slice of y, x block (nz * nx, width), A x block or None)]
         self.iterations = 0
+        if start is not None:
+            self.blocks = [
+                [cut, self._part(projector.to_slices(start.astype(projector.dtype)), cut), None]
+                for cut in self._cuts(start.shape[1])
+            ]
 
-    def run(self, stack, iterations: int, callback=None) -> None:
+    def _cuts(self, ny: int):
+        width = BLOCK if self.projector.xp is np else ny
+        return [slice(lo, min(lo + width, ny)) for lo in range(0, ny, width)]
+
+    def _part(self, columns, cut):
+        return self.projector.xp.ascontiguousarray(columns[:, cut])
+
+    def run(self, stack, iterations: int) -> None:
         """``iterations`` updates toward the stack (n, ny, nx) from the current volume."""
         p, xp = self.projector, self.projector.xp
         rows, cols = p.sirt_scales()
         b = p.to_sinograms(stack.astype(p.dtype, copy=False))
-        if self.x is None:
-            self.x = xp.zeros((p.nz * p.nx, b.shape[1]), dtype=p.dtype)
-            self._ax = xp.zeros_like(b)
-        for it in range(iterations):
-            ax = self._ax if self._ax is not None else p.project(self.x)
-            update = cols * p.back_project(rows * (b - ax))
-            if self.leak:
-                self.x *= 1 - self.leak
-            self.x += update
-            if self.nonnegative:
-                xp.maximum(self.x, 0, out=self.x)
-            self._ax = None
-            self.iterations += 1
-            if callback is not None:
-                callback(it)
+        if self.blocks is None:
+            self.blocks = [
+                [cut, xp.zeros((p.nz * p.nx, cut.stop - cut.start), dtype=p.dtype), None]
+                for cut in self._cuts(b.shape[1])
+            ]
+            for block in self.blocks:
+                block[2] = xp.zeros((b.shape[0], block[0].stop - block[0].start), p.dtype)
+        for block in self.blocks:
+            cut, x, ax = block
+            bk = self._part(b, cut)
+            for _ in range(iterations):
+                ax = p.a @ x if ax is None else ax
+                update = cols * (p.at @ (rows * (bk - ax)))
+                if self.leak:
+                    x *= 1 - self.leak
+                x += update
+                if self.nonnegative:
+                    xp.maximum(x, 0, out=x)
+                ax = None
+            block[2] = ax
+        self.iterations += iterations
 
     def volume(self):
         """The current volume (nz, ny, nx)."""
-        return self.projector.from_slices(self.x)
+        xp = self.projector.xp
+        return self.projector.from_slices(xp.concatenate([x for _, x, _ in self.blocks], axis=1))
 
     def projections(self):
         """Its projections (n, ny, nx), ``A x``."""
-        if self._ax is None:
-            self._ax = self.projector.project(self.x)
-        return self.projector.from_sinograms(self._ax)
+        p, xp = self.projector, self.projector.xp
+        for block in self.blocks:
+            if block[2] is None:
+                block[2] = p.a @ block[1]
+        return p.from_sinograms(xp.concatenate([ax for _, _, ax in self.blocks], axis=1))

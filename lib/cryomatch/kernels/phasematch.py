@@ -25,7 +25,7 @@ found would shrink to zero before the stack is aligned; so every update leaks a 
 ``(leak I + C A^T R A) x = C A^T R b`` is a Tikhonov-regularized solution, about as smooth
 as a few SIRT iterations from zero, and it follows the stack as the shifts change. Measured
 (bench/tomo.py cases: 40^3 x 31 tilts from zero; 96^2 x 61 tilts, noise 0.15, from zero):
-0.25 and 0.21 px, against 0.29 and 0.22 px with 10 SIRT iterations from zero per alignment
+0.25 and 0.22 px, against 0.29 and 0.22 px with 10 SIRT iterations from zero per alignment
 iteration, at a fifth of the cost per iteration.
 
 The correlation is plain (not whitened): mumott's phase correlation (skimage's

@@ -24,9 +24,19 @@ include: "rules/likelihood.smk"
 include: "rules/classify2d.smk"
 include: "rules/tomo.smk"
 include: "rules/subtomo.smk"
+include: "rules/particle_series.smk"
 
 
 check_resources()
+
+
+onstart:
+    record_lock_owner()
+
+
+# A failed run ends with each failed job's one-line error and its log.
+onerror:
+    print_failures(LOGS, STARTED)
 
 
 rule all:

@@ -1,6 +1,9 @@
 # 2D multi-reference alignment and classification (SPARX sxmref_ali2d): one job per
 # iteration. Iteration 0 makes the initial references; iteration n reads iteration n-1, so
 # raising classify2d.maxit runs only the new iterations (maxit is no parameter of any job).
+# SPARX's automatic stop: each iteration writes convergence.json; an iteration after the
+# converged one only copies its outputs (a cheap job), so the target is always iteration
+# maxit (0: up to 10).
 C2D = config["classify2d"]
 C2D_OUT = f"{OUT}/classify2d"
 DEMO_VIEWS = f"{OUT}/demo/views"
@@ -10,7 +13,9 @@ C2D_FILES = [
     "particles.star",
     "frc.csv",
     "classes.csv",
+    "convergence.json",
 ]
+C2D_LAST = C2D["maxit"] or 10  # maxit 0: SPARX's up to 10 iterations
 C2D_FLAGS = {
     "ir": "--ir",
     "ou": "--ou",
@@ -122,6 +127,7 @@ rule classify2d_iteration:
     input:
         star=lambda wc: f"{C2D_OUT}/iter{int(wc.iteration) - 1:03d}/particles.star",
         references=lambda wc: f"{C2D_OUT}/iter{int(wc.iteration) - 1:03d}/references.mrcs",
+        state=lambda wc: f"{C2D_OUT}/iter{int(wc.iteration) - 1:03d}/convergence.json",
         mask=C2D["mask"] or [],
         code=code("classify2d"),
     output:
@@ -161,6 +167,6 @@ rule classify2d_iteration:
 
 
 TARGETS["classify2d"] = [
-    f"{C2D_OUT}/iter{C2D['maxit']:03d}/{f}"
+    f"{C2D_OUT}/iter{C2D_LAST:03d}/{f}"
     for f in C2D_FILES + ["class_averages.png", "frc.png"]
 ]

@@ -1,23 +1,50 @@
 # Shared helpers: output folder, package sources per stage, resources, targets.
 import shlex
 import sys
+import time
 
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 
 # The package of this checkout, for the Snakefile and for every job (also in conda envs).
 LIB = os.path.join(workflow.basedir, "lib")
 sys.path.insert(0, LIB)
+# Each job runs `{params.cryomatch} STAGE ... > {log} 2>&1`, with the interpreter that runs
+# Snakemake (so an unactivated venv works), or the environment's python with --sdm conda.
+# It is set in the shell prefix of every job, so that the rules' params (and reruns) do
+# not depend on where the interpreter is.
+PYTHON = (
+    "python"
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    else shlex.quote(sys.executable)
+)
+shell.prefix(f"set -euo pipefail; CRYOMATCH_PYTHON={PYTHON}; ")
 CRYOMATCH = (
-    f"PYTHONPATH={shlex.quote(LIB)}${{PYTHONPATH:+:$PYTHONPATH}} python -m cryomatch"
+    f"PYTHONPATH={shlex.quote(LIB)}${{PYTHONPATH:+:$PYTHONPATH}} "
+    '"$CRYOMATCH_PYTHON" -m cryomatch'
 )
 
 from cryomatch.errors import CryomatchError
-from cryomatch.workflow import cli_options, count_particles, n_stacks, package_sources
+from cryomatch.workflow import (
+    cli_options,
+    count_particles,
+    n_stacks,
+    package_sources,
+    print_failures,
+    record_lock_owner,
+    release_stale_lock,
+)
 
 OUT = config["output_dir"].rstrip("/")
 LOGS = f"{OUT}/logs"
 BENCH = f"{OUT}/benchmarks"
 TARGETS = {}  # stage name -> files of that stage; each rules/*.smk adds its own
+STARTED = time.time()
+
+# After `kill -9` (or a crash) Snakemake's lock stays: remove it when its run (and its
+# jobs) are dead.
+if workflow.is_main_process and (message := release_stale_lock()):
+    print(f"cryomatch: {message}", file=sys.stderr)
 
 
 def code(module):
@@ -72,7 +99,8 @@ def _n_particles():
     if not star:
         return config["demo"]["particles"]["n"]
     try:
-        return count_particles(star)
+        drop = config["preprocess"].get("drop_duplicates")
+        return count_particles(star, "drop" if drop else "error")
     except CryomatchError as exc:
         raise WorkflowError(f"particles.star: {exc}") from exc
 

@@ -38,6 +38,7 @@ rule preprocess:
                 "ramp": "--no-ramp",
                 "angpix": "--angpix",
                 "batch_size": "--batch-size",
+                "drop_duplicates": "--drop-duplicates",
             },
         ),
     shell:

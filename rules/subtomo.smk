@@ -81,6 +81,7 @@ rule subtomo_align:
                 "rotations": [v for pair in SUBTOMO_CFG["rotations"] for v in pair],
                 "wedge": SUBTOMO_CFG["tilt"] is not None,
                 "backend": config["backend"],
+                **{f"prior_{k}": v for k, v in SUBTOMO_CFG["prior_search"].items()},
             },
             {
                 "method": "--method",
@@ -95,6 +96,10 @@ rule subtomo_align:
                 "chunk_size": "--chunk-size",
                 "batch_size": "--batch-size",
                 "backend": "--backend",
+                "prior_range": "--prior-range",
+                "prior_step": "--prior-step",
+                "prior_cone": "--cone",
+                "prior_inplane": "--inplane",
             },
         ),
     shell:
@@ -133,3 +138,6 @@ rule subtomo_merge:
 
 
 TARGETS["subtomo"] = rules.subtomo_merge.output
+
+
+include: "subtomo_refine.smk"

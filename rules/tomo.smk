@@ -1,5 +1,10 @@
 # Tomography: demo tilt series, alignment and reconstruction, phase-matching refinement.
-from cryomatch.stages.tomo.workflow import series_inputs, series_options, tomo_series
+from cryomatch.stages.tomo.workflow import (
+    model_options,
+    series_inputs,
+    series_options,
+    tomo_series,
+)
 
 TOMO = f"{OUT}/tomo"
 TOMO_CONFIG = config["tomo"]
@@ -32,6 +37,7 @@ rule simulate_tiltseries:
             {**DEMO_TILTSERIES, "seed": config["demo"]["seed"]},
             {
                 "size": "--size",
+                "specimen": "--specimen",
                 "tilts": "--tilts",
                 "max_shift": "--max-shift",
                 "noise": "--noise",
@@ -55,6 +61,8 @@ rule tomo_align:
         aligned=f"{TOMO}/{{name}}/aligned.mrc",
         reconstruction=f"{TOMO}/{{name}}/reconstruction.mrc",
         summary=f"{TOMO}/{{name}}/alignment.json",
+        points=f"{TOMO}/{{name}}/points.csv",
+        model=f"{TOMO}/{{name}}/model.csv",
         png=report(
             f"{TOMO}/{{name}}/alignment.png",
             caption="../workflow/report/tomo_align.rst",
@@ -79,9 +87,22 @@ rule tomo_align:
         stack=lambda wildcards: TOMO_SERIES[wildcards.name]["stack"],
         series=lambda wildcards: series_options(TOMO_SERIES[wildcards.name]),
         opts=cli_options(
-            {**TOMO_CONFIG, "backend": config["backend"]},
+            {
+                **TOMO_CONFIG,
+                **model_options(TOMO_CONFIG),
+                "backend": config["backend"],
+            },
             {
                 "method": "--method",
+                "bead_size": "--bead-size",
+                "min_beads": "--min-beads",
+                "max_beads": "--max-beads",
+                "patch_size": "--patch-size",
+                "patch_spacing": "--patch-spacing",
+                "model_rotation": "--model-rotation",
+                "model_tilt_angles": "--model-tilt-angles",
+                "model_magnification": "--model-magnification",
+                "max_residual": "--max-residual",
                 "fit_tilt_axis": "--no-fit-tilt-axis",
                 "tilt_axis_search": "--tilt-axis-search",
                 "center_axis": "--no-center-axis",

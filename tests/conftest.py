@@ -43,3 +43,15 @@ def demo_particles(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo_particles")
     return simulate_particles(out, n=40, snr=0.5, box=32, seed=7, pixel_size=4.0, batch_size=16)
+
+
+@pytest.fixture
+def dataset(tmp_path, demo_particles):
+    """A private copy of the demo particles (STAR and stack) that a test may damage."""
+    import shutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(demo_particles, folder / "particles.star")
+    shutil.copy(demo_particles.parent / "particles.mrcs", folder / "particles.mrcs")
+    return folder

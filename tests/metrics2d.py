@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from math import comb
+from pathlib import Path
 
+import mrcfile
 import numpy as np
+import starfile
+from scipy.special import erf
 
 from cryomatch import geometry
+from cryomatch.kernels.align2d import from_reference_frame
+from cryomatch.stages.simulate.views import simulate_views
 
 
 def adjusted_rand_index(a, b) -> float:
@@ -81,3 +87,44 @@ def cramer_rao(views, noise_sigma):
         angle.append(np.rad2deg(np.sqrt(bound[0, 0])))
         shift.append(np.sqrt(0.5 * (bound[1, 1] + bound[2, 2])))
     return np.array(angle), np.array(shift)
+
+
+def disc_variance(images, radius: float):
+    """Variance (n,) of each image (n, box, box) over the disc of ``radius`` pixels about the
+    box centre: the signal of an SNR defined over the particle."""
+    images = np.asarray(images, dtype=np.float64)
+    box = images.shape[-1]
+    g = np.arange(box) - box // 2
+    disc = g[:, None] ** 2 + g[None, :] ** 2 <= radius * radius
+    return images[:, disc].var(axis=1)
+
+
+def efficient_fractions(bound_angle, bound_shift, angle_limit: float, shift_limit: float):
+    """Fractions of images whose angle error is within ``angle_limit`` degrees and whose
+    shift error is within ``shift_limit`` pixels for an efficient estimator (errors Gaussian
+    at the Cramer-Rao bound: the angle's standard deviation, the shift's per axis), per
+    image from the bounds of its view (n,)."""
+    angle = erf(angle_limit / (np.sqrt(2.0) * np.asarray(bound_angle)))
+    shift = 1.0 - np.exp(-(shift_limit**2) / (2.0 * np.asarray(bound_shift) ** 2))
+    return float(np.mean(angle)), float(np.mean(shift))
+
+
+def simulate_at_disc_snr(folder, snr_disc, n, ou, map_path, seed):
+    """Images of 5 views of a map (64 px, random in-plane angle, mirror, +-3 px shifts)
+    whose SNR is ``snr_disc`` with the signal variance over the disc of radius ``ou``; returns
+    (star, views, noise sigma, the SNR measured from the noise actually added)."""
+    kwargs = dict(n_views=5, box=64, seed=seed, map_path=str(map_path), max_shift=3.0)
+    probe = simulate_views(Path(folder) / "probe", n=1, snr=1.0, **kwargs)  # the same views
+    views = mrcfile.read(probe.parent / "views.mrcs").astype(np.float64)
+    factor = disc_variance(views, ou).mean() / views.var(axis=(1, 2)).mean()
+    star = simulate_views(Path(folder) / "data", n=n, snr=snr_disc / factor, **kwargs)
+    table = starfile.read(star)
+    truth, pixel_size = table["particles"], float(table["optics"]["rlnImagePixelSize"].iloc[0])
+    clean = from_reference_frame(
+        views[truth["rlnClassNumber"].to_numpy() - 1],
+        truth["rlnAnglePsi"].to_numpy(),
+        truth["rlnIsFlip"].to_numpy(bool),
+        truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / pixel_size,
+    )
+    sigma = float(np.std(mrcfile.read(star.parent / "particles.mrcs") - clean))
+    return star, views, sigma, disc_variance(views, ou).mean() / sigma**2

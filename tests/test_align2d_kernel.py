@@ -117,6 +117,80 @@ def test_fourier_shift_matches_the_foundation(rng):
     )
 
 
+def _band_limited(box, shift=(0.0, 0.0)):
+    """A smooth periodic image (a few low-frequency waves), moved by ``shift`` (x, y) px, and
+    the function itself (x, y measured from the box centre)."""
+    waves = [(1, 2, 0.3), (3, -1, 1.1), (-4, 5, 2.0), (6, 3, -0.4)]
+
+    def f(x, y):
+        x, y = x - shift[0], y - shift[1]
+        return sum(np.cos(2 * np.pi * (a * x + b * y) / box + p) for a, b, p in waves)
+
+    g = np.arange(box, dtype=np.float64) - box // 2
+    return f(g[None, :], g[:, None]).astype(np.float32), f
+
+
+def test_spline_rings_interpolate_far_better_than_bilinear():
+    box, radii = 32, np.array([3.0, 7.5, 12.0])
+    image, f = _band_limited(box)
+    theta = 2 * np.pi * np.arange(W) / W
+    exact = f(radii[:, None] * np.cos(theta), radii[:, None] * np.sin(theta))
+    linear = align2d.sample_rings(image[None], align2d.ring_sampler(box, radii, W), 3)[0]
+    coefficients = align2d.fourier_shift(image[None], np.zeros((1, 2)), prefilter=True)
+    spline = align2d.sample_rings(coefficients, align2d.ring_sampler(box, radii, W, 3), 3)[0]
+    assert np.abs(spline - exact).max() < 0.02 < 0.2 < np.abs(linear - exact).max()
+
+
+def test_prefiltered_fourier_shift_is_the_spline_of_the_moved_image(rng):
+    images = rng.normal(size=(3, 24, 24)).astype(np.float32)
+    shifts = rng.normal(size=(3, 2)) * 2
+    moved = shift_images(images, shifts).astype(np.float64)
+    k = np.fft.fftfreq(24)
+    gain = 2 / 3 + np.cos(2 * np.pi * k) / 3
+    expected = np.fft.ifft2(np.fft.fft2(moved) / (gain[:, None] * gain[None, :])).real
+    np.testing.assert_allclose(
+        align2d.fourier_shift(images, shifts, prefilter=True), expected, atol=2e-4
+    )
+
+
+def test_refine_poses_of_matches(rng):
+    """Band-limited images turned, mirrored and moved off-grid: from matches up to half a
+    pixel off, the refinement finds the poses to the interpolation's precision."""
+    box, n = 48, 40
+    views = np.stack([_band_limited(box, (s, -s))[0] for s in (0.0, 1.7)])
+    views *= align2d.disc_mask(box, 20)
+    ref = rng.integers(0, 2, n)
+    psi = rng.uniform(-180, 180, n)
+    mirror = rng.random(n) < 0.5
+    origin = rng.uniform(-2, 2, size=(n, 2))
+    images = align2d.from_reference_frame(views[ref], psi, mirror, origin)
+    radii = align2d.ring_radii(1, 18, 1)
+    fine = align2d.prepare_references(views, radii, align2d.ring_points(18), 1, 1, 0.5, order=3)
+    start = origin + rng.uniform(-0.5, 0.5, size=(n, 2))
+    est_psi, est_origin, score, refined = align2d.refine_poses(
+        images, start, ref, mirror, fine, radii, room=5
+    )
+    assert refined.all() and np.all(score > 0.99)
+    assert np.abs(geometry.wrap_degrees(est_psi - psi)).max() < 0.2
+    assert np.linalg.norm(est_origin - origin, axis=1).max() < 0.05
+    # an image whose rings would leave it is left as it is
+    far = start.copy()
+    far[0] = [6.0, 0.0]
+    _, kept, _, refined = align2d.refine_poses(images, far, ref, mirror, fine, radii, room=5)
+    assert not refined[0] and np.array_equal(kept[0], far[0]) and refined[1:].all()
+
+
+def test_phase_centre_of_gravity():
+    box = 48
+    g = np.arange(box) - box // 2
+    y, x = np.meshgrid(g, g, indexing="ij")
+    blob = np.exp(-((x - 3.0) ** 2 + (y + 2.0) ** 2) / 10.0)
+    np.testing.assert_allclose(align2d.phase_centre_of_gravity(blob[None])[0], [3, -2], atol=0.05)
+    # SPARX's known flaw: inverted contrast moves it by half the box
+    flipped = align2d.phase_centre_of_gravity(-blob[None])[0]
+    np.testing.assert_allclose(np.abs(flipped - [3, -2]), [box / 2, box / 2], atol=0.05)
+
+
 def test_shift_grid():
     grid, nx, ny = align2d.shift_grid(2, 1, 1)
     assert (nx, ny) == (5, 3) and len(grid) == 15
@@ -294,3 +368,14 @@ def test_search_on_the_gpu_matches_numpy(views, rng):
     np.testing.assert_array_equal(gpu.mirror, cpu.mirror)
     np.testing.assert_allclose(gpu.angle, cpu.angle, atol=0.05)
     np.testing.assert_allclose(gpu.shift, cpu.shift, atol=0.01)
+    # and the final refinement of those matches
+    start = cpu.to_params(zero)[1]
+    fine = [
+        align2d.prepare_references(v, radii, w, 1, 1, 0.5, order=3)
+        for v in (views, cupy.asarray(views))
+    ]
+    args = (start, cpu.reference, cpu.mirror)
+    cpu_psi, cpu_origin, _, _ = align2d.refine_poses(images, *args, fine[0], radii, 3)
+    gpu_psi, gpu_origin, _, _ = align2d.refine_poses(cupy.asarray(images), *args, fine[1], radii, 3)
+    np.testing.assert_allclose(geometry.wrap_degrees(gpu_psi - cpu_psi), 0, atol=0.05)
+    np.testing.assert_allclose(gpu_origin, cpu_origin, atol=0.01)

@@ -1,7 +1,5 @@
 """Bad input: one clear message naming the file and the problem, exit 2, no output left."""
 
-import shutil
-
 import mrcfile
 import numpy as np
 import pytest
@@ -9,16 +7,6 @@ import pytest
 from cryomatch.cli import main
 from cryomatch.io.mrc import write_mrc
 from cryomatch.io.star import read_star, write_star
-
-
-@pytest.fixture
-def dataset(tmp_path, demo_particles):
-    """A private copy of the demo particles that a test may damage."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    shutil.copy(demo_particles, folder / "particles.star")
-    shutil.copy(demo_particles.parent / "particles.mrcs", folder / "particles.mrcs")
-    return folder
 
 
 def _run(capsys, folder, out, *extra):

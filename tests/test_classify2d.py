@@ -28,11 +28,14 @@ from metrics2d import adjusted_rand_index
 
 SETTINGS = Settings(ou=18, xr=2, yr=2)
 FILES = [
+    "convergence.json",
     "class_averages.mrcs",
     "references.mrcs",
     "particles.star",
     "frc.csv",
+    "frc.csv.provenance.json",
     "classes.csv",
+    "classes.csv.provenance.json",
     "class_averages.png",
     "frc.png",
 ]
@@ -51,7 +54,7 @@ def views(tmp_path_factory):
 def run(views, tmp_path_factory):
     out = tmp_path_factory.mktemp("classify")
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in views.parent.iterdir()}
-    classify2d(views, out, classes=3, maxit=3, settings=SETTINGS)
+    classify2d(views, out, classes=3, maxit=5, settings=SETTINGS)
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in views.parent.iterdir()}
     return out, before, after
 
@@ -63,21 +66,21 @@ def _star(out, it):
 def test_outputs_of_every_iteration(run, views):
     out, _, _ = run
     truth = starfile.read(views)["particles"]
-    for it in range(4):
+    for it in range(6):
         folder = iteration_dir(out, it)
         assert sorted(p.name for p in folder.iterdir()) == sorted(FILES)
         averages = mrcfile.read(folder / "class_averages.mrcs")
         assert averages.shape == (3, 48, 48) and np.isfinite(averages).all()
         classes = read_csv(folder / "classes.csv")
         assert classes["particles"].sum() == 240 and len(classes) == 3
-    table = _star(out, 3)
+    table = _star(out, 5)
     assert set(table["rlnClassNumber"]) <= {1, 2, 3}
     assert table["rlnAnglePsi"].between(-180, 180).all()
     assert set(table["rlnIsFlip"]) <= {0, 1}
     assert table["rlnParticleFigureOfMerit"].between(0, 1).all()
     assert list(table["rlnAngleRot"]) == list(truth["rlnAngleRot"])  # other columns kept
     # the STAR's image names resolve, and give back the input images
-    particles = read_particles(iteration_dir(out, 3) / "particles.star", require_ctf=False)
+    particles = read_particles(iteration_dir(out, 5) / "particles.star", require_ctf=False)
     with ImageReader(particles) as reader:
         np.testing.assert_array_equal(
             reader.read(0, 5), mrcfile.read(views.parent / "particles.mrcs")[:5]
@@ -87,12 +90,12 @@ def test_outputs_of_every_iteration(run, views):
 def test_classes_found(run, views):
     out, _, _ = run
     truth = starfile.read(views)["particles"]["rlnClassNumber"]
-    assert adjusted_rand_index(truth, _star(out, 3)["rlnClassNumber"]) > 0.95
+    assert adjusted_rand_index(truth, _star(out, 5)["rlnClassNumber"]) > 0.95
 
 
 def test_frc_in_inverse_angstrom(run):
     out, _, _ = run
-    frc = read_csv(iteration_dir(out, 3) / "frc.csv")
+    frc = read_csv(iteration_dir(out, 5) / "frc.csv")
     assert list(frc.columns[:3]) == ["shell", "frequency_inv_angstrom", "resolution_angstrom"]
     np.testing.assert_allclose(frc["frequency_inv_angstrom"].iloc[-1], 0.5 / 3.0, rtol=1e-5)
     np.testing.assert_allclose(
@@ -110,7 +113,7 @@ def test_inputs_unchanged(run):
 
 def test_averages_are_centred(run):
     out, _, _ = run
-    averages = mrcfile.read(iteration_dir(out, 3) / "class_averages.mrcs")
+    averages = mrcfile.read(iteration_dir(out, 5) / "class_averages.mrcs")
     centre = align2d.centre_of_mass(align2d.lowpass(averages, 0.15), SETTINGS.ou)
     assert np.abs(centre).max() < 0.5
 
@@ -125,9 +128,9 @@ def test_one_iteration_at_a_time_gives_the_same(run, views, tmp_path):
             mrcfile.read(a / "class_averages.mrcs"), mrcfile.read(b / "class_averages.mrcs")
         )
         pd.testing.assert_frame_equal(_star(out, it), _star(tmp_path, it))
-    # raising maxit: iteration 4 continues from iteration 3 of the first run
-    classify2d(None, out, classes=3, iteration=4, settings=SETTINGS)
-    assert (iteration_dir(out, 4) / "particles.star").is_file()
+    # raising maxit: iteration 6 continues from iteration 5 of the first run
+    classify2d(None, out, classes=3, iteration=6, settings=SETTINGS)
+    assert (iteration_dir(out, 6) / "particles.star").is_file()
 
 
 def test_given_references_and_continue(views, tmp_path):
@@ -144,7 +147,7 @@ def test_given_references_and_continue(views, tmp_path):
     # a new run continuing from that STAR starts from its parameters
     star = iteration_dir(tmp_path / "a", 1) / "particles.star"
     classify2d(
-        star, tmp_path / "b", references=refs, maxit=0, settings=SETTINGS, continue_params=True
+        star, tmp_path / "b", references=refs, iteration=0, settings=SETTINGS, continue_params=True
     )
     start = _star(tmp_path / "b", 0)
     np.testing.assert_allclose(start["rlnOriginXAngst"], table["rlnOriginXAngst"], atol=1e-5)
@@ -191,8 +194,8 @@ def test_ctf_wiener_averages(tmp_path):
     for ctf in (False, True):
         settings = Settings(ou=18, xr=1, yr=1, CTF=ctf, snr=2.0)
         out = tmp_path / f"ctf{ctf}"
-        classify2d(star, out, classes=2, maxit=4, settings=settings)
-        averages = mrcfile.read(iteration_dir(out, 4) / "class_averages.mrcs")
+        last = classify2d(star, out, classes=2, maxit=4, settings=settings)
+        averages = mrcfile.read(last / "class_averages.mrcs")
         radii = align2d.ring_radii(1, 18, 1)
         w = align2d.ring_points(18)
         refs = align2d.prepare_references(truth, radii, w, 2, 2, 1)
@@ -219,7 +222,7 @@ def test_references_of_another_box(views, tmp_path):
         tmp_path,
         views,
         references=refs,
-        maxit=0,
+        iteration=0,
         settings=SETTINGS,
     )
 
@@ -234,7 +237,7 @@ def test_references_of_another_box(views, tmp_path):
     ],
 )
 def test_bad_rings_and_search_range(views, tmp_path, settings, match):
-    _expect_error(match, tmp_path, views, classes=3, maxit=0, settings=settings)
+    _expect_error(match, tmp_path, views, classes=3, iteration=0, settings=settings)
 
 
 def test_shifts_pushing_rings_outside(views, tmp_path):
@@ -249,7 +252,7 @@ def test_shifts_pushing_rings_outside(views, tmp_path):
             tmp_path,
             star,
             classes=3,
-            maxit=0,
+            iteration=0,
             settings=SETTINGS,
             continue_params=True,
         )
@@ -266,7 +269,7 @@ def test_mask_of_another_box(views, tmp_path):
         tmp_path,
         views,
         classes=3,
-        maxit=0,
+        iteration=0,
         settings=SETTINGS,
         mask=mask,
     )
@@ -278,7 +281,7 @@ def test_ctf_without_ctf_columns(views, tmp_path):
         tmp_path,
         views,
         classes=3,
-        maxit=0,
+        iteration=0,
         settings=Settings(ou=18, xr=2, yr=2, CTF=True),
     )
 

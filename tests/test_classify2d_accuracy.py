@@ -22,9 +22,15 @@ import numpy as np
 import pytest
 import starfile
 
-from cryomatch.stages.classify2d import Settings, classify2d, iteration_dir
+from cryomatch.stages.classify2d import Settings, classify2d
 from cryomatch.stages.simulate.views import simulate_views
-from metrics2d import adjusted_rand_index, cramer_rao, pose_errors
+from metrics2d import (
+    adjusted_rand_index,
+    cramer_rao,
+    efficient_fractions,
+    pose_errors,
+    simulate_at_disc_snr,
+)
 
 MAXIT = 10
 SETTINGS = Settings(ou=24, xr=3, yr=3, ts=1)  # rings cover the particle, +-3 px search
@@ -42,9 +48,9 @@ def _run(real_data, tmp_path, snr):
         map_path=str(real_data / "maps" / "emd_1832.map"),
         max_shift=3.0,
     )
-    classify2d(star, tmp_path / "out", classes=5, maxit=MAXIT, settings=SETTINGS)
+    last = classify2d(star, tmp_path / "out", classes=5, maxit=MAXIT, settings=SETTINGS)
     truth = starfile.read(star)["particles"]
-    estimate = starfile.read(iteration_dir(tmp_path / "out", MAXIT) / "particles.star")["particles"]
+    estimate = starfile.read(last / "particles.star")["particles"]
     angle, shift, mirror_ok, correct = pose_errors(truth, estimate, 5.7)
     ari = adjusted_rand_index(truth["rlnClassNumber"], estimate["rlnClassNumber"])
     views = mrcfile.read(data / "views.mrcs")
@@ -85,3 +91,36 @@ def test_accuracy_figures_where_the_noise_allows(real_data, tmp_path):
     assert ari >= 0.95
     assert mirror_ok[correct].mean() >= 0.98
     assert np.mean((angle[correct] < 2) & (shift[correct] < 0.5)) >= 0.95
+
+
+# --- issue 12, point 3: against the efficient estimator, SNR over the particle disc -------
+@pytest.mark.slow
+@pytest.mark.parametrize("snr, seed", [(0.3, 12), (0.3, 11), (1.0, 12)])
+def test_accuracy_against_the_efficient_estimator(real_data, tmp_path, snr, seed):
+    ou = 24
+    star, views, sigma, measured = simulate_at_disc_snr(
+        tmp_path, snr, 1000, ou, real_data / "maps" / "emd_1832.map", seed
+    )
+    assert measured == pytest.approx(snr, rel=0.05)  # the disc definition holds
+    out = tmp_path / "out"
+    last = classify2d(star, out, classes=5, maxit=0, settings=Settings(ou=ou, xr=3, yr=3))
+    truth = starfile.read(star)["particles"]
+    estimate = starfile.read(last / "particles.star")["particles"]
+    angle, shift, mirror_ok, correct = pose_errors(truth, estimate, 5.7)
+    ari = adjusted_rand_index(truth["rlnClassNumber"], estimate["rlnClassNumber"])
+    bound_angle, bound_shift = cramer_rao(views, sigma)
+    view = truth["rlnClassNumber"].to_numpy()[correct] - 1
+    allowed = efficient_fractions(bound_angle[view], bound_shift[view], 2.0, 0.5)
+    found = (np.mean(angle[correct] < 2.0), np.mean(shift[correct] < 0.5))
+    print(
+        f"SNR {snr} over the disc of radius {ou} (measured {measured:.3f}), seed {seed}, "
+        f"{last.name}: "
+        f"ARI {ari:.4f}, correctly classed {correct.mean():.4f}, mirror right "
+        f"{mirror_ok[correct].mean():.4f}; angle < 2 deg {found[0]:.4f} (efficient "
+        f"{allowed[0]:.4f}, ratio {found[0] / allowed[0]:.3f}); shift < 0.5 px {found[1]:.4f} "
+        f"(efficient {allowed[1]:.4f}, ratio {found[1] / allowed[1]:.3f}); Cramer-Rao angle "
+        f"{bound_angle.mean():.3f} deg, shift {bound_shift.mean():.3f} px per axis"
+    )
+    assert found[0] >= 0.9 * allowed[0] and found[1] >= 0.9 * allowed[1]
+    if snr >= 1.0:
+        assert ari >= 0.95

@@ -1,7 +1,10 @@
-"""The classify2d rules: one job per iteration, and raising maxit runs only the new ones."""
+"""The classify2d rules: one job per iteration, raising maxit runs only the new ones, and
+after SPARX's automatic stop the remaining iterations copy the converged one."""
 
 from __future__ import annotations
 
+import filecmp
+import json
 import re
 import subprocess
 import sys
@@ -77,3 +80,15 @@ def test_iterations_are_jobs_and_raising_maxit_runs_only_new_ones(tmp_path):
     more = _snakemake(tmp_path, 3, "--dry-run")
     assert more.returncode == 0, more.stderr
     assert _jobs(more.stdout) == {"classify2d_iteration": 1, "all": 1, "total": 2}
+    # up to 10 iterations (maxit 0): the run stops by itself, later jobs copy the last one
+    done = _snakemake(tmp_path, 0)
+    assert done.returncode == 0, done.stderr
+    state = json.loads((folder / "iter010" / "convergence.json").read_text())
+    assert state["converged"] and state["iteration"] == 10
+    last = state["converged_at"]
+    assert 2 < last < 10
+    for f in ("particles.star", "class_averages.mrcs", "classes.csv"):
+        assert filecmp.cmp(folder / f"iter{last:03d}" / f, folder / "iter010" / f, shallow=False)
+    log = (tmp_path / "results" / "logs" / "classify2d" / "iter010.log").read_text()
+    assert f"converged at iteration {last}; its outputs copied" in log
+    assert "criterion" in (tmp_path / "results" / "logs" / "classify2d" / "iter002.log").read_text()

@@ -24,8 +24,11 @@ def test_csv_round_trip_with_provenance(tmp_path):
     table = pd.DataFrame({"frequency": [0.01, 0.02], "frc": [0.9, 0.5]})
     prov = provenance.record("test", {"k": 1})
     write_csv(tmp_path / "t.csv", table, prov)
-    assert (tmp_path / "t.csv").read_text().startswith("# cryomatch ")
+    assert (tmp_path / "t.csv").read_text().startswith("frequency,frc\n")
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "t.csv"), table)  # a plain reader
     pd.testing.assert_frame_equal(read_csv(tmp_path / "t.csv"), table)
+    sidecar = json.loads((tmp_path / "t.csv.provenance.json").read_text())
+    assert sidecar["stage"] == "test" and sidecar["params"] == {"k": 1}
 
 
 def test_json(tmp_path):

@@ -7,10 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
+from scipy.special import logsumexp
 
 from cryomatch import geometry
 from cryomatch.cli import main
 from cryomatch.errors import CryomatchError
+from cryomatch.io.particles import read_particles
 from cryomatch.stages.fourier_stack import fourier_stack
 from cryomatch.stages.likelihood import likelihood, output_paths
 from cryomatch.stages.likelihood_gather import likelihood_gather
@@ -80,10 +82,76 @@ def test_best_structure_and_pose_recover_the_truth(run):
         *(truth[c].to_numpy() - best[c].to_numpy() for c in ("rlnOriginXAngst", "rlnOriginYAngst"))
     )
     assert np.mean(shift <= APIX) >= 0.75  # within the 1 px grid spacing
-    csv = pd.read_csv(gathered["csv"], comment="#")
-    assert list(csv.columns[:2]) == ["image", "ll_integrated_structure_01"]
+    csv = pd.read_csv(gathered["csv"])
+    assert list(csv.columns[:4]) == [
+        "image",
+        "best_structure",
+        "posterior",
+        "ll_integrated_structure_01",
+    ]
     # log-likelihoods differ between images (CryoLike's optimal-pose run wrote a constant)
     assert csv["ll_integrated_structure_01"].std() > 1 and csv["ll_optimal_structure_01"].std() > 1
+
+
+def test_best_poses_star_is_usable_downstream(run, tmp_path, monkeypatch):
+    """rlnImageName resolves from the STAR's own folder, wherever it is read from;
+    rlnMaxValueProbDistribution is the best (structure, pose)'s posterior (RELION's meaning);
+    the structure posterior has its own column."""
+    root, star, _, temps, gathered = run
+    monkeypatch.chdir(tmp_path)  # names must not depend on the current directory
+    back = read_particles(gathered["star"])
+    truth = read_particles(root / "particles" / "stack_000000.star")
+    assert back.table["image_file"].iloc[0] == truth.table["image_file"].iloc[0]
+    np.testing.assert_array_equal(back.table["image_index"].iloc[:16], np.arange(16))
+    best = starfile.read(gathered["star"])["particles"]
+    ll = np.load(gathered["matrix"])
+    structure = np.exp(ll.max(axis=0) - logsumexp(ll, axis=0))
+    np.testing.assert_allclose(best["rlnCryomatchStructurePosterior"], structure, rtol=1e-5)
+    # by hand from the job files: P(s | y) x w_view L(best pose) / (D W) / L_integrated
+    k = best["rlnClassNumber"].to_numpy() - 1
+    pose = np.empty(32)
+    for i in range(2):
+        meta = np.load(temps[i].with_suffix(".npz"))
+        w = meta["view_weights"] / meta["view_weights"].sum()
+        for j, stack in enumerate(("000000", "000001")):
+            p = output_paths(root / "likelihood", i, stack)
+            rows = slice(16 * j, 16 * j + 16)
+            mine = k[rows] == i
+            view = np.load(p["template"])
+            value = np.exp(
+                np.load(p["ll_optimal"])
+                + np.log(w[view] / (25 * 2 * BOX))
+                - np.load(p["ll_integrated"])
+            )
+            pose[rows][mine] = value[mine]
+    expected = structure * pose
+    np.testing.assert_allclose(best["rlnMaxValueProbDistribution"], expected, rtol=1e-4)
+    # a probability, and the integrated likelihood holds its best pose's share
+    assert np.all((expected > 0) & (expected <= structure * (1 + 1e-9)))
+
+
+def test_one_job_for_several_template_sets(run, tmp_path, capsys):
+    """``cryomatch likelihood --templates T0 T1 --i-template 5 7``: the same files as one job
+    per set (an ensemble's group of frames); unequal lists are an error."""
+    root, _, ffts, temps, _ = run
+    opts = ["--max-displacement-pixels", "2", "--n-displacements-x", "5"]
+    opts += ["--n-displacements-y", "5"]
+    main(
+        ["likelihood", "--fourier-stack", str(ffts[1]), "--templates", *map(str, temps)]
+        + ["--out", str(tmp_path), "--i-template", "5", "7", *opts]
+    )
+    for i, j in ((0, 5), (1, 7)):
+        alone = output_paths(root / "likelihood", i, "000001")
+        together = output_paths(tmp_path, j, "000001")
+        for key in ("ll_integrated", "template", "inplane_rotation"):
+            np.testing.assert_array_equal(np.load(together[key]), np.load(alone[key]))
+    code = main(
+        ["likelihood", "--fourier-stack", str(ffts[1]), "--templates", *map(str, temps)]
+        + ["--out", str(tmp_path / "x"), "--i-template", "3"]
+    )
+    assert code == 2
+    assert "2 template sets but 1 --i-template" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_full_cross_correlation_and_prior_shifts(run, tmp_path):

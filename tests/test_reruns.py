@@ -58,6 +58,7 @@ PLOTS = [
     "projections.png",
     "preview.png",
     "likelihood_differences.png",
+    "ensemble_weights.png",
     "class_averages.png",
     "frc.png",
     "alignment.png",
@@ -92,7 +93,8 @@ def test_likelihood_parameter_reruns_only_likelihood_jobs(run):
     jobs = _changed(
         folder, config, lambda c: c["likelihood"].update(max_displacement_pixels=2.0), "ll.yaml"
     )
-    assert jobs == {"likelihood": 4, "likelihood_gather": 1, "all": 1}  # 2 structures x 2 stacks
+    # 2 structures x 2 stacks, then the gather and the reweighting of its matrix
+    assert jobs == {"likelihood": 4, "likelihood_gather": 1, "reweight": 1, "all": 1}
 
 
 def test_adding_a_structure_runs_only_its_jobs(run):
@@ -106,6 +108,7 @@ def test_adding_a_structure_runs_only_its_jobs(run):
         "template_list": 1,
         "likelihood": 2,
         "likelihood_gather": 1,
+        "reweight": 1,
         "all": 1,
     }
 

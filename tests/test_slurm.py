@@ -5,7 +5,7 @@ import filecmp
 import pytest
 
 from slurm_cluster import Cluster, unavailable_reason
-from workflow_helpers import REPO, TINY, snakemake, write_config
+from workflow_helpers import REPO, TINY, snakemake, truncated_stack_config, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -90,3 +90,22 @@ def test_likelihood_jobs_run_as_one_slurm_array(cluster, tmp_path):
     assert len({j["ArrayJobId"] for j in tasks}) == 1 and all(j.get("ArrayTaskId") for j in tasks)
     assert all(j["JobState"] == "COMPLETED" for j in ran)
     assert (tmp_path / "results/likelihood/likelihood_matrix.npy").is_file()
+
+
+@pytest.mark.slow
+def test_failed_job_shows_its_error_line_through_slurm(cluster, tmp_path, demo_particles):
+    out = snakemake(
+        tmp_path,
+        "--profile",
+        str(REPO / "workflow/profiles/slurm"),
+        *FAST_STATUS,
+        configfile=truncated_stack_config(tmp_path, demo_particles),
+        check=False,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    error = [x for x in text.splitlines() if x.startswith("cryomatch: error:")]
+    assert len(error) == 1, text
+    assert "particles.mrcs: truncated MRC file" in error[0]
+    assert error[0].endswith("[log: results/logs/preprocess.log]")
+    assert "    input:" not in text  # no file lists

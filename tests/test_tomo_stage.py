@@ -28,8 +28,8 @@ def demo(tmp_path_factory):
 
 
 def _errors(folder, truth_folder, csv="shifts.csv"):
-    truth = pd.read_csv(truth_folder / "truth.csv", comment="#")
-    found = pd.read_csv(folder / csv, comment="#")
+    truth = pd.read_csv(truth_folder / "truth.csv")
+    found = pd.read_csv(folder / csv)
     d = found[["shift_x", "shift_y"]].to_numpy() - truth[["shift_x", "shift_y"]].to_numpy()
     return np.sqrt((remove_unobservable(d, truth["angle"].to_numpy()) ** 2).mean(axis=0))
 
@@ -61,7 +61,7 @@ def test_align_and_refine_commands_write_every_output(demo, tmp_path):
     matrices, shifts = read_xf(folder / "demo.xf")
     np.testing.assert_allclose(
         shifts,
-        pd.read_csv(folder / "shifts.csv", comment="#")[["shift_x", "shift_y"]].to_numpy(),
+        pd.read_csv(folder / "shifts.csv")[["shift_x", "shift_y"]].to_numpy(),
         atol=1e-3,
     )
     np.testing.assert_allclose(read_angles(folder / "demo.tlt").angles, np.arange(-60, 61, 3.0))
@@ -87,7 +87,7 @@ def test_align_and_refine_commands_write_every_output(demo, tmp_path):
         )
         == 0
     )
-    record = pd.read_csv(folder / "refinement.csv", comment="#")
+    record = pd.read_csv(folder / "refinement.csv")
     assert list(record.columns) == [
         "iteration",
         "max_shift",
@@ -127,8 +127,8 @@ def test_mdoc_order_is_kept_and_chained_methods_refuse_it(demo, tmp_path):
         (tmp_path / "out" / "tomo" / "ds").iterdir()
     )
     folder = tomo_align(stack, tmp_path / "out", method="COM")  # order-free
-    found = pd.read_csv(folder / "shifts.csv", comment="#")
-    truth = pd.read_csv(demo / "truth.csv", comment="#").iloc[order]
+    found = pd.read_csv(folder / "shifts.csv")
+    truth = pd.read_csv(demo / "truth.csv").iloc[order]
     d = found[["shift_x", "shift_y"]].to_numpy() - truth[["shift_x", "shift_y"]].to_numpy()
     assert np.sqrt((remove_unobservable(d, angles[order]) ** 2).mean(axis=0)).max() < 0.5
 
@@ -202,9 +202,7 @@ def test_real_needle_alignment_agrees_with_stackreg(real_data, tmp_path):
         folder = tomo_align(
             stack, tmp_path / method, method=method, tilt_axis=90.0, pixel_size=33.6, binning=2
         )
-        shifts[method] = pd.read_csv(folder / "shifts.csv", comment="#")[
-            ["shift_x", "shift_y"]
-        ].to_numpy()
+        shifts[method] = pd.read_csv(folder / "shifts.csv")[["shift_x", "shift_y"]].to_numpy()
         axes[method] = json.loads((folder / "alignment.json").read_text())["tilt_axis"]
     d = remove_unobservable(shifts["reprojection"] - shifts["StackReg"], angles)
     assert np.sqrt((d**2).mean(axis=0)).max() < 0.5

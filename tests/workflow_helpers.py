@@ -82,3 +82,16 @@ def planned_jobs(
             break
         jobs[match.group(1)] = int(match.group(2))
     return jobs
+
+
+def truncated_stack_config(folder: Path, demo_particles: Path) -> Path:
+    """A config (written in ``folder``) of TINY whose particles' stack is cut in half."""
+    import shutil
+
+    data = folder / "in"
+    data.mkdir()
+    shutil.copy(demo_particles, data / "particles.star")
+    raw = (demo_particles.parent / "particles.mrcs").read_bytes()
+    (data / "particles.mrcs").write_bytes(raw[: len(raw) // 2])
+    config = {**TINY, "particles": {"star": str(data / "particles.star"), "angpix": None}}
+    return write_config(folder, config)

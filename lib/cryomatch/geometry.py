@@ -332,3 +332,19 @@ def relion_to_subvolume_pose(rot, tilt, psi, origin_xyz, shape):
     shift = displacement_from_origin(np.asarray(origin_xyz, dtype=np.float64))[..., ::-1]
     shift = change_rotation_centre(shift, matrix, relion_centre(shape), acryo_centre(shape))
     return Rotation.from_matrix(matrix).as_quat(), shift
+
+
+def compose_subvolume_poses(prior_quat, prior_shift, quat, shift):
+    """The pose of a subvolume found as a correction (quat, shift) in the frame of its prior
+    (prior_quat, prior_shift), all in the alignment API's convention (section comment).
+
+    The search sees the subvolume turned back by the prior, ``v_p(y) = v(R_P (y - c) + c +
+    s_P)``, and finds ``v_p = template moved by (R_C, s_C)``; so ``v = template moved by
+    (R_C, s_C), then by (R_P, s_P)``: ``R = R_P R_C``, ``s = s_P + R_P s_C``. In RELION's
+    matrices this is ``A = A_P A_C`` (the correction acts first, in the reference's frame).
+    Returns (quats (..., 4), shifts (..., 3) z, y, x).
+    """
+    rp = Rotation.from_quat(np.asarray(prior_quat, dtype=np.float64))
+    rc = Rotation.from_quat(np.asarray(quat, dtype=np.float64))
+    total = (rp * rc).as_quat()
+    return total, np.asarray(prior_shift, dtype=np.float64) + rp.apply(np.asarray(shift))

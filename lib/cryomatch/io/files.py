@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,11 +29,18 @@ def write_csv(
     prov: dict | None = None,
     outputs: Outputs | None = None,
 ) -> None:
-    """CSV with provenance as leading '#' lines (read back with ``comment='#'``)."""
+    """A plain CSV (``pandas.read_csv(path)`` reads it) and, with ``prov``, its provenance
+    beside it in ``NAME.csv.provenance.json`` (:func:`provenance_sidecar`)."""
     with atomic_path(path, outputs) as tmp, open(tmp, "w") as f:
-        if prov is not None:
-            f.write("\n".join(provenance.comment_lines(prov)) + "\n")
         table.to_csv(f, index=False, float_format="%.6g")
+    if prov is not None:
+        write_json(provenance_sidecar(path), prov, outputs)
+
+
+def provenance_sidecar(path: str | os.PathLike) -> Path:
+    """Where the provenance of an output that cannot hold it (CSV) goes: NAME.provenance.json."""
+    path = Path(path)
+    return path.with_name(path.name + ".provenance.json")
 
 
 def write_json(path: str | os.PathLike, data: dict, outputs: Outputs | None = None) -> None:
@@ -41,4 +49,5 @@ def write_json(path: str | os.PathLike, data: dict, outputs: Outputs | None = No
 
 
 def read_csv(path: str | os.PathLike) -> pd.DataFrame:
-    return pd.read_csv(path, comment="#")
+    """A CSV output (also older ones with leading '#' provenance lines)."""
+    return pd.read_csv(path)

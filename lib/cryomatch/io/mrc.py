@@ -19,7 +19,7 @@ import mrcfile.utils
 import numpy as np
 
 from ..errors import CryomatchError, CryomatchWarning
-from .atomic import Outputs, atomic_path
+from .atomic import Outputs, atomic_path, finish_mapped, mapped
 
 _MODES = {0, 1, 2, 3, 4, 6, 12}
 HEADER_BYTES = 1024
@@ -125,13 +125,16 @@ def stack_shape(mrc) -> tuple[int, int, int]:
 
 
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
-    """A 3D map as float32 (z, y, x) and its header voxel size (None when 0)."""
+    """A 3D map as float32 (z, y, x) and its header voxel size (None when 0); a map that
+    is all zeros (or NaN/inf anywhere) is an error."""
     with open_mrc(path) as mrc:
         data = np.asarray(mrc.data, dtype=np.float32)
         voxel = header_voxel_size(mrc, path)
     if data.ndim != 3:
         raise CryomatchError(f"expected a 3D map, found shape {data.shape}", path)
     check_finite(data, path)
+    if not data.any():
+        raise CryomatchError("the map is all zeros", path)
     return data, voxel
 
 
@@ -188,8 +191,11 @@ class StackWriter:
 
     def __init__(self, path, n: int, box: int, voxel_size: float, labels=None, outputs=None):
         self._ctx = atomic_path(path, outputs)
-        tmp = self._ctx.__enter__()
-        self._mrc = mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True)
+        self._mrc = mapped(
+            self._ctx,
+            lambda tmp: mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True),
+            lambda mrc: mrc.close(),
+        )
         self._mrc.set_image_stack()
         _set_header(self._mrc, voxel_size, labels, True)
         self._next = 0
@@ -204,13 +210,19 @@ class StackWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None and self._next != self.n:
-            exc = RuntimeError(f"stack writer got {self._next} of {self.n} images")
-            exc_type = RuntimeError
-        if exc_type is None:
-            self._mrc.update_header_stats()
-        self._mrc.close()
-        self._ctx.__exit__(exc_type, exc, tb)  # renames on success, removes on error
-        if exc is not None:
-            raise exc
+        finish_mrc_writer(self, exc)
         return False
+
+
+def finish_mrc_writer(writer, exc: BaseException | None) -> None:
+    """Close a memory-mapped MRC writer (``_ctx``, ``_mrc``, ``_next`` of ``n`` written):
+    header statistics and rename when complete; else remove it and raise."""
+    if exc is None and writer._next != writer.n:
+        exc = RuntimeError(f"{type(writer).__name__} got {writer._next} of {writer.n}")
+
+    def close():
+        if exc is None:
+            writer._mrc.update_header_stats()
+        writer._mrc.close()
+
+    finish_mapped(writer._ctx, close, exc)

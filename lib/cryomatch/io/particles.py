@@ -83,8 +83,13 @@ def read_particles(
     pixel_size: float | None = None,
     require_ctf: bool = True,
     images: bool = True,
+    duplicates: str | None = None,
 ) -> Particles:
     """Read a STAR or .cs file into :class:`Particles`.
+
+    Rows naming the same image twice are an error naming them (``duplicates='error'``, the
+    default with ``images``), or dropped with a warning that counts them (``'drop'``: the
+    first is kept), or kept (``'keep'``, the default without ``images``: metadata only).
 
     ``pixel_size`` (Angstrom) overrides the metadata's, for files that lack one. With
     ``images`` the image files must exist (their paths become absolute); without, the
@@ -105,6 +110,9 @@ def read_particles(
         table = table.copy()
         table["image_index"], raw_names = _parse_image_names(table["rlnImageName"], path)
         what = "STAR file"
+    duplicates = duplicates or ("error" if images else "keep")
+    table = _check_duplicates(table, raw_names, path, duplicates)
+    raw_names = raw_names.loc[table.index]
     table["image_file"] = _resolve_files(raw_names, path, what) if images else raw_names
     if len(table) == 0:
         raise CryomatchError("the file lists no particles", path)
@@ -112,6 +120,31 @@ def read_particles(
     _check_columns(table, path, require_ctf)
     table = _fill_defaults(table)
     return Particles(table.reset_index(drop=True), optics, path)
+
+
+def _check_duplicates(table, raw_names, path, duplicates: str):
+    """The table without rows that repeat an earlier row's image (see read_particles)."""
+    if duplicates == "keep":
+        return table
+    key = pd.DataFrame({"file": raw_names.to_numpy(), "index": table["image_index"].to_numpy()})
+    repeated = key.duplicated().to_numpy()
+    if not repeated.any():
+        return table
+    rows = np.flatnonzero(repeated)
+    if duplicates == "drop":
+        warnings.warn(
+            f"{path}: dropped {len(rows)} particle row(s) that repeat an earlier row's image",
+            CryomatchWarning,
+            stacklevel=3,
+        )
+        return table[~repeated]
+    names = [f"{key['index'][r] + 1:06d}@{key['file'][r]} (row {r + 1})" for r in rows[:5]]
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    raise CryomatchError(
+        f"{len(rows)} particle row(s) repeat an earlier row's image: {', '.join(names)}{more} "
+        "(remove them, or set preprocess.drop_duplicates / --drop-duplicates)",
+        path,
+    )
 
 
 def _star_tables(path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -269,6 +302,21 @@ def ctf_arguments(table: pd.DataFrame) -> list[np.ndarray]:
 
 
 # --- images ------------------------------------------------------------------------------
+def flat_images_error(particles: Particles, rows, where: str = "background") -> CryomatchError:
+    """The error naming images (``rows`` of ``particles``) with no variance in their
+    ``where`` (constant or all-zero images: nothing to normalize or score)."""
+    table = particles.table.iloc[rows[:5]]
+    pairs = zip(table["image_index"], table["image_file"], strict=True)
+    names = [f"{i + 1:06d}@{f}" for i, f in pairs]
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return CryomatchError(
+        f"{len(rows)} image(s) have no variance in the {where} (constant or all-zero "
+        f"images cannot be normalized or scored): {', '.join(names)}{more}; remove them "
+        "from the particle file",
+        particles.source,
+    )
+
+
 class ImageReader:
     """Reads particle images by row from memory-mapped stacks (open files are cached)."""
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import CryomatchError
 from ..kernels.polar_fourier import PolarGrid
-from .atomic import Outputs, atomic_path
+from .atomic import Outputs, atomic_path, finish_mapped, mapped
 from .files import write_npz
 
 CTF_FIELDS = {
@@ -51,16 +51,20 @@ class ArrayWriter:
 
     def __init__(self, path, shape, outputs: Outputs | None = None, dtype=np.complex64):
         self._ctx = atomic_path(path, outputs)
-        tmp = self._ctx.__enter__()
-        self.array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+        self.array = mapped(
+            self._ctx,
+            lambda tmp: np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape)),
+        )
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self.array.flush()
-        del self.array
-        self._ctx.__exit__(exc_type, exc, tb)
+        def close():
+            self.array.flush()
+            del self.array
+
+        finish_mapped(self._ctx, close, exc)
         return False
 
 

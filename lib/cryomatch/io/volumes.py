@@ -13,8 +13,8 @@ import mrcfile
 import numpy as np
 
 from ..errors import CryomatchError
-from .atomic import Outputs, atomic_path
-from .mrc import _set_header, check_finite, header_voxel_size, open_mrc
+from .atomic import Outputs, atomic_path, mapped
+from .mrc import _set_header, check_finite, finish_mrc_writer, header_voxel_size, open_mrc
 
 
 class VolumeStackReader:
@@ -73,8 +73,11 @@ class VolumeStackWriter:
         self, path, n: int, shape, voxel_size: float, labels=None, outputs: Outputs | None = None
     ):
         self._ctx = atomic_path(path, outputs)
-        tmp = self._ctx.__enter__()
-        self._mrc = mrcfile.new_mmap(tmp, shape=(n, *shape), mrc_mode=2, overwrite=True)
+        self._mrc = mapped(
+            self._ctx,
+            lambda tmp: mrcfile.new_mmap(tmp, shape=(n, *shape), mrc_mode=2, overwrite=True),
+            lambda mrc: mrc.close(),
+        )
         _set_header(self._mrc, voxel_size, labels, False)
         self._next, self.n = 0, n
 
@@ -86,17 +89,7 @@ class VolumeStackWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None and self._next != self.n:
-            exc_type, exc = (
-                RuntimeError,
-                RuntimeError(f"volume stack writer got {self._next} of {self.n}"),
-            )
-        if exc_type is None:
-            self._mrc.update_header_stats()
-        self._mrc.close()
-        self._ctx.__exit__(exc_type, exc, tb)
-        if exc is not None:
-            raise exc
+        finish_mrc_writer(self, exc)
         return False
 
 

@@ -71,11 +71,21 @@ def max_ring_radius(box: int) -> int:
     return box - 1 - box // 2
 
 
-def ring_sampler(box: int, radii, n_angles: int) -> scipy.sparse.csr_matrix:
-    """Sparse (R * W, box * box) matrix of bilinear weights: rings about the box centre.
+def _bspline3(f):
+    """Cubic B-spline weights (4, ...) of the taps -1, 0, 1, 2 at fractional positions f."""
+    g = 1.0 - f
+    return np.stack([g**3 / 6, 2 / 3 - f * f + f**3 / 2, 2 / 3 - g * g + g**3 / 2, f**3 / 6])
+
+
+def ring_sampler(box: int, radii, n_angles: int, order: int = 1) -> scipy.sparse.csr_matrix:
+    """Sparse (R * W, box * box) matrix of interpolation weights: rings about the box centre.
 
     Ring point ``(r, l)`` sits at ``(x, y) = r (cos 2 pi l / W, sin 2 pi l / W)`` pixels from
     the centre; rows are ordered (ring, angle), columns are pixels in (y, x) order.
+    ``order=1``: bilinear on the pixels (4 taps). ``order=3``: cubic B-spline (16 taps,
+    indices periodic) on spline coefficients, which :func:`fourier_shift` makes with
+    ``prefilter=True``: exact interpolation of the cubic spline through the pixels (Unser
+    1999, IEEE Signal Process. Mag. 16:22), flat to far higher frequencies than bilinear.
     """
     radii = np.asarray(radii, dtype=np.float64)
     theta = 2.0 * np.pi * np.arange(n_angles) / n_angles
@@ -84,18 +94,29 @@ def ring_sampler(box: int, radii, n_angles: int) -> scipy.sparse.csr_matrix:
     y = (c + radii[:, None] * np.sin(theta)).ravel()
     x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
     fx, fy = x - x0, y - y0
-    rows = np.repeat(np.arange(x.size), 4)
-    cols, weights = [], []
-    for dy, dx, w in (
-        (0, 0, (1 - fy) * (1 - fx)),
-        (0, 1, (1 - fy) * fx),
-        (1, 0, fy * (1 - fx)),
-        (1, 1, fy * fx),
-    ):
-        cols.append(np.clip(y0 + dy, 0, box - 1) * box + np.clip(x0 + dx, 0, box - 1))
-        weights.append(np.where((y0 + dy < box) & (x0 + dx < box), w, 0.0))
-    cols = np.stack(cols, axis=1).ravel()
-    weights = np.stack(weights, axis=1).ravel()
+    if order == 3:
+        wx, wy = _bspline3(fx), _bspline3(fy)  # (4, P)
+        taps = np.arange(-1, 3)
+        cols = ((y0 + taps[:, None, None]) % box)[:, None] * box + ((x0 + taps[:, None]) % box)
+        weights = wy[:, None] * wx[None]  # (4 y, 4 x, P)
+        cols = cols.reshape(16, -1).T.ravel()
+        weights = weights.reshape(16, -1).T.ravel()
+        rows = np.repeat(np.arange(x.size), 16)
+    elif order == 1:
+        rows = np.repeat(np.arange(x.size), 4)
+        cols, weights = [], []
+        for dy, dx, w in (
+            (0, 0, (1 - fy) * (1 - fx)),
+            (0, 1, (1 - fy) * fx),
+            (1, 0, fy * (1 - fx)),
+            (1, 1, fy * fx),
+        ):
+            cols.append(np.clip(y0 + dy, 0, box - 1) * box + np.clip(x0 + dx, 0, box - 1))
+            weights.append(np.where((y0 + dy < box) & (x0 + dx < box), w, 0.0))
+        cols = np.stack(cols, axis=1).ravel()
+        weights = np.stack(weights, axis=1).ravel()
+    else:
+        raise ValueError(f"order must be 1 or 3, got {order}")
     return scipy.sparse.csr_matrix(
         (weights.astype(np.float32), (rows, cols)), shape=(x.size, box * box)
     )
@@ -158,8 +179,10 @@ def _circulants(kernels, out=None):
     return out
 
 
-def fourier_shift(images, shifts):
-    """Images (n, box, box) moved by ``shifts`` (n, 2) = (x, y) pixels: ``out(r) = in(r - s)``.
+def fourier_shift(images, shifts, prefilter: bool = False):
+    """Images (n, box, box) moved by ``shifts`` (n, 2) = (x, y) pixels: ``out(r) = in(r - s)``;
+    with ``prefilter`` the moved images' periodic cubic B-spline coefficients (each axis's
+    transfer function divided by ``2/3 + cos(2 pi k)/3``; ``ring_sampler(order=3)``).
 
     The same periodic Fourier shift as :func:`cryomatch.kernels.fourier.shift_images`
     (rfft2, phase ramps, irfft2), as matrix products: the shift along an axis is the circular
@@ -175,7 +198,12 @@ def fourier_shift(images, shifts):
     n, box, _ = images.shape
     images = images.astype(xp.float32, copy=False)
     shifts = xp.asarray(shifts, dtype=xp.float64).reshape(-1, 2)
-    ramps = xp.exp(-2j * np.pi * xp.fft.rfftfreq(box)[None, None, :] * shifts[:, :, None])
+    freq = xp.fft.rfftfreq(box)
+    ramps = xp.exp(-2j * np.pi * freq[None, None, :] * shifts[:, :, None])
+    spline = 1.0  # the B-spline prefilter's gain at the y Nyquist frequency
+    if prefilter:
+        ramps = ramps / (2.0 / 3.0 + xp.cos(2.0 * np.pi * freq) / 3.0)
+        spline = 3.0
     kernels = fft.irfft(ramps, n=box, axis=-1).astype(xp.float32)  # (n, 2, box): x, y
     extra = 1 - box % 2  # the Nyquist column and row
     left = xp.empty((n, box, box + extra), dtype=xp.float32)
@@ -186,7 +214,7 @@ def fourier_shift(images, shifts):
     if extra:
         alt = xp.asarray(np.where(np.arange(box) % 2 == 0, 1.0, -1.0), dtype=xp.float32)
         nyquist = fft.irfft(1j * fft.rfft(alt @ images, axis=-1) * ramps[:, 0], n=box, axis=-1)
-        left[:, :, box] = (xp.sin(np.pi * shifts[:, 1]) / box)[:, None] * alt
+        left[:, :, box] = (spline * xp.sin(np.pi * shifts[:, 1]) / box)[:, None] * alt
         right[:, box] = nyquist
     return xp.matmul(left, right)
 
@@ -340,21 +368,28 @@ def ring_transform(sampler, radii, n_angles: int, fold: int) -> _RingTransform:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_transform(box: int, radii: tuple, n_angles: int, fold: int) -> _RingTransform:
-    return ring_transform(ring_sampler(box, radii, n_angles), radii, n_angles, fold)
+def _cached_transform(
+    box: int, radii: tuple, n_angles: int, fold: int, order: int = 1
+) -> _RingTransform:
+    return ring_transform(ring_sampler(box, radii, n_angles, order), radii, n_angles, fold)
 
 
-def image_spectra(images, origins, radii, n_angles, sampler=None, fold=None, chunk=None):
+def image_spectra(
+    images, origins, radii, n_angles, sampler=None, fold=None, chunk=None, order: int = 1
+):
     """Ring spectra of images (M, box, box) about their current centres ``-origin``
     (origins (M, 2) in pixels: images are first moved by the exact Fourier shift
     ``+origin``), as :class:`FoldedSpectra`; the exact values with the weighted mean removed
     and unit weighted norm (``sum_r w_r sum_l a^2 = 1``). ``chunk`` images at a time
-    (default 32 on the CPU, where a chunk stays in cache; all at once on the GPU)."""
+    (default 32 on the CPU, where a chunk stays in cache; all at once on the GPU).
+    ``order``: the rings' interpolation (:func:`ring_sampler`), 1 bilinear or 3 cubic
+    B-spline (the spline prefilter rides on the Fourier shift)."""
     xp = array_module(images)
     box = images.shape[-1]
     fold = coarse_fold(n_angles) if fold is None else fold
     if sampler is None:
-        tr = _cached_transform(box, tuple(np.asarray(radii, dtype=float)), n_angles, fold)
+        radii = tuple(np.asarray(radii, dtype=float))
+        tr = _cached_transform(box, radii, n_angles, fold, order)
     else:
         tr = ring_transform(sampler, radii, n_angles, fold)
     sampler = tr.sampler
@@ -373,8 +408,8 @@ def image_spectra(images, origins, radii, n_angles, sampler=None, fold=None, chu
     for lo in range(0, n, chunk):
         if lo % block == 0:
             moved = images[lo : lo + block].astype(xp.float32, copy=False)
-            if bool(xp.any(origins[lo : lo + block])):  # none to move in a first iteration
-                moved = fourier_shift(moved, origins[lo : lo + block])
+            if order == 3 or bool(xp.any(origins[lo : lo + block])):  # none to move at first
+                moved = fourier_shift(moved, origins[lo : lo + block], prefilter=order == 3)
         centred = moved[lo % block : lo % block + chunk]
         m = len(centred)
         pixels = xp.ascontiguousarray(centred.reshape(m, -1).T)  # (box^2, m)
@@ -415,10 +450,11 @@ class References:
 
 
 def prepare_references(
-    references, radii, n_angles, xr, yr, ts, fold=None, sampler=None, block: int = 64
+    references, radii, n_angles, xr, yr, ts, fold=None, sampler=None, block: int = 64, order=1
 ):
     """Ring spectra of references (S, box, box) about every grid shift, ready to search;
-    ``block`` reference-shift sets go into one matrix product (a cache-sized tile).
+    ``block`` reference-shift sets go into one matrix product (a cache-sized tile);
+    ``order`` the rings' interpolation (:func:`image_spectra`).
 
     The rings of reference s about grid point ``e`` are those of the reference moved by
     ``-e`` (exact Fourier shift) about its centre; sets are reference-major, ``n = s D + d``.
@@ -434,6 +470,7 @@ def prepare_references(
         n_angles,
         sampler,
         fold,
+        order=order,
     )
     weights = ring_weights(radii)
     return _references(spectra.values, weights, s, grid, (nx, ny), ts, n_angles, block)
@@ -719,6 +756,73 @@ def search(image_spec, refs: References, top: int = 2, batch: int = 256, exclude
     )
 
 
+def refine(image_spec, refs: References, reference, mirror, batch: int = 256) -> Alignment:
+    """Local refinement of known matches: each image (:class:`FoldedSpectra` about its
+    matched centre, e.g. with ``order=3`` rings) against its own reference ``reference``
+    (M,) and mirror (M,) only, starting at the centre of ``refs``' shift grid (a small one,
+    e.g. +-1 px): the exact correlation over the full circle, then the climb on the grid and
+    the parabolas of :func:`search`. One reference-shift set and its grid neighbours per
+    image instead of all of them."""
+    xp = array_module(image_spec.values)
+    _check_layout(image_spec, refs)
+    reference = xp.asarray(reference, dtype=xp.int64)
+    mirror = xp.asarray(mirror, dtype=bool)
+    parts = []
+    for lo in range(0, len(image_spec), batch):
+        values = image_spec.values[lo : lo + batch]
+        n_best = reference[lo : lo + batch] * refs.n_shifts + refs.n_shifts // 2
+        mir = mirror[lo : lo + batch]
+        c = _exact_products(values, refs, n_best[:, None], mir[:, None])[:, 0]
+        theta, value = _refine_angle(c, refs.n_angles)
+        shift, theta, value, n_best = _refine_shift(values, refs, n_best, mir, theta, value, c)
+        parts.append(
+            Alignment(
+                to_numpy(n_best // refs.n_shifts),
+                to_numpy(mir),
+                np.rad2deg(to_numpy(theta).astype(np.float64)),
+                to_numpy(shift),
+                to_numpy(value),
+            )
+        )
+    return Alignment(
+        *(
+            np.concatenate([getattr(p, f) for p in parts])
+            for f in ("reference", "mirror", "angle", "shift", "score")
+        )
+    )
+
+
+def refine_poses(images, origin, reference, mirror, fine: References, radii, room, passes=2):
+    """The final refinement of :func:`search`'s matches (``to_params`` form: origins (M, 2)
+    in pixels, ``reference`` and ``mirror`` (M,)) on the exact images (M, box, box): rings
+    of each image moved by the exact Fourier shift to its match, sampled by cubic B-spline,
+    against its own reference only (:func:`refine`; ``fine``: references from
+    :func:`prepare_references` with ``order=3`` and a small grid); up to ``passes`` times for
+    the images a pass moved by more than a quarter of ``fine``'s step. Images whose rings
+    would leave them (|origin| > ``room`` per axis) are left as they are. Returns
+    (psi (M,), origin (M, 2), score (M,), refined (M,) bool); psi and score NaN where not
+    refined."""
+    xp = array_module(images)
+    n = len(images)
+    origin = np.array(origin, dtype=np.float64)
+    psi, score = np.full(n, np.nan), np.full(n, np.nan)
+    inside = np.abs(origin).max(axis=1) <= room + 1e-6
+    todo = np.flatnonzero(inside)
+    for _ in range(passes):
+        if not len(todo):
+            break
+        spectra = image_spectra(
+            images[xp.asarray(todo)], origin[todo], radii, fine.n_angles, order=3
+        )
+        best = refine(spectra, fine, reference[todo], mirror[todo])
+        before = origin[todo]
+        psi[todo], origin[todo], _ = best.to_params(before)
+        score[todo] = best.score
+        moved = np.linalg.norm(origin[todo] - before, axis=1) > fine.step / 4
+        todo = todo[moved & (np.abs(origin[todo]).max(axis=1) <= room + 1e-6)]
+    return psi, origin, score, inside
+
+
 def _check_layout(image_spec, refs: References) -> None:
     u = refs.blocks[0][0]  # (Q', K, b)
     if tuple(image_spec.values.shape[1:]) != u.shape[:2]:
@@ -943,6 +1047,20 @@ def centre_of_mass(images, radius: float):
     total = np.where(total > 0, total, 1.0)
     centre = np.stack([(weight * x).sum(axis=(1, 2)), (weight * y).sum(axis=(1, 2))], -1)
     return centre / total[:, None]
+
+
+def phase_centre_of_gravity(images):
+    """Centre (n, 2) as (x, y) pixels from the box centre by the phase of each image's first
+    Fourier harmonic along x and along y (SPARX's phase_cog, its ``center=1``):
+    ``x_c = box / (2 pi) arg sum f(x, y) exp(2 pi i (x - box // 2) / box)``, in
+    (-box/2, box/2]. A weighted circular mean of the density: it moves by half the box when
+    the contrast is inverted."""
+    images = np.asarray(images, dtype=np.float64)
+    n, box, _ = images.shape
+    turn = np.exp(2j * np.pi * (np.arange(box) - box // 2) / box)
+    x = images.sum(axis=1) @ turn  # profiles along x, first harmonic
+    y = images.sum(axis=2) @ turn
+    return np.stack([np.angle(x), np.angle(y)], axis=-1) * box / (2.0 * np.pi)
 
 
 def disc_mask(box: int, radius: float, edge: float = 2.0) -> np.ndarray:

@@ -51,6 +51,47 @@ def random_phantom(
     )
 
 
+def slab_phantom(
+    rng: np.random.Generator,
+    size: int,
+    n_ellipsoids: int = 24,
+    n_beads: int = 12,
+    thickness: float = 0.25,
+    bead_density: float = 6.0,
+) -> Ellipsoids:
+    """An extended specimen: a slab ``thickness`` x size thick and three times the box
+    wide (a flat Gaussian of density 0.05) holding ellipsoids (semi-axes 3-8% of the box,
+    densities 0.3-1) spread over twice the box, and gold beads (sigma 1.2 px, density
+    ``bead_density``) in the middle 60% of the field: at every tilt the specimen crosses
+    the frame edges, the beads stay inside."""
+    t = thickness * size / 2
+    m = 4 * n_ellipsoids  # the same density of ellipsoids as over the field of view
+    sig = rng.uniform(0.03, 0.08, size=(m, 3)) * size / 2
+    sig[:, 2] = np.minimum(sig[:, 2], t / 2.5)
+    rot = Rotation.random(m, random_state=rng).as_matrix()
+    cov = np.einsum("mij,mj,mkj->mik", rot, sig**2, rot)
+    centres = np.column_stack([rng.uniform(-size, size, (m, 2)), rng.uniform(-0.5 * t, 0.5 * t, m)])
+    bead_sigma = 1.2
+    beads = np.column_stack(
+        [
+            rng.uniform(-0.3 * size, 0.3 * size, (n_beads, 2)),
+            rng.uniform(-(t - 3 * bead_sigma), t - 3 * bead_sigma, n_beads),
+        ]
+    )
+    slab_cov = np.diag([(1.5 * size) ** 2, (1.5 * size) ** 2, (t / 2) ** 2])
+    return Ellipsoids(
+        np.concatenate([np.zeros((1, 3)), centres, beads]),
+        np.concatenate(
+            [
+                slab_cov[None],
+                cov,
+                np.broadcast_to(np.eye(3) * bead_sigma**2, (n_beads, 3, 3)),
+            ]
+        ),
+        np.concatenate([[0.05], rng.uniform(0.3, 1.0, m), np.full(n_beads, bead_density)]),
+    )
+
+
 def _in_ball(rng, n):
     v = rng.normal(size=(n, 3))
     v /= np.linalg.norm(v, axis=1, keepdims=True)

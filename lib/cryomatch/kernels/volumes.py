@@ -26,3 +26,21 @@ def fourier_filter(volumes, weights):
     shape = volumes.shape[-3:]
     spectrum = fft.rfftn(volumes, axes=(-3, -2, -1)) * weights
     return fft.irfftn(spectrum, s=shape, axes=(-3, -2, -1)).astype(xp.float32, copy=False)
+
+
+def fourier_resize(volume, box: int):
+    """A cubic volume (n, n, n) resampled to (box, box, box) by cropping (or zero-padding)
+    its Fourier transform; the voxel size becomes ``voxel * n / box``. Mean preserved."""
+    xp = array_module(volume)
+    fft = fft_module(xp)
+    n = volume.shape[-1]
+    if box == n:
+        return volume
+    spectrum = fft.fftshift(fft.fftn(volume))
+    c, h, m = n // 2, box // 2, min(n, box)
+    out = xp.zeros((box,) * 3, dtype=spectrum.dtype)
+    src = tuple(slice(c - m // 2, c - m // 2 + m) for _ in range(3))
+    dst = tuple(slice(h - m // 2, h - m // 2 + m) for _ in range(3))
+    out[dst] = spectrum[src]
+    resized = fft.ifftn(fft.ifftshift(out)).real * (box / n) ** 3
+    return resized.astype(xp.float32)

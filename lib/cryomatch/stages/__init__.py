@@ -15,5 +15,8 @@ COMMANDS = [
     ("templates", "templates", "a structure's projections on the polar Fourier grid, per view"),
     ("likelihood", "likelihood", "best pose and log-likelihoods: one template set x one stack"),
     ("likelihood-gather", "likelihood_gather", "likelihood matrix, best poses and figure"),
+    ("reweight", "reweight", "population weights of structures from the likelihood matrix"),
     ("subtomo", "subtomo", "align subvolumes to templates (ZNCC/PCC, rotations, missing wedge)"),
+    ("subtomo-refine", "subtomo_refine", "subtomogram averaging: iterations with half sets, FSC"),
+    ("particle-series", "particle_series", "particle series: average by back-projection, refine"),
 ]

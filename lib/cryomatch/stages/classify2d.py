@@ -3,36 +3,46 @@ sxmref_ali2d: Penczek, Radermacher and Frank 1992, Ultramicroscopy 40:33).
 
 Iteration 0 makes the initial references: the ``--references`` stack, or ``--classes K``
 averages of a random partition of the images (seeded by ``rand_seed``). Each iteration
-n >= 1 reads ``iter{n-1}/particles.star`` and ``iter{n-1}/references.mrcs`` and
+n >= 1 reads ``iter{n-1}/particles.star``, ``references.mrcs`` and ``convergence.json`` and
 
 1. aligns every image to every reference over the full circle, both mirrors and the
    ``+-xr, +-yr`` grid of step ``ts`` about the image's current shift
-   (:mod:`cryomatch.kernels.align2d`), and assigns it to the best reference;
+   (:mod:`cryomatch.kernels.align2d`; an image whose shift leaves the searchable range is
+   re-centred: searched about the nearest centre its rings allow), assigns it to the best
+   reference, and refines its pose on the exact image against that reference only;
 2. averages each class from its aligned images (Wiener filter with ``snr`` when ``CTF``),
    and two half averages from a random split of its members, for the FRC;
-3. centres each average (``center=1``) by the centre of mass of its squared, low-passed
-   contrast, and composes the centring shift into its members' parameters;
+3. centres each average (``center``: -1 its members' mean shift, 1 the centre of mass of
+   its squared, low-passed contrast, 2 the phase centre of gravity) and composes the
+   centring shift into its members' origins, never clipped (a STAR origin always aligns
+   the image to its class average; those now out of range are counted);
 4. reseeds empty and tiny classes (fewer than ``min_class_size`` members) and, while the
    largest class holds 1.5 times the mean class size, the smaller of the closest pair of
    duplicate classes (two averages that differ, after alignment, little more than a
    class's two half averages do): from a random subset (``rand_seed``) of the
    worse-fitting half of the largest class, splitting it;
-5. low-passes each centred average where its FRC falls below 0.5: the next references.
+5. low-passes each centred average where its FRC falls below 0.5: the next references;
+6. stops as SPARX does when no image changed class, no class was reseeded and the
+   criterion (the squared references inside the mask) stopped improving; after that an
+   iteration copies the converged one (``maxit`` 0: up to 10 iterations).
 
 Outputs in ``OUT/classify2d/iterNNN/``: ``class_averages.mrcs``, ``references.mrcs``,
-``classes.csv`` (members, FRC resolution, centring shift, reseeding per class), ``frc.csv``
-(FRC per class against spatial frequency in 1/A), ``particles.star`` (RELION: rlnClassNumber,
-rlnAnglePsi, rlnOriginXAngst/YAngst, rlnIsFlip, and rlnParticleFigureOfMerit, the peak
-normalized cross-correlation) and ``class_averages.png``. Input files are only read; a line
-per iteration in the log says how many images changed class.
+``classes.csv`` (members, FRC resolution, centring shift, reseeding, criterion, and the
+images that changed class, were re-centred or are out of range, per class),
+``convergence.json``, ``frc.csv`` (FRC per class against spatial frequency in 1/A),
+``particles.star`` (RELION: rlnClassNumber, rlnAnglePsi, rlnOriginXAngst/YAngst, rlnIsFlip,
+and rlnParticleFigureOfMerit, the peak normalized cross-correlation) and
+``class_averages.png``. Input files are only read; the log has a line per iteration.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +53,7 @@ from ..backend import get_xp
 from ..errors import CryomatchError
 from ..io.atomic import Outputs
 from ..io.figures import curves, image_montage, save_png
-from ..io.files import write_csv
+from ..io.files import write_csv, write_json
 from ..io.mrc import read_images, write_mrc
 from ..io.particles import ImageReader, Particles, read_particles, write_particles
 from ..kernels import align2d
@@ -52,6 +62,15 @@ from ..kernels.fourier import apply_ctf, rfft_frequencies
 from ..progress import progress
 
 FRC_THRESHOLD = 0.5  # the references are low-passed where the half-set FRC falls below this
+DEFAULT_MAXIT = 10  # maxit 0: up to this many iterations, with the automatic stop (SPARX)
+CRITERION_TOLERANCE = 1e-5  # relative rise of the criterion that still counts as improving
+FINE_RANGE, FINE_STEP = 1.0, 0.5  # shift grid (pixels) of the final refinement about each match
+CENTRING = {
+    -1: "mean of the members' shifts",
+    0: "none",
+    1: "centre of mass of the squared contrast",
+    2: "phase centre of gravity",
+}
 
 
 @dataclass
@@ -64,7 +83,7 @@ class Settings:
     xr: float = 1.0  # translation search range in x, pixels (0: rotation only)
     yr: float = 1.0  # ... in y
     ts: float = 1.0  # translation step, pixels
-    center: int = 1  # 1: centre the averages; 0: leave them
+    center: int = 1  # -1 members' mean shift, 0 none, 1 centre of mass, 2 phase centre of gravity
     CTF: bool = False  # noqa: N815 (SPARX's name): phase-flip for alignment, Wiener averages
     snr: float = 1.0  # signal-to-noise ratio of the Wiener filter (with CTF)
     rand_seed: int = 1000  # seed of every random choice
@@ -93,8 +112,8 @@ def check_settings(s: Settings, box: int) -> None:
             f"the shift search xr={s.xr:g}, yr={s.yr:g} pushes rings of radius ou={ou:g} "
             f"outside the {box}-pixel box: needs ou + max(xr, yr) <= {limit}"
         )
-    if s.center not in (0, 1):
-        raise CryomatchError(f"center must be 0 or 1, got {s.center}")
+    if s.center not in CENTRING:
+        raise CryomatchError(f"center must be one of {sorted(CENTRING)}, got {s.center}")
 
 
 # --- parameters in and out of STAR tables ---------------------------------------------------
@@ -218,14 +237,20 @@ class Sums:
 
 
 class ImageSource:
-    """Batches of normalized images (phase-flipped for alignment when CTF is on)."""
+    """Batches of normalized images (phase-flipped for alignment when CTF is on); ``inside``
+    (box, box) bool: the normalization region, ``mask`` (box, box): the references' mask."""
 
-    def __init__(self, particles: Particles, settings: Settings, inside, batch_size: int):
-        self.particles, self.settings, self.inside = particles, settings, inside
-        self.batch_size = batch_size
+    def __init__(self, particles: Particles, settings: Settings, batch_size: int):
+        self.particles, self.settings, self.batch_size = particles, settings, batch_size
+        self.inside = self.mask = None
         self.reader = ImageReader(particles)
         self.box = self.reader.check()
         self.pixel = particles.pixel_size()
+
+    def subset(self, rows) -> ImageSource:
+        out = ImageSource(self.particles.subset(rows), self.settings, self.batch_size)
+        out.inside, out.mask = self.inside, self.mask
+        return out
 
     def batches(self, desc: str):
         n = len(self.particles)
@@ -249,8 +274,24 @@ class ImageSource:
 
 
 # --- one iteration ---------------------------------------------------------------------------
+def shift_room(settings: Settings, box: int) -> float:
+    """Largest |origin| per axis (pixels) whose rings of radius ``ou`` stay inside the image."""
+    return align2d.max_ring_radius(box) - settings.radius(box)
+
+
+def out_of_range(origin, settings: Settings, box: int):
+    """(n,) bool: origins whose rings about ``-origin`` would leave the image."""
+    return np.abs(origin).max(axis=1) > shift_room(settings, box) + 1e-6
+
+
 def align(source: ImageSource, references, origin, settings: Settings, backend: str = "numpy"):
-    """Pass 1: (class 0-based, psi, origin, mirror, score) of every image."""
+    """Pass 1: (class 0-based, psi, origin, mirror, score, re-centred) of every image.
+
+    Each image is searched about its current centre ``-origin``; an image whose origin
+    leaves the searchable range (its rings would leave it) is re-centred first: searched
+    about the nearest centre its rings allow, and its parameters come from its own best
+    match there (SPARX resets such an image to zero). The origins returned are the composed
+    shifts, never clipped."""
     xp = get_xp(backend)
     box = source.box
     ou = settings.radius(box)
@@ -259,21 +300,34 @@ def align(source: ImageSource, references, origin, settings: Settings, backend: 
     refs = align2d.prepare_references(
         xp.asarray(references), radii, n_angles, settings.xr, settings.yr, settings.ts
     )
+    fine = align2d.prepare_references(
+        xp.asarray(references),
+        radii,
+        n_angles,
+        min(settings.xr, FINE_RANGE),
+        min(settings.yr, FINE_RANGE),
+        FINE_STEP,
+        order=3,
+    )
+    room = shift_room(settings, box)
+    recentred = out_of_range(origin, settings, box)
+    start = np.clip(origin, -room, room)
     n = len(source.particles)
     cls, score = np.zeros(n, np.int64), np.zeros(n)
     psi, new_origin, mirror = np.zeros(n), np.zeros((n, 2)), np.zeros(n, bool)
     for lo, hi, images in source.batches("align"):
-        spectra = align2d.image_spectra(
-            xp.asarray(source.for_alignment(images, lo, hi)),
-            origin[lo:hi],
-            radii,
-            n_angles,
-        )
+        images = xp.asarray(source.for_alignment(images, lo, hi))
+        spectra = align2d.image_spectra(images, start[lo:hi], radii, n_angles)
         result = align2d.search(spectra, refs)
         cls[lo:hi], score[lo:hi] = result.reference, result.score
-        psi[lo:hi], new_origin[lo:hi], mirror[lo:hi] = result.to_params(origin[lo:hi])
-    room = align2d.max_ring_radius(box) - ou  # keep every image's rings inside it
-    return cls, psi, np.clip(new_origin, -room, room), mirror, score
+        psi[lo:hi], new_origin[lo:hi], mirror[lo:hi] = result.to_params(start[lo:hi])
+        # the final refinement on the exact images, against their own reference only
+        fine_psi, new_origin[lo:hi], fine_score, refined = align2d.refine_poses(
+            images, new_origin[lo:hi], cls[lo:hi], mirror[lo:hi], fine, radii, room
+        )
+        psi[lo:hi] = np.where(refined, fine_psi, psi[lo:hi])
+        score[lo:hi] = np.where(refined, fine_score, score[lo:hi])
+    return cls, psi, new_origin, mirror, score, recentred
 
 
 def random_halves(classes, n_classes: int, rng: np.random.Generator):
@@ -320,9 +374,13 @@ def lowpass_cutoffs(frc, counts, min_size):
 
 
 def min_size(settings: Settings, n_images: int, n_classes: int) -> int:
+    """Classes with fewer members are reseeded: ``min_class_size``, or by default
+    max(4, 20% of the mean class size), at most half the mean class size (at least 1), so
+    that a small set (fewer than 8 images a class) reseeds only its empty classes."""
     if settings.min_class_size > 0:
         return settings.min_class_size
-    return max(4, math.ceil(0.2 * n_images / n_classes))
+    usual = max(4, math.ceil(0.2 * n_images / n_classes))
+    return max(1, min(usual, n_images // (2 * n_classes)))
 
 
 @dataclass
@@ -339,6 +397,28 @@ class Result:
     origin: np.ndarray
     mirror: np.ndarray
     score: np.ndarray | None
+    criterion: np.ndarray  # (K,) sum of the squared reference inside the mask
+    flags: dict = field(default_factory=dict)  # per image bool arrays, counted per class
+
+
+def centre_shifts(settings: Settings, references, classes, psi, origin, mirror, counts):
+    """Centring shift c (K, 2) in pixels of each average (``ref_new(s) = ref_old(s + c)``):
+    -1 the mean over its members of ``L origin`` (where each image's centre lands in the
+    average, SPARX's average-shift centring), 1 the centre of mass of its squared contrast,
+    2 its phase centre of gravity (SPARX's center 1; it moves by half the box when the
+    contrast is inverted), 0 none."""
+    k = len(references)
+    if settings.center == 0:
+        return np.zeros((k, 2))
+    if settings.center == -1:
+        landed = np.einsum("nij,nj->ni", geometry.image_to_reference_matrix(psi, mirror), origin)
+        sums = np.stack([np.bincount(classes, landed[:, a], minlength=k) for a in (0, 1)], -1)
+        shift = sums / np.maximum(counts, 1)[:, None]
+    elif settings.center == 1:
+        shift = align2d.centre_of_mass(references, settings.radius(references.shape[-1]))
+    else:
+        shift = align2d.phase_centre_of_gravity(references)
+    return np.where(counts[:, None] > 0, shift, 0.0)
 
 
 def finish(source: ImageSource, classes, psi, origin, mirror, score, n_classes, iteration):
@@ -349,16 +429,13 @@ def finish(source: ImageSource, classes, psi, origin, mirror, score, n_classes, 
     frc = align2d.fourier_ring_correlation(halves[0], halves[1])
     size = min_size(settings, len(classes), n_classes)
     cutoff = lowpass_cutoffs(frc, counts, size)
-    ou = settings.radius(box)
     references = align2d.lowpass(averages, cutoff)
-    shift = np.zeros((n_classes, 2))
-    if settings.center == 1:
-        shift = np.where(counts[:, None] > 0, align2d.centre_of_mass(references, ou), 0.0)
+    shift = centre_shifts(settings, references, classes, psi, origin, mirror, counts)
+    if np.any(shift):
         averages = align2d.fourier_shift(averages, -shift)
         references = align2d.fourier_shift(references, -shift)
         origin = geometry.recentre_origin(psi, origin, mirror, shift[classes])
-        room = align2d.max_ring_radius(box) - ou
-        origin = np.clip(origin, -room, room)
+    criterion = (references[:, source.inside] ** 2).sum(axis=1)
     reseeded = np.zeros(n_classes, bool)
     small = np.flatnonzero(counts < size)
     if iteration > 0 and counts.max() >= 1.5 * len(classes) / n_classes:
@@ -371,13 +448,12 @@ def finish(source: ImageSource, classes, psi, origin, mirror, score, n_classes, 
         )
         small = np.union1d(small, twins)
     if len(small) and iteration > 0:
-        references = reseed(
+        references, reseeded = reseed(
             source, references, small, classes, psi, origin, mirror, score, counts, cutoff, rng
         )
-        reseeded[small] = True
     return Result(
         averages,
-        references.astype(np.float32),
+        (references * source.mask).astype(np.float32),
         frc,
         counts,
         shift,
@@ -388,6 +464,8 @@ def finish(source: ImageSource, classes, psi, origin, mirror, score, n_classes, 
         origin,
         mirror,
         score,
+        criterion,
+        {"out_of_range": out_of_range(origin, settings, box)},
     )
 
 
@@ -425,17 +503,27 @@ def duplicates(references, halves, counts, settings: Settings, box: int):
 
 def reseed(source, references, small, classes, psi, origin, mirror, score, counts, cutoff, rng):
     """New references for the classes in ``small``: averages of random subsets of the
-    worse-fitting half of the largest classes (splitting them), deterministic from the rng."""
+    worse-fitting half of the largest classes (splitting them), deterministic from the rng.
+    Only classes of two or more members outside ``small`` donate; without any (a small set)
+    nothing is reseeded, with a warning. Returns (references, reseeded (K,) bool)."""
     references = references.copy()
-    donors = [c for c in np.argsort(-counts, kind="stable") if c not in set(small)]
+    reseeded = np.zeros(len(references), bool)
+    donors = [
+        c for c in np.argsort(-counts, kind="stable") if c not in set(small) and counts[c] > 1
+    ]
+    if not donors:
+        print(
+            f"warning: classes {(np.asarray(small) + 1).tolist()} are too small but no class "
+            "has members to spare: not reseeded",
+            file=sys.stderr,
+        )
+        return references, reseeded
     for i, c in enumerate(small):
         donor = donors[i % len(donors)]
         members = np.flatnonzero(classes == donor)
         worse = members[np.argsort(score[members], kind="stable")[: max(1, len(members) // 2)]]
         pick = np.sort(rng.choice(worse, size=max(1, len(worse) // 2), replace=False))
-        subset = ImageSource(
-            source.particles.subset(pick), source.settings, source.inside, source.batch_size
-        )
+        subset = source.subset(pick)
         try:
             avg, _, _ = average(
                 subset, np.zeros(len(pick), np.int64), psi[pick], origin[pick], mirror[pick], 1, rng
@@ -443,12 +531,46 @@ def reseed(source, references, small, classes, psi, origin, mirror, score, count
         finally:
             subset.close()
         references[c] = align2d.lowpass(avg, cutoff[donor])[0]
-    return references
+        reseeded[c] = True
+    return references, reseeded
 
 
 # --- outputs --------------------------------------------------------------------------------
+OUTPUT_FILES = (
+    "class_averages.mrcs",
+    "references.mrcs",
+    "particles.star",
+    "frc.csv",
+    "classes.csv",
+    "convergence.json",
+    "class_averages.png",
+    "frc.png",
+)
+
+
+FLAGS = {  # per-image events counted per class in classes.csv and in convergence.json
+    "changed_class": "images that joined the class this iteration",
+    "recentred": "images re-centred: their search started out of range",
+    "out_of_range": "images whose shift now leaves the searchable range",
+}
+
+
+def per_class(result: Result, name: str) -> np.ndarray:
+    """Members (K,) of each class for which the image flag ``name`` is set (0 if unset)."""
+    flag = result.flags.get(name, np.zeros(len(result.classes), bool))
+    keep = flag & (result.classes >= 0)
+    return np.bincount(result.classes[keep], minlength=len(result.counts))
+
+
 def iteration_dir(out, iteration: int) -> Path:
     return Path(out) / "classify2d" / f"iter{iteration:03d}"
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise CryomatchError(f"cannot read the previous iteration's state: {error}", path) from None
 
 
 def write_iteration(folder: Path, particles: Particles, result: Result, prov, outputs):
@@ -494,6 +616,8 @@ def write_iteration(folder: Path, particles: Particles, result: Result, prov, ou
             "centre_shift_x_angstrom": result.centre_shift[:, 0] * pixel,
             "centre_shift_y_angstrom": result.centre_shift[:, 1] * pixel,
             "reseeded": result.reseeded,
+            "criterion": result.criterion,
+            **{name: per_class(result, name) for name in FLAGS},
         }
     )
     write_csv(folder / "classes.csv", classes, prov, outputs)
@@ -533,9 +657,7 @@ def read_references(path, box: int) -> np.ndarray:
     return refs
 
 
-def _initial(
-    source: ImageSource, settings, references_path, n_classes, continue_params, mask
-) -> Result:
+def _initial(source: ImageSource, settings, references_path, n_classes, continue_params) -> Result:
     """Iteration 0: the given references, or averages of a random partition."""
     particles, box = source.particles, source.box
     psi, origin, mirror, _ = read_params(particles, continue_params)
@@ -546,7 +668,7 @@ def _initial(
         k = len(refs)
         return Result(
             refs,
-            refs * mask,
+            refs * source.mask,
             np.full((k, box // 2 + 1), np.nan),
             np.zeros(k, np.int64),
             np.zeros((k, 2)),
@@ -557,6 +679,7 @@ def _initial(
             origin,
             mirror,
             None,
+            (refs[:, source.inside].astype(np.float64) ** 2).sum(axis=1),
         )
     if not 1 <= n_classes <= n:
         raise CryomatchError(f"cannot seed {n_classes} classes from {n} images")
@@ -564,8 +687,12 @@ def _initial(
     classes = rng.permutation(np.arange(n) % n_classes)
     result = finish(source, classes, psi, origin, mirror, np.zeros(n), n_classes, 0)
     result.score = None
-    result.references *= mask
     return result
+
+
+def iterations(maxit: int) -> int:
+    """The last iteration a run may reach: ``maxit``, or for 0 SPARX's 10."""
+    return maxit if maxit > 0 else DEFAULT_MAXIT
 
 
 def classify2d(
@@ -573,7 +700,7 @@ def classify2d(
     out: str | Path,
     references: str | Path | None = None,
     classes: int | None = None,
-    maxit: int = 10,
+    maxit: int = 0,
     iteration: int | None = None,
     settings: Settings | None = None,
     mask: str | Path | None = None,
@@ -582,12 +709,13 @@ def classify2d(
     backend: str = "numpy",
 ) -> Path:
     """Run iteration ``iteration`` (reading the previous one's outputs), or iterations
-    0..maxit when None; the search runs on ``backend`` (numpy or cupy). Returns the last
-    iteration's folder."""
+    0, 1, ... until the automatic stop (:func:`convergence`) or ``maxit`` (0: up to 10)
+    when None; the search runs on ``backend`` (numpy or cupy). Returns the last
+    iteration's folder (after the stop, an iteration copies the converged one)."""
     settings = settings or Settings()
     if maxit < 0 or (iteration is not None and iteration < 0):
         raise CryomatchError("maxit and iteration must not be negative")
-    todo = range(maxit + 1) if iteration is None else [iteration]
+    todo = range(iterations(maxit) + 1) if iteration is None else [iteration]
     if todo[0] == 0 and particles is None:
         raise CryomatchError("iteration 0 needs the particles (--particles)")
     if todo[0] == 0 and (references is None) == (classes is None):
@@ -606,7 +734,39 @@ def classify2d(
             batch_size,
             backend,
         )
+        if iteration is None and read_json(folder / "convergence.json")["converged"]:
+            break
     return folder
+
+
+def convergence(previous: dict | None, iteration: int, result: Result, changed: int) -> dict:
+    """SPARX's automatic stop: converged when no image changed class, no class was reseeded
+    and the criterion (the sum over classes of the squared reference inside the mask) did
+    not improve on the previous iteration (rose by less than ``CRITERION_TOLERANCE``)."""
+    criterion = float(result.criterion.sum())
+    before = None if previous is None else previous["criterion"]
+    improved = before is None or criterion > before * (1 + CRITERION_TOLERANCE)
+    flags = {name: int(per_class(result, name).sum()) for name in FLAGS if name != "changed_class"}
+    converged = iteration > 0 and changed == 0 and not result.reseeded.any() and not improved
+    return {
+        "iteration": iteration,
+        "criterion": criterion,
+        "previous_criterion": before,
+        "changed_class": changed,
+        "reseeded": int(result.reseeded.sum()),
+        **flags,
+        "converged": converged,
+        "converged_at": iteration if converged else None,
+    }
+
+
+def _copy_converged(previous: Path, folder: Path, state: dict, outputs) -> None:
+    """An iteration after the stop: the converged iteration's outputs, copied."""
+    for name in OUTPUT_FILES:
+        if name != "convergence.json":
+            with outputs.path(folder / name) as tmp:
+                shutil.copyfile(previous / name, tmp)
+    write_json(folder / "convergence.json", {**state, "iteration": int(folder.name[4:])}, outputs)
 
 
 def _run_iteration(
@@ -631,35 +791,77 @@ def _run_iteration(
     }
     prov = provenance.record("classify2d", params)
     folder = iteration_dir(out, iteration)
-    star = particles if iteration == 0 else iteration_dir(out, iteration - 1) / "particles.star"
+    last = iteration_dir(out, iteration - 1)
+    state_file = last / "convergence.json"  # absent in runs of older versions: not converged
+    previous = read_json(state_file) if iteration > 0 and state_file.exists() else None
+    if previous is not None and previous["converged"]:
+        with Outputs() as outputs:
+            _copy_converged(last, folder, previous, outputs)
+        print(
+            f"iteration {iteration}: converged at iteration {previous['converged_at']}; "
+            "its outputs copied",
+            file=sys.stderr,
+        )
+        return folder
+    star = particles if iteration == 0 else last / "particles.star"
     data = read_particles(star, require_ctf=settings.CTF)
-    source = ImageSource(data, settings, None, batch_size)
+    source = ImageSource(data, settings, batch_size)
     try:
         box = source.box
         check_settings(settings, box)
-        source.inside, mask = _inside(mask_path, settings, box)
+        source.inside, source.mask = _inside(mask_path, settings, box)
         with Outputs() as outputs:
             if iteration == 0:
-                result = _initial(source, settings, references, classes, continue_params, mask)
+                result = _initial(source, settings, references, classes, continue_params)
+                changed = 0
             else:
-                refs = read_references(iteration_dir(out, iteration - 1) / "references.mrcs", box)
+                refs = read_references(last / "references.mrcs", box)
                 psi, origin, mirror, before = read_params(data, True)
-                check_shifts(origin, settings.radius(box), box, star)
-                cls, psi, origin, mirror, score = align(
-                    source, refs * mask, origin, settings, backend
+                cls, psi, origin, mirror, score, recentred = align(
+                    source, refs, origin, settings, backend
                 )
                 result = finish(source, cls, psi, origin, mirror, score, len(refs), iteration)
-                print(
-                    f"iteration {iteration}: {np.mean(cls + 1 != before):.1%} of the images "
-                    f"changed class; members {result.counts.tolist()}; mean peak NCC "
-                    f"{score.mean():.4f}; reseeded {np.flatnonzero(result.reseeded) + 1}",
-                    file=sys.stderr,
-                )
-                result.references *= mask
+                result.flags["recentred"] = recentred
+                result.flags["changed_class"] = cls + 1 != before
+                changed = int(np.sum(cls + 1 != before))
+            state = convergence(previous, iteration, result, changed)
+            _log_iteration(state, result)
             write_iteration(folder, data, result, prov, outputs)
+            write_json(folder / "convergence.json", state, outputs)
     finally:
         source.close()
     return folder
+
+
+def _log_iteration(state: dict, result: Result) -> None:
+    n = len(result.classes)
+    before = state["previous_criterion"]
+    lines = [
+        f"iteration {state['iteration']}: criterion {state['criterion']:.6g}"
+        + ("" if before is None else f" (previous {before:.6g})")
+        + (
+            ""
+            if state["iteration"] == 0
+            else f"; {state['changed_class']} of {n} images changed class"
+        )
+        + "; members "
+        f"{result.counts.tolist()}; reseeded {(np.flatnonzero(result.reseeded) + 1).tolist()}"
+    ]
+    if result.score is not None:
+        lines.append(f"  mean peak NCC {np.mean(result.score):.4f}")
+    if state.get("recentred"):
+        lines.append(
+            f"  warning: {state['recentred']} images started outside the searchable range and "
+            "were re-centred (searched about the nearest centre their rings allow)"
+        )
+    if state.get("out_of_range"):
+        lines.append(
+            f"  warning: {state['out_of_range']} images' shifts now leave the searchable range "
+            "(centring moved them); the next iteration re-centres them"
+        )
+    if state["converged"]:
+        lines.append(f"  converged at iteration {state['iteration']}")
+    print("\n".join(lines), file=sys.stderr)
 
 
 def add_arguments(p) -> None:
@@ -672,7 +874,12 @@ def add_arguments(p) -> None:
     init = p.add_mutually_exclusive_group()
     init.add_argument("--references", help="initial references (MRC stack)")
     init.add_argument("--classes", type=int, help="seed this many classes from random subsets")
-    p.add_argument("--maxit", type=int, default=10, help="number of iterations")
+    p.add_argument(
+        "--maxit",
+        type=int,
+        default=0,
+        help="most iterations, each run stops early when converged; 0: up to 10",
+    )
     p.add_argument(
         "--iteration",
         type=int,
@@ -692,8 +899,9 @@ def add_arguments(p) -> None:
         "--center",
         type=int,
         default=d.center,
-        choices=(0, 1),
-        help="1: centre the averages (sign-blind); 0: do not",
+        choices=sorted(CENTRING),
+        help="centring of the averages: -1 members' mean shift, 0 none, 1 centre of mass "
+        "(sign-blind), 2 phase centre of gravity (SPARX's 1)",
     )
     p.add_argument(
         "--CTF",
@@ -713,7 +921,7 @@ def add_arguments(p) -> None:
         "--min-class-size",
         type=int,
         default=d.min_class_size,
-        help="reseed smaller classes; 0: max(4, 20%% of the mean class size)",
+        help="reseed smaller classes; 0: max(4, 20%% of the mean class size), at most half of it",
     )
     p.add_argument("--mask", help="2D mask (MRC) for normalization and the references")
     p.add_argument(

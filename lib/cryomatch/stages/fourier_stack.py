@@ -5,7 +5,8 @@ writes ``OUT/particles_fourier_stack_NNNNNN.npy`` (complex64 [image, shell, in-p
 angle]: the exact transform of each mean-removed image, see
 :mod:`cryomatch.kernels.polar_fourier`) and ``.npz`` (CTF parameters, pixel size, grid,
 image statistics and prior shifts; see :mod:`cryomatch.io.polar_files`). CTF columns are
-required. Memory stays bounded by ``batch_size`` images.
+required; constant (e.g. all-zero) images are an error naming them. Memory stays bounded
+by ``batch_size`` images.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import numpy as np
 
 from .. import geometry, provenance
 from ..backend import get_xp, to_numpy
+from ..cli import positive_float, positive_int
 from ..errors import CryomatchError
 from ..io.atomic import Outputs
-from ..io.particles import ImageReader, read_particles
+from ..io.particles import ImageReader, flat_images_error, read_particles
 from ..io.polar_files import CTF_FIELDS, ArrayWriter, grid_fields, write_meta
 from ..kernels.polar_fourier import dft_matrices, polar_grid, polar_transform
 from ..progress import progress
@@ -63,6 +65,9 @@ def fourier_stack(
             bar = progress(total=n, desc="fourier-stack", unit="img")
             for start in range(0, n, batch_size):
                 images = reader.read(start, min(n, start + batch_size)).astype(np.float64)
+                flat = np.ptp(images.reshape(len(images), -1), axis=1) == 0
+                if flat.any():
+                    raise flat_images_error(particles, start + np.flatnonzero(flat), "image")
                 mean = images.mean(axis=(1, 2))
                 images -= mean[:, None, None]
                 means[start : start + len(images)] = mean
@@ -103,18 +108,20 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output folder (e.g. results/particles/fft)")
     p.add_argument(
         "--resolution-factor",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="largest polar radius as a multiple of Nyquist",
     )
-    p.add_argument("--n-inplanes", type=int, help="in-plane angles (default 2 x box)")
+    p.add_argument("--n-inplanes", type=positive_int, help="in-plane angles (default 2 x box)")
     p.add_argument(
         "--method",
         default="auto",
         choices=["auto", "dft", "finufft"],
         help="exact transform: direct DFT (matrix products) or finufft",
     )
-    p.add_argument("--batch-size", type=int, default=256, help="images transformed at a time")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=256, help="images transformed at a time"
+    )
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
 
 

@@ -37,11 +37,12 @@ import numpy as np
 
 from .. import geometry, provenance
 from ..backend import get_xp
+from ..cli import nonnegative_float, positive_float, positive_int
 from ..errors import CryomatchError
 from ..io.atomic import Outputs
 from ..io.files import write_json, write_npy
 from ..io.polar_files import CTF_FIELDS, ArrayWriter, read_fourier_stack, read_templates
-from ..io.structures import read_map, read_model
+from ..io.structures import read_frames, read_map, read_model
 from ..kernels import ctf as ctf_kernel
 from ..kernels import likelihood as lk
 from ..kernels.nufft import MapInterpolator
@@ -252,7 +253,21 @@ def refine_stack(stack, temps, res: dict, disp, centre, atom_selection="all", at
         volume, _ = read_map(source)
         slicer = map_slicer(MapInterpolator(volume * scale, eps=1e-4))
     else:
-        atoms = read_model(source, atom_selection, atom_sigma)
+        if "frame" in temps.meta:  # a frame of an ensemble
+            topology = str(temps.meta["topology"])
+            trajectory = None if source == topology else source
+            _, atoms = next(
+                read_frames(
+                    topology,
+                    trajectory,
+                    [int(temps.meta["frame"])],
+                    str(temps.meta["atom_filter"]) or None,
+                    atom_selection,
+                    atom_sigma,
+                )
+            )
+        else:
+            atoms = read_model(source, atom_selection, atom_sigma)
         slicer = atom_slicer(
             atoms.coords / pixel, atoms.amplitudes * pixel**3 * scale, atoms.sigmas / pixel
         )
@@ -289,12 +304,20 @@ def refine_stack(stack, temps, res: dict, disp, centre, atom_selection="all", at
 
 def add_arguments(p) -> None:
     p.add_argument("--fourier-stack", required=True, help="particles_fourier_stack_NNNNNN.npy")
-    p.add_argument("--templates", required=True, help="templates_fourier_NAME.npy")
+    p.add_argument(
+        "--templates", nargs="+", required=True, help="templates_fourier_NAME.npy (one or more)"
+    )
     p.add_argument("--out", required=True, help="output folder (e.g. results/likelihood)")
-    p.add_argument("--i-template", type=int, default=0, help="N of OUT/templateN")
-    p.add_argument("--max-displacement-pixels", type=float, default=3.0)
-    p.add_argument("--n-displacements-x", type=int, default=7)
-    p.add_argument("--n-displacements-y", type=int, default=7)
+    p.add_argument(
+        "--i-template",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="N of OUT/templateN, one per template set",
+    )
+    p.add_argument("--max-displacement-pixels", type=nonnegative_float, default=3.0)
+    p.add_argument("--n-displacements-x", type=positive_int, default=7)
+    p.add_argument("--n-displacements-y", type=positive_int, default=7)
     p.add_argument(
         "--use-prior-shifts",
         action="store_true",
@@ -320,30 +343,40 @@ def add_arguments(p) -> None:
         default=1e-4,
         help="share of the integrated likelihood pruning may leave out",
     )
-    p.add_argument("--memory-mb", type=float, default=1000.0, help="memory budget of the batches")
+    p.add_argument(
+        "--memory-mb", type=positive_float, default=1000.0, help="memory budget of the batches"
+    )
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     p.add_argument(
         "--atoms", default="all", choices=["all", "ca"], help="atomic models (refinement)"
     )
-    p.add_argument("--atom-sigma", type=float, default=1.0, help="atom width (A), refinement")
+    p.add_argument(
+        "--atom-sigma", type=positive_float, default=1.0, help="atom width (A), refinement"
+    )
 
 
 def run(args) -> None:
-    likelihood(
-        args.fourier_stack,
-        args.templates,
-        args.out,
-        args.i_template,
-        args.max_displacement_pixels,
-        args.n_displacements_x,
-        args.n_displacements_y,
-        args.use_prior_shifts,
-        args.full_cross_correlation,
-        args.refine,
-        args.compression_tolerance,
-        args.ll_tolerance,
-        args.memory_mb,
-        args.backend,
-        args.atoms,
-        args.atom_sigma,
-    )
+    """One job per template set given, in order (an ensemble's frames go in groups)."""
+    if len(args.templates) != len(args.i_template):
+        raise CryomatchError(
+            f"{len(args.templates)} template sets but {len(args.i_template)} --i-template values"
+        )
+    for templates_npy, i_template in zip(args.templates, args.i_template, strict=True):
+        likelihood(
+            args.fourier_stack,
+            templates_npy,
+            args.out,
+            i_template,
+            args.max_displacement_pixels,
+            args.n_displacements_x,
+            args.n_displacements_y,
+            args.use_prior_shifts,
+            args.full_cross_correlation,
+            args.refine,
+            args.compression_tolerance,
+            args.ll_tolerance,
+            args.memory_mb,
+            args.backend,
+            args.atoms,
+            args.atom_sigma,
+        )

@@ -6,8 +6,9 @@ stack (``stack_NNNNNN.star``: optics groups, CTF, poses), ``particles.star`` ove
 stacks and ``preview.png`` (the first 16 images). Per batch of images: optional Fourier
 cropping to a box or pixel size, RELION-style normalization (background outside a circle
 of ``bg_radius`` pixels, default 37.5% of the box, to mean 0 and standard deviation 1,
-after removing a plane when ``ramp``), optional contrast inversion. Memory stays bounded
-by ``batch_size``.
+after removing a plane when ``ramp``; images whose background has no variance, such as
+constant or all-zero images, are an error naming them), optional contrast inversion.
+Memory stays bounded by ``batch_size``.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import provenance
+from ..cli import positive_float, positive_int
 from ..errors import CryomatchError
 from ..io.atomic import Outputs
 from ..io.figures import image_montage, save_png
 from ..io.mrc import StackWriter
-from ..io.particles import ImageReader, read_particles, write_particles
+from ..io.particles import ImageReader, flat_images_error, read_particles, write_particles
 from ..kernels.fourier import fourier_crop
 from ..kernels.normalize import normalize_background
 from ..progress import progress
@@ -60,13 +62,15 @@ def preprocess(
     ramp: bool = True,
     angpix: float | None = None,
     batch_size: int = 512,
+    drop_duplicates: bool = False,
 ) -> list[Path]:
     """Preprocess the particles of ``star`` into ``out/particles``; returns the stack paths."""
     if stack_size < 1:
         raise CryomatchError(f"stack_size must be at least 1, got {stack_size}")
     params = {k: v for k, v in locals().items() if k not in ("star", "out")}
     prov = provenance.record("preprocess", params)
-    particles = read_particles(star, pixel_size=angpix)
+    duplicates = "drop" if drop_duplicates else "error"
+    particles = read_particles(star, pixel_size=angpix, duplicates=duplicates)
     folder = Path(out) / "particles"
     with ImageReader(particles) as reader, Outputs() as outputs:
         in_box = reader.check()
@@ -93,7 +97,11 @@ def preprocess(
             with StackWriter(path, hi - lo, new_box, new_pixel, labels, outputs) as writer:
                 for start in range(lo, hi, batch_size):
                     images = reader.read(start, min(hi, start + batch_size))
-                    images = normalize_background(fourier_crop(images, new_box), radius, ramp)
+                    images, flat = normalize_background(
+                        fourier_crop(images, new_box), radius, ramp, return_flat=True
+                    )
+                    if flat.any():
+                        raise flat_images_error(particles, start + np.flatnonzero(flat))
                     images = -images if invert else images
                     writer.write(images)
                     if preview is None:
@@ -119,19 +127,32 @@ def preprocess(
 def add_arguments(p) -> None:
     p.add_argument("--star", required=True, help="particles: RELION STAR or cryoSPARC .cs")
     p.add_argument("--out", required=True, help="output folder (stacks go to OUT/particles)")
-    p.add_argument("--box", type=int, help="Fourier-crop to this box (pixels)")
-    p.add_argument("--pixel-size", type=float, help="Fourier-crop to about this pixel size (A)")
-    p.add_argument("--stack-size", type=int, default=1000, help="images per output stack")
+    p.add_argument("--box", type=positive_int, help="Fourier-crop to this box (pixels)")
+    p.add_argument(
+        "--pixel-size", type=positive_float, help="Fourier-crop to about this pixel size (A)"
+    )
+    p.add_argument("--stack-size", type=positive_int, default=1000, help="images per output stack")
     p.add_argument("--invert", action="store_true", help="invert contrast (dark -> white)")
-    p.add_argument("--bg-radius", type=float, help="background circle radius, output pixels")
+    p.add_argument(
+        "--bg-radius", type=positive_float, help="background circle radius, output pixels"
+    )
     p.add_argument(
         "--no-ramp",
         dest="ramp",
         action="store_false",
         help="subtract the background mean only, not a fitted plane",
     )
-    p.add_argument("--angpix", type=float, help="input pixel size (A) when the metadata lacks it")
-    p.add_argument("--batch-size", type=int, default=512, help="images processed at a time")
+    p.add_argument(
+        "--angpix", type=positive_float, help="input pixel size (A) when the metadata lacks it"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=512, help="images processed at a time"
+    )
+    p.add_argument(
+        "--drop-duplicates",
+        action="store_true",
+        help="drop rows that repeat an earlier row's image (with a warning), not an error",
+    )
 
 
 def run(args) -> None:
@@ -146,4 +167,5 @@ def run(args) -> None:
         args.ramp,
         args.angpix,
         args.batch_size,
+        args.drop_duplicates,
     )

@@ -23,6 +23,7 @@ the MRC header of the subvolumes or tomogram (with a warning).
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -32,8 +33,10 @@ import pandas as pd
 from .. import geometry, provenance
 from ..alignment import PCCAlignment, ZNCCAlignment
 from ..alignment.base import AlignmentResult, transform_subvolume
+from ..alignment.local import LocalZNCC
 from ..alignment.tilt import add_tilt_arguments, single_axis, tilt_from_arguments
 from ..backend import get_xp
+from ..cli import positive_float, positive_int
 from ..errors import CryomatchError, CryomatchWarning
 from ..io.atomic import Outputs
 from ..io.figures import orthogonal_slices, save_png
@@ -42,6 +45,15 @@ from ..io.mrc import open_mrc, pixel_size_from, read_volume, write_mrc
 from ..io.star import read_star, write_star
 from ..io.volumes import VolumeStackReader, extract_boxes
 from ..progress import progress
+from .subtomo_priors import (
+    ImageSource,
+    check_priors,
+    has_priors,
+    origins_pixels,
+    output_columns,
+    row_priors,
+    subtomogram_matrices,
+)
 
 METHODS = {"zncc": ZNCCAlignment, "pcc": PCCAlignment}
 SCORE_COLUMN = "rlnCryomatchScore"
@@ -81,6 +93,8 @@ def read_templates(paths, mask_path=None):
 class StackSource:
     """Subvolumes of an MRC volume stack, one output row each."""
 
+    box_in_subtomogram_frame = True
+
     def __init__(self, path):
         self.path = Path(path)
         self.reader = VolumeStackReader(path)
@@ -99,8 +113,10 @@ class StackSource:
         return None, self.reader.voxel_size()
 
     def read(self, start: int, stop: int, shape) -> tuple[np.ndarray, np.ndarray]:
-        """(subvolumes, their offsets (n, 3) z, y, x voxels from where the row puts them)."""
-        return self.reader.read(start, stop), np.zeros((stop - start, 3))
+        """(subvolumes, where the rows put their particles relative to the box centre (n, 3)
+        z, y, x voxels: minus their origins, 0 without)."""
+        origin = origins_pixels(self.table.iloc[start:stop], getattr(self, "_angpix", 1.0))
+        return self.reader.read(start, stop), -origin[:, ::-1]
 
     def close(self):
         self.reader.close()
@@ -108,6 +124,8 @@ class StackSource:
 
 class TomogramSource:
     """Subvolumes cut out of tomograms at the positions of a RELION 5 style STAR."""
+
+    box_in_subtomogram_frame = False
 
     def __init__(self, star, tomograms, angpix=None):
         self.star = Path(star)
@@ -178,8 +196,9 @@ class TomogramSource:
                 "no particle positions: need rlnCenteredCoordinateX/Y/ZAngst or rlnCoordinateX/Y/Z",
                 self.star,
             )
-        if all(f"rlnOrigin{a}Angst" in t for a in "XYZ"):
-            xyz = xyz - t[[f"rlnOrigin{a}Angst" for a in "XYZ"]].to_numpy(float) / angpix
+        # RELION 5: the origin is in the subtomogram's frame (A_sub origin in the tomogram)
+        origin = origins_pixels(t, angpix)
+        xyz = xyz - np.einsum("nij,nj->ni", subtomogram_matrices(t), origin)
         return xyz[:, ::-1]
 
     def read(self, start: int, stop: int, shape) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +232,22 @@ def _tomo_key(name) -> str:
     return base
 
 
+def open_source(subvolumes, star, tomograms):
+    """The subvolumes: an MRC stack, a STAR of positions with tomograms, or a STAR whose
+    rlnImageName names the subvolumes (RELION 3/4 subtomograms)."""
+    if subvolumes is not None:
+        return StackSource(subvolumes)
+    if tomograms:
+        return TomogramSource(star, tomograms)
+    return ImageSource(star)
+
+
 # --- the stage -------------------------------------------------------------------------
+# the local search about STAR priors: range and step (degrees, per axis of the grid), the
+# cone of viewing directions and the in-plane range (degrees from the prior; None: no limit)
+PRIOR_SEARCH = {"range": 10.0, "step": 5.0, "cone": None, "inplane": None}
+
+
 def build_model(templates, mask, method, rotations, cutoff, tilt, interpolate, refine):
     if method not in METHODS:
         raise CryomatchError(f"unknown method {method!r} (use {', '.join(METHODS)})")
@@ -228,6 +262,33 @@ def build_model(templates, mask, method, rotations, cutoff, tilt, interpolate, r
     )
 
 
+def build_local_model(templates, mask, search, cutoff, tilt, interpolate):
+    """A :class:`LocalZNCC` for a search dict (range, step, cone, inplane; degrees)."""
+    return LocalZNCC(
+        list(templates) if len(templates) > 1 else templates[0],
+        mask=mask,
+        angular_range=search["range"],
+        angular_step=search["step"],
+        cutoff=cutoff,
+        tilt=single_axis(tuple(tilt)) if tilt is not None else None,
+        cone=search.get("cone"),
+        inplane=search.get("inplane"),
+        interpolate=interpolate,
+    )
+
+
+def align_batch(model, source, volumes, offsets, lo, hi, max_shifts, backend):
+    """(labels, shifts, quats, scores) of one batch: about the rows' priors when the model
+    is a :class:`LocalZNCC`, else about the identity."""
+    if not isinstance(model, LocalZNCC):
+        return model.align_batch(volumes, max_shifts, backend=backend)
+    table = source.table.iloc[lo:hi]
+    quats, shifts, box, ref = row_priors(
+        table, offsets, volumes.shape[1:], source.box_in_subtomogram_frame
+    )
+    return model.align_priors(volumes, max_shifts, quats, shifts, box, ref, backend)
+
+
 def align_rows(model, source, start, stop, max_shifts, angpix, backend, batch_size):
     """Align rows start .. stop: (result columns (DataFrame), sums (T, *shape), counts (T,))."""
     shape = model.input_shape
@@ -239,7 +300,7 @@ def align_rows(model, source, start, stop, max_shifts, angpix, backend, batch_si
     for lo in range(start, stop, batch_size):
         hi = min(stop, lo + batch_size)
         volumes, offsets = source.read(lo, hi, shape)
-        lab, sh, q, sc = model.align_batch(volumes, max_shifts, backend=backend)
+        lab, sh, q, sc = align_batch(model, source, volumes, offsets, lo, hi, max_shifts, backend)
         for i in range(len(volumes)):  # resampling is one ndimage call per subvolume
             result = AlignmentResult(int(lab[i]), sh[i], q[i], float(sc[i]))
             sums[lab[i]] += transform_subvolume(volumes[i], result, float(volumes[i].mean()))
@@ -288,18 +349,21 @@ def subtomo_align(
     chunk_size: int = 100,
     batch_size: int = 32,
     backend: str = "numpy",
+    prior_search=None,
 ):
-    """Align subvolumes (all, or chunk ``chunk``) and write the outputs (module doc)."""
+    """Align subvolumes (all, or chunk ``chunk``) and write the outputs (module doc).
+    ``prior_search``: dict of the local search about STAR priors (range, step, cone,
+    inplane in degrees; default :data:`PRIOR_SEARCH`)."""
     out = Path(out)
     if (subvolumes is None) == (star is None):
-        raise CryomatchError("give either --subvolumes (a volume stack) or --star with --tomogram")
+        raise CryomatchError("give either --subvolumes (a volume stack) or --star")
     if chunk_size < 1 or batch_size < 1:
         raise CryomatchError("chunk_size and batch_size must be at least 1")
     params = {k: v for k, v in locals().items() if k != "out"}
     prov = provenance.record("subtomo align", params)
     xp = get_xp(backend)
     stack, mask_arr, template_voxel = read_templates(templates, mask)
-    source = StackSource(subvolumes) if subvolumes is not None else TomogramSource(star, tomograms)
+    source = open_source(subvolumes, star, tomograms)
     try:
         what = subvolumes if subvolumes is not None else star
         angpix = pixel_size_from(angpix, *source.pixel_size(), what)
@@ -310,7 +374,8 @@ def subtomo_align(
                 CryomatchWarning,
                 stacklevel=2,
             )
-        if isinstance(source, StackSource) and tuple(source.shape()) != stack.shape[1:]:
+        source._angpix = angpix
+        if not isinstance(source, TomogramSource) and tuple(source.shape()) != stack.shape[1:]:
             shape = tuple(source.shape())
             raise CryomatchError(
                 f"the subvolumes have shape {shape}, the template {stack.shape[1:]}", subvolumes
@@ -326,15 +391,29 @@ def subtomo_align(
                     f"chunk {chunk} does not exist: {n} subvolumes make {n_chunks} chunks"
                 )
             start, stop = chunk * chunk_size, min(n, (chunk + 1) * chunk_size)
-        model = build_model(stack, mask_arr, method, rotations, cutoff, tilt, interpolate, refine)
+        if has_priors(source.table):
+            check_priors(source.table, what)
+            search = {**PRIOR_SEARCH, **(prior_search or {})}
+            if method != "zncc" or refine:
+                raise CryomatchError(
+                    "the local search about priors is ZNCC's (method zncc, no refine)", what
+                )
+            model = build_local_model(stack, mask_arr, search, cutoff, tilt, interpolate)
+            print(
+                f"{what}: priors of {n} particles used: searched within {search['range']:g} "
+                f"deg (step {search['step']:g}, cone {search.get('cone')}, in-plane "
+                f"{search.get('inplane')}) and {max_shifts} voxels of their STAR poses",
+                file=sys.stderr,
+            )
+        else:
+            model = build_model(
+                stack, mask_arr, method, rotations, cutoff, tilt, interpolate, refine
+            )
         columns, sums, counts = align_rows(
             model, source, start, stop, max_shifts, angpix, xp.__name__, batch_size
         )
         table = source.table.iloc[start:stop].reset_index(drop=True)
-        for a in "XYZ":  # refined relative to the input origins
-            if f"rlnOrigin{a}Angst" in table:
-                columns[f"rlnOrigin{a}Angst"] += table[f"rlnOrigin{a}Angst"].to_numpy(float)
-        table = pd.concat([table.drop(columns=[c for c in columns if c in table]), columns], axis=1)
+        table = output_columns(table, columns, source.box_in_subtomogram_frame, angpix)
         optics = source.optics if source.optics is not None else _optics(stack.shape[1:], angpix)
     finally:
         source.close()
@@ -406,7 +485,11 @@ def add_arguments(p) -> None:
     a = sub.add_parser("align", help="align subvolumes (all, or one chunk)")
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--subvolumes", help="MRC volume stack of subvolumes")
-    src.add_argument("--star", help="RELION 5 style STAR of particle positions in tomograms")
+    src.add_argument(
+        "--star",
+        help="STAR of positions in tomograms (with --tomogram) or of subvolume files "
+        "(rlnImageName); its angles and origins are priors",
+    )
     a.add_argument("--tomogram", action="append", default=[], help="tomogram MRC (repeat)")
     a.add_argument("--template", action="append", required=True, help="template MRC (repeat)")
     a.add_argument("--mask", help="mask MRC (same shape as the templates); default: none")
@@ -439,14 +522,32 @@ def add_arguments(p) -> None:
     a.add_argument(
         "--refine", action="store_true", help="local rotation search below the grid step"
     )
-    a.add_argument("--angpix", type=float, help="pixel size (A) of subvolumes/tomograms")
+    a.add_argument("--angpix", type=positive_float, help="pixel size (A) of subvolumes/tomograms")
     a.add_argument("--chunk", type=int, help="align only this chunk (for `subtomo merge`)")
-    a.add_argument("--chunk-size", type=int, default=100, help="subvolumes per chunk")
-    a.add_argument("--batch-size", type=int, default=32, help="subvolumes read at a time")
+    a.add_argument("--chunk-size", type=positive_int, default=100, help="subvolumes per chunk")
+    a.add_argument("--batch-size", type=positive_int, default=32, help="subvolumes read at a time")
     a.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="array backend")
+    add_prior_arguments(a)
     m = sub.add_parser("merge", help="merge the chunks into the STAR and the averages")
     m.add_argument("--out", required=True, help="output folder (holding chunks/)")
-    m.add_argument("--chunks", type=int, required=True, help="number of chunks")
+    m.add_argument("--chunks", type=positive_int, required=True, help="number of chunks")
+
+
+def add_prior_arguments(a) -> None:
+    """Flags of the local search about STAR priors (used when the STAR has angles)."""
+    a.add_argument("--prior-range", type=float, default=10.0, help="search range, degrees")
+    a.add_argument("--prior-step", type=float, default=5.0, help="search step, degrees")
+    a.add_argument("--cone", type=float, help="viewing directions within this many degrees")
+    a.add_argument("--inplane", type=float, help="in-plane angles within this many degrees")
+
+
+def prior_search_from(args) -> dict:
+    return {
+        "range": args.prior_range,
+        "step": args.prior_step,
+        "cone": args.cone,
+        "inplane": args.inplane,
+    }
 
 
 def run(args) -> None:
@@ -473,4 +574,5 @@ def run(args) -> None:
         args.chunk_size,
         args.batch_size,
         args.backend,
+        prior_search_from(args),
     )

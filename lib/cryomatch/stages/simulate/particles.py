@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from ... import geometry, provenance
-from ...errors import CryomatchError
+from ...cli import positive_float, positive_int
+from ...errors import CryomatchError, check_memory
 from ...io.atomic import Outputs
 from ...io.figures import image_montage, save_png
 from ...io.mrc import StackWriter, read_volume, write_mrc
@@ -37,6 +38,7 @@ from ...progress import progress
 from .common import add_image_arguments
 
 PILOT = 64  # images whose mean signal variance sets the noise level
+ROW_BYTES = 3 * 1024  # memory per particle: its table row and STAR line (measured ~2.3 KiB)
 
 # Optics groups of the demo: (voltage kV, Cs mm, amplitude contrast, phase plate).
 OPTICS_PRESETS = [
@@ -199,6 +201,11 @@ def simulate_particles(
         raise CryomatchError(f"the number of particles must be at least 1, got {n}")
     if not snr > 0:
         raise CryomatchError(f"the SNR must be positive, got {snr}")
+    check_memory(
+        n * ROW_BYTES + 4 * min(n, batch_size) * box * box * 4,
+        f"simulating {n} particles",
+        "lower --n (or demo.particles.n)",
+    )
     params = {k: v for k, v in locals().items() if k not in ("out",)}
     prov = provenance.record("simulate particles", params)
     rng = np.random.default_rng([seed, 0])
@@ -280,12 +287,14 @@ def add_arguments(p) -> None:
     add_image_arguments(p)
     p.add_argument(
         "--pixel-size",
-        type=float,
+        type=positive_float,
         help="Angstrom per pixel (default: map header, 3.0 for phantoms)",
     )
-    p.add_argument("--n-structures", type=int, default=2, help="phantom structures (default 2)")
     p.add_argument(
-        "--optics-groups", type=int, default=3, help="number of optics groups (default 3)"
+        "--n-structures", type=positive_int, default=2, help="phantom structures (default 2)"
+    )
+    p.add_argument(
+        "--optics-groups", type=positive_int, default=3, help="number of optics groups (default 3)"
     )
     p.add_argument(
         "--defocus",
@@ -296,7 +305,7 @@ def add_arguments(p) -> None:
         help="defocus U range in Angstrom",
     )
     p.add_argument("--ctf-star", help="borrow CTF and optics values from this STAR or .cs")
-    p.add_argument("--batch-size", type=int, default=256, help="images rendered at a time")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images rendered at a time")
 
 
 def run(args) -> None:

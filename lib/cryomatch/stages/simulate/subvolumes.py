@@ -36,13 +36,15 @@ from scipy.spatial.transform import Rotation
 from ... import geometry, provenance
 from ...alignment.rotations import euler_zyx_to_rotation
 from ...alignment.tilt import add_tilt_arguments, single_axis, tilt_from_arguments
+from ...cli import nonnegative_float, positive_float, positive_int
 from ...errors import CryomatchError
 from ...io.atomic import Outputs
 from ...io.mrc import write_mrc
 from ...io.star import write_star
 from ...io.volumes import VolumeStackWriter
 from ...kernels.projection import voxelize_atoms
-from ...kernels.volumes import fourier_filter, soft_sphere
+from ...kernels.rotate import affine_resample
+from ...kernels.volumes import fourier_filter, fourier_resize, soft_sphere
 from ...progress import progress
 from ..subtomo import pose_columns
 from .particles import phantom_structures
@@ -90,6 +92,51 @@ def draw_poses(n: int, n_templates: int, max_angle: float, max_shift: float, rng
     return labels, euler_zyx_to_rotation(angles).as_quat(), shifts
 
 
+def map_template(path, box: int):
+    """A real map (MRC) resampled to ``box`` by Fourier cropping, scaled to unit standard
+    deviation: (volume, its voxel size in Angstrom)."""
+    from ...io.mrc import read_volume
+
+    data, voxel = read_volume(path)
+    if data.ndim != 3 or len(set(data.shape)) != 1:
+        raise CryomatchError(f"the map must be a cubic 3D volume, got shape {data.shape}", path)
+    if not voxel:
+        raise CryomatchError("the map's header has no voxel size", path)
+    resized = fourier_resize(np.asarray(data, dtype=np.float32), box)
+    resized = (resized - resized.mean()) / resized.std()
+    return resized.astype(np.float32), float(voxel) * data.shape[0] / box
+
+
+def _moved_map(volume, quat, shift_zyx, size: int) -> np.ndarray:
+    """The map moved as ``p -> R (p - c) + c + shift`` (acryo's centre c of the box),
+    rendered in a box of ``size`` (>= the map's) with the map's centre at ``size // 2``."""
+    box = volume.shape[0]
+    pad = (size - box) // 2
+    big = np.zeros((size,) * 3, dtype=np.float32)
+    big[pad : pad + box, pad : pad + box, pad : pad + box] = volume
+    rot = Rotation.from_quat(quat).as_matrix()
+    c = geometry.acryo_centre((box,) * 3) + pad
+    offset = c - rot.T @ (c + np.asarray(shift_zyx, dtype=np.float64))
+    return affine_resample(big, rot.T, offset, 0.0)
+
+
+def prior_table(truth, quats, shifts, shape, pixel_size, error, shift_error, rng):
+    """The truth's rows with priors: each rotation turned by ``error`` degrees about a
+    random axis, each shift moved by up to ``shift_error`` voxels per axis; half sets
+    (rlnRandomSubset) alternate."""
+    n = len(quats)
+    axes = rng.standard_normal((n, 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    turn = Rotation.from_rotvec(np.deg2rad(error) * axes)
+    q = (turn * Rotation.from_quat(quats)).as_quat()
+    s = shifts + rng.uniform(-shift_error, shift_error, size=shifts.shape)
+    table = pose_columns(np.zeros(n, dtype=np.int64), q, s, shape, pixel_size)
+    table.insert(0, "rlnImageName", truth["rlnImageName"].to_numpy())
+    table["rlnRandomSubset"] = 1 + np.arange(n) % 2
+    table["rlnOpticsGroup"] = 1
+    return table
+
+
 def optics_table(box: int, pixel_size: float) -> pd.DataFrame:
     return pd.DataFrame(
         [
@@ -117,6 +164,10 @@ def simulate_subvolumes(
     tilt: tuple[float, float] | None = (-60.0, 60.0),
     tomogram: bool = False,
     batch_size: int = 8,
+    map_path: str | Path | None = None,
+    uniform: bool = False,
+    prior_error: float | None = None,
+    prior_shift_error: float = 1.0,
 ) -> Path:
     """Write a simulated subvolume set to ``out``; returns the truth STAR (module doc)."""
     out = Path(out)
@@ -134,25 +185,39 @@ def simulate_subvolumes(
     rng = np.random.default_rng([seed, 0])
     noise_rng = np.random.default_rng([seed, 1])
     shape = (box,) * 3
-    atoms = asymmetric_phantoms(n_templates, box, pixel_size, rng)
-    templates = [voxelize_atoms(a.coords, a.amplitudes, a.sigmas, box, pixel_size) for a in atoms]
-    labels, quats, shifts = draw_poses(n, n_templates, max_angle, max_shift, rng)
     big = 2 * box  # rendered and filtered in a padded box, then cropped
+    if map_path is not None:
+        real_map, pixel_size = map_template(map_path, box)
+        templates, n_templates = [real_map], 1
+    else:
+        atoms = asymmetric_phantoms(n_templates, box, pixel_size, rng)
+        templates = [
+            voxelize_atoms(a.coords, a.amplitudes, a.sigmas, box, pixel_size) for a in atoms
+        ]
+    labels, quats, shifts = draw_poses(n, n_templates, max_angle, max_shift, rng)
+    if uniform:
+        quats = geometry.random_rotations(n, rng).as_quat()
     crop = (slice(None),) + (slice(box // 2, box // 2 + box),) * 3
     wedge = single_axis(tilt).rfft_mask(None, (big,) * 3)
     # noise: white of variance sigma^2 keeps (kept fraction) * sigma^2 after the wedge
     hermitian = np.full(wedge.shape[-1], 2.0)
     hermitian[0] = hermitian[-1] = 1.0
     kept = float((wedge * hermitian).sum()) / big**3
-    a0 = atoms[0]
-    padded = voxelize_atoms(a0.coords, a0.amplitudes, a0.sigmas, big, pixel_size)
-    signal_var = float(np.var(fourier_filter(padded[None], wedge)[crop]))
-    sigma = np.sqrt(signal_var / snr / kept)
 
     def clean(i, size=big):
+        if map_path is not None:
+            return _moved_map(templates[0], quats[i], shifts[i], size)
         a = atoms[labels[i]]
         c = place_atoms(a.coords, quats[i], shifts[i], box, pixel_size)
         return voxelize_atoms(c, a.amplitudes, a.sigmas, size, pixel_size)
+
+    if map_path is not None:
+        padded = _moved_map(templates[0], [0.0, 0, 0, 1], np.zeros(3), big)
+    else:
+        a0 = atoms[0]
+        padded = voxelize_atoms(a0.coords, a0.amplitudes, a0.sigmas, big, pixel_size)
+    signal_var = float(np.var(fourier_filter(padded[None], wedge)[crop]))
+    sigma = np.sqrt(signal_var / snr / kept)
 
     table = pose_columns(labels, quats, shifts, shape, pixel_size)
     table.insert(0, "rlnImageName", [f"{i + 1:06d}@subvolumes.mrcs" for i in range(n)])
@@ -179,6 +244,12 @@ def simulate_subvolumes(
                 w.write(fourier_filter(vol, wedge)[crop])
         blocks = {"optics": optics_table(box, pixel_size), "particles": table}
         write_star(out / "subvolumes.star", blocks, prov, outputs)
+        if prior_error is not None:
+            priors = prior_table(
+                table, quats, shifts, shape, pixel_size, prior_error, prior_shift_error, rng
+            )
+            blocks = {"optics": optics_table(box, pixel_size), "particles": priors}
+            write_star(out / "priors.star", blocks, prov, outputs)
         if tomogram:
             _write_tomogram(
                 out,
@@ -256,22 +327,45 @@ def read_simulated(folder):
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--n", type=int, required=True, help="number of subvolumes")
-    p.add_argument("--snr", type=float, required=True, help="signal-to-noise variance ratio")
-    p.add_argument("--box", type=int, required=True, help="subvolume size in voxels")
+    p.add_argument("--n", type=positive_int, required=True, help="number of subvolumes")
+    p.add_argument(
+        "--snr", type=positive_float, required=True, help="signal-to-noise variance ratio"
+    )
+    p.add_argument("--box", type=positive_int, required=True, help="subvolume size in voxels")
     p.add_argument("--seed", type=int, required=True, help="random seed")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--pixel-size", type=float, default=8.0, help="Angstrom per voxel")
-    p.add_argument("--n-templates", type=int, default=1, help="phantom templates")
-    p.add_argument("--max-angle", type=float, default=10.0, help="largest angle per axis, degrees")
-    p.add_argument("--max-shift", type=float, default=3.0, help="largest shift per axis, voxels")
+    p.add_argument("--pixel-size", type=positive_float, default=8.0, help="Angstrom per voxel")
+    p.add_argument("--n-templates", type=positive_int, default=1, help="phantom templates")
+    p.add_argument(
+        "--max-angle", type=nonnegative_float, default=10.0, help="largest angle per axis, degrees"
+    )
+    p.add_argument(
+        "--max-shift", type=nonnegative_float, default=3.0, help="largest shift per axis, voxels"
+    )
     add_tilt_arguments(p)
     p.add_argument(
         "--tomogram",
         action="store_true",
         help="also write the particles into one tomogram with a RELION 5 STAR",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="subvolumes rendered at a time")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="subvolumes rendered at a time"
+    )
+    p.add_argument("--map", help="a map (MRC) to copy instead of phantoms (resampled to --box)")
+    p.add_argument(
+        "--uniform", action="store_true", help="rotations uniform on SO(3) (not +-max-angle)"
+    )
+    p.add_argument(
+        "--prior-error",
+        type=nonnegative_float,
+        help="also write priors.star: the poses turned by this many degrees (random axes)",
+    )
+    p.add_argument(
+        "--prior-shift-error",
+        type=nonnegative_float,
+        default=1.0,
+        help="prior shift error, voxels per axis",
+    )
 
 
 def run(args) -> None:
@@ -288,4 +382,8 @@ def run(args) -> None:
         tilt_from_arguments(args),
         args.tomogram,
         args.batch_size,
+        args.map,
+        args.uniform,
+        args.prior_error,
+        args.prior_shift_error,
     )

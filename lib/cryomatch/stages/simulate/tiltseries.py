@@ -1,4 +1,7 @@
-"""A tilt series of a 3D phantom of Gaussian ellipsoids and dense beads, with known shifts.
+"""A tilt series of a 3D phantom of Gaussian ellipsoids and dense beads, with known shifts:
+an isolated object inside the field of view (``specimen`` 'object') or an extended
+specimen, a slab wider than the field of view with gold beads (``specimen`` 'slab',
+:func:`~cryomatch.kernels.ellipsoids.slab_phantom`), as in most cryo-ET.
 
 Projections are exact (closed form, :mod:`cryomatch.kernels.ellipsoids`) at tilts
 ``min..max`` step ``step`` degrees about an axis at ``tilt_axis`` degrees (counter-clockwise
@@ -21,12 +24,13 @@ import numpy as np
 import pandas as pd
 
 from ... import geometry, provenance
+from ...cli import nonnegative_float, nonnegative_int, positive_float, positive_int
 from ...errors import CryomatchError
 from ...io.atomic import Outputs
 from ...io.files import write_csv, write_json
 from ...io.mrc import write_mrc
 from ...io.tilts import write_tlt, write_xf
-from ...kernels.ellipsoids import project, random_phantom, voxelize
+from ...kernels.ellipsoids import project, random_phantom, slab_phantom, voxelize
 from ...progress import progress
 
 
@@ -48,19 +52,25 @@ def simulate_tiltseries(
     pixel_size: float = 10.0,
     n_ellipsoids: int = 24,
     n_beads: int = 12,
+    specimen: str = "object",
     batch_size: int = 16,
 ) -> Path:
     """Write a simulated tilt series to ``out`` (see module doc); returns the stack path."""
     out = Path(out)
     if size < 16:
         raise CryomatchError(f"the image size must be at least 16 pixels, got {size}")
+    if specimen not in ("object", "slab"):
+        raise CryomatchError(f"specimen must be 'object' or 'slab', got {specimen!r}")
     if noise < 0 or max_shift < 0:
         raise CryomatchError("noise and max_shift must not be negative")
     params = {k: v for k, v in locals().items() if k != "out"}
     prov = provenance.record("simulate tiltseries", params)
     angles = tilt_range(*tilts)
     rng = np.random.default_rng([seed, 6])
-    phantom = random_phantom(rng, size, n_ellipsoids, n_beads)
+    if specimen == "slab":
+        phantom = slab_phantom(rng, size, n_ellipsoids, n_beads)
+    else:
+        phantom = random_phantom(rng, size, n_ellipsoids, n_beads)
     shifts = rng.uniform(-max_shift, max_shift, size=(len(angles), 2))
     stack = np.empty((len(angles), size, size), dtype=np.float32)
     for lo in progress(range(0, len(angles), batch_size), desc="simulate", unit="batch"):
@@ -98,7 +108,7 @@ def simulate_tiltseries(
 
 def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--size", type=int, default=64, help="image size in pixels")
+    p.add_argument("--size", type=positive_int, default=64, help="image size in pixels")
     p.add_argument(
         "--tilts",
         type=float,
@@ -107,10 +117,12 @@ def add_arguments(p) -> None:
         metavar=("MIN", "MAX", "STEP"),
         help="tilt range in degrees",
     )
-    p.add_argument("--max-shift", type=float, default=8.0, help="largest shift per axis, pixels")
+    p.add_argument(
+        "--max-shift", type=nonnegative_float, default=8.0, help="largest shift per axis, pixels"
+    )
     p.add_argument(
         "--noise",
-        type=float,
+        type=nonnegative_float,
         default=0.15,
         help="noise sigma as a fraction of the noise-free stack's standard deviation",
     )
@@ -121,9 +133,15 @@ def add_arguments(p) -> None:
         default=0.0,
         help="tilt-axis angle, degrees counter-clockwise from +y",
     )
-    p.add_argument("--pixel-size", type=float, default=10.0, help="Angstrom per pixel")
-    p.add_argument("--n-ellipsoids", type=int, default=24, help="number of ellipsoids")
-    p.add_argument("--n-beads", type=int, default=12, help="number of beads")
+    p.add_argument("--pixel-size", type=positive_float, default=10.0, help="Angstrom per pixel")
+    p.add_argument("--n-ellipsoids", type=nonnegative_int, default=24, help="number of ellipsoids")
+    p.add_argument("--n-beads", type=nonnegative_int, default=12, help="number of beads")
+    p.add_argument(
+        "--specimen",
+        default="object",
+        choices=["object", "slab"],
+        help="an isolated object inside the field of view, or a slab wider than it",
+    )
 
 
 def run(args) -> None:
@@ -138,4 +156,5 @@ def run(args) -> None:
         args.pixel_size,
         args.n_ellipsoids,
         args.n_beads,
+        args.specimen,
     )

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from ... import geometry, provenance
-from ...errors import CryomatchError
+from ...cli import positive_float, positive_int
+from ...errors import CryomatchError, check_memory
 from ...io.atomic import Outputs
 from ...io.mrc import StackWriter, read_volume, write_mrc
 from ...io.particles import Particles, write_particles
@@ -37,7 +38,7 @@ from ...kernels.phantom import PseudoAtoms
 from ...kernels.projection import spline_coefficients
 from ...progress import progress
 from .common import add_image_arguments
-from .particles import Structure, _fit_box
+from .particles import ROW_BYTES, Structure, _fit_box
 
 OPTICS = {"rlnVoltage": 300.0, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}
 
@@ -122,6 +123,11 @@ def simulate_views(
         raise CryomatchError(f"need at least one image and one view, got {n} and {n_views}")
     if not snr > 0:
         raise CryomatchError(f"the SNR must be positive, got {snr}")
+    check_memory(
+        n * ROW_BYTES + (n_views + 4 * min(n, batch_size)) * box * box * 4,
+        f"simulating {n} images",
+        "lower --n (or demo.views.n)",
+    )
     params = {k: v for k, v in locals().items() if k != "out"}
     prov = provenance.record("simulate views", params)
     rng = np.random.default_rng([seed, 2])
@@ -225,10 +231,10 @@ def add_arguments(p) -> None:
     src.add_argument("--phantom", action="store_true", help="a seeded pseudo-atomic phantom")
     src.add_argument("--map", help="MRC map to project")
     add_image_arguments(p)
-    p.add_argument("--views", type=int, required=True, help="number of distinct views")
+    p.add_argument("--views", type=positive_int, required=True, help="number of distinct views")
     p.add_argument(
         "--pixel-size",
-        type=float,
+        type=positive_float,
         help="Angstrom per pixel (default: the map header's, 3.0 for the phantom)",
     )
     p.add_argument("--no-mirror", dest="mirror", action="store_false", help="no mirrored images")
@@ -241,7 +247,7 @@ def add_arguments(p) -> None:
         metavar=("MIN", "MAX"),
         help="defocus U range in Angstrom (with --ctf)",
     )
-    p.add_argument("--batch-size", type=int, default=256, help="images rendered at a time")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images rendered at a time")
 
 
 def run(args) -> None:

@@ -123,9 +123,18 @@ def prepare(data: np.ndarray, invert: bool = False) -> np.ndarray:
 
 
 def write_shift_files(
-    folder: Path, stem: str, angles, shifts, tilt_axis: float, prov, outputs, prefix: str = ""
+    folder: Path,
+    stem: str,
+    angles,
+    shifts,
+    tilt_axis: float,
+    prov,
+    outputs,
+    prefix: str = "",
+    matrices=None,
 ) -> None:
-    """``{prefix}shifts.csv``, IMOD ``{stem}.xf`` and ``{stem}.tlt``."""
+    """``{prefix}shifts.csv``, IMOD ``{stem}.xf`` and ``{stem}.tlt``; ``matrices`` (n, 2, 2)
+    replace the tilt-axis rotation in the .xf (per-image rotations and magnifications)."""
     table = pd.DataFrame(
         {
             "index": np.arange(len(angles)),
@@ -135,7 +144,9 @@ def write_shift_files(
         }
     )
     write_csv(folder / f"{prefix}shifts.csv", table, prov, outputs)
-    write_xf(folder / f"{stem}.xf", geometry.tilt_axis_rotation(tilt_axis), shifts, outputs)
+    if matrices is None:
+        matrices = geometry.tilt_axis_rotation(tilt_axis)
+    write_xf(folder / f"{stem}.xf", matrices, shifts, outputs)
     write_tlt(folder / f"{stem}.tlt", angles, outputs)
 
 
@@ -158,9 +169,10 @@ def read_shifts(path: str | os.PathLike, n: int) -> np.ndarray:
     return shifts
 
 
-def summary_figure(angles, shifts, volume, title: str, record=None):
-    """Shifts per tilt, optionally the refinement record, and central slices."""
-    n_axes = 4 if record is None else 5
+def summary_figure(angles, shifts, volume, title: str, record=None, residuals=None):
+    """Shifts per tilt, optionally the refinement record or a projection model's residuals
+    (``residuals``: (per image (n,), per point (m,), label) in px), and central slices."""
+    n_axes = 4 + (record is not None) + 2 * (residuals is not None)
     fig = new_figure(2.6 * n_axes, 2.8)
     axes = fig.subplots(1, n_axes)
     ax = axes[0]
@@ -178,6 +190,15 @@ def summary_figure(angles, shifts, volume, title: str, record=None):
         axes[1].set_ylabel("shift found (pixels)")
         axes[1].legend(fontsize=7)
         k = 2
+    if residuals is not None:
+        per_view, per_point, label = residuals
+        axes[k].plot(angles, per_view, "o-", ms=2)
+        axes[k].set_xlabel("tilt (degrees)")
+        axes[k].set_ylabel("mean residual (pixels)")
+        axes[k + 1].bar(np.arange(1, len(per_point) + 1), per_point)
+        axes[k + 1].set_xlabel(label)
+        axes[k + 1].set_ylabel("mean residual (pixels)")
+        k += 2
     draw_orthogonal_slices(axes[k:], volume)
     fig.suptitle(title, fontsize=9)
     return fig

@@ -25,6 +25,7 @@ import pandas as pd
 
 from ... import provenance
 from ...backend import get_xp, to_numpy
+from ...cli import positive_int
 from ...errors import CryomatchError
 from ...io.atomic import Outputs
 from ...io.figures import save_png
@@ -192,8 +193,8 @@ def add_arguments(p) -> None:
     p.add_argument("--alignment", help="alignment.json of tomo-align (start shifts, tilt axis)")
     p.add_argument("--shifts", help="start shifts instead: shifts.csv or IMOD .xf")
     p.add_argument("--tilt-axis", type=float, help="tilt-axis angle (default: the alignment's)")
-    p.add_argument("--maxiter", type=int, default=50, help="largest number of iterations")
-    p.add_argument("--upsampling", type=int, default=10, help="subpixel upsampling factor")
+    p.add_argument("--maxiter", type=positive_int, default=50, help="largest number of iterations")
+    p.add_argument("--upsampling", type=positive_int, default=10, help="subpixel upsampling factor")
     p.add_argument("--shift-tolerance", type=float, help="stop below (default 1/upsampling)")
     p.add_argument("--shift-cutoff", type=float, help="largest step (default 5/upsampling)")
     p.add_argument(
@@ -225,7 +226,7 @@ def add_arguments(p) -> None:
     )
     p.add_argument(
         "--reconstruction-iterations",
-        type=int,
+        type=positive_int,
         default=2,
         help="sirt: updates per iteration of the warm-started reconstruction",
     )

@@ -35,3 +35,13 @@ def series_options(entry: dict, refine: bool = False) -> str:
     """Command-line options of one series; refinement keeps the alignment's fitted axis."""
     flags = {k: v for k, v in SERIES_FLAGS.items() if not (refine and k == "tilt_axis")}
     return cli_options(entry, flags)
+
+
+def model_options(tomo_config: dict) -> dict:
+    """The fiducial / patch / model sections as tomo-align's flat option names."""
+    out = {}
+    for section, prefix in (("fiducial", ""), ("patch", "patch_"), ("model", "model_")):
+        for key, value in (tomo_config.get(section) or {}).items():
+            name = key if key == "max_residual" else prefix + key
+            out[name] = value
+    return out

@@ -2,13 +2,15 @@
 
 Runs in a separate environment that has mumott (it needs matplotlib < 3.9); mumott is not a
 dependency of cryomatch. Usage: python mumott_driver.py IN.npz OUT.npz
-IN: stack (n, ny, nx) with the tilt axis along y, angles (degrees). OUT: shifts (n, 2) as
-mumott's (j, k) offsets, seconds, iterations.
+IN: stack (n, ny, nx) with the tilt axis along y, angles (degrees), optionally maxiter and
+shift_tolerance (0 runs exactly maxiter iterations). OUT: shifts (n, 2) as mumott's (j, k)
+offsets, seconds (wall) and cpu_seconds (process time) of the alignment.
 """
 
 import sys
 import time
 
+import numba
 import numpy as np
 from mumott.core.projection_stack import Projection
 from mumott.data_handling import DataContainer
@@ -17,6 +19,7 @@ from scipy.spatial.transform import Rotation
 
 
 def main(src, dst):
+    numba.set_num_threads(1)  # one thread, as cryomatch's figures
     z = np.load(src)
     stack, angles = z["stack"].astype(np.float64), z["angles"]
     n, ny, nx = stack.shape
@@ -43,16 +46,23 @@ def main(src, dst):
                 k_offset=0.0,
             )
         )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = run_phase_matching_alignment(
         dc,
         reconstruction_pipeline_kwargs={"absorbances": absorbances, "maxiter": 10},
         maxiter=int(z["maxiter"]) if "maxiter" in z else 20,
         upsampling=1,
+        shift_tolerance=float(z["shift_tolerance"]) if "shift_tolerance" in z else None,
     )
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     shifts = np.stack([g.j_offsets_as_array, g.k_offsets_as_array], axis=1)
-    np.savez(dst, shifts=shifts, seconds=seconds, reconstruction=out["reconstruction"][..., 0])
+    np.savez(
+        dst,
+        shifts=shifts,
+        seconds=seconds,
+        cpu_seconds=cpu,
+        reconstruction=out["reconstruction"][..., 0],
+    )
 
 
 if __name__ == "__main__":

@@ -2,12 +2,18 @@
 
 1. Phase-matching refinement of a 40^3 phantom from 31 tilts (-60..60 degrees, shifts up to
    4 px, noise 0.05 of the signal's standard deviation), from zero shifts to convergence, on
-   the CPU: cryomatch's run_phase_matching_alignment with mumott's settings (SIRT 10
-   iterations, upsampling 1) and with upsampling 10 against leave-one-out reprojections.
+   the CPU: cryomatch's run_phase_matching_alignment (warm leaky SIRT, 2 updates per
+   iteration) at mumott's upsampling 1 and at 10, and at 10 against leave-one-out
+   reprojections.
    mumott's figure on an idle machine of this kind: 0.27 px in 57 s; the target is <= 5 s
    at <= 0.27 px. With --mumott PYTHON (an environment holding mumott, which needs
    matplotlib < 3.9) mumott runs on the same data in the same run.
-2. Each alignment method on a 256 px, 61-tilt series (shifts up to 8 px, noise 0.15); with
+2. Cost of one phase-matching iteration (CPU seconds, process time, one thread: run with
+   OPENBLAS_NUM_THREADS=1) at the NIST needle's size, 256^2 x 77 tilts, with the defaults of
+   ``cryomatch tomo-refine`` (2 warm leaky SIRT updates, upsampling 10), beside the same on
+   the 40^3 x 31 case and, with --mumott, mumott's iterations on the 40^3 case in the same
+   run (mumott runs single-threaded too: the driver sets numba's threads to 1).
+3. Each alignment method on a 256 px, 61-tilt series (shifts up to 8 px, noise 0.15); with
    --etspy PYTHON, etspy's methods on the same data.
 
 Errors are rms over tilts of |shift error| after removing the unobservable components
@@ -15,12 +21,14 @@ Errors are rms over tilts of |shift error| after removing the unobservable compo
 a reference measured in the same run (a 1024^2 float32 matrix product), since absolute times
 are noisy on a shared machine.
 
-    python bench/tomo.py [--mumott PYTHON] [--etspy PYTHON] [--only phase-matching|methods]
+    OPENBLAS_NUM_THREADS=1 python bench/tomo.py [--mumott PYTHON] [--etspy PYTHON]
+        [--only phase-matching|per-iteration|methods]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import tempfile
 import time
@@ -73,8 +81,12 @@ def run_other(python, script, arrays, *args):
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
         np.savez(src, **arrays)
+        single = {k: "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
         done = subprocess.run(
-            [python, str(HERE / script), str(src), str(dst), *args], capture_output=True, text=True
+            [python, str(HERE / script), str(src), str(dst), *args],
+            capture_output=True,
+            text=True,
+            env=os.environ | single,
         )
         if done.returncode:
             print(f"  {script} failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -87,8 +99,8 @@ def bench_phase_matching(ref, mumott_python):
     stack, angles, truth = series(40, 31, 4.0, 0.05, seed=11)
     print(f"  start error {rms_error(np.zeros_like(truth), angles=angles, truth=truth):.2f} px")
     settings = [
-        ("cryomatch, mumott's settings (SIRT 10, upsampling 1)", dict(upsampling=1)),
-        ("cryomatch, upsampling 10, SIRT 10", dict(upsampling=10)),
+        ("cryomatch, upsampling 1 (mumott's), warm SIRT 2", dict(upsampling=1)),
+        ("cryomatch, upsampling 10, warm SIRT 2", dict(upsampling=10)),
         (
             "cryomatch, upsampling 10, leave-one-out reprojections",
             dict(upsampling=10, reconstruction="loo"),
@@ -113,6 +125,43 @@ def bench_phase_matching(ref, mumott_python):
             print(
                 f"  mumott 2.3 (MITRA 10, upsampling 1): {err:.3f} px in "
                 f"{float(z['seconds']):.1f} s (same run, same data)"
+            )
+
+
+def cpu_per_iteration(stack, angles, iterations=4):
+    """CPU seconds per phase-matching iteration with tomo-refine's defaults (the projector's
+    one-off construction left out: iterations 2.. are timed)."""
+    marks = []
+    run_phase_matching_alignment(
+        stack,
+        angles,
+        maxiter=iterations,
+        upsampling=10,
+        shift_tolerance=0.0,
+        callback=lambda row: marks.append((time.process_time(), row["seconds"])),
+    )
+    cpu = (marks[-1][0] - marks[0][0]) / (len(marks) - 1)
+    return cpu, float(np.mean([m[1] for m in marks[1:]]))
+
+
+def bench_per_iteration(ref, mumott_python):
+    print("\n== phase matching: CPU seconds per iteration (tomo-refine defaults, one thread) ==")
+    stack, angles, _ = series(256, 77, 4.0, 0.05, seed=13)
+    angles = np.arange(-76, 77, 2.0)  # the NIST needle's geometry
+    cpu, wall = cpu_per_iteration(stack, angles)
+    print(f"  cryomatch 256^2 x 77 tilts: {cpu:.2f} CPU-s per iteration ({wall:.2f} s wall)")
+    small, small_angles, _ = series(40, 31, 4.0, 0.05, seed=11)
+    cpu40, wall40 = cpu_per_iteration(small, small_angles)
+    print(f"  cryomatch 40^3 x 31 tilts:   {cpu40:.3f} CPU-s per iteration ({wall40:.3f} s wall)")
+    if mumott_python:
+        arrays = dict(stack=small, angles=small_angles, maxiter=3, shift_tolerance=0.0)
+        z = run_other(mumott_python, "mumott_driver.py", arrays)
+        if z is not None:
+            m_cpu, m_wall = float(z["cpu_seconds"]) / 3, float(z["seconds"]) / 3
+            print(
+                f"  mumott 2.3 40^3 x 31 tilts:  {m_cpu:.2f} CPU-s per iteration ({m_wall:.2f} s "
+                f"wall; MITRA 10, upsampling 1): {m_cpu / cpu40:.0f}x cryomatch's on the same "
+                f"case, {m_cpu / cpu:.1f}x cryomatch's at 256^2 x 77"
             )
 
 
@@ -144,13 +193,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mumott", help="python of an environment with mumott")
     parser.add_argument("--etspy", help="python of an environment with etspy")
-    parser.add_argument("--only", choices=["phase-matching", "methods"], help="one part only")
+    parser.add_argument(
+        "--only", choices=["phase-matching", "per-iteration", "methods"], help="one part only"
+    )
     args = parser.parse_args()
     ref = reference_seconds()
     print(f"reference: 1024^2 float32 matrix product {ref * 1e3:.1f} ms")
-    if args.only != "methods":
+    if args.only in (None, "phase-matching"):
         bench_phase_matching(ref, args.mumott)
-    if args.only != "phase-matching":
+    if args.only in (None, "per-iteration"):
+        bench_per_iteration(ref, args.mumott)
+    if args.only in (None, "methods"):
         bench_methods(ref, args.etspy)
 
 

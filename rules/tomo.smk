@@ -188,7 +188,6 @@ rule tomo_refine:
                 "projection_cropping": "--projection-cropping",
                 "reconstruction": "--reconstruction",
                 "reconstruction_iterations": "--reconstruction-iterations",
-                "normalization": "--normalization",
                 "seed": "--seed",
                 "thickness": "--thickness",
                 "backend": "--backend",

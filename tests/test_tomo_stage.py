@@ -48,6 +48,8 @@ def test_align_and_refine_commands_write_every_output(demo, tmp_path):
                 "demo",
                 "--pixel-size",
                 "10",
+                "--tilt-axis",  # nominal 0, fitted (no axis at all: a half-circle search)
+                "0",
             ]
         )
         == 0

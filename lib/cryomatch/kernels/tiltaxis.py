@@ -1,11 +1,12 @@
 """Tilt-axis angle (common line) and offset (centre-of-mass trajectories) of a tilt series
-whose axis runs about along y (the frame of :mod:`cryomatch.kernels.tiltalign`)."""
+whose axis runs about along y (the frame of :mod:`cryomatch.kernels.tiltalign`), and the
+search over the whole half circle when no axis is known."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .tiltalign import background_level
+from .tiltalign import background_level, bin_stack, coarse_shifts, rotate_stack, shift_stack
 from .tomography import joseph_matrix
 
 
@@ -65,6 +66,44 @@ def tilt_axis_angle(stack, search: float = 5.0, step: float = 0.25) -> float:
     denom = a - 2 * b + c
     vertex = 0.5 * (a - c) / denom if denom > 0 else 0.0
     return float(fine[k] + np.clip(vertex, -1, 1) * (fine[1] - fine[0]))
+
+
+def search_tilt_axis(
+    stack, start: int, coarse_step: float = 10.0, fine_step: float = 2.0, size: int = 64
+) -> tuple[float, np.ndarray]:
+    """Tilt-axis angle (degrees in [0, 180), counter-clockwise from +y) of raw images
+    (n, ny, nx) when none is known. Each candidate turns the images (binned to about
+    ``size`` pixels) so that it runs along y, aligns them by chained band-pass correlation
+    from image ``start`` (:func:`~cryomatch.kernels.tiltalign.coarse_shifts`, no assumption
+    about the specimen) and scores how well the aligned images share the common line
+    (:func:`common_line_mismatch` at 0). Candidates: every ``coarse_step`` degrees, then every
+    ``fine_step`` within +-``coarse_step`` of the best, then a parabola through the best three.
+    The images must be aligned first: on the raw images the common line is cut differently
+    by the frame in every image (on the NIST needle the raw-image minimum lies 68 degrees
+    off). An axis and the axis + 180 degrees give mirror-image reconstructions that the data
+    cannot tell apart; the angle in [0, 180) is returned. Returns (angle, table (m, 2) of
+    candidate angle and mismatch, sorted by angle)."""
+    data = np.asarray(stack, dtype=np.float32)
+    factor = 2 ** max(0, int(np.log2(min(data.shape[1:]) / size)))
+    small = bin_stack(data, factor)
+
+    def score(angle):
+        turned = rotate_stack(small, angle)
+        aligned = shift_stack(turned, coarse_shifts(turned, start))
+        return float(common_line_mismatch(aligned, [0.0])[0])
+
+    table = {float(a): score(a) for a in np.arange(0.0, 180.0, coarse_step)}
+    best = min(table, key=table.get)
+    for a in best + np.arange(-coarse_step, coarse_step + fine_step / 2, fine_step):
+        table.setdefault(float(a), score(a))
+    angles = np.array(sorted(table))
+    scores = np.array([table[a] for a in angles])
+    k = int(np.clip(np.argmin(scores), 1, len(angles) - 2))
+    a, b, c = scores[k - 1 : k + 2]
+    denom = a - 2 * b + c
+    vertex = 0.5 * (a - c) / denom if denom > 0 else 0.0
+    angle = angles[k] + np.clip(vertex, -1, 1) * (angles[k + 1] - angles[k - 1]) / 2
+    return float(angle % 180.0), np.stack([angles % 360.0, scores], 1)
 
 
 def tilt_axis_offset(stack, angles, min_mass: float = 0.2) -> float:

@@ -11,9 +11,11 @@ reprojections; nothing chained). ``start`` defaults to the tilt nearest 0 degree
 reprojection or patch from the data and logs why.
 
 The raw images are first turned so that the tilt axis (nominal angle from the config or the
-.mdoc) runs along y and aligned; with ``fit_tilt_axis`` the residual angle is then estimated
-from the common line of the aligned stack (:func:`~cryomatch.kernels.tiltaxis.tilt_axis_angle`)
-and the raw images turned and aligned again; with ``center_axis`` the axis offset
+.mdoc; with neither, and ``fit_tilt_axis``, the best of a search over the whole half circle,
+:func:`~cryomatch.kernels.tiltaxis.search_tilt_axis`) runs along y and aligned; with
+``fit_tilt_axis`` the residual angle is then estimated from the common line of the aligned
+stack (:func:`~cryomatch.kernels.tiltaxis.tilt_axis_angle`) and the raw images turned and
+aligned again; with ``center_axis`` the axis offset
 (centre-of-mass fit, :func:`~cryomatch.kernels.tiltaxis.tilt_axis_offset`) is removed from
 the shifts. The projection model of fiducial and patch fits the tilt-axis angle itself and
 puts the axis through the centre of the image nearest 0 degrees.
@@ -81,7 +83,7 @@ def align_stack(
     initial="COM",
     iterations: int = 10,
     tolerance: float = 0.01,
-    smooth_degree: int = 8,
+    smooth_degree: int = 12,
     thickness: int | None = None,
     batch_size: int = 16,
     xp=np,
@@ -227,6 +229,10 @@ def tomo_align(
     first = tiltalign.default_start(series.angles) if start is None else start
 
     axis = series.tilt_axis
+    searched = None
+    if fit_tilt_axis and not series.tilt_axis_known:  # no axis given: search the half circle
+        axis, searched = tiltaxis.search_tilt_axis(data, first)
+    base_axis = axis  # the images are turned by this before any method runs
     turned = tiltalign.rotate_stack(data, axis)
     small = tiltalign.bin_stack(turned, binning)
     notes: list[str] = []
@@ -269,7 +275,7 @@ def tomo_align(
                 tiltalign.shift_stack(small, result.shifts), tilt_axis_search
             )
             if abs(delta) > 0.01:
-                axis = series.tilt_axis + delta
+                axis = base_axis + delta
                 turned = tiltalign.rotate_stack(data, axis)
                 small = tiltalign.bin_stack(turned, binning)
                 result = align_stack(small, chosen, start, series.angles, xp=xp, **options)
@@ -291,8 +297,8 @@ def tomo_align(
         model = fitted.model
         model_align.check_residual(fitted, max_residual, binning, notes)
         delta = model.tilt_axis
-        axis = series.tilt_axis + delta
-        rotations = series.tilt_axis + model.rotations
+        axis = base_axis + delta
+        rotations = base_axis + model.rotations
         magnifications = model.magnifications
         shifts = model.shifts * binning / magnifications[:, None]
         fitted_angles = model.angles
@@ -323,7 +329,8 @@ def tomo_align(
         "method_reason": reason,
         "warnings": notes,
         "tilt_axis": axis,
-        "tilt_axis_nominal": series.tilt_axis,
+        "tilt_axis_nominal": series.tilt_axis if series.tilt_axis_known else None,
+        "tilt_axis_searched": None if searched is None else searched.tolist(),
         "tilt_axis_fit": delta,
         "axis_offset": offset,
         "binning": binning,
@@ -538,7 +545,7 @@ def add_arguments(p) -> None:
     p.add_argument("--iterations", type=int, help="reprojection: largest number of rounds (10)")
     p.add_argument("--tolerance", type=float, help="reprojection: stop below (0.01 px)")
     p.add_argument(
-        "--smooth-degree", type=int, help="reprojection: slow terms kept from the first guess (8)"
+        "--smooth-degree", type=int, help="reprojection: slow terms kept from the first guess (12)"
     )
 
 

@@ -31,6 +31,7 @@ class TiltSeries:
     pixel_size: float
     stack_path: Path
     angles_path: Path | None
+    tilt_axis_known: bool = True  # False: neither given nor in the .mdoc (0 is a guess)
 
 
 def find_angle_file(stack: Path) -> Path | None:
@@ -85,6 +86,7 @@ def read_tilt_series(
     values, counts = np.unique(np.round(meta.angles, 3), return_counts=True)
     if (counts > 1).any():
         raise CryomatchError(f"duplicate tilt angles: {values[counts > 1].tolist()}", source)
+    known = tilt_axis is not None or meta.tilt_axis is not None
     if tilt_axis is None:
         tilt_axis = meta.tilt_axis if meta.tilt_axis is not None else 0.0
     pixel_size = pixel_size_from(pixel_size, meta.pixel_size, header_pixel, stack, default=1.0)
@@ -95,6 +97,7 @@ def read_tilt_series(
         float(pixel_size),
         stack,
         angles_path,
+        known,
     )
 
 

@@ -3,13 +3,15 @@
 Starts from an alignment (``alignment.json`` of ``cryomatch tomo-align``, or shifts from a
 CSV or IMOD .xf with a tilt-axis angle) and runs
 :func:`~cryomatch.kernels.phasematch.run_phase_matching_alignment` with mumott's parameter
-names: each iteration reconstructs, forward-projects, finds each sampled image's subpixel
-shift by correlation, clips it to ``shift_cutoff``, relaxes, moves toward the centre of
-mass, and stops when the largest shift found is below ``shift_tolerance``. Seeded.
+names: each iteration reconstructs (SIRT warm-started from the previous iteration's volume),
+forward-projects, finds each sampled image's subpixel shift by correlation, clips it to
+``shift_cutoff``, relaxes, moves toward the centre of mass, and stops when the largest shift
+found is below ``shift_tolerance``. Seeded.
 
 Outputs in OUT/tomo/NAME: ``refined_shifts.csv``, ``NAME_refined.xf`` and
 ``NAME_refined.tlt``, ``refinement.csv`` (per iteration: largest and rms shift found,
-images sampled, reprojection residual, seconds), ``refined_reconstruction.mrc`` and
+images sampled, reprojection residual, seconds), ``refined_reconstruction.mrc`` (sirt: the
+refinement's volume after 10 more plain SIRT updates on the refined stack; else WBP) and
 ``refinement.png``.
 """
 
@@ -31,9 +33,12 @@ from ...io.files import write_csv
 from ...io.mrc import write_mrc
 from ...kernels import tiltalign
 from ...kernels.phasematch import run_phase_matching_alignment
+from ...kernels.tomography import ParallelBeamProjector, sirt
 from ...progress import progress
 from .align import add_method_arguments, parse_angles, reconstruct
 from .common import prepare, read_shifts, read_tilt_series, summary_figure, write_shift_files
+
+FINAL_SIRT_ITERATIONS = 10  # plain SIRT updates of the written reconstruction
 
 
 def read_alignment(path: str | Path) -> dict:
@@ -61,7 +66,7 @@ def tomo_refine(
     invert: bool | None = None,
     pixel_size: float | None = None,
     thickness: int | None = None,
-    maxiter: int = 20,
+    maxiter: int = 50,
     upsampling: int = 10,
     shift_tolerance: float | None = None,
     shift_cutoff: float | None = None,
@@ -73,8 +78,7 @@ def tomo_refine(
     ignored_subset=None,
     projection_cropping: int = 0,
     reconstruction: str = "sirt",
-    reconstruction_iterations: int = 10,
-    normalization: str | None = None,
+    reconstruction_iterations: int = 2,
     seed: int = 0,
     backend: str = "numpy",
 ) -> Path:
@@ -130,7 +134,6 @@ def tomo_refine(
             reconstruction,
             reconstruction_iterations,
             thickness,
-            normalization,
             seed,
             xp,
             callback=lambda row: bar.update(1),
@@ -141,8 +144,18 @@ def tomo_refine(
         bar.close()
     refined = result["shifts"]
     aligned = tiltalign.shift_stack(turned, refined)
-    method = "sirt" if reconstruction == "sirt" else "wbp"
-    volume = reconstruct(aligned, series.angles, thickness, method, reconstruction_iterations, xp)
+    if reconstruction == "sirt":  # continue the refinement's regularized volume, unleaked
+        projector = ParallelBeamProjector(series.angles, aligned.shape[2], thickness, xp=xp)
+        volume = to_numpy(
+            sirt(
+                projector,
+                xp.asarray(aligned, dtype=np.float32),
+                FINAL_SIRT_ITERATIONS,
+                start=xp.asarray(result["reconstruction"]),
+            )
+        )
+    else:
+        volume = reconstruct(aligned, series.angles, thickness, "wbp", xp=xp)
     folder = Path(out) / "tomo" / name
     record = result["record"]
     with Outputs() as outputs:
@@ -180,7 +193,7 @@ def add_arguments(p) -> None:
     p.add_argument("--alignment", help="alignment.json of tomo-align (start shifts, tilt axis)")
     p.add_argument("--shifts", help="start shifts instead: shifts.csv or IMOD .xf")
     p.add_argument("--tilt-axis", type=float, help="tilt-axis angle (default: the alignment's)")
-    p.add_argument("--maxiter", type=positive_int, default=20, help="largest number of iterations")
+    p.add_argument("--maxiter", type=positive_int, default=50, help="largest number of iterations")
     p.add_argument("--upsampling", type=positive_int, default=10, help="subpixel upsampling factor")
     p.add_argument("--shift-tolerance", type=float, help="stop below (default 1/upsampling)")
     p.add_argument("--shift-cutoff", type=float, help="largest step (default 5/upsampling)")
@@ -211,11 +224,11 @@ def add_arguments(p) -> None:
         choices=["sirt", "wbp", "loo"],
         help="sirt (as mumott), wbp, or loo: leave-one-out WBP reprojections",
     )
-    p.add_argument("--reconstruction-iterations", type=positive_int, default=10)
     p.add_argument(
-        "--normalization",
-        choices=["phase"],
-        help="'phase' whitens the correlation (default: plain correlation)",
+        "--reconstruction-iterations",
+        type=positive_int,
+        default=2,
+        help="sirt: updates per iteration of the warm-started reconstruction",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the image sampling")
 
@@ -245,7 +258,6 @@ def run(args) -> None:
         args.projection_cropping,
         args.reconstruction,
         args.reconstruction_iterations,
-        args.normalization,
         args.seed,
         args.backend,
     )

@@ -60,4 +60,4 @@ def test_needle_axis_found_without_a_nominal_axis(real_data, tmp_path):
         axes[name] = summary["tilt_axis"]
         assert (summary["tilt_axis_searched"] is None) == (given is not None)
     assert axes["given"] == pytest.approx(92.3, abs=1.0)
-    assert abs((axes["searched"] - axes["given"] + 90) % 180 - 90) < 0.5
+    assert abs(axes["searched"] - axes["given"]) < 0.5  # the same one of the two mirrors

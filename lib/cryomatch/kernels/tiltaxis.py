@@ -71,7 +71,7 @@ def tilt_axis_angle(stack, search: float = 5.0, step: float = 0.25) -> float:
 def search_tilt_axis(
     stack, start: int, coarse_step: float = 10.0, fine_step: float = 2.0, size: int = 64
 ) -> tuple[float, np.ndarray]:
-    """Tilt-axis angle (degrees in [0, 180), counter-clockwise from +y) of raw images
+    """Tilt-axis angle (degrees in [-45, 135), counter-clockwise from +y) of raw images
     (n, ny, nx) when none is known. Each candidate turns the images (binned to about
     ``size`` pixels) so that it runs along y, aligns them by chained band-pass correlation
     from image ``start`` (:func:`~cryomatch.kernels.tiltalign.coarse_shifts`, no assumption
@@ -81,7 +81,8 @@ def search_tilt_axis(
     The images must be aligned first: on the raw images the common line is cut differently
     by the frame in every image (on the NIST needle the raw-image minimum lies 68 degrees
     off). An axis and the axis + 180 degrees give mirror-image reconstructions that the data
-    cannot tell apart; the angle in [0, 180) is returned. Returns (angle, table (m, 2) of
+    cannot tell apart; the one in [-45, 135) is returned, so that axes near the usual nominal
+    0 and 90 degrees keep those values (not 180 or -90). Returns (angle, table (m, 2) of
     candidate angle and mismatch, sorted by angle)."""
     data = np.asarray(stack, dtype=np.float32)
     factor = 2 ** max(0, int(np.log2(min(data.shape[1:]) / size)))
@@ -103,7 +104,7 @@ def search_tilt_axis(
     denom = a - 2 * b + c
     vertex = 0.5 * (a - c) / denom if denom > 0 else 0.0
     angle = angles[k] + np.clip(vertex, -1, 1) * (angles[k + 1] - angles[k - 1]) / 2
-    return float(angle % 180.0), np.stack([angles % 360.0, scores], 1)
+    return float((angle + 45.0) % 180.0 - 45.0), np.stack([angles % 360.0, scores], 1)
 
 
 def tilt_axis_offset(stack, angles, min_mass: float = 0.2) -> float:

@@ -232,6 +232,10 @@ def tomo_align(
     searched = None
     if fit_tilt_axis and not series.tilt_axis_known:  # no axis given: search the half circle
         axis, searched = tiltaxis.search_tilt_axis(data, first)
+        model_align.log(
+            f"tilt axis unknown: searched the half circle, {axis:.2f} deg (its mirror"
+            f" {axis + 180:.2f} fits the data equally: give the series' tilt_axis to choose)"
+        )
     base_axis = axis  # the images are turned by this before any method runs
     turned = tiltalign.rotate_stack(data, axis)
     small = tiltalign.bin_stack(turned, binning)

@@ -15,6 +15,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.spatial.transform import Rotation
 
+from ..backend import array_module, to_numpy
 from .polar_fourier import PolarGrid, full_circle
 from .templates import slice_points
 
@@ -34,55 +35,114 @@ def rho_at_pose(values, ctf, syy, ctf0, grid: PolarGrid, template_half, dc, shif
     return cc / np.sqrt(syy * max(scc, 1e-30))
 
 
-def refine_pose(
+# rotation vectors (units of the step) where each round scores the pose: the centre, +-
+# each axis and the three pairs (e_i + e_j): 10 points fix a quadratic in 3 variables
+_ROTATION_STENCIL = np.vstack(
+    [np.zeros(3), np.eye(3), -np.eye(3), np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1]])]
+).astype(np.float64)
+_SHIFT_STENCIL = np.array([[i, j] for i in (-1, 0, 1) for j in (-1, 0, 1)], dtype=np.float64)
+
+
+def _quadratic_terms(x):
+    """Columns 1, x_i, x_i x_j (i <= j) of points x (P, 3): (P, 10)."""
+    i, j = np.triu_indices(3)
+    return np.column_stack([np.ones(len(x)), x, x[:, i] * x[:, j]])
+
+
+# coefficients of the quadratic through the stencil's 10 values: fit @ values
+_ROTATION_FIT = np.linalg.inv(_quadratic_terms(_ROTATION_STENCIL))
+
+
+def _quadratic_peak(coefficients, fallback):
+    """The maximum (B, 3) of quadratics with ``coefficients`` (B, 10) (order of
+    :func:`_quadratic_terms`), within the unit ball; where a quadratic is not concave, the
+    best of the ``fallback`` points (P, 3)."""
+    g = coefficients[:, 1:4]
+    h = np.zeros((len(g), 3, 3))
+    i, j = np.triu_indices(3)
+    h[:, i, j] += coefficients[:, 4:]
+    h = h + np.swapaxes(h, 1, 2)  # Hessian: 2 c_ii on the diagonal, c_ij off it
+    concave = np.all(np.linalg.eigvalsh(h) < 0, axis=1)
+    peak = -np.linalg.solve(np.where(concave[:, None, None], h, -np.eye(3)), g[..., None])[..., 0]
+    norm = np.linalg.norm(peak, axis=1, keepdims=True)
+    peak = peak / np.maximum(1.0, norm)
+    values = _quadratic_terms(fallback) @ coefficients.T  # (P, B)
+    best = fallback[np.argmax(values, axis=0)]
+    return np.where(concave[:, None], peak, best)
+
+
+def refine_poses(
     values,
     ctf,
     syy,
     ctf0,
     grid: PolarGrid,
     slicer,
-    dc,
-    matrix,
-    shift_px,
+    dc: float,
+    matrices,
+    shifts_px,
     angle_step_deg: float,
     shift_step_px: float,
-    max_evaluations: int = 200,
+    rounds: int = 6,
 ):
-    """(matrix, shift_px, rho) after local refinement of one image's pose (see module doc).
-    ``slicer(points (..., 3) cycles/pixel as (x, y, z))`` returns the structure's transform."""
-    matrix = np.asarray(matrix, dtype=np.float64)
-    angle_scale = np.deg2rad(angle_step_deg)
-    shift_px = np.asarray(shift_px, dtype=np.float64)
+    """(matrices (B, 3, 3), shifts_px (B, 2), rho (B,)) after local refinement of a batch of
+    images (see the module doc).
 
-    def pose(p):
-        rotation = Rotation.from_rotvec(p[:3] * angle_scale).as_matrix()
-        return matrix @ rotation, shift_px + p[3:] * shift_step_px
+    values (B, R, W) the images' polar transforms; ctf (B, R, W); syy (B,) their sums of
+    squares; ctf0 (B,) CTFs at 0; matrices (B, 3, 3) RELION A and shifts_px (B, 2) (x, y of
+    the particle) the grid poses; ``slicer(points (..., 3) as (x, y, z) cycles/pixel)`` the
+    structure's transform (e.g. :class:`~.slicing.FourierSlicer` ``.values``);
+    ``angle_step_deg`` and ``shift_step_px`` the grid steps. Memory: 8 poses x 9 shifts x
+    R x W/2 complex64 per image.
+    """
+    xp = array_module(values)
+    half = grid.n_inplanes // 2
+    kx, ky = (xp.asarray(k, dtype=xp.float32) for k in grid.points(half=True))
+    w = xp.asarray(grid.weights[:, None], dtype=xp.float32)
+    y_half = xp.asarray(values)[:, :, :half]
+    c_half = xp.asarray(ctf, dtype=xp.float32)[:, :, :half]
+    syy = xp.asarray(syy, dtype=xp.float64)
+    dc_term = (xp.asarray(ctf0, dtype=xp.float64) * dc) ** 2 / grid.box**2
+    a = np.asarray(matrices, dtype=np.float64)
+    d = np.asarray(shifts_px, dtype=np.float64).copy()
+    n = len(a)
 
-    def cost(p):
-        a, d = pose(p)
-        return -rho_at_pose(
-            values, ctf, syy, ctf0, grid, slicer(slice_points(grid, a[None])[0]), dc, d
+    def score(mats, offsets):
+        """rho (B, P, D) of poses mats (B, P, 3, 3) at shifts d + offsets (D, 2)."""
+        p = mats.shape[1]
+        m = xp.asarray(mats, dtype=xp.float32)
+        points = (
+            kx[None, None, :, :, None] * m[:, :, None, None, 0, :]
+            + ky[None, None, :, :, None] * m[:, :, None, None, 1, :]
         )
+        model = c_half[:, None] * slicer(points)  # (B, P, R, H)
+        scc = 2.0 * xp.sum(w * (model.real**2 + model.imag**2), axis=(2, 3)) - dc_term[:, None]
+        dd = xp.asarray(d, dtype=xp.float32)
+        phase = xp.exp(2j * np.pi * (kx * dd[:, 0, None, None] + ky * dd[:, 1, None, None]))
+        q = (w * y_half * phase)[:, None] * xp.conj(model)
+        off = xp.asarray(offsets, dtype=xp.float32)
+        e = xp.exp(2j * np.pi * (kx.ravel()[:, None] * off[:, 0] + ky.ravel()[:, None] * off[:, 1]))
+        cc = 2.0 * (q.reshape(n, p, -1) @ e.astype(xp.complex64)).real
+        return cc / xp.sqrt(syy[:, None, None] * xp.maximum(scc, 1e-30)[:, :, None])
 
-    # Nelder-Mead, restarted once from its result with a smaller simplex: the score is flat
-    # near the optimum and a single run can stop early in a shallow valley.
-    best, best_cost = np.zeros(5), cost(np.zeros(5))
-    for size in (0.5, 0.15):
-        result = minimize(
-            cost,
-            best,
-            method="Nelder-Mead",
-            options={
-                "initial_simplex": best + np.vstack([np.zeros(5), size * np.eye(5)]),
-                "xatol": 0.01,
-                "fatol": 1e-7,
-                "maxfev": max_evaluations // 2,
-            },
-        )
-        if result.fun <= best_cost:
-            best, best_cost = result.x, result.fun
-    a, d = pose(best)
-    return a, d, -cost(best)
+    step = np.deg2rad(0.5 * angle_step_deg)
+    t = 0.5 * shift_step_px
+    rows = np.arange(n)
+    for _ in range(rounds):
+        turns = Rotation.from_rotvec(step * _ROTATION_STENCIL).as_matrix()  # image frame
+        mats = turns[None] @ a[:, None]  # R A: (B, 10, 3, 3)
+        rho = to_numpy(score(mats, t * _SHIFT_STENCIL))  # (B, 10, 9)
+        move = _quadratic_peak(rho.max(axis=2) @ _ROTATION_FIT.T, _ROTATION_STENCIL[1:])
+        candidate = Rotation.from_rotvec(step * move).as_matrix() @ a
+        rho_c = to_numpy(score(candidate[:, None], t * _SHIFT_STENCIL))  # (B, 1, 9)
+        all_mats = np.concatenate([mats, candidate[:, None]], axis=1)
+        all_rho = np.concatenate([rho, rho_c], axis=1).reshape(n, -1)
+        best = np.argmax(all_rho, axis=1)
+        a = all_mats[rows, best // len(_SHIFT_STENCIL)]
+        d = d + t * _SHIFT_STENCIL[best % len(_SHIFT_STENCIL)]
+        step, t = 0.5 * step, 0.5 * t
+    rho = to_numpy(score(a[:, None], np.zeros((1, 2))))[:, 0, 0]
+    return a, d, rho
 
 
 def map_slicer(interpolator):

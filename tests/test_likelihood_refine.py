@@ -19,7 +19,7 @@ from cryomatch.kernels.nufft import MapInterpolator
 from cryomatch.kernels.phantom import random_structure
 from cryomatch.kernels.polar_fourier import polar_grid, polar_transform
 from cryomatch.kernels.projection import project_atoms, voxelize_atoms
-from cryomatch.kernels.refine import atom_slicer, map_slicer, refine_poses
+from cryomatch.kernels.refine import atom_slicer, map_slicer, point_slicer, refine_poses
 from cryomatch.kernels.slicing import FourierSlicer
 from cryomatch.kernels.templates import slice_points
 from cryomatch.stages.fourier_stack import fourier_stack
@@ -51,9 +51,9 @@ def test_refinement_recovers_an_off_grid_pose():
     syy = float(np.sum(image**2))
     volume = voxelize_atoms(atoms.coords, atoms.amplitudes, atoms.sigmas, box, apix)
     slicers = [
-        map_slicer(MapInterpolator(volume, 1e-4)),
-        FourierSlicer(volume).values,
-        atom_slicer(atoms.coords / apix, atoms.amplitudes, atoms.sigmas / apix),
+        point_slicer(map_slicer(MapInterpolator(volume, 1e-4))),
+        FourierSlicer(volume).central_slices,
+        point_slicer(atom_slicer(atoms.coords / apix, atoms.amplitudes, atoms.sigmas / apix)),
     ]
     start = truth @ geometry.euler_to_matrix(4.0, 3.0, -2.0)  # a grid pose ~5 degrees away
     dc = float(volume.sum())
@@ -91,6 +91,9 @@ def test_fourier_slicer_matches_the_exact_transform_of_a_real_map(real_data):
     exact = exact.reshape(points.shape[:-1])
     slicer = FourierSlicer(volume)
     approx = slicer.values(points)
+    kx, ky = grid.points(half=True)
+    same = slicer.central_slices(kx, ky, matrices)
+    assert np.allclose(same, approx, rtol=0, atol=1e-5 * np.abs(approx).max())
     w = grid.weights[:, None]
     for e, a in zip(exact, approx, strict=True):
         corr = np.sum(w * a * np.conj(e)).real / np.sqrt(
@@ -136,15 +139,17 @@ def test_refinement_on_simulated_images_at_snr_01(real_data, tmp_path):
     )
     grid_shift = np.hypot(*(grid_pos / pixel - true_pos).T)
     ref_shift = np.hypot(*(refined[:, 3:5] / pixel - true_pos).T)
-    seconds = json.loads(paths["provenance"].read_text())["summary"]["refine_seconds_per_image"]
+    summary = json.loads(paths["provenance"].read_text())["summary"]
+    seconds, cpu = summary["refine_seconds_per_image"], summary["refine_cpu_seconds_per_image"]
     print(
         f"\nrefinement, EMD-1832, 64 px, SNR 0.1, {len(truth)} images, views every 14.3 deg:"
         f"\n  view error median grid {np.median(grid_view):.2f} -> refined "
         f"{np.median(ref_view):.2f} deg; shift error median grid {np.median(grid_shift):.2f}"
         f" -> refined {np.median(ref_shift):.2f} px; {1e3 * seconds:.1f} ms per image"
+        f" ({1e3 * cpu:.1f} ms CPU)"
         f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
     )
     assert np.median(grid_view) > 3.0  # the grid alone is coarse
     assert np.median(ref_view) <= 1.5
     assert np.median(ref_shift) <= 0.3
-    assert seconds <= 0.05 * max(1.0, os.getloadavg()[0] / os.cpu_count())
+    assert cpu <= 0.05  # CPU time: the wall time also counts the other jobs on the machine

@@ -12,7 +12,6 @@ is one step.
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize
 from scipy.spatial.transform import Rotation
 
 from ..backend import array_module, to_numpy
@@ -84,14 +83,16 @@ def refine_poses(
     angle_step_deg: float,
     shift_step_px: float,
     rounds: int = 6,
+    chunk: int = 8,
 ):
     """(matrices (B, 3, 3), shifts_px (B, 2), rho (B,)) after local refinement of a batch of
     images (see the module doc).
 
     values (B, R, W) the images' polar transforms; ctf (B, R, W); syy (B,) their sums of
     squares; ctf0 (B,) CTFs at 0; matrices (B, 3, 3) RELION A and shifts_px (B, 2) (x, y of
-    the particle) the grid poses; ``slicer(points (..., 3) as (x, y, z) cycles/pixel)`` the
-    structure's transform (e.g. :class:`~.slicing.FourierSlicer` ``.values``);
+    the particle) the grid poses; ``slicer(kx, ky, matrices (..., 3, 3))`` the structure's
+    central slices (..., R, W/2) at the first half of the polar points (kx, ky) (e.g.
+    :meth:`~.slicing.FourierSlicer.central_slices`, or :func:`point_slicer`);
     ``angle_step_deg`` and ``shift_step_px`` the grid steps. Memory: 8 poses x 9 shifts x
     R x W/2 complex64 per image.
     """
@@ -99,31 +100,36 @@ def refine_poses(
     half = grid.n_inplanes // 2
     kx, ky = (xp.asarray(k, dtype=xp.float32) for k in grid.points(half=True))
     w = xp.asarray(grid.weights[:, None], dtype=xp.float32)
-    y_half = xp.asarray(values)[:, :, :half]
     c_half = xp.asarray(ctf, dtype=xp.float32)[:, :, :half]
+    # the image's and CTF's parts of the sums: cc = 2 Re sum wyc phase conj(T), scc from wcc
+    wyc = (
+        (w * c_half * xp.asarray(values)[:, :, :half]).astype(xp.complex64).reshape(len(c_half), -1)
+    )
+    wcc = xp.repeat((w * c_half * c_half).reshape(len(c_half), -1), 2, axis=1)[..., None]
     syy = xp.asarray(syy, dtype=xp.float64)
     dc_term = (xp.asarray(ctf0, dtype=xp.float64) * dc) ** 2 / grid.box**2
     a = np.asarray(matrices, dtype=np.float64)
     d = np.asarray(shifts_px, dtype=np.float64).copy()
     n = len(a)
+    flat_kx, flat_ky = kx.ravel(), ky.ravel()
 
     def score(mats, offsets):
         """rho (B, P, D) of poses mats (B, P, 3, 3) at shifts d + offsets (D, 2)."""
-        p = mats.shape[1]
-        m = xp.asarray(mats, dtype=xp.float32)
-        points = (
-            kx[None, None, :, :, None] * m[:, :, None, None, 0, :]
-            + ky[None, None, :, :, None] * m[:, :, None, None, 1, :]
-        )
-        model = c_half[:, None] * slicer(points)  # (B, P, R, H)
-        scc = 2.0 * xp.sum(w * (model.real**2 + model.imag**2), axis=(2, 3)) - dc_term[:, None]
-        dd = xp.asarray(d, dtype=xp.float32)
-        phase = xp.exp(2j * np.pi * (kx * dd[:, 0, None, None] + ky * dd[:, 1, None, None]))
-        q = (w * y_half * phase)[:, None] * xp.conj(model)
         off = xp.asarray(offsets, dtype=xp.float32)
-        e = xp.exp(2j * np.pi * (kx.ravel()[:, None] * off[:, 0] + ky.ravel()[:, None] * off[:, 1]))
-        cc = 2.0 * (q.reshape(n, p, -1) @ e.astype(xp.complex64)).real
-        return cc / xp.sqrt(syy[:, None, None] * xp.maximum(scc, 1e-30)[:, :, None])
+        shifts = xp.exp(2j * np.pi * (flat_kx[:, None] * off[:, 0] + flat_ky[:, None] * off[:, 1]))
+        out = xp.empty((n, mats.shape[1], len(off)), dtype=xp.float64)
+        for lo in range(0, n, chunk):
+            b = slice(lo, min(n, lo + chunk))
+            t = slicer(kx, ky, mats[b]).astype(xp.complex64)  # (b, P, R, H)
+            t = t.reshape(t.shape[0], t.shape[1], -1)
+            parts = t.view(xp.float32)
+            scc = 2.0 * ((parts * parts) @ wcc[b])[..., 0] - dc_term[b, None]
+            dd = xp.asarray(d[b], dtype=xp.float32)
+            phase = xp.exp(2j * np.pi * (flat_kx * dd[:, :1] + flat_ky * dd[:, 1:]))  # (b, K)
+            image = (wyc[b] * phase)[:, :, None] * shifts  # (b, K, D)
+            cc = 2.0 * (xp.conj(t) @ image.astype(xp.complex64)).real
+            out[b] = cc / xp.sqrt(syy[b, None, None] * xp.maximum(scc, 1e-30)[:, :, None])
+        return out
 
     step = np.deg2rad(0.5 * angle_step_deg)
     t = 0.5 * shift_step_px
@@ -143,6 +149,16 @@ def refine_poses(
         step, t = 0.5 * step, 0.5 * t
     rho = to_numpy(score(a[:, None], np.zeros((1, 2))))[:, 0, 0]
     return a, d, rho
+
+
+def point_slicer(values_at):
+    """A slicer for :func:`refine_poses` from a function of points (..., 3) (x, y, z)."""
+
+    def slicer(kx, ky, matrices):
+        m = np.asarray(matrices, dtype=np.float64)[..., None, None, :, :]
+        return values_at(kx[..., None] * m[..., 0, :] + ky[..., None] * m[..., 1, :])
+
+    return slicer
 
 
 def map_slicer(interpolator):

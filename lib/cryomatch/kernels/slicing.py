@@ -18,8 +18,9 @@ from ..backend import array_module
 
 
 class FourierSlicer:
-    """The map's oversampled transform, kept (N+1)^3 complex64 with N = ``pad`` x box:
-    ``values(points)`` is F at points (..., 3) given as (x, y, z) cycles per voxel."""
+    """The map's oversampled transform, kept as (N+1)^2 (N+2) pairs of complex64 with
+    N = ``pad`` x box: ``values(points)`` is F at points (..., 3) given as (x, y, z) cycles
+    per voxel, ``central_slices(kx, ky, matrices)`` the slices of many poses."""
 
     def __init__(self, volume, pad: int = 2):
         xp = array_module(volume)
@@ -39,26 +40,40 @@ class FourierSlicer:
         # G[m] = F(m / N); shift so that frequency m sits at index m + N/2, then one wrapped
         # plane more per axis so that every corner of a point with |k| < 1/2 is inside
         grid = xp.fft.fftshift(xp.fft.fftn(padded)).astype(xp.complex64)
-        self.grid = xp.pad(grid, ((0, 1), (0, 1), (0, 1)), mode="wrap").ravel()
+        grid = xp.pad(grid, ((0, 1), (0, 1), (0, 2)), mode="wrap")
+        # each x pair (G[.., i], G[.., i + 1]) as one 16-byte item: 4 gathers per point
+        pairs = xp.stack([grid[..., :-1], grid[..., 1:]], axis=-1)
+        self.pairs = xp.ascontiguousarray(pairs).view(xp.complex128).ravel()
         self.xp = xp
 
     def values(self, points):
         """F at points (..., 3) as (x, y, z) cycles per voxel, |k| < 1/2: complex64 (...)."""
+        xp = self.xp
+        p = xp.asarray(points, dtype=xp.float32)
+        return self._at(p[..., 0], p[..., 1], p[..., 2])
+
+    def central_slices(self, kx, ky, matrices):
+        """F at A^T (kx, ky, 0) for RELION matrices (..., 3, 3) and in-plane frequencies kx,
+        ky (R, H) (cycles per voxel): complex64 (..., R, H)."""
+        xp = self.xp
+        m = xp.asarray(matrices, dtype=xp.float32)[..., None, None]
+        kx, ky = xp.asarray(kx, dtype=xp.float32), xp.asarray(ky, dtype=xp.float32)
+        return self._at(*(kx * m[..., 0, c, :, :] + ky * m[..., 1, c, :, :] for c in range(3)))
+
+    def _at(self, kx, ky, kz):
         xp, size = self.xp, self.size
-        u = xp.asarray(points, dtype=xp.float32) * size + size // 2  # grid units, (x, y, z)
-        u = xp.clip(u, 0, size - 1e-3)
-        base = xp.floor(u)
-        f = u - base
-        base = base.astype(xp.int64)
         stride = size + 1
-        # flat index of corner (0, 0, 0): z major, x minor
-        flat = (base[..., 2] * stride + base[..., 1]) * stride + base[..., 0]
-        fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
+        flat, frac = 0, []
+        for k, scale in ((kz, stride * stride), (ky, stride), (kx, 1)):
+            u = xp.clip(k * size + size // 2, 0, size - 1e-3)  # grid units
+            base = xp.floor(u)
+            frac.append(u - base)
+            flat = flat + base.astype(xp.int32) * scale
+        fz, fy, fx = frac
         out = 0
         for dz, wz in ((0, 1 - fz), (stride * stride, fz)):
             for dy, wy in ((0, 1 - fy), (stride, fy)):
-                wzy = wz * wy
-                lo = xp.take(self.grid, flat + (dz + dy))
-                hi = xp.take(self.grid, flat + (dz + dy + 1))
-                out = out + wzy * (lo + fx * (hi - lo))
+                pair = xp.take(self.pairs, flat + (dz + dy))[..., None].view(xp.complex64)
+                lo, hi = pair[..., 0], pair[..., 1]
+                out = out + (wz * wy) * (lo + fx * (hi - lo))
         return out

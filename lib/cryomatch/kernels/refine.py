@@ -1,12 +1,20 @@
-"""Local refinement of each image's best grid pose below the grid spacing.
+"""Local refinement of each image's best grid pose below the grid spacing, a batch at once.
 
 The grid search finds the best template view, in-plane turn and displacement on grids.
-Here each image's pose moves continuously: A = A0 R(omega) (omega a rotation vector in the
-map's frame, any direction: view and in-plane together) and the displacement d, to maximize
-the normalized cross-correlation (the same rho as the search) with the exact central slice
-of the structure at A (``slicer``), by Nelder-Mead from the grid pose (initial simplex half
-a grid step along each parameter). Parameters are scaled by the grid steps so that one unit
-is one step.
+Here each image's pose moves continuously, A = R(omega) A0 (omega a rotation vector in the
+image's frame: x, y tilt the view, z turns in-plane) and the particle's position d, to
+maximize the normalized cross-correlation rho of the search (same polar quadrature, CTF
+and DC term; a shift is a phase factor on the polar grid) with the structure's central
+slice at A (``slicer``, e.g. :class:`~.slicing.FourierSlicer`).
+
+Each of ``rounds`` rounds scores 10 rotations about the current pose (the centre, +- step
+along each axis, and the three pairs e_i + e_j), each at 3 x 3 positions (d + t {-1, 0,
+1}^2), fits the quadratic in omega through the 10 best-over-positions values, scores its
+maximum (within one step; the best stencil point where the quadratic is not concave) and
+moves to the best of all 99 scored (pose, position) pairs; the steps then halve. Starting
+steps: half the view spacing and half the displacement step, so 6 rounds reach 1/64 of
+them (0.22 deg and 0.016 px on a 14.3 deg, 1 px grid) and cover +-14 deg and +-1 px.
+Cost per image: 66 slices of R x W/2 points (about 20 CPU-ms at 64 px).
 """
 
 from __future__ import annotations

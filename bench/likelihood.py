@@ -266,7 +266,7 @@ def main() -> None:
         )
         # refinement below the grid of every image's best pose (issue 15 point 4)
         t0 = time.process_time()
-        slicer = FourierSlicer(volume)
+        slicer = FourierSlicer.from_map(volume)
         start = geometry.euler_to_matrix(
             rot[res["template"]],
             tilt[res["template"]],

@@ -12,7 +12,7 @@ import starfile
 
 from cryomatch import geometry
 from cryomatch.io.mrc import read_volume
-from cryomatch.io.polar_files import read_fourier_stack
+from cryomatch.io.polar_files import read_fourier_stack, read_templates
 from cryomatch.kernels import ctf as ctf_kernel
 from cryomatch.kernels.fourier import apply_ctf, rfft_frequencies
 from cryomatch.kernels.nufft import MapInterpolator
@@ -21,9 +21,9 @@ from cryomatch.kernels.polar_fourier import polar_grid, polar_transform
 from cryomatch.kernels.projection import project_atoms, voxelize_atoms
 from cryomatch.kernels.refine import atom_slicer, map_slicer, point_slicer, refine_poses
 from cryomatch.kernels.slicing import FourierSlicer
-from cryomatch.kernels.templates import slice_points
+from cryomatch.kernels.templates import slice_points, view_matrices
 from cryomatch.stages.fourier_stack import fourier_stack
-from cryomatch.stages.likelihood import likelihood
+from cryomatch.stages.likelihood import likelihood, structure_slicer
 from cryomatch.stages.preprocess import preprocess
 from cryomatch.stages.simulate.particles import simulate_particles
 from cryomatch.stages.templates import templates
@@ -52,7 +52,13 @@ def test_refinement_recovers_an_off_grid_pose():
     volume = voxelize_atoms(atoms.coords, atoms.amplitudes, atoms.sigmas, box, apix)
     slicers = [
         point_slicer(map_slicer(MapInterpolator(volume, 1e-4))),
-        FourierSlicer(volume).central_slices,
+        FourierSlicer.from_map(volume).central_slices,
+        FourierSlicer.from_atoms(
+            atoms.coords / apix,
+            atoms.amplitudes * (2 * np.pi * (atoms.sigmas / apix) ** 2) ** 1.5,
+            atoms.sigmas / apix,
+            box,
+        ).central_slices,
         point_slicer(atom_slicer(atoms.coords / apix, atoms.amplitudes, atoms.sigmas / apix)),
     ]
     start = truth @ geometry.euler_to_matrix(4.0, 3.0, -2.0)  # a grid pose ~5 degrees away
@@ -89,7 +95,7 @@ def test_fourier_slicer_matches_the_exact_transform_of_a_real_map(real_data):
     points = slice_points(grid, matrices)
     exact = MapInterpolator(volume, 1e-6).at(points[..., 2], points[..., 1], points[..., 0])
     exact = exact.reshape(points.shape[:-1])
-    slicer = FourierSlicer(volume)
+    slicer = FourierSlicer.from_map(volume)
     approx = slicer.values(points)
     kx, ky = grid.points(half=True)
     same = slicer.central_slices(kx, ky, matrices)
@@ -153,3 +159,28 @@ def test_refinement_on_simulated_images_at_snr_01(real_data, tmp_path):
     assert np.median(ref_view) <= 1.5
     assert np.median(ref_shift) <= 0.3
     assert cpu <= 0.05  # CPU time: the wall time also counts the other jobs on the machine
+
+
+@pytest.mark.parametrize("source", ["map", "model"])
+def test_stage_structure_slices_match_the_template_set(real_data, tmp_path, source):
+    """The structure the stage refines against (a map, or an atomic model's exact transform
+    on the fine grid) sliced at the template views gives the template set's own values."""
+    star = simulate_particles(tmp_path / "sim", n=4, snr=1.0, box=32, seed=2, pixel_size=4.0)
+    preprocess(star, tmp_path, stack_size=4)
+    fft = fourier_stack(tmp_path / "particles" / "stack_000000.star", tmp_path / "fft")
+    structure = (
+        sorted((tmp_path / "sim" / "structures").glob("structure_*.mrc"))[0]
+        if source == "map"
+        else real_data / "models" / "pdb1ubi.pdb"
+    )
+    temps_npy = templates(structure, fft, tmp_path / "templates", viewing_distance=1.0)
+    temps, stack = read_templates(temps_npy), read_fourier_stack(fft)
+    matrices = view_matrices(temps.meta["rot"], temps.meta["tilt"])
+    kx, ky = stack.grid.points(half=True)
+    sliced = structure_slicer(temps, stack.grid, stack.pixel_size).central_slices(kx, ky, matrices)
+    stored = np.asarray(temps.values)[:, :, : stack.grid.n_inplanes // 2]
+    w = stack.grid.weights[:, None]
+    for a, b in zip(sliced, stored, strict=True):
+        cross = np.sum(w * a * np.conj(b)).real
+        assert cross / np.sqrt(np.sum(w * np.abs(a) ** 2) * np.sum(w * np.abs(b) ** 2)) > 0.999
+        assert abs(cross / np.sum(w * np.abs(b) ** 2) - 1) < 0.01  # same scale

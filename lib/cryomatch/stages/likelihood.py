@@ -45,7 +45,6 @@ from ..io.polar_files import CTF_FIELDS, ArrayWriter, read_fourier_stack, read_t
 from ..io.structures import read_frames, read_map, read_model
 from ..kernels import ctf as ctf_kernel
 from ..kernels import likelihood as lk
-from ..kernels.projection import voxelize_atoms
 from ..kernels.refine import refine_poses
 from ..kernels.slicing import FourierSlicer
 from ..progress import progress
@@ -254,35 +253,39 @@ def likelihood(
 REFINE_BATCH = 64  # images refined together (memory: about 2.4 MB each at 64 px)
 
 
-def refine_stack(stack, temps, res: dict, disp, centre, atom_selection="all", atom_sigma=1.0):
-    """Refined poses (n, 6): rot, tilt, psi (degrees), x, y (Angstrom), rho; see
-    :mod:`cryomatch.kernels.refine`. The structure is re-read from the template set's source;
-    an atomic model is sampled on the images' pixel grid (its Gaussians, exact at the voxels)."""
+def structure_slicer(temps, grid, pixel: float, atom_selection="all", atom_sigma=1.0):
+    """The template set's structure (re-read from its source, scaled as its templates) as a
+    :class:`~cryomatch.kernels.slicing.FourierSlicer`."""
     kind, source = str(temps.meta["kind"]), str(temps.meta["source"])
-    scale, pixel, grid = float(temps.meta["scale"]), stack.pixel_size, stack.grid
+    scale = float(temps.meta["scale"])
     if kind == "map":
         volume, _ = read_map(source)
-        volume = volume * scale
-    else:
-        if "frame" in temps.meta:  # a frame of an ensemble
-            topology = str(temps.meta["topology"])
-            trajectory = None if source == topology else source
-            _, atoms = next(
-                read_frames(
-                    topology,
-                    trajectory,
-                    [int(temps.meta["frame"])],
-                    str(temps.meta["atom_filter"]) or None,
-                    atom_selection,
-                    atom_sigma,
-                )
+        return FourierSlicer.from_map(np.asarray(volume * scale, dtype=np.float32))
+    if "frame" in temps.meta:  # a frame of an ensemble
+        topology = str(temps.meta["topology"])
+        trajectory = None if source == topology else source
+        _, atoms = next(
+            read_frames(
+                topology,
+                trajectory,
+                [int(temps.meta["frame"])],
+                str(temps.meta["atom_filter"]) or None,
+                atom_selection,
+                atom_sigma,
             )
-        else:
-            atoms = read_model(source, atom_selection, atom_sigma)
-        volume = voxelize_atoms(
-            atoms.coords, atoms.amplitudes * scale, atoms.sigmas, grid.box, pixel
         )
-    slicer = FourierSlicer(np.asarray(volume, dtype=np.float32))
+    else:
+        atoms = read_model(source, atom_selection, atom_sigma)
+    sigmas = atoms.sigmas / pixel  # as the templates' (stages.templates)
+    strengths = atoms.amplitudes * pixel**3 * scale * (2 * np.pi * sigmas**2) ** 1.5
+    return FourierSlicer.from_atoms(atoms.coords / pixel, strengths, sigmas, grid.box)
+
+
+def refine_stack(stack, temps, res: dict, disp, centre, atom_selection="all", atom_sigma=1.0):
+    """Refined poses (n, 6): rot, tilt, psi (degrees), x, y (Angstrom), rho; see
+    :mod:`cryomatch.kernels.refine` (the structure from :func:`structure_slicer`)."""
+    pixel, grid = stack.pixel_size, stack.grid
+    slicer = structure_slicer(temps, grid, pixel, atom_selection, atom_sigma)
     dc = float(temps.meta["dc"][0])
     angle_step = np.degrees(float(temps.meta.get("viewing_distance", 0.1)))
     grid_step = np.max(

@@ -29,7 +29,9 @@ from cryomatch.stages.simulate.particles import simulate_particles
 from cryomatch.stages.templates import templates
 
 
-def test_refinement_recovers_an_off_grid_pose():
+def _off_grid_problem():
+    """One image (32 px, little noise) of a random atomic structure at a known off-grid
+    pose, its polar inputs, the structure's map, and a start pose ~5 degrees away."""
     rng = np.random.default_rng(8)
     box, apix = 32, 4.0
     atoms = random_structure(rng, 90, 0.28 * box * apix, 1.6 * apix)
@@ -50,6 +52,14 @@ def test_refinement_recovers_an_off_grid_pose():
     ctf0 = float(ctf_kernel.ctf(0.0, 0.0, *params))
     syy = float(np.sum(image**2))
     volume = voxelize_atoms(atoms.coords, atoms.amplitudes, atoms.sigmas, box, apix)
+    start = truth @ geometry.euler_to_matrix(4.0, 3.0, -2.0)  # a grid pose ~5 degrees away
+    inputs = (values[None], ctf[None], [syy], [ctf0], grid)
+    return inputs, atoms, volume, truth, shift, start
+
+
+def test_refinement_recovers_an_off_grid_pose():
+    inputs, atoms, volume, truth, shift, start = _off_grid_problem()
+    box, apix = 32, 4.0
     slicers = [
         point_slicer(map_slicer(MapInterpolator(volume, 1e-4))),
         FourierSlicer.from_map(volume).central_slices,
@@ -61,17 +71,12 @@ def test_refinement_recovers_an_off_grid_pose():
         ).central_slices,
         point_slicer(atom_slicer(atoms.coords / apix, atoms.amplitudes, atoms.sigmas / apix)),
     ]
-    start = truth @ geometry.euler_to_matrix(4.0, 3.0, -2.0)  # a grid pose ~5 degrees away
     dc = float(volume.sum())
     for slicer in slicers:
         matrix, found, rho = (
             x[0]
             for x in refine_poses(
-                values[None],
-                ctf[None],
-                [syy],
-                [ctf0],
-                grid,
+                *inputs,
                 slicer,
                 dc,
                 start[None],
@@ -83,6 +88,22 @@ def test_refinement_recovers_an_off_grid_pose():
         assert geometry.angle_between_rotations(matrix, truth) < 1.0
         assert np.hypot(*(found - shift)) < 0.1
         assert rho > 0.95
+
+
+@pytest.mark.gpu
+def test_refinement_on_cupy_matches_numpy():
+    import cupy
+
+    inputs, _, volume, *_, start = _off_grid_problem()
+    values, ctf, syy, ctf0, grid = inputs
+    args = (float(volume.sum()), start[None], [[1.0, 0.0]], 10.0, 1.0)
+    cpu = refine_poses(*inputs, FourierSlicer.from_map(volume).central_slices, *args)
+    gpu_inputs = (cupy.asarray(values), cupy.asarray(ctf), syy, ctf0, grid)
+    slicer = FourierSlicer.from_map(cupy.asarray(volume)).central_slices
+    gpu = refine_poses(*gpu_inputs, slicer, *args)
+    assert geometry.angle_between_rotations(cpu[0][0], gpu[0][0]) < 0.05
+    np.testing.assert_allclose(gpu[1], cpu[1], atol=0.02)
+    np.testing.assert_allclose(gpu[2], cpu[2], rtol=1e-4)
 
 
 def test_fourier_slicer_matches_the_exact_transform_of_a_real_map(real_data):

@@ -101,8 +101,8 @@ def refine_poses(
     the particle) the grid poses; ``slicer(kx, ky, matrices (..., 3, 3))`` the structure's
     central slices (..., R, W/2) at the first half of the polar points (kx, ky) (e.g.
     :meth:`~.slicing.FourierSlicer.central_slices`, or :func:`point_slicer`);
-    ``angle_step_deg`` and ``shift_step_px`` the grid steps. Memory: 8 poses x 9 shifts x
-    R x W/2 complex64 per image.
+    ``angle_step_deg`` and ``shift_step_px`` the grid steps. Memory: the inputs, and per
+    ``chunk`` of images scored together 10 poses and 9 shifts of R x W/2 complex64 each.
     """
     xp = array_module(values)
     half = grid.n_inplanes // 2

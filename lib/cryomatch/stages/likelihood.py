@@ -250,7 +250,7 @@ def likelihood(
     return paths
 
 
-REFINE_BATCH = 64  # images refined together (memory: about 2.4 MB each at 64 px)
+REFINE_BATCH = 64  # images refined together (about 0.2 MB each at 64 px, + the scoring's)
 
 
 def structure_slicer(temps, grid, pixel: float, atom_selection="all", atom_sigma=1.0):

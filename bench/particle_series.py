@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from reference_rate import matmul_gflops
 
 from cryomatch.io.particle_series import read_particle_series
 from cryomatch.stages import particle_series as ps
@@ -24,15 +25,6 @@ SET = (
     "tomo/cryoet_warptools_tomodrgn/"
     "warptools_test_4-tomos_10-ptcls_box-32_angpix-12_optimisation_set.star"
 )
-
-
-def matmul_gflops() -> float:
-    a = np.random.default_rng(0).normal(size=(1500, 1500)).astype(np.float32)
-    a @ a
-    t = time.perf_counter()
-    for _ in range(3):
-        a @ a
-    return 3 * 2 * 1500**3 / (time.perf_counter() - t) / 1e9
 
 
 def main() -> None:

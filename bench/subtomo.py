@@ -25,6 +25,7 @@ import tempfile
 import time
 
 import numpy as np
+from reference_rate import matmul_gflops
 from scipy.spatial.transform import Rotation
 
 from cryomatch import geometry
@@ -40,15 +41,6 @@ def errors(quat, shift, quats, shifts) -> str:
     rot = np.rad2deg((Rotation.from_quat(quat) * Rotation.from_quat(quats).inv()).magnitude())
     shift_error = np.linalg.norm(shift - shifts, axis=1).mean()
     return f"shift error {shift_error:.2f} voxel, rotation error {rot.mean():.2f} deg"
-
-
-def matmul_gflops() -> float:
-    a = np.random.default_rng(0).normal(size=(1500, 1500)).astype(np.float32)
-    a @ a
-    t = time.perf_counter()
-    for _ in range(3):
-        a @ a
-    return 3 * 2 * 1500**3 / (time.perf_counter() - t) / 1e9
 
 
 def run_cryomatch(name, model, volumes, quats, shifts, n_single):

@@ -47,7 +47,6 @@ from ..kernels.correlation3d import (
 from ..kernels.peaks import grid_peaks
 from ..kernels.rotate import affine_resample
 from ..kernels.wedge import butterworth, without_nyquist
-from . import refine as refine_rotation
 from .base import as_backend, check_max_shifts
 from .models import ZNCCAlignment, _local_std, _standardize
 
@@ -224,12 +223,7 @@ class LocalZNCC(ZNCCAlignment):
         d0 = centres[rows, column]
         quats = self.quaternions[column % n_rot]
         if self.has_rotation and self.interpolate:
-            table = self._neighbour_table()
-            r0 = column % n_rot
-            nbr = table.index[r0]
-            cols = np.where(nbr >= 0, (column - r0)[:, None] + nbr, column[:, None])
-            values = np.where(nbr >= 0, value[rows[:, None], cols], -np.inf)
-            quats, _ = refine_rotation.interpolate_rotation(values, r0, self.quaternions, table)
+            quats = self._interpolated_rotations(value, column)
         shift, score = self._subvoxel(data, prep, d0, max_shifts, column=column)
         return column // n_rot, shift, quats, score
 

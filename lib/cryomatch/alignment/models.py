@@ -259,14 +259,21 @@ class _BatchedModel(TomographyInput):
             shift, score = self._subvoxel(data, prep, d0, max_shifts, local=local)
             return column // n_rot, shift, quats, score
         if self.has_rotation and self.interpolate:
-            table = self._neighbour_table()
-            r0 = column % n_rot
-            nbr = table.index[r0]
-            cols = np.where(nbr >= 0, (column - r0)[:, None] + nbr, column[:, None])
-            values = np.where(nbr >= 0, value[rows[:, None], cols], -np.inf)
-            quats, _ = refine_rotation.interpolate_rotation(values, r0, self.quaternions, table)
+            quats = self._interpolated_rotations(value, column)
         shift, score = self._subvoxel(data, prep, d0, max_shifts, column=column)
         return column // n_rot, shift, quats, score
+
+    def _interpolated_rotations(self, value, column):
+        """Quaternions (S, 4) interpolated between each subvolume's best column and its
+        neighbouring rotations from their peak values (S, C)."""
+        table = self._neighbour_table()
+        rows = np.arange(len(column))
+        r0 = column % len(self.quaternions)
+        nbr = table.index[r0]
+        cols = np.where(nbr >= 0, (column - r0)[:, None] + nbr, column[:, None])
+        values = np.where(nbr >= 0, value[rows[:, None], cols], -np.inf)
+        quats, _ = refine_rotation.interpolate_rotation(values, r0, self.quaternions, table)
+        return quats
 
     def _around_best(self, data, prep, column, centres, max_shifts):
         """Sub-voxel peaks of the best column's neighbouring rotations from samples half a

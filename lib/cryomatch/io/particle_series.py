@@ -44,17 +44,10 @@ import pandas as pd
 from .. import geometry
 from ..errors import CryomatchError, CryomatchWarning
 from .mrc import open_mrc, stack_shape
+from .particles import CTF_COLUMNS as IMAGE_CTF_COLUMNS
 from .star import read_star
 
-CTF_COLUMNS = [
-    "rlnDefocusU",
-    "rlnDefocusV",
-    "rlnDefocusAngle",
-    "rlnVoltage",
-    "rlnSphericalAberration",
-    "rlnAmplitudeContrast",
-    "rlnPhaseShift",
-]
+CTF_COLUMNS = [*IMAGE_CTF_COLUMNS, "rlnPhaseShift"]  # kernels.ctf.ctf's order
 Z_MIRROR = np.diag([1.0, 1.0, -1.0])
 
 

@@ -257,10 +257,7 @@ def particle_series_reconstruct(
     )
     prov = provenance.record("particle-series reconstruct", params)
     xp = get_xp(backend)
-    series = read_particle_series(star, tomograms, angpix)
-    for note in series.notes:
-        log(note)
-    ref = _read_reference(reference, series)
+    series, ref = _read_inputs(star, tomograms, angpix, reference)
     _check_halves(series, split)
     _, _, (half1, half2, average) = reconstruct_series(
         series, series.poses, pad, gridding, wiener, dose, batch_size, xp, split
@@ -293,6 +290,14 @@ def _check_halves(series, split: str) -> None:
         )
         series.notes.append(message)
         warnings.warn(f"{series.source}: {message}", CryomatchWarning, stacklevel=2)
+
+
+def _read_inputs(star, tomograms, angpix, reference):
+    """(series, reference map or None): the series with its notes logged."""
+    series = read_particle_series(star, tomograms, angpix)
+    for note in series.notes:
+        log(note)
+    return series, _read_reference(reference, series)
 
 
 def _read_reference(reference, series):
@@ -330,11 +335,9 @@ def _write_maps(
     summary["halves"] = fsc_summary(freq, halves, series.box)
     log(f"half-map FSC 0.143 at {summary['halves']['resolution_fsc_0.143_A']:.1f} A")
     if ref is not None:
-        freq, unmasked, masked = reference_fsc(average, ref, px, mask_radius, mask_edge)
-        table = pd.DataFrame(
-            {"frequency_1_per_A": freq, "fsc_unmasked": unmasked, "fsc_masked": masked}
+        freq, unmasked, masked = _write_reference_fsc(
+            out / "fsc_reference.csv", average, ref, series, mask_radius, mask_edge, prov, outputs
         )
-        write_csv(out / "fsc_reference.csv", table, prov, outputs)
         curves_to_plot |= {"vs reference": unmasked, "vs reference, soft sphere": masked}
         summary["reference_unmasked"] = fsc_summary(freq, unmasked, series.box)
         summary["reference_masked"] = fsc_summary(freq, masked, series.box)
@@ -353,6 +356,17 @@ def _write_maps(
         hlines=(0.5, 0.143),
     )
     save_png(fig, out / "fsc.png", outputs)
+
+
+def _write_reference_fsc(path, vol, ref, series, mask_radius, mask_edge, prov, outputs):
+    """Write the FSC of ``vol`` against ``ref`` (unmasked, in a soft sphere) to ``path``;
+    return (frequency 1/A, unmasked, masked)."""
+    freq, unmasked, masked = reference_fsc(vol, ref, series.pixel_size, mask_radius, mask_edge)
+    table = pd.DataFrame(
+        {"frequency_1_per_A": freq, "fsc_unmasked": unmasked, "fsc_masked": masked}
+    )
+    write_csv(path, table, prov, outputs)
+    return freq, unmasked, masked
 
 
 # --- local refinement ---------------------------------------------------------------------------
@@ -567,10 +581,7 @@ def particle_series_refine(
     )
     prov = provenance.record("particle-series refine", params)
     xp = get_xp(backend)
-    series = read_particle_series(star, tomograms, angpix)
-    for note in series.notes:
-        log(note)
-    ref = _read_reference(reference, series)
+    series, ref = _read_inputs(star, tomograms, angpix, reference)
     counts = [int((series.particles["half"] == h).sum()) for h in (1, 2)]
     if references == "halves" and min(counts) < 2:
         raise CryomatchError(
@@ -682,13 +693,10 @@ def particle_series_refine(
     with Outputs() as outputs:
         before_summary = {"halves_before": before_halves}
         if ref is not None:
-            freq, unmasked, masked = reference_fsc(
-                before, ref, series.pixel_size, mask_radius, mask_edge
+            path = out / "fsc_reference_before.csv"
+            freq, unmasked, masked = _write_reference_fsc(
+                path, before, ref, series, mask_radius, mask_edge, prov, outputs
             )
-            table = pd.DataFrame(
-                {"frequency_1_per_A": freq, "fsc_unmasked": unmasked, "fsc_masked": masked}
-            )
-            write_csv(out / "fsc_reference_before.csv", table, prov, outputs)
             before_summary |= {
                 "reference_unmasked_before": fsc_summary(freq, unmasked, series.box),
                 "reference_masked_before": fsc_summary(freq, masked, series.box),

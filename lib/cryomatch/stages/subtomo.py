@@ -49,8 +49,10 @@ from .subtomo_priors import (
     ImageSource,
     check_priors,
     has_priors,
+    optics_pixel_size,
     origins_pixels,
     output_columns,
+    read_particle_block,
     row_priors,
     subtomogram_matrices,
 )
@@ -61,6 +63,19 @@ SCORE_COLUMN = "rlnCryomatchScore"
 
 def chunk_name(k: int) -> str:
     return f"chunk_{k:06d}"
+
+
+def iter_chunks(folder, n_chunks: int):
+    """Yield (particles, optics or None, open npz) of ``folder/chunk_K.star`` and ``.npz``,
+    K < n_chunks, one chunk at a time."""
+    for k in range(n_chunks):
+        base = Path(folder) / chunk_name(k)
+        blocks = read_star(f"{base}.star")
+        path = Path(f"{base}.npz")
+        if not path.is_file():
+            raise CryomatchError("file does not exist", path)
+        with np.load(path) as z:
+            yield blocks["particles"], blocks.get("optics"), z
 
 
 # --- inputs ----------------------------------------------------------------------------
@@ -129,15 +144,7 @@ class TomogramSource:
 
     def __init__(self, star, tomograms, angpix=None):
         self.star = Path(star)
-        blocks = read_star(star)
-        table = blocks.get("particles")
-        if table is None:
-            frames = [b for b in blocks.values() if isinstance(b, pd.DataFrame)]
-            table = frames[-1] if frames else None
-        if table is None or len(table) == 0:
-            raise CryomatchError("no particle rows", star)
-        self.table = table.reset_index(drop=True)
-        self.optics = blocks.get("optics")
+        self.table, self.optics = read_particle_block(star)
         self.angpix = angpix
         if not tomograms:
             raise CryomatchError("positions in a STAR need the tomogram(s) (--tomogram)", star)
@@ -175,12 +182,8 @@ class TomogramSource:
         return self._open[path]
 
     def pixel_size(self):
-        star = None
-        if self.optics is not None and "rlnImagePixelSize" in self.optics:
-            star = float(self.optics["rlnImagePixelSize"].iloc[0])
-        mrc = self._mrc(self._files[0])
-        header = float(mrc.voxel_size.x)
-        return star, header if header > 0 else None
+        header = float(self._mrc(self._files[0]).voxel_size.x)
+        return optics_pixel_size(self.optics), header if header > 0 else None
 
     def positions(self, angpix: float) -> np.ndarray:
         """Particle positions (n, 3) (z, y, x) in tomogram voxels."""
@@ -435,18 +438,12 @@ def subtomo_merge(out, n_chunks: int):
     out = Path(out)
     prov = provenance.record("subtomo merge", {"n_chunks": n_chunks})
     tables, sums, counts, angpix, optics = [], 0, 0, None, None
-    for k in range(n_chunks):
-        base = out / "chunks" / chunk_name(k)
-        blocks = read_star(f"{base}.star")
-        tables.append(blocks["particles"])
-        optics = blocks.get("optics")
-        path = Path(f"{base}.npz")
-        if not path.is_file():
-            raise CryomatchError("file does not exist", path)
-        with np.load(path) as z:
-            sums = sums + z["sums"]
-            counts = counts + z["counts"]
-            angpix = float(z["angpix"])
+    for particles, chunk_optics, z in iter_chunks(out / "chunks", n_chunks):
+        tables.append(particles)
+        optics = chunk_optics
+        sums = sums + z["sums"]
+        counts = counts + z["counts"]
+        angpix = float(z["angpix"])
     table = pd.concat(tables, ignore_index=True)
     with Outputs() as outputs:
         _write_results(out, optics, table, sums, counts, angpix, prov, outputs)

@@ -114,6 +114,25 @@ def output_columns(table, columns, box_in_subtomogram_frame: bool, angpix: float
     return pd.concat([table.drop(columns=drop).reset_index(drop=True), columns], axis=1)
 
 
+def read_particle_block(star) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(particle rows, optics block or None) of a STAR: data_particles, else its last table."""
+    blocks = read_star(star)
+    table = blocks.get("particles")
+    if table is None:
+        frames = [b for b in blocks.values() if isinstance(b, pd.DataFrame)]
+        table = frames[-1] if frames else None
+    if table is None or len(table) == 0:
+        raise CryomatchError("no particle rows", star)
+    return table.reset_index(drop=True), blocks.get("optics")
+
+
+def optics_pixel_size(optics) -> float | None:
+    """rlnImagePixelSize (A) of the first optics group, or None."""
+    if optics is not None and "rlnImagePixelSize" in optics:
+        return float(optics["rlnImagePixelSize"].iloc[0])
+    return None
+
+
 class ImageSource:
     """Subvolumes named by a STAR's rlnImageName (``path`` or ``k@path``; paths relative to
     the STAR's folder or the working folder), one output row each."""
@@ -122,17 +141,9 @@ class ImageSource:
 
     def __init__(self, star):
         self.star = Path(star)
-        blocks = read_star(star)
-        table = blocks.get("particles")
-        if table is None:
-            frames = [b for b in blocks.values() if isinstance(b, pd.DataFrame)]
-            table = frames[-1] if frames else None
-        if table is None or len(table) == 0:
-            raise CryomatchError("no particle rows", star)
-        if "rlnImageName" not in table:
+        self.table, self.optics = read_particle_block(star)
+        if "rlnImageName" not in self.table:
             raise CryomatchError("no rlnImageName column (or give --tomogram)", star)
-        self.table = table.reset_index(drop=True)
-        self.optics = blocks.get("optics")
         self._readers = {}
         self._names = [self._parse(str(n)) for n in self.table["rlnImageName"]]
         self._shape = self._volume(0).shape
@@ -165,12 +176,9 @@ class ImageSource:
         return self._shape
 
     def pixel_size(self):
-        star = None
-        if self.optics is not None and "rlnImagePixelSize" in self.optics:
-            star = float(self.optics["rlnImagePixelSize"].iloc[0])
         index, path = self._names[0]
         with VolumeStackReader(path) if index is not None else _Header(path) as r:
-            return star, r.voxel_size()
+            return optics_pixel_size(self.optics), r.voxel_size()
 
     def read(self, start: int, stop: int, shape) -> tuple[np.ndarray, np.ndarray]:
         """(subvolumes, where the rows put their particles relative to the box centre, z, y,

@@ -59,6 +59,7 @@ from .subtomo import (
     build_local_model,
     build_model,
     chunk_name,
+    iter_chunks,
     open_source,
     pose_columns,
 )
@@ -347,18 +348,12 @@ def refine_merge(
     previous = read_state(out, iteration - 1)
     folder = iteration_dir(out, iteration)
     tables, sums, skipped, optics = [], {}, True, None
-    for k in range(n_chunks):
-        base = folder / "chunks" / chunk_name(k)
-        blocks = read_star(f"{base}.star")
-        tables.append(blocks["particles"])
-        optics = blocks.get("optics")
-        path = Path(f"{base}.npz")
-        if not path.is_file():
-            raise CryomatchError("file does not exist", path)
-        with np.load(path) as z:
-            skipped = skipped and bool(z["skipped"])
-            for key in ("num1", "num2", "den1", "den2"):
-                sums[key] = sums.get(key, 0) + z[key]
+    for particles, chunk_optics, z in iter_chunks(folder / "chunks", n_chunks):
+        tables.append(particles)
+        optics = chunk_optics
+        skipped = skipped and bool(z["skipped"])
+        for key in ("num1", "num2", "den1", "den2"):
+            sums[key] = sums.get(key, 0) + z[key]
     table = pd.concat(tables, ignore_index=True)
     if skipped:  # converged before: this iteration is a copy of the previous one
         return _copy_iteration(out, iteration, table, optics, prov)

@@ -52,18 +52,21 @@ from .models import ZNCCAlignment, _local_std, _standardize
 
 # the subvolumes are turned back by their priors with linear interpolation: 4x faster than
 # cubic (half the search's time otherwise); its attenuation of the high frequencies is
-# the same for every rotation searched, and the search runs low-passed
-RESAMPLE_ORDER = 1
+# the same for every rotation searched, and the search runs low-passed. Mode "constant"
+# (the mean at once beyond the box's last voxel, no ramp across its surface) is 1.5x
+# faster than "grid-constant" and differs only within a voxel of the box's faces
+RESAMPLE_ORDER, RESAMPLE_MODE = 1, "constant"
 
 
-def to_prior_frame(volume, quat, shift, xp=np, order: int = 3):
+def to_prior_frame(volume, quat, shift, xp=np, order: int = 3, mode: str = "grid-constant"):
     """The subvolume turned back by its prior: ``v_p(y) = v(R_P (y - c) + c + s_P)`` with c
-    acryo's centre (spline of ``order``; outside the box: the volume's mean)."""
+    acryo's centre (spline of ``order``; outside the box: the volume's mean, ``mode`` of
+    :func:`cryomatch.kernels.rotate.affine_resample`)."""
     rot = Rotation.from_quat(np.asarray(quat, dtype=np.float64)).as_matrix()
     c = geometry.acryo_centre(volume.shape)
     volume = xp.asarray(volume, dtype=xp.float32)
     offset = c - rot @ c + np.asarray(shift)
-    return affine_resample(volume, rot, offset, float(volume.mean()), order=order)
+    return affine_resample(volume, rot, offset, float(volume.mean()), order, mode)
 
 
 def allowed_rotations(reference_matrices, prior_matrices, grid_quats, cone, inplane):
@@ -179,7 +182,9 @@ class LocalZNCC(ZNCCAlignment):
             sel = np.arange(lo, min(n, lo + batch))
             v = xp.stack(
                 [
-                    to_prior_frame(imgs[i], prior_quats[i], prior_shifts[i], xp, RESAMPLE_ORDER)
+                    to_prior_frame(
+                        imgs[i], prior_quats[i], prior_shifts[i], xp, RESAMPLE_ORDER, RESAMPLE_MODE
+                    )
                     for i in sel
                 ]
             )

@@ -84,6 +84,7 @@ class _Prepared:
     mask_sum: object = None  # ZNCC: (Rm,) sum of each mask
     norm: float = 1.0  # PCC: correlation of a perfect match
     by_column: object = None  # (T*R, P, nz) complex64 copy for fast gathers (refine)
+    mask_column: object = None  # (1, P, nz) complex64: the one mask by column (cached)
 
     def columns(self, index):
         """Templates ``index`` (n,) by column (n, P, nz) complex64, for paired products."""
@@ -96,7 +97,9 @@ class _Prepared:
         """The masks of columns ``index`` and their sums: ((1 or n, P, nz), (1 or n,))."""
         n_masks = self.masks.shape[-1]
         if n_masks == 1:
-            return columns_of(self.masks), self.mask_sum
+            if self.mask_column is None:
+                self.mask_column = columns_of(self.masks)
+            return self.mask_column, self.mask_sum
         sel = np.asarray(index) % n_masks
         return columns_of(self.masks, sel), self.mask_sum[array_module(self.masks).asarray(sel)]
 

@@ -24,8 +24,12 @@ def ndimage_module(xp):
     return ndimage
 
 
-def affine_resample(volume, matrix, offset, cval: float = 0.0, order: int = 3):
-    """``out(x) = volume(matrix @ x + offset)`` (x index vectors (z, y, x)), float32."""
+def affine_resample(
+    volume, matrix, offset, cval: float = 0.0, order: int = 3, mode: str = "grid-constant"
+):
+    """``out(x) = volume(matrix @ x + offset)`` (x index vectors (z, y, x)), float32.
+    ``mode`` "grid-constant" interpolates towards ``cval`` across the box's surface;
+    "constant" (faster, ~1.5x at order 1) puts ``cval`` at once beyond the last voxel."""
     xp = array_module(volume)
     nd = ndimage_module(xp)
     shifted = volume.astype(xp.float32) - cval  # so that outside is 0 for the spline
@@ -34,7 +38,7 @@ def affine_resample(volume, matrix, offset, cval: float = 0.0, order: int = 3):
         xp.asarray(matrix),
         offset=xp.asarray(offset),
         order=order,
-        mode="grid-constant",
+        mode=mode,
         cval=0.0,
         output=xp.float32,
     )

@@ -3,9 +3,9 @@
 A prior (rotation R_P, shift s_P in the alignment API's convention, see
 :mod:`cryomatch.alignment.base`) says the subvolume is roughly the template moved by
 (R_P, s_P). Each subvolume is turned back by its prior once, ``v_p(y) = v(R_P (y - c) + c
-+ s_P)`` (cubic spline), so that one small rotation grid about the identity, rotated into
-the templates once per model, serves every particle; the search finds a correction (R_C,
-s_C) and the pose is ``(R_P R_C, s_P + R_P s_C)``
++ s_P)`` (linear interpolation, see RESAMPLE_ORDER), so that one small rotation grid
+about the identity, rotated into the templates once per model, serves every particle; the
+search finds a correction (R_C, s_C) and the pose is ``(R_P R_C, s_P + R_P s_C)``
 (:func:`cryomatch.geometry.compose_subvolume_poses`).
 
 The missing wedge turns with the subvolume: in the prior's frame it is the tomogram's

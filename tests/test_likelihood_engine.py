@@ -118,3 +118,45 @@ def test_displacement_grid_matches_cryolike_layout():
     grid = lk.displacement_grid(2.0, 3, 2)
     np.testing.assert_allclose(grid, [[-2, -2], [0, -2], [2, -2], [-2, 2], [0, 2], [2, 2]])
     np.testing.assert_array_equal(lk.displacement_grid(5.0, 1, 1), [[0, 0]])
+
+
+def test_seeding_displacements_on_a_7x7_grid():
+    disp = lk.displacement_grid(3.0, 7, 7)
+    batch = lk.ImageBatch([], [], np.zeros(1), np.zeros(1), 1, len(disp), disp)
+    coarse = disp[batch.coarse()]
+    assert len(coarse) == 9 and set(np.unique(coarse)) == {-2.0, 0.0, 2.0}
+    near = batch.neighbours(9)
+    assert near.shape == (49, 9) and np.array_equal(near[:, 0], np.arange(49))
+    centre = np.flatnonzero((disp == 0).all(axis=1))[0]
+    assert np.abs(disp[near[centre]]).max() == 1.0  # the 3 x 3 block around (0, 0)
+    corner = np.hypot(*(disp[near[0]] - disp[0]).T)
+    assert corner.max() <= np.sqrt(8) + 1e-9  # a corner's nearest stay near it
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pruned_search_on_a_7x7_grid_matches_the_exact_one(seed):
+    """The seeding's coarse and neighbouring displacements only start the pruning: the
+    result is the exact search's (best pose, rho, integrated log L), with particles away
+    from the centre (at odd steps too, which the coarse displacements miss)."""
+    rng = np.random.default_rng(seed)
+    grid, templates, values, ctf, syy, ctf0, dc, weights = _problem(
+        rng, m=6, s=24, box=16, signal=10.0
+    )
+    disp = lk.displacement_grid(3.0, 7, 7)
+    where = rng.choice(np.flatnonzero(np.hypot(*disp.T) >= 2.5), size=len(values))
+    values = values * lk.shift_phases(grid, -disp[where])  # particle i moved to disp[where[i]]
+    exact_bank = lk.prepare_templates(templates, grid, weights, dc, 0.0)
+    results = []
+    for prune in (False, True):
+        batch = lk.prepare_images(
+            values.astype(np.complex64), ctf, syy, ctf0, grid, exact_bank, disp
+        )
+        results.append(lk.search(batch, exact_bank, template_block=5, prune=prune))
+    exact, pruned = results
+    assert pruned.n_evaluated < exact.n_evaluated
+    np.testing.assert_array_equal(pruned.template, exact.template)
+    np.testing.assert_array_equal(pruned.displacement, exact.displacement)
+    assert np.hypot(*disp[exact.displacement].T).min() > 1.0  # none found at the centre
+    np.testing.assert_array_equal(pruned.rotation, exact.rotation)
+    np.testing.assert_allclose(pruned.rho, exact.rho, atol=1e-6)
+    np.testing.assert_allclose(pruned.ll_integrated, exact.ll_integrated, atol=1e-3)

@@ -898,14 +898,14 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         # displacements: every other one first, then those around each image's best
         dsel = np.tile(ctx.coarse, (m, 1)) if step == 0 else ctx.neighbours[where]
         nd = dsel.shape[1]
-        dsel_x = xp.asarray(dsel)
-        planes = _buffer(ctx, "seed2", (rows // 2, m, 2, nd, k))
+        rows_x = xp.asarray((dsel * m + np.arange(m)[:, None]).reshape(-1))  # (image, nd)
+        views_x = xp.asarray(top.reshape(-1))
+        planes = _buffer(ctx, "seed2", (rows // 2, 2, m, nd, k))
         for p, q in enumerate(order):
-            a = xp.moveaxis(ctx.stacked[q][:, dsel_x, images[:, None]], 1, 0)  # (M, 2, nd, 2H)
-            coef = xp.moveaxis(chunk.coef[q][:, top_x], 1, 0)  # (M, 2H, k)
-            xp.matmul(a.reshape(m, 2 * nd, -1), coef, out=planes[p].reshape(m, 2 * nd, k))
-        planes = xp.moveaxis(planes, 2, 1).reshape(rows, -1)  # rows (slot, part)
-        cc = ctx.dft(xp.ascontiguousarray(planes)).reshape(w, m, nd, k)
+            a = xp.take(ctx.stacked[q].reshape(2, dcount * m, -1), rows_x, axis=1)
+            coef = xp.take(chunk.coef[q], views_x, axis=1).reshape(-1, m, k)  # (2H, M, k)
+            xp.matmul(a.reshape(2, m, nd, -1), coef.transpose(1, 0, 2), out=planes[p])
+        cc = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, nd, k)
         inv = chunk.inv[:, images[:, None], top_x]  # (W, M, k)
         rho = (cc * inv[:, :, None, :]).reshape(w, -1)
         img = np.repeat(np.arange(m), nd * k)

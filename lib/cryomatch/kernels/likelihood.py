@@ -449,6 +449,7 @@ class SearchResult:
 LOG2E = 1.0 / math.log(2.0)
 TILE_COLUMNS = 1024  # columns (triples) per tile of the inverse DFT: (W, 1024) float32 = 512 KB
 SEED_STRIDE = 4  # views of a chunk that the seeding pass's first step evaluates: 1 in this
+BOUND_SLOTS = 8  # spectra planes whose magnitudes are added to the bound at once (in cache)
 SKIP_GROUPS = 8  # displacement groups evaluated without the bound after one where it pruned nothing
 OVERFLOW = 100.0  # largest log2 of one term of a tile's likelihood sums (float32: < 128)
 
@@ -709,11 +710,13 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
         if ctx.prune and ctx.skip_bound <= 0:
             bound = _buffer(ctx, "bound", (g * n,))
             bound[:] = 0.0
-        for p, q in enumerate(ctx.dft.order):
+        order = ctx.dft.order
+        for p, q in enumerate(order):
             images = ctx.stacked[q][:, d0:d1].reshape(2, g * m, -1)
             xp.matmul(images, chunk.coef[q][:, lo:hi], out=planes[p].reshape(2, g * m, sb))
-            if bound is not None:
-                _add_magnitude(ctx, planes[p], 0.5 if q in (0, ctx.w // 2) else 1.0, bound)
+            if bound is not None and ((p + 1) % BOUND_SLOTS == 0 or p + 1 == len(order)):
+                p0 = p - (p % BOUND_SLOTS)
+                _add_magnitudes(ctx, planes[p0 : p + 1], order[p0 : p + 1], bound)
         ctx.skip_bound -= 1
         if bound is not None:
             # the bound is sum_q c_q |X_q| with c_q = 2/W (1/W at q = 0 and W/2)
@@ -740,17 +743,17 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
     return evaluated
 
 
-def _add_magnitude(ctx: _Context, planes, weight: float, bound) -> None:
-    """bound += weight |X_q| for planes (2, n): (Re X_q, Im X_q)."""
+def _add_magnitudes(ctx: _Context, planes, qs, bound) -> None:
+    """bound += sum_q c'_q |X_q| for planes (slots, 2, n): (Re X_q, Im X_q) of the slots'
+    q (c'_q = 1, 1/2 at q = 0 and W/2)."""
     xp = ctx.xp
     sq = _buffer(ctx, "square", planes.shape)
     xp.square(planes, out=sq)
-    mag = sq[0]
-    xp.add(sq[0], sq[1], out=mag)
+    mag = sq[:, 0]
+    xp.add(sq[:, 0], sq[:, 1], out=mag)
     xp.sqrt(mag, out=mag)
-    if weight != 1.0:
-        mag *= np.float32(weight)
-    bound += mag
+    weights = np.where((qs == 0) | (qs == ctx.w // 2), 0.5, 1.0).astype(np.float32)
+    bound += xp.asarray(weights) @ mag
 
 
 def _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense) -> _Block:

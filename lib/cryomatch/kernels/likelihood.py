@@ -449,6 +449,7 @@ class SearchResult:
 LOG2E = 1.0 / math.log(2.0)
 TILE_COLUMNS = 1024  # columns (triples) per tile of the inverse DFT: (W, 1024) float32 = 512 KB
 SEED_STRIDE = 4  # views of a chunk that the seeding pass's first step evaluates: 1 in this
+LOW_Q = 16  # spectra whose exact part of cc the second bound takes (the rest: triangle)
 BOUND_SLOTS = 8  # spectra planes whose magnitudes are added to the bound at once (in cache)
 SKIP_GROUPS = 8  # displacement groups evaluated without the bound after one where it pruned nothing
 OVERFLOW = 100.0  # largest log2 of one term of a tile's likelihood sums (float32: < 128)
@@ -524,6 +525,7 @@ class _Context:
     buffers: dict  # reused arrays
     neighbours: np.ndarray  # (D, nb) each displacement's nearest (see ImageBatch.neighbours)
     coarse: np.ndarray  # displacements of the seeding's first round
+    low_part: tuple  # (row ranges, (W, 2 LOW_Q) matrix, q) of the second bound
     skip_bound: int = 0  # groups to evaluate without the bound (it pruned nothing lately)
     group: int = 1  # displacements per product (see :func:`_search_block`)
 
@@ -584,6 +586,7 @@ def search(
         full_output=full_output,
         buffers={},
         neighbours=batch.neighbours(9),
+        low_part=_scaled_low_part(dft),
         coarse=batch.coarse(),
         group=max(1, int(block_bytes // (4 * dft.rows * m * sb))),
     )
@@ -621,6 +624,13 @@ def search(
         n_evaluated=n_eval,
         n_triples=m * dcount * bank.n_templates,
     )
+
+
+def _scaled_low_part(dft: InverseRotationDFT):
+    """:meth:`.InverseRotationDFT.low_part` for q < LOW_Q in the triangle bound's units (W/2
+    times the correlations')."""
+    runs, matrix, qs = dft.low_part(LOW_Q)
+    return runs, matrix * np.float32(dft.w / 2), qs
 
 
 def _buffer(ctx: _Context, name: str, shape, dtype=None):
@@ -724,6 +734,7 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
             alive = to_numpy(xp.flatnonzero(bound.reshape(g, n) >= threshold))
             if 2 * len(alive) < g * n:  # few: gather them into tiles
                 flat = planes.reshape(rows, g * n)
+                alive = _second_bound(ctx, flat, bound, alive, threshold)
                 for c0 in range(0, len(alive), TILE_COLUMNS):
                     cols = alive[c0 : c0 + TILE_COLUMNS]
                     tile = xp.take(flat, xp.asarray(cols), axis=1)
@@ -741,6 +752,31 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
                 blk = _evaluate(acc, ctx, chunk, blk, at_d[:, c0:c1], cols, d0 + j, True)
         evaluated += g * n
     return evaluated
+
+
+def _second_bound(ctx: _Context, flat, bound, alive: np.ndarray, threshold) -> np.ndarray:
+    """The columns of ``alive`` (indices into the planes ``flat`` (rows, g n)) that a tighter
+    bound keeps: the exact largest over rotations of the part of cc from q < LOW_Q, plus
+    the triangle bound of the rest (``bound`` minus the low q's magnitudes), at least
+    ``threshold`` (n,) (both in the triangle bound's units). On realistic particles about
+    1 in 6 of the triangle bound's survivors remain."""
+    xp = ctx.xp
+    runs, matrix, qs = ctx.low_part
+    weights = xp.asarray(np.where((qs == 0) | (qs == ctx.w // 2), 0.5, 1.0).astype(np.float32))
+    n = threshold.shape[0]
+    keep = []
+    for c0 in range(0, len(alive), 4 * TILE_COLUMNS):
+        cols = alive[c0 : c0 + 4 * TILE_COLUMNS]
+        ix = xp.asarray(cols)
+        low = xp.concatenate([xp.take(flat[run], ix, axis=1) for run in runs])  # (2 Q, c)
+        top = (matrix @ low).max(axis=0)
+        xp.square(low, out=low)
+        magnitudes = xp.sqrt(low[0::2] + low[1::2])  # (Q, c)
+        top += xp.take(bound, ix) - weights @ magnitudes
+        # float32 sums: a relative margin keeps the bound on the safe side
+        need = xp.take(threshold, xp.asarray(cols % n)) * np.float32(1 - 1e-4)
+        keep.append(cols[to_numpy(top >= need)])
+    return np.concatenate(keep) if keep else alive
 
 
 def _add_magnitudes(ctx: _Context, planes, qs, bound) -> None:

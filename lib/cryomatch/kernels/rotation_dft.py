@@ -65,6 +65,26 @@ class InverseRotationDFT:
         """Rows of the spectra planes: 2 (W/2 + 1)."""
         return 2 * len(self.order)
 
+    def low_part(self, q_max: int):
+        """The part of the correlations from the spectra with q < ``q_max`` (even): the two
+        row ranges of the planes that hold them (even q, odd q) and the real (W, 2 q_max)
+        matrix giving sum_{q < q_max} c_q Re(X_q e^{2 pi i q k / W}) from those rows
+        stacked in that order."""
+        half = self.w // 2
+        q_max = min(q_max - q_max % 2, half)
+        runs = (slice(0, q_max), slice(self.even_rows, self.even_rows + q_max))
+        k = np.arange(self.w)[:, None]
+        m = np.zeros((self.w, 2 * q_max))
+        qs = np.concatenate(
+            [self.order[: q_max // 2], self.order[self.even_rows // 2 :][: q_max // 2]]
+        )
+        for i, q in enumerate(qs):
+            c = (1.0 if q in (0, half) else 2.0) / self.w
+            m[:, 2 * i] = c * np.cos(2 * np.pi * q * k[:, 0] / self.w)
+            if q not in (0, half):
+                m[:, 2 * i + 1] = -c * np.sin(2 * np.pi * q * k[:, 0] / self.w)
+        return runs, self.xp.asarray(m.astype(np.float32)), qs
+
     def __call__(self, planes, out=None, scratch=None):
         """planes (2 (W/2+1), n) float32 (rows may be strided) -> correlations (W, n) in ``out``.
         ``scratch``: a (W, n) float32 array for the two halves (allocated when None)."""

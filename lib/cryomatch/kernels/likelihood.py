@@ -882,11 +882,11 @@ def _update_best(acc, ctx, chunk, rho, img, local, disp) -> np.ndarray:
     column per image."""
     xp = ctx.xp
     cmax = to_numpy(rho.max(axis=0)).astype(np.float64)
-    order = np.lexsort((-cmax, img))  # per image, largest first (ties: first column)
+    better = np.flatnonzero(cmax > acc.rho[img])  # few once the seeding has run
+    order = better[np.lexsort((-cmax[better], img[better]))]  # per image, largest first
     first = np.ones(len(order), dtype=bool)
     first[1:] = img[order][1:] != img[order][:-1]
-    pick = order[first]
-    pick = pick[cmax[pick] > acc.rho[img[pick]]]
+    pick = order[first]  # ties: the first column (lexsort is stable)
     if len(pick):
         rot = to_numpy(xp.argmax(rho[:, xp.asarray(pick)], axis=0))
         scc = to_numpy(chunk.scc[xp.asarray(rot), xp.asarray(img[pick]), xp.asarray(local[pick])])

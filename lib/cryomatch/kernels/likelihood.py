@@ -447,7 +447,7 @@ class SearchResult:
 
 
 LOG2E = 1.0 / math.log(2.0)
-TILE_COLUMNS = 1024  # columns (triples) per tile of the inverse DFT: (W, 1024) float32 = 512 KB
+TILE_COLUMNS = 2048  # columns (triples) per tile of the inverse DFT: (W, 2048) float32 = 1 MB
 SEED_STRIDE = 4  # views of a chunk that the seeding pass's first step evaluates: 1 in this
 LOW_Q = 16  # spectra whose exact part of cc the second bound takes (the rest: triangle)
 BOUND_SLOTS = 8  # spectra planes whose magnitudes are added to the bound at once (in cache)

@@ -508,6 +508,7 @@ class _Chunk:
     lmin: np.ndarray | None = None  # (M, c) float64 (host): lscc2's smallest over rotations
     lmax: np.ndarray | None = None  # (M, c) float64 (host): its largest
     inv_max: np.ndarray | None = None  # (M, c) float64 (host): inv's largest over rotations
+    lmin_views: np.ndarray | None = None  # (M,) lmax's smallest over the views
 
 
 @dataclass
@@ -609,6 +610,7 @@ def search(
         chunk.lmin = to_numpy(chunk.lscc2.min(axis=0)).astype(np.float64)
         chunk.lmax = to_numpy(chunk.lscc2.max(axis=0)).astype(np.float64)
         chunk.inv_max = to_numpy(chunk.inv.max(axis=0)).astype(np.float64)
+        chunk.lmin_views = chunk.lmax.min(axis=1)
         if seed_views > 0:
             _seed(acc, ctx, chunk, seed_views)
         for lo in range(0, len(views), sb):
@@ -953,6 +955,8 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         _exact_update(acc, ctx, chunk, rho, img, local, disp)
         if step and np.array_equal(acc.displacement, where):
             break
+        if not (acc.floor2 - acc.margin2 - chunk.lmin_views > 0).any():
+            break  # no pose is far enough below the best for pruning (noise): more is waste
         where = acc.displacement.copy()
         at = xp.asarray(where)
 

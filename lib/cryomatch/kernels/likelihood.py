@@ -660,6 +660,7 @@ class _Block:
     img: np.ndarray  # (M*sb,) image of each column
     local: np.ndarray  # (M*sb,) view of each column (index into the chunk)
     threshold: object = None  # (M*sb,) raw bound below which a triple is pruned
+    can_prune: bool = False  # some threshold above 0
 
     @property
     def sb(self) -> int:
@@ -696,6 +697,7 @@ def _block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: int) ->
         need = np.where(np.isfinite(gap), need, 0.0)
         rho_min = np.minimum(np.maximum(acc.rho, 0.0)[:, None], need)
         blk.threshold = xp.asarray((rho_min / inv_max).reshape(-1).astype(np.float32))
+        blk.can_prune = bool((rho_min > 0).any())
     return blk
 
 
@@ -719,7 +721,7 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
         g = d1 - d0
         planes = _buffer(ctx, "planes", (rows // 2, 2, g * n))  # columns (d, image, view)
         bound = None
-        if ctx.prune and ctx.skip_bound <= 0:
+        if ctx.prune and ctx.skip_bound <= 0 and blk.can_prune:
             bound = _buffer(ctx, "bound", (g * n,))
             bound[:] = 0.0
         order = ctx.dft.order

@@ -135,6 +135,7 @@ class TemplateBank:
     chunk_size: int  # views per chunk of the search
     source: object = None  # (S, R, W) templates (a memory map is fine) when not cached
     cache: tuple | None = None  # (coefficients per q (H_q, S), power coefficients per q)
+    cache_views: np.ndarray | None = None  # the view of each of the cache's columns
 
     @property
     def n_templates(self) -> int:
@@ -156,7 +157,9 @@ class TemplateBank:
         """(per q (H_q, len(index)), per q (H'_q, len(index))) complex64 for these views."""
         xp = array_module(self.bases[0])
         if self.cache is not None:
-            sel = xp.asarray(index)
+            if np.array_equal(index, self.cache_views):  # the whole set, in the search's order
+                return self.cache
+            sel = xp.asarray(np.argsort(self.cache_views)[np.asarray(index)])
             return (
                 [xp.ascontiguousarray(c[:, sel]) for c in self.cache[0]],
                 [xp.ascontiguousarray(c[:, sel]) for c in self.cache[1]],
@@ -257,8 +260,14 @@ def prepare_templates(
             _project(templates[lo : lo + chunk], bank, xp, kept[i] if keep else None)
             for i, lo in enumerate(range(0, s, chunk))
         ]
+        # kept in the order the search takes the views (one chunk: no gather per batch)
+        bank.cache_views = bank.chunks()[0]
+        at = xp.asarray(bank.cache_views)
         bank.cache = tuple(
-            [xp.concatenate([p[i][q] for p in parts], axis=1) for q in range(q_count)]
+            [
+                xp.ascontiguousarray(xp.concatenate([p[i][q] for p in parts], axis=1)[:, at])
+                for q in range(q_count)
+            ]
             for i in range(2)
         )
         bank.source = None

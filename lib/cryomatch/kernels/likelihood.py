@@ -282,7 +282,7 @@ def prepare_templates(
 class ImageBatch:
     """Images prepared for the search (see :func:`prepare_images`)."""
 
-    stacked: list  # per q (2, D, M, 2 H_q) float32: the compressed images in stacked real form
+    stacked: list  # per q (D, M, 2 H_q) float32: the compressed images, rows [Re a, -Im a]
     power: list  # per q: (M, H'_q) complex64, |CTF|^2 spectra in the power bases
     syy: np.ndarray  # (M,) real-space sum of squares about the mean
     ctf0: np.ndarray  # (M,) CTF at k = 0
@@ -349,10 +349,10 @@ def prepare_images(
     over all rings (:func:`.rotation_dft.half_circle_matrix`: even q come from the real
     parts of the values alone, odd q from the imaginary parts).
 
-    The compressed images a = y V (complex, H_q per q) are kept in the stacked real form
-    [[Re a, -Im a], [Im a, Re a]] (blocks of H_q; rows: part, displacement, image), so
-    that one real product with the coefficients c as rows [Re c; Im c] gives the planes
-    Re(a c) and Im(a c) together (see :func:`search`). The angular spectra come out
+    The compressed images a = y V (complex, H_q per q) are kept as real rows
+    [Re a, -Im a] (blocks of H_q; rows: displacement, image), so that real products with
+    the coefficients c stacked as [Re c; Im c] and [Im c; -Re c] give the planes Re(a c)
+    and Im(a c) (see :func:`search`). The angular spectra come out
     q-major (the half-circle matrix on the left: per q, Re y_q and Im y_q are (rows, R)
     blocks), projected by two real products, with [Re V, -Im V] and [-Im V, -Re V]
     (together [Re a | -Im a]).
@@ -378,7 +378,7 @@ def prepare_images(
     kx, ky = grid.points(half=True)
     if group is None:
         group = max(1, int(4e6 // (8 * m * r * half)))
-    stacked = [xp.empty((2, dcount, m, 2 * b.shape[1]), dtype=xp.float32) for b in bank.bases]
+    stacked = [xp.empty((dcount, m, 2 * b.shape[1]), dtype=xp.float32) for b in bank.bases]
     for d0 in range(0, dcount, group):
         d1 = min(dcount, d0 + group)
         rows = (d1 - d0) * m
@@ -401,15 +401,12 @@ def prepare_images(
         for q in range(q_count):
             h = bank.bases[q].shape[1]
             y = spectra[q % 2][q // 2]
-            part0, part1 = stacked[q][0, d0:d1], stacked[q][1, d0:d1]  # (g, M, 2 H_q)
-            out = part0.reshape(rows, 2 * h)
+            out = stacked[q][d0:d1].reshape(rows, 2 * h)
             xp.matmul(y[0], by_re[q], out=out)
             if scratch is None or scratch.shape[1] < 2 * h:
                 scratch = xp.empty((rows, 2 * max(b.shape[1] for b in bank.bases)), xp.float32)
             xp.matmul(y[1], by_im[q], out=scratch[:, : 2 * h])
             out += scratch[:, : 2 * h]
-            xp.negative(part0[..., h:], out=part1[..., :h])  # [Re a, -Im a] -> [Im a, Re a]
-            part1[..., h:] = part0[..., :h]
     # |CTF|^2 spectra in the power bases, for S_cc(m, s, k) (see :func:`_scc`)
     c2 = xp.moveaxis(fft.rfft(ctf * ctf, axis=-1), -1, 0)  # (Q, M, R)
     power = [xp.ascontiguousarray(c2[q]) @ bank.power_bases[q] for q in range(q_count)]
@@ -513,7 +510,7 @@ class _Chunk:
     scc: object  # (W, M, c) float32
     inv: object  # (W, M, c) float32
     lscc2: object  # (W, M, c) float32: (-1/2 ln(N S_cc) + ln prior) log2(e)
-    coef: list  # per q (2 H_q, c) float32: rows [Re c; Im c]
+    coef: list  # per q (2, 2 H_q, c) float32: rows [Re c; Im c] and [Im c; -Re c]
     lmin: np.ndarray | None = None  # (M, c) float64 (host): lscc2's smallest over rotations
     lmax: np.ndarray | None = None  # (M, c) float64 (host): its largest
     inv_max: np.ndarray | None = None  # (M, c) float64 (host): inv's largest over rotations
@@ -529,7 +526,7 @@ class _Context:
     n_pixels: int
     m: int
     dcount: int
-    stacked: list  # per q (2, D, M, 2 H_q): the images (see :func:`prepare_images`)
+    stacked: list  # per q (D, M, 2 H_q): the images (see :func:`prepare_images`)
     prune: bool
     full_output: object
     buffers: dict  # reused arrays
@@ -555,8 +552,8 @@ def search(
     Views go in blocks of ``template_block`` at most, and displacements in groups whose
     spectra planes (4 x 2 (W/2+1) x M bytes per view and displacement) fit ``block_bytes``
     (so that they stay in the caches). For a block and a group, the products of every image
-    and displacement with every view are one real matrix product per q (images in stacked
-    real form, see :func:`prepare_images`), giving spectra planes (Re X_q, Im X_q) x
+    and displacement with every view are two real matrix products per q (one call; see
+    :func:`prepare_images`), giving spectra planes (Re X_q, Im X_q) x
     (displacement, image, view); each q's |X_q| goes into the triangle bound on |cc|
     (``prune``) right after its product. The columns that survive the bound go through the
     inverse DFT over q (:class:`.rotation_dft.InverseRotationDFT`, in tiles of
@@ -613,7 +610,15 @@ def search(
             lscc2=(
                 (-0.5 * xp.log(n * scc) + xp.asarray(lprior[views].astype(np.float32))) * LOG2E
             ).astype(xp.float32),
-            coef=[xp.concatenate([c.real, c.imag], axis=0) for c in coefficients],
+            coef=[
+                xp.stack(
+                    [
+                        xp.concatenate([c.real, c.imag], axis=0),
+                        xp.concatenate([c.imag, -c.real], axis=0),
+                    ]
+                )
+                for c in coefficients
+            ],
         )
         del coefficients
         chunk.lmin = to_numpy(chunk.lscc2.min(axis=0)).astype(np.float64)
@@ -735,8 +740,8 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
             bound[:] = 0.0
         order = ctx.dft.order
         for p, q in enumerate(order):
-            images = ctx.stacked[q][:, d0:d1].reshape(2, g * m, -1)
-            xp.matmul(images, chunk.coef[q][:, lo:hi], out=planes[p].reshape(2, g * m, sb))
+            images = ctx.stacked[q][d0:d1].reshape(1, g * m, -1)
+            xp.matmul(images, chunk.coef[q][:, :, lo:hi], out=planes[p].reshape(2, g * m, sb))
             if bound is not None and ((p + 1) % BOUND_SLOTS == 0 or p + 1 == len(order)):
                 p0 = p - (p % BOUND_SLOTS)
                 _add_magnitudes(ctx, planes[p0 : p + 1], order[p0 : p + 1], bound)
@@ -938,8 +943,8 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         c = n_views if step else min(n_views, max(k, -(-n_views // SEED_STRIDE)))
         planes = _buffer(ctx, "seed", (rows // 2, 2 * m, c))
         for p, q in enumerate(order):
-            a = ctx.stacked[q][:, at, images]  # (2, M, 2H)
-            xp.matmul(a.reshape(2 * m, -1), chunk.coef[q][:, :c], out=planes[p])
+            a = ctx.stacked[q][at, images]  # (M, 2H)
+            xp.matmul(a[None], chunk.coef[q][:, :, :c], out=planes[p].reshape(2, m, c))
         rho = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, c)
         rho *= chunk.inv[:, :, :c]
         img = np.repeat(np.arange(m), c)
@@ -954,9 +959,9 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         views_x = xp.asarray(top.reshape(-1))
         planes = _buffer(ctx, "seed2", (rows // 2, 2, m, nd, k))
         for p, q in enumerate(order):
-            a = xp.take(ctx.stacked[q].reshape(2, dcount * m, -1), rows_x, axis=1)
-            coef = xp.take(chunk.coef[q], views_x, axis=1).reshape(-1, m, k)  # (2H, M, k)
-            xp.matmul(a.reshape(2, m, nd, -1), coef.transpose(1, 0, 2), out=planes[p])
+            a = xp.take(ctx.stacked[q].reshape(dcount * m, -1), rows_x, axis=0)
+            coef = xp.take(chunk.coef[q], views_x, axis=2).reshape(2, -1, m, k)  # (2, 2H, M, k)
+            xp.matmul(a.reshape(1, m, nd, -1), coef.transpose(0, 2, 1, 3), out=planes[p])
         cc = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, nd, k)
         inv = chunk.inv[:, images[:, None], top_x]  # (W, M, k)
         rho = (cc * inv[:, :, None, :]).reshape(w, -1)

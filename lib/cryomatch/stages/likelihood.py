@@ -122,10 +122,10 @@ def batch_size_for(memory_mb: float, bank, n_displacements: int) -> int:
     """Images per batch so that the per-batch arrays fit half of ``memory_mb`` with the
     search's spectra planes (:func:`block_bytes_for`; the template coefficients take at most
     a quarter): per image, S_cc and its companions for one chunk of views (5 x W x chunk
-    float32), the compressed images (2 x D x sum 2 H_q float32) and the planes of at least
+    float32), the compressed images (D x sum 2 H_q float32) and the planes of at least
     one view and displacement (2 (W/2 + 1) float32)."""
     w, q = bank.n_inplanes, bank.n_inplanes // 2 + 1
-    per_image = 5 * 4 * w * bank.chunk_size + 16 * n_displacements * sum(bank.ranks) + 8 * q
+    per_image = 5 * 4 * w * bank.chunk_size + 8 * n_displacements * sum(bank.ranks) + 8 * q
     budget = memory_mb * 2**20 / 2 - block_bytes_for(memory_mb)
     return max(1, min(BATCH_IMAGES, int(budget // per_image)))
 

@@ -150,12 +150,14 @@ def run(kind, n_refs, args, box, xr, radii, n_angles, a, rng) -> str:
     def fine_prep():
         return align2d.prepare_references(references, radii, n_angles, FINE, FINE, STEP, order=3)
 
+    centres = align2d.whole_pixel_centres(origins, xr)  # as classify2d searches
+
     def prep():
-        return align2d.image_spectra(images, origins, radii, n_angles)
+        return align2d.image_spectra(images, centres, radii, n_angles)
 
     refs, fine, spectra = refs_prep(), fine_prep(), prep()
     found = align2d.search(spectra, refs)
-    start = found.to_params(origins)[1]
+    start = found.to_params(centres)[1]
 
     def refine(passes=2):
         pose = (images, start, found.reference, found.mirror, fine, radii, xr)

@@ -315,12 +315,13 @@ def align(source: ImageSource, references, origin, settings: Settings, backend: 
     n = len(source.particles)
     cls, score = np.zeros(n, np.int64), np.zeros(n)
     psi, new_origin, mirror = np.zeros(n), np.zeros((n, 2)), np.zeros(n, bool)
+    centre = align2d.whole_pixel_centres(start, room)  # searched about whole pixels
     for lo, hi, images in source.batches("align"):
         images = xp.asarray(source.for_alignment(images, lo, hi))
-        spectra = align2d.image_spectra(images, start[lo:hi], radii, n_angles)
+        spectra = align2d.image_spectra(images, centre[lo:hi], radii, n_angles)
         result = align2d.search(spectra, refs)
         cls[lo:hi], score[lo:hi] = result.reference, result.score
-        psi[lo:hi], new_origin[lo:hi], mirror[lo:hi] = result.to_params(start[lo:hi])
+        psi[lo:hi], new_origin[lo:hi], mirror[lo:hi] = result.to_params(centre[lo:hi])
         # the final refinement on the exact images, against their own reference only
         fine_psi, new_origin[lo:hi], fine_score, refined = align2d.refine_poses(
             images, new_origin[lo:hi], cls[lo:hi], mirror[lo:hi], fine, radii, room

@@ -701,7 +701,7 @@ def _exact_products(values, refs: References, n_index, mirror, chunk=None):
     """Weighted product spectra ``sum_r w_r A conj(B)``, or for a mirror
     ``(-1)^q sum_r w_r A B``, of each image (folded values (M, Q', K)) with its T
     reference-shift sets ``n_index`` (M, T): returns (M, T, Q) over the rfft indices q.
-    ``mirror`` (M, T) or (M, 1). Per ``chunk`` images (default about 16 sets on the CPU,
+    ``mirror`` (M, T) or (M, 1). Per ``chunk`` images (default about 32 sets on the CPU,
     so that the buffers stay in cache; all at once on the GPU) one gather of the sets
     (:attr:`References.exact` holds both forms), one product in place, the sum over rings
     as a matrix-vector product written into the result, all on the folded values; then each
@@ -713,8 +713,8 @@ def _exact_products(values, refs: References, n_index, mirror, chunk=None):
     flat = refs.exact.reshape(-1, n_rows * k)  # (2 N, Q' K): sets, then mirrored sets
     index = xp.asarray(mirror, dtype=xp.intp) * refs.n_sets + n_index
     index = xp.broadcast_to(index, (m, t))
-    if chunk is None:  # about 16 gathered sets at a time on the CPU
-        chunk = max(1, 16 // t) if xp is np else max(m, 1)
+    if chunk is None:  # about 32 gathered sets at a time on the CPU
+        chunk = max(1, 32 // t) if xp is np else max(m, 1)
     ones = xp.ones(n_rings, dtype=xp.complex64)
     d = xp.empty((m, t, n_rows * k // n_rings), dtype=xp.complex64)
     for lo in range(0, m, chunk):

@@ -274,25 +274,60 @@ def fold_spectra(spectra, fold: int, weights=None):
     return out.reshape(index.shape[0], 2, fold * n_rings, n)
 
 
-def _complex_values(folded, scale=None, out=None):
-    """Folded values (Q', 2, K, n) as complex (n, Q', K), times ``scale`` (n,) if given,
-    written into ``out`` if given (one pass)."""
+def _complex_values(folded, scale=None, out=None, columns=None):
+    """Folded values (Q', 2, K, n) as complex (n, Q', K''), the K'' columns of the ranges
+    ``columns`` (:func:`band_columns`; default all K), times ``scale`` (n,) if given, written
+    into ``out`` if given (one pass)."""
     xp = array_module(folded)
     n_rows, _, k, n = folded.shape
-    out = xp.empty((n, n_rows, k), dtype=xp.complex64) if out is None else out
-    parts = out.view(xp.float32).reshape(n, n_rows, k, 2)
-    for p in range(2):
-        if scale is None:
-            parts[..., p] = folded[:, p].transpose(2, 0, 1)
-        else:
-            xp.multiply(folded[:, p].transpose(2, 0, 1), scale[:, None, None], out=parts[..., p])
+    columns = ((0, k),) if columns is None else columns
+    width = sum(hi - lo for lo, hi in columns)
+    out = xp.empty((n, n_rows, width), dtype=xp.complex64) if out is None else out
+    parts = out.view(xp.float32).reshape(n, n_rows, width, 2)
+    at = 0
+    for lo, hi in columns:
+        for p in range(2):
+            source = folded[:, p, lo:hi].transpose(2, 0, 1)
+            target = parts[:, :, at : at + hi - lo, p]
+            if scale is None:
+                target[...] = source
+            else:
+                xp.multiply(source, scale[:, None, None], out=target)
+        at += hi - lo
     return out
+
+
+def _runs(mask) -> tuple:
+    """The (start, stop) ranges of the True runs of a boolean vector."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(mask, np.int8), [0]])))
+    return tuple((int(a), int(b)) for a, b in zip(edges[0::2], edges[1::2], strict=True))
+
+
+def band_columns(radii, n_angles: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """The folded columns (t, r) (K = fold R, term-major) within the rings' bands, as
+    boolean vectors (kept (K,), coarse (K,)): column (t, r) is kept where the lowest raw
+    frequency q of term t (over the folded rows j) is below half SPARX's length of ring r,
+    ``L_r / 2`` with ``L_r`` the next power of two at or above ``2 pi r`` (:func:`ring_points`;
+    SPARX samples each ring at its own length, so a ring holds no higher frequency), and
+    in the coarse pass where it is at most ``pi r`` (a pixel image holds at most 1/2 cycle
+    per pixel: ``pi r`` turns round a ring of radius r). Higher columns of a ring hold only
+    interpolation residue and the images' corner frequencies. Each ring keeps the
+    frequencies from 0 up to an edge of the folded terms; at 64 px (W 256, fold 4, 28
+    rings) 62 of the 112 columns are kept, 54 in the coarse pass."""
+    radii = np.asarray(radii, dtype=np.float64)
+    index, _, _ = _fold_index(n_angles, fold)  # (Q', fold): rfft index of (j, t)
+    lowest = index.min(axis=0)[:, None]  # (fold, 1)
+    length = np.array([ring_points(r) for r in radii], dtype=np.float64)
+    kept = lowest < length / 2
+    coarse = kept & (lowest <= np.pi * radii)
+    return kept.ravel(), coarse.ravel()
 
 
 @dataclass
 class FoldedSpectra:
     """Ring spectra of images in the folded layout (:func:`image_spectra`): ``values``
-    (M, Q', K) complex64, normalized; the coarse pass takes its operands from them
+    (M, Q', K'') complex64, normalized, the K'' columns within the rings' bands
+    (:func:`band_columns`); the coarse pass takes its operands from them
     (:func:`_coarse_operand`), the exact scores use them as they are. Sliced along the
     images: ``spectra[lo:hi]``."""
 
@@ -318,10 +353,17 @@ class _RingTransform:
     pixels: np.ndarray  # (P,) the pixels (flat (y, x) index) the rings use, in order
     stage1: np.ndarray  # (2 Q', n_out): real DFT of the sub-rings, rows (j, part)
     stage2: np.ndarray  # (Q', 2 fold, 2 fold): twiddles and the DFT across sub-rings
-    parseval: np.ndarray  # (Q' * 2 * K,): g_j w_r / W per folded value, 0 on the DC
+    parseval: np.ndarray  # (Q' * 2 * K,): g_j w_r / W per kept folded value, 0 on the DC
     weights: np.ndarray  # (R,) ring weights
     n_angles: int
     fold: int
+    kept: np.ndarray  # (K,) bool: the folded columns in the rings' bands (band_columns)
+    coarse: np.ndarray  # (K,) bool: those the coarse pass uses
+
+    @property
+    def columns(self) -> tuple:
+        """The kept columns as (start, stop) ranges of the K."""
+        return _runs(self.kept)
 
 
 def ring_transform(sampler, radii, n_angles: int, fold: int) -> _RingTransform:
@@ -334,7 +376,8 @@ def ring_transform(sampler, radii, n_angles: int, fold: int) -> _RingTransform:
     for a batch of m images as columns; stage 1, one real product, gives ``S_u(j)`` for
     j = 0..n_out/2; stage 2, one (2 fold x 2 fold) real product per j, the folded values
     ``A(j + t n_out)``, laid out (j, part, t, r, m). Flops per image: about
-    ``2 (n_out + 2) W R + 8 fold W R``, a quarter of a dense W-point DFT.
+    ``2 (n_out + 2) W R + 8 fold W R``, a quarter of a dense W-point DFT. Only the
+    columns within the rings' bands are kept (:func:`band_columns`).
     """
     radii = np.asarray(radii, dtype=np.float64)
     n_rings = len(radii)
@@ -357,6 +400,8 @@ def ring_transform(sampler, radii, n_angles: int, fold: int) -> _RingTransform:
         (g[:, None, None, None] * weights / n_angles), (len(j), 2, fold, n_rings)
     ).copy()
     parseval[0, :, 0] = 0.0  # the DC (j = 0, t = 0): added centred by image_spectra
+    kept, coarse = band_columns(radii, n_angles, fold)
+    parseval *= kept.reshape(fold, n_rings)  # the norm of the band-limited rings
     sampler = scipy.sparse.csr_matrix(sampler, copy=True)
     sampler.eliminate_zeros()  # taps of weight 0 (a ring point on a pixel) use no pixel
     pixels = np.unique(sampler.indices)
@@ -369,6 +414,8 @@ def ring_transform(sampler, radii, n_angles: int, fold: int) -> _RingTransform:
         weights,
         n_angles,
         fold,
+        kept,
+        coarse,
     )
 
 
@@ -409,7 +456,8 @@ def image_spectra(
     k = fold * n_rings
     chunk = (32 if xp is np else max(n, 1)) if chunk is None else chunk
     origins = xp.asarray(origins, dtype=xp.float64).reshape(-1, 2)
-    values = xp.empty((n, n_rows, k), dtype=xp.complex64)
+    columns = tr.columns
+    values = xp.empty((n, n_rows, int(tr.kept.sum())), dtype=xp.complex64)
     used = xp.asarray(tr.pixels)
     whole = order == 1 and _whole_pixels(origins, tr.pixels, box)
     block = 8 * chunk  # images moved at a time (matrix products gain from large batches)
@@ -431,7 +479,7 @@ def image_spectra(
         dc -= n_angles * mean
         power = parseval @ (folded * folded) + (w @ (dc * dc)) / n_angles
         scale = 1.0 / xp.sqrt(xp.where(power > 0, power, 1.0))
-        _complex_values(folded.reshape(n_rows, 2, k, m), scale, out=values[lo : lo + m])
+        _complex_values(folded.reshape(n_rows, 2, k, m), scale, values[lo : lo + m], columns)
     return FoldedSpectra(values)
 
 
@@ -476,13 +524,14 @@ def _moved_pixels(images, origins, used):
 class References:
     """Reference ring spectra prepared for :func:`search` (built by :func:`prepare_references`)."""
 
-    exact: object  # (2, N, Q', K) complex64: w conj(B), and mirrored (-1)^j w B; N = S * D
+    exact: object  # (2, N, Q', K'') complex64: w conj(B), mirrored (-1)^j w B; N = S * D
     blocks: list  # per block of b sets: (U, V), each (Q', K', b) float32, of folded w B
     dft: tuple  # (even, odd) float32: the half-circle inverse DFTs P, Q (:func:`_dft_matrices`)
     n_even: int  # folded rows of even j (the first rows of the folded layout)
     spectrum: tuple  # (entry (Q,), conj (Q,)): the folded value holding each rfft index q
     block: int  # sets per block
-    coarse: tuple  # ((start, stop), ...): the K' of the K folded columns the coarse pass uses
+    coarse: tuple  # ((start, stop), ...): the K' of the K'' kept columns the coarse pass uses
+    groups: object  # (K'', fold) complex64: 1 where a kept column belongs to term t
     weights: np.ndarray  # (R,)
     n_angles: int
     n_refs: int
@@ -521,27 +570,10 @@ def prepare_references(
         order=order,
     )
     weights = ring_weights(radii)
-    columns = coarse_columns(radii, n_angles, fold)
-    return _references(spectra.values, weights, s, grid, (nx, ny), ts, n_angles, block, columns)
-
-
-def coarse_columns(radii, n_angles: int, fold: int) -> tuple:
-    """The folded columns (t, r) the coarse pass uses, as (start, stop) ranges of the K
-    columns: ring r where the lowest raw frequency of term t (over the folded rows j) is
-    within the ring's band limit ``pi r`` (a pixel-sampled image holds at most 1/2 cycle
-    per pixel, a ring of radius r at most ``pi r`` turns per circle). Above it a ring holds
-    only interpolation residue and the noise beyond the images' Nyquist frequency: the
-    coarse pass, which only picks the candidates that are then scored exactly, skips it
-    (about half the columns of the 64 px bench, 54 of 112)."""
-    radii = np.asarray(radii, dtype=np.float64)
-    index, _, _ = _fold_index(n_angles, fold)  # (Q', fold): rfft index of (j, t)
-    lowest = index.min(axis=0)  # (fold,)
-    ranges = []
-    for t in range(fold):
-        rings = np.flatnonzero(np.pi * radii >= lowest[t])  # radii increase: a tail
-        if len(rings):
-            ranges.append((t * len(radii) + int(rings[0]), (t + 1) * len(radii)))
-    return tuple(ranges)
+    kept, coarse = band_columns(radii, n_angles, fold)
+    return _references(
+        spectra.values, weights, s, grid, (nx, ny), ts, n_angles, fold, block, kept, coarse
+    )
 
 
 def references_from_spectra(
@@ -551,22 +583,28 @@ def references_from_spectra(
     n_angles = 2 * (spectra.shape[-1] - 1)
     fold = coarse_fold(n_angles) if fold is None else fold
     values = FoldedSpectra.from_spectra(spectra, fold).values
-    columns = ((0, values.shape[-1]),)  # spectra at hand: all columns (exact coarse scores)
-    return _references(values, weights, n_refs, grid, grid_shape, ts, n_angles, block, columns)
+    every = np.ones(values.shape[-1], dtype=bool)  # spectra at hand: all columns, exact
+    return _references(
+        values, weights, n_refs, grid, grid_shape, ts, n_angles, fold, block, every, every
+    )
 
 
 def _references(
-    values, weights, n_refs, grid, grid_shape, ts, n_angles, block, columns
+    values, weights, n_refs, grid, grid_shape, ts, n_angles, fold, block, kept, coarse
 ) -> References:
-    """:class:`References` from normalized folded values (S * D, Q', K) complex; the coarse
-    pass on the K' columns ``columns`` (:func:`coarse_columns`)."""
+    """:class:`References` from normalized folded values (S * D, Q', K'') complex, the
+    columns ``kept`` (K,) of the K = fold R; the coarse pass on those of ``coarse`` (K,)
+    (:func:`band_columns`)."""
     xp = array_module(values)
-    n_sets, n_rows, k = values.shape
-    fold = k // len(weights)
-    weighted = values * xp.asarray(np.tile(weights, fold), dtype=xp.float32)  # w_r per (t, r)
-    kept = xp.concatenate([weighted[:, :, lo:hi] for lo, hi in columns], axis=2)
-    u = kept.real.transpose(1, 2, 0)  # (Q', K', N)
-    v = kept.imag.transpose(1, 2, 0)
+    n_sets, n_rows, _ = values.shape
+    n_rings = len(weights)
+    ring, term = np.arange(kept.size) % n_rings, np.arange(kept.size) // n_rings
+    column_weights = xp.asarray(np.asarray(weights)[ring[kept]], dtype=xp.float32)
+    weighted = values * column_weights  # w_r per kept column (t, r)
+    runs = _runs(coarse[kept])  # the coarse columns among the kept ones
+    chosen = xp.concatenate([weighted[:, :, lo:hi] for lo, hi in runs], axis=2)
+    u = chosen.real.transpose(1, 2, 0)  # (Q', K', N)
+    v = chosen.imag.transpose(1, 2, 0)
     blocks = [
         (
             xp.ascontiguousarray(u[..., lo : lo + block]),
@@ -584,6 +622,7 @@ def _references(
     conj = q % n_out > n_out // 2
     raw = np.where(conj, n_angles - q, q)
     entry = np.argsort(rows)[raw % n_out] * fold + raw // n_out
+    groups = (term[kept][:, None] == np.arange(fold)).astype(np.complex64)  # (K'', fold)
     return References(
         exact,
         blocks,
@@ -591,7 +630,8 @@ def _references(
         even.shape[2] // 2,
         (xp.asarray(entry), xp.asarray(conj)),
         block,
-        tuple(columns),
+        runs,
+        xp.asarray(groups),
         np.asarray(weights),
         n_angles,
         n_refs,
@@ -645,7 +685,7 @@ def _coarse_scores(image_folded, refs: References):
 
 def _coarse_operand(values, columns):
     """The left operand of the coarse products, (Q', 2 M, K') float32: per folded row the
-    real parts X of the images' folded values (M, Q', K) above their imaginary parts Y, in
+    real parts X of the images' folded values (M, Q', K'') above their imaginary parts Y, in
     the K' columns of the ranges ``columns`` (:attr:`References.coarse`; one cache-sized
     copy per batch)."""
     xp = array_module(values)
@@ -699,28 +739,29 @@ def _coarse_from_operand(left, refs: References):
 
 def _exact_products(values, refs: References, n_index, mirror, chunk=None):
     """Weighted product spectra ``sum_r w_r A conj(B)``, or for a mirror
-    ``(-1)^q sum_r w_r A B``, of each image (folded values (M, Q', K)) with its T
+    ``(-1)^q sum_r w_r A B``, of each image (folded values (M, Q', K'')) with its T
     reference-shift sets ``n_index`` (M, T): returns (M, T, Q) over the rfft indices q.
     ``mirror`` (M, T) or (M, 1). Per ``chunk`` images (default about 32 sets on the CPU,
     so that the buffers stay in cache; all at once on the GPU) one gather of the sets
-    (:attr:`References.exact` holds both forms), one product in place, the sum over rings
-    as a matrix-vector product written into the result, all on the folded values; then each
-    q picked from its folded value (conjugated by a sign on the imaginary parts)."""
+    (:attr:`References.exact` holds both forms), one product in place, the sums over the
+    rings of each term as a matrix product written into the result, all on the folded
+    values; then each q picked from its folded value (conjugated by a sign on the
+    imaginary parts)."""
     xp = array_module(values)
     m, t = n_index.shape
     _, n_rows, k = values.shape
-    n_rings = len(refs.weights)
-    flat = refs.exact.reshape(-1, n_rows * k)  # (2 N, Q' K): sets, then mirrored sets
+    flat = refs.exact.reshape(-1, n_rows * k)  # (2 N, Q' K''): sets, then mirrored sets
     index = xp.asarray(mirror, dtype=xp.intp) * refs.n_sets + n_index
     index = xp.broadcast_to(index, (m, t))
     if chunk is None:  # about 32 gathered sets at a time on the CPU
         chunk = max(1, 32 // t) if xp is np else max(m, 1)
-    ones = xp.ones(n_rings, dtype=xp.complex64)
-    d = xp.empty((m, t, n_rows * k // n_rings), dtype=xp.complex64)
+    groups = refs.groups  # (K'', fold): the sums over the rings of each term
+    fold = groups.shape[1]
+    d = xp.empty((m, t, n_rows * fold), dtype=xp.complex64)
     for lo in range(0, m, chunk):
         b = flat[index[lo : lo + chunk].ravel()]  # fancy indexing: faster than take here
         b.reshape(-1, t, n_rows * k)[...] *= values[lo : lo + chunk].reshape(-1, 1, n_rows * k)
-        xp.matmul(b.reshape(-1, n_rings), ones, out=d[lo : lo + chunk].reshape(-1))
+        xp.matmul(b.reshape(-1, k), groups, out=d[lo : lo + chunk].reshape(-1, fold))
     entry, conj = refs.spectrum
     c = xp.take(d, entry, axis=-1)
     c.view(xp.float32)[..., 1::2] *= xp.where(conj, -1.0, 1.0).astype(xp.float32)
@@ -908,7 +949,7 @@ def refine_poses(images, origin, reference, mirror, fine: References, radii, roo
 
 
 def _check_layout(image_spec, refs: References) -> None:
-    layout = tuple(refs.exact.shape[2:])  # (Q', K)
+    layout = tuple(refs.exact.shape[2:])  # (Q', K'')
     if tuple(image_spec.values.shape[1:]) != layout:
         raise ValueError(
             f"image spectra {tuple(image_spec.values.shape[1:])} do not match the references' "

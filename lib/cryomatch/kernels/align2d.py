@@ -274,26 +274,18 @@ def fold_spectra(spectra, fold: int, weights=None):
     return out.reshape(index.shape[0], 2, fold * n_rings, n)
 
 
-def _complex_values(folded, scale=None, out=None, columns=None):
-    """Folded values (Q', 2, K, n) as complex (n, Q', K''), the K'' columns of the ranges
-    ``columns`` (:func:`band_columns`; default all K), times ``scale`` (n,) if given, written
-    into ``out`` if given (one pass)."""
+def _complex_values(folded, scale=None, out=None):
+    """Folded values (Q', 2, K, n) as complex (n, Q', K), times ``scale`` (n,) if given,
+    written into ``out`` if given (one pass)."""
     xp = array_module(folded)
     n_rows, _, k, n = folded.shape
-    columns = ((0, k),) if columns is None else columns
-    width = sum(hi - lo for lo, hi in columns)
-    out = xp.empty((n, n_rows, width), dtype=xp.complex64) if out is None else out
-    parts = out.view(xp.float32).reshape(n, n_rows, width, 2)
-    at = 0
-    for lo, hi in columns:
-        for p in range(2):
-            source = folded[:, p, lo:hi].transpose(2, 0, 1)
-            target = parts[:, :, at : at + hi - lo, p]
-            if scale is None:
-                target[...] = source
-            else:
-                xp.multiply(source, scale[:, None, None], out=target)
-        at += hi - lo
+    out = xp.empty((n, n_rows, k), dtype=xp.complex64) if out is None else out
+    parts = out.view(xp.float32).reshape(n, n_rows, k, 2)
+    for p in range(2):
+        if scale is None:
+            parts[..., p] = folded[:, p].transpose(2, 0, 1)
+        else:
+            xp.multiply(folded[:, p].transpose(2, 0, 1), scale[:, None, None], out=parts[..., p])
     return out
 
 
@@ -303,33 +295,54 @@ def _runs(mask) -> tuple:
     return tuple((int(a), int(b)) for a, b in zip(edges[0::2], edges[1::2], strict=True))
 
 
-def band_columns(radii, n_angles: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
-    """The folded columns (t, r) (K = fold R, term-major) within the rings' bands, as
-    boolean vectors (kept (K,), coarse (K,)): column (t, r) is kept where the lowest raw
-    frequency q of term t (over the folded rows j) is below half SPARX's length of ring r,
-    ``L_r / 2`` with ``L_r`` the next power of two at or above ``2 pi r`` (:func:`ring_points`;
-    SPARX samples each ring at its own length, so a ring holds no higher frequency), and
-    in the coarse pass where it is at most ``pi r`` (a pixel image holds at most 1/2 cycle
-    per pixel: ``pi r`` turns round a ring of radius r). Higher columns of a ring hold only
-    interpolation residue and the images' corner frequencies. Each ring keeps the
-    frequencies from 0 up to an edge of the folded terms; at 64 px (W 256, fold 4, 28
-    rings) 62 of the 112 columns are kept, 54 in the coarse pass."""
+def ring_lengths(radii, n_angles: int, fold: int) -> np.ndarray:
+    """Points each ring is sampled at: SPARX's ring length ``L_r`` (:func:`ring_points` of
+    its radius, the next power of two at or above ``2 pi r``), at least ``W / fold`` and at
+    most W. A ring of L points holds the angular frequencies below L/2, and a pixel image
+    at most ``pi r`` turns round a ring of radius r (1/2 cycle per pixel)."""
+    n_out = n_angles // fold
+    return np.array([min(max(ring_points(r), n_out), n_angles) for r in radii], dtype=np.int64)
+
+
+def ring_layout(radii, n_angles: int, fold: int):
+    """The folded columns that rings sampled at their own lengths (:func:`ring_lengths`)
+    give: ``(term, ring, coarse)``, each (K'',), the term t and ring r of each column and
+    whether the coarse pass uses it. A ring of ``L = f n_out`` points gives its f terms
+    ``t_g`` (:func:`ring_transform`), the frequencies ``j + t_g n_out`` up to L/2 and their
+    conjugates: the terms ``t = t_g`` of the W-point layout for ``t_g < f/2``, else
+    ``t_g + fold - f``. Columns go ring length by ring length, then term, then ring. The
+    coarse pass skips the terms whose lowest frequency is above ``pi r`` (only
+    interpolation residue and the images' corner frequencies). At 64 px (W 256, fold 4,
+    28 rings) 62 of the 112 columns, 54 in the coarse pass."""
     radii = np.asarray(radii, dtype=np.float64)
+    lengths = ring_lengths(radii, n_angles, fold)
+    n_out = n_angles // fold
+    term, ring = [], []
+    for length in np.unique(lengths):
+        rings = np.flatnonzero(lengths == length)
+        f = int(length) // n_out
+        for t_g in range(f):
+            term += [t_g if t_g < f / 2 else t_g + fold - f] * len(rings)
+            ring += list(rings)
+    term, ring = np.array(term, dtype=np.int64), np.array(ring, dtype=np.int64)
     index, _, _ = _fold_index(n_angles, fold)  # (Q', fold): rfft index of (j, t)
-    lowest = index.min(axis=0)[:, None]  # (fold, 1)
-    length = np.array([ring_points(r) for r in radii], dtype=np.float64)
-    kept = lowest < length / 2
-    coarse = kept & (lowest <= np.pi * radii)
-    return kept.ravel(), coarse.ravel()
+    lowest = index.min(axis=0)
+    return term, ring, lowest[term] <= np.pi * radii[ring]
+
+
+def full_layout(n_rings: int, fold: int):
+    """:func:`ring_layout` of every column (t, r), t-major, all in the coarse pass: rings
+    sampled at the full W (spectra at hand)."""
+    k = np.arange(fold * n_rings)
+    return k // n_rings, k % n_rings, np.ones(k.size, dtype=bool)
 
 
 @dataclass
 class FoldedSpectra:
     """Ring spectra of images in the folded layout (:func:`image_spectra`): ``values``
-    (M, Q', K'') complex64, normalized, the K'' columns within the rings' bands
-    (:func:`band_columns`); the coarse pass takes its operands from them
-    (:func:`_coarse_operand`), the exact scores use them as they are. Sliced along the
-    images: ``spectra[lo:hi]``."""
+    (M, Q', K'') complex64, normalized, the K'' columns of :func:`ring_layout`; the coarse
+    pass takes its operands from them (:func:`_coarse_operand`), the exact scores use them
+    as they are. Sliced along the images: ``spectra[lo:hi]``."""
 
     values: object
 
@@ -346,38 +359,46 @@ class FoldedSpectra:
 
 
 @dataclass
-class _RingTransform:
-    """Pixels -> folded ring spectra as three matrix products (:func:`ring_transform`)."""
+class _RingGroup:
+    """Rings of one length ``f n_out`` in :class:`_RingTransform`."""
 
-    sampler: scipy.sparse.csr_matrix  # (W * R, P): ring points in (l', u, r) order
+    rows: slice  # their rows of the sampler, ordered (l', u, r): ring point l' f + u
+    fold: int  # f, the sub-rings of n_out points
+    n_rings: int
+    stage2: np.ndarray  # (Q', 2 f, 2 f): twiddles and DFT across the sub-rings, times W / L
+    columns: slice  # their columns of the layout (:func:`ring_layout`), ordered (t_g, r)
+
+
+@dataclass
+class _RingTransform:
+    """Pixels -> folded ring spectra as matrix products (:func:`ring_transform`)."""
+
+    sampler: scipy.sparse.csr_matrix  # (sum of L R over the groups, P): ring points
     pixels: np.ndarray  # (P,) the pixels (flat (y, x) index) the rings use, in order
     stage1: np.ndarray  # (2 Q', n_out): real DFT of the sub-rings, rows (j, part)
-    stage2: np.ndarray  # (Q', 2 fold, 2 fold): twiddles and the DFT across sub-rings
-    parseval: np.ndarray  # (Q' * 2 * K,): g_j w_r / W per kept folded value, 0 on the DC
+    groups: tuple  # _RingGroup per ring length
+    parseval: np.ndarray  # (Q' * 2 * K'',): g_j w_r / W per folded value, 0 on the DC
+    dc: np.ndarray  # (R,): the layout's column of each ring's DC (j = 0, t = 0)
     weights: np.ndarray  # (R,) ring weights
     n_angles: int
     fold: int
-    kept: np.ndarray  # (K,) bool: the folded columns in the rings' bands (band_columns)
-    coarse: np.ndarray  # (K,) bool: those the coarse pass uses
-
-    @property
-    def columns(self) -> tuple:
-        """The kept columns as (start, stop) ranges of the K."""
-        return _runs(self.kept)
 
 
 def ring_transform(sampler, radii, n_angles: int, fold: int) -> _RingTransform:
     """The folded ring spectra of images as matrix products, no FFT and no transposes.
 
-    Sub-rings: ring point ``l = l' fold + u`` belongs to sub-ring u (W / fold = n_out points).
-    The W-point DFT at the raw frequency ``q = j + t n_out`` is (Cooley-Tukey)
-    ``A(q) = sum_u exp(-2 pi i q u / W) S_u(j)`` with ``S_u`` the n_out-point DFT of
-    sub-ring u. So: the sampler, its rows ordered (l', u, r), gives rings (n_out, fold R m)
-    for a batch of m images as columns; stage 1, one real product, gives ``S_u(j)`` for
-    j = 0..n_out/2; stage 2, one (2 fold x 2 fold) real product per j, the folded values
-    ``A(j + t n_out)``, laid out (j, part, t, r, m). Flops per image: about
-    ``2 (n_out + 2) W R + 8 fold W R``, a quarter of a dense W-point DFT. Only the
-    columns within the rings' bands are kept (:func:`band_columns`).
+    Each ring is sampled at its own length ``L = f n_out`` (:func:`ring_lengths`, ``n_out =
+    W / fold``), as SPARX samples rings, and the rings of one length go together. Sub-rings:
+    ring point ``l = l' f + u`` belongs to sub-ring u (n_out points). The L-point DFT at the
+    raw frequency ``q = j + t n_out`` is (Cooley-Tukey) ``A(q) = sum_u exp(-2 pi i q u / L)
+    S_u(j)`` with ``S_u`` the n_out-point DFT of sub-ring u. So per ring length: the sampler,
+    its rows ordered (l', u, r), gives rings (n_out, f R m) for a batch of m images as
+    columns; stage 1, one real product, gives ``S_u(j)`` for j = 0..n_out/2; stage 2, one
+    (2 f x 2 f) real product per j, the folded values ``A(j + t n_out)`` times W / L (the
+    W-point DFT of a ring within its band), laid out (j, part, t, r, m) and placed in the
+    columns of :func:`ring_layout`. Flops per image and ring: about
+    ``2 (n_out + 2) L + 8 f L``, a quarter of a dense L-point DFT; at 64 px 3968 ring
+    points instead of 28 x 256. ``sampler``: :func:`ring_sampler` at W points per ring.
     """
     radii = np.asarray(radii, dtype=np.float64)
     n_rings = len(radii)
@@ -385,37 +406,54 @@ def ring_transform(sampler, radii, n_angles: int, fold: int) -> _RingTransform:
     j = _fold_rows(n_out)
     angle = 2.0 * np.pi * np.outer(j, np.arange(n_out)) / n_out
     stage1 = np.stack([np.cos(angle), -np.sin(angle)], axis=1).reshape(2 * len(j), n_out)
-    tu = np.outer(np.arange(fold), np.arange(fold))  # t u
-    phi = -2.0 * np.pi * (j[:, None, None] * np.arange(fold) + n_out * tu) / n_angles  # j, t, u
-    cos, sin = np.cos(phi), np.sin(phi)
-    stage2 = np.zeros((len(j), 2, fold, 2, fold))  # j, part out, t, part in, u
-    stage2[:, 0, :, 0], stage2[:, 0, :, 1] = cos, -sin  # Re A = sum_u X cos - Y sin
-    stage2[:, 1, :, 0], stage2[:, 1, :, 1] = sin, cos  # Im A = sum_u X sin + Y cos
-    l_, u_, r_ = np.meshgrid(np.arange(n_out), np.arange(fold), np.arange(n_rings), indexing="ij")
+    lengths = ring_lengths(radii, n_angles, fold)
+    rows, groups, at_row, at_column = [], [], 0, 0
+    for length in np.unique(lengths):
+        rings = np.flatnonzero(lengths == length)
+        f = int(length) // n_out
+        tu = np.outer(np.arange(f), np.arange(f))  # t u
+        phi = -2.0 * np.pi * (j[:, None, None] * np.arange(f) + n_out * tu) / length  # j, t, u
+        cos, sin = np.cos(phi), np.sin(phi)
+        stage2 = np.zeros((len(j), 2, f, 2, f))  # j, part out, t, part in, u
+        stage2[:, 0, :, 0], stage2[:, 0, :, 1] = cos, -sin  # Re A = sum_u X cos - Y sin
+        stage2[:, 1, :, 0], stage2[:, 1, :, 1] = sin, cos  # Im A = sum_u X sin + Y cos
+        stage2 *= n_angles / length
+        l_, u_, r_ = np.meshgrid(np.arange(n_out), np.arange(f), rings, indexing="ij")
+        rows.append((r_ * n_angles + (l_ * f + u_) * (n_angles // length)).ravel())
+        groups.append(
+            _RingGroup(
+                slice(at_row, at_row + rows[-1].size),
+                f,
+                len(rings),
+                stage2.reshape(len(j), 2 * f, 2 * f).astype(np.float32),
+                slice(at_column, at_column + f * len(rings)),
+            )
+        )
+        at_row, at_column = at_row + rows[-1].size, at_column + f * len(rings)
+    term, ring, _ = ring_layout(radii, n_angles, fold)
     weights = ring_weights(radii)
     # Parseval: sum_l a(l)^2 = (1/W) sum over the folded values of g_j |A|^2, g_j = 2 but 1
     # at j = 0 and n_out/2 (there the conjugate partner W - q is a folded value too)
     g = np.where((j == 0) | (j == n_out // 2), 1.0, 2.0)
     parseval = np.broadcast_to(
-        (g[:, None, None, None] * weights / n_angles), (len(j), 2, fold, n_rings)
+        g[:, None, None] * weights[ring] / n_angles, (len(j), 2, len(ring))
     ).copy()
-    parseval[0, :, 0] = 0.0  # the DC (j = 0, t = 0): added centred by image_spectra
-    kept, coarse = band_columns(radii, n_angles, fold)
-    parseval *= kept.reshape(fold, n_rings)  # the norm of the band-limited rings
+    dc = np.array([np.flatnonzero((term == 0) & (ring == r))[0] for r in range(n_rings)])
+    parseval[0, :, dc] = 0.0  # the DC (j = 0, t = 0): added centred by image_spectra
     sampler = scipy.sparse.csr_matrix(sampler, copy=True)
     sampler.eliminate_zeros()  # taps of weight 0 (a ring point on a pixel) use no pixel
+    sampler = sampler[np.concatenate(rows)]
     pixels = np.unique(sampler.indices)
     return _RingTransform(
-        sampler[(r_ * n_angles + l_ * fold + u_).ravel()][:, pixels],
+        sampler[:, pixels],
         pixels,
         stage1.astype(np.float32),
-        stage2.reshape(len(j), 2 * fold, 2 * fold).astype(np.float32),
+        tuple(groups),
         parseval.ravel().astype(np.float32),
+        dc,
         weights,
         n_angles,
         fold,
-        kept,
-        coarse,
     )
 
 
@@ -450,14 +488,16 @@ def image_spectra(
         import cupyx.scipy.sparse
 
         sampler = cupyx.scipy.sparse.csr_matrix(sampler)
-    stage1, stage2 = xp.asarray(tr.stage1), xp.asarray(tr.stage2)
+    stage1 = xp.asarray(tr.stage1)
+    stage2 = [xp.asarray(g.stage2) for g in tr.groups]
     parseval, w = xp.asarray(tr.parseval), xp.asarray(tr.weights, dtype=xp.float32)
-    n, n_rings, n_rows = len(images), len(tr.weights), len(tr.stage2)
-    k = fold * n_rings
+    dc_columns = xp.asarray(tr.dc)
+    n, n_rows = len(images), len(tr.stage1) // 2
+    n_out = tr.stage1.shape[1]
+    k = tr.groups[-1].columns.stop
     chunk = (32 if xp is np else max(n, 1)) if chunk is None else chunk
     origins = xp.asarray(origins, dtype=xp.float64).reshape(-1, 2)
-    columns = tr.columns
-    values = xp.empty((n, n_rows, int(tr.kept.sum())), dtype=xp.complex64)
+    values = xp.empty((n, n_rows, k), dtype=xp.complex64)
     used = xp.asarray(tr.pixels)
     whole = order == 1 and _whole_pixels(origins, tr.pixels, box)
     block = 8 * chunk  # images moved at a time (matrix products gain from large batches)
@@ -471,15 +511,20 @@ def image_spectra(
             centred = moved[lo % block : lo % block + chunk]
             pixels = centred.reshape(len(centred), -1).T[used]  # (P, m)
         m = pixels.shape[1]
-        rings = sampler @ pixels  # (W R, m), rows (l', u, r)
-        sub = stage1 @ rings.reshape(n_angles // fold, -1)  # (2 Q', fold R m)
-        folded = xp.matmul(stage2, sub.reshape(n_rows, 2 * fold, -1)).reshape(-1, m)
-        dc = folded[:n_rings]  # A_0 = ring sums (j = 0, real part, t = 0)
+        rings = sampler @ pixels  # (sum L R, m): per ring length, rows (l', u, r)
+        folded = xp.empty((n_rows, 2, k, m), dtype=xp.float32)
+        for group, twiddles in zip(tr.groups, stage2, strict=True):
+            sub = stage1 @ rings[group.rows].reshape(n_out, -1)  # (2 Q', f R m)
+            out = xp.matmul(twiddles, sub.reshape(n_rows, 2 * group.fold, -1))
+            folded[:, :, group.columns] = out.reshape(n_rows, 2, -1, m)
+        dc = folded[0, 0, dc_columns]  # A_0 = ring sums (j = 0, real part, t = 0)
         mean = (w @ dc) / n_angles  # weighted mean ring value
         dc -= n_angles * mean
-        power = parseval @ (folded * folded) + (w @ (dc * dc)) / n_angles
+        folded[0, 0, dc_columns] = dc
+        flat = folded.reshape(-1, m)
+        power = parseval @ (flat * flat) + (w @ (dc * dc)) / n_angles
         scale = 1.0 / xp.sqrt(xp.where(power > 0, power, 1.0))
-        _complex_values(folded.reshape(n_rows, 2, k, m), scale, values[lo : lo + m], columns)
+        _complex_values(folded, scale, values[lo : lo + m])
     return FoldedSpectra(values)
 
 
@@ -530,7 +575,7 @@ class References:
     n_even: int  # folded rows of even j (the first rows of the folded layout)
     spectrum: tuple  # (entry (Q,), conj (Q,)): the folded value holding each rfft index q
     block: int  # sets per block
-    coarse: tuple  # ((start, stop), ...): the K' of the K'' kept columns the coarse pass uses
+    coarse: tuple  # ((start, stop), ...): the K' of the K'' columns the coarse pass uses
     groups: object  # (K'', fold) complex64: 1 where a kept column belongs to term t
     weights: np.ndarray  # (R,)
     n_angles: int
@@ -569,10 +614,9 @@ def prepare_references(
         fold,
         order=order,
     )
-    weights = ring_weights(radii)
-    kept, coarse = band_columns(radii, n_angles, fold)
+    layout = ring_layout(radii, n_angles, fold)
     return _references(
-        spectra.values, weights, s, grid, (nx, ny), ts, n_angles, fold, block, kept, coarse
+        spectra.values, ring_weights(radii), s, grid, (nx, ny), ts, n_angles, fold, block, layout
     )
 
 
@@ -583,25 +627,21 @@ def references_from_spectra(
     n_angles = 2 * (spectra.shape[-1] - 1)
     fold = coarse_fold(n_angles) if fold is None else fold
     values = FoldedSpectra.from_spectra(spectra, fold).values
-    every = np.ones(values.shape[-1], dtype=bool)  # spectra at hand: all columns, exact
-    return _references(
-        values, weights, n_refs, grid, grid_shape, ts, n_angles, fold, block, every, every
-    )
+    layout = full_layout(len(weights), fold)  # spectra at hand: every column, exact
+    return _references(values, weights, n_refs, grid, grid_shape, ts, n_angles, fold, block, layout)
 
 
 def _references(
-    values, weights, n_refs, grid, grid_shape, ts, n_angles, fold, block, kept, coarse
+    values, weights, n_refs, grid, grid_shape, ts, n_angles, fold, block, layout
 ) -> References:
-    """:class:`References` from normalized folded values (S * D, Q', K'') complex, the
-    columns ``kept`` (K,) of the K = fold R; the coarse pass on those of ``coarse`` (K,)
-    (:func:`band_columns`)."""
+    """:class:`References` from normalized folded values (S * D, Q', K'') complex in the
+    columns ``layout`` = (term, ring, coarse) (:func:`ring_layout`)."""
     xp = array_module(values)
     n_sets, n_rows, _ = values.shape
-    n_rings = len(weights)
-    ring, term = np.arange(kept.size) % n_rings, np.arange(kept.size) // n_rings
-    column_weights = xp.asarray(np.asarray(weights)[ring[kept]], dtype=xp.float32)
-    weighted = values * column_weights  # w_r per kept column (t, r)
-    runs = _runs(coarse[kept])  # the coarse columns among the kept ones
+    term, ring, coarse = layout
+    column_weights = xp.asarray(np.asarray(weights)[ring], dtype=xp.float32)
+    weighted = values * column_weights  # w_r per column (t, r)
+    runs = _runs(coarse)  # the columns of the coarse pass
     chosen = xp.concatenate([weighted[:, :, lo:hi] for lo, hi in runs], axis=2)
     u = chosen.real.transpose(1, 2, 0)  # (Q', K', N)
     v = chosen.imag.transpose(1, 2, 0)
@@ -622,7 +662,7 @@ def _references(
     conj = q % n_out > n_out // 2
     raw = np.where(conj, n_angles - q, q)
     entry = np.argsort(rows)[raw % n_out] * fold + raw // n_out
-    groups = (term[kept][:, None] == np.arange(fold)).astype(np.complex64)  # (K'', fold)
+    groups = (term[:, None] == np.arange(fold)).astype(np.complex64)  # (K'', fold)
     return References(
         exact,
         blocks,

@@ -976,9 +976,8 @@ def refine_poses(images, origin, reference, mirror, fine: References, radii, roo
     for _ in range(passes):
         if not len(todo):
             break
-        spectra = image_spectra(
-            images[xp.asarray(todo)], origin[todo], radii, fine.n_angles, order=3
-        )
+        subset = images if len(todo) == n else images[xp.asarray(todo)]  # no copy of all
+        spectra = image_spectra(subset, origin[todo], radii, fine.n_angles, order=3)
         best = refine(spectra, fine, reference[todo], mirror[todo])
         before = origin[todo]
         psi[todo], origin[todo], _ = best.to_params(before)

@@ -2,11 +2,13 @@
 Frank 1992, Ultramicroscopy 40:33; ring FFT of Joyeux and Penczek 2002, Ultramicroscopy 92:33).
 
 Images are sampled on rings of radii ``ir..ou`` step ``rs`` (pixels) about their current
-centre, W points per ring (the next power of two at or above 2 pi ou, SPARX's outer ring),
-bilinear interpolation as one sparse matrix for a whole batch. Rings are weighted by their
-radius (the area element), their weighted mean is removed and they are scaled to unit
-weighted norm, so every correlation below is a normalized cross-correlation (NCC) over the
-disc of radius ``ou``.
+centre, each ring at SPARX's length for its radius (the next power of two at or above
+2 pi r, at least W / fold; W that of the outer ring), bilinear interpolation as one sparse
+matrix for a whole batch; the spectra are laid out as if every ring had W points, each
+ring holding the frequencies below half its length (:func:`ring_layout`). Rings are
+weighted by their radius (the area element), their weighted mean is removed and they are
+scaled to unit weighted norm, so every correlation below is a normalized cross-correlation
+(NCC) over the disc of radius ``ou``.
 
 Rotation: in-plane rotation is a cyclic shift along the ring, so the correlations over all
 angles come from one FFT along the rings (:mod:`cryomatch.kernels.polar`):
@@ -28,7 +30,8 @@ the work that follows the products:
   low-passed): ``cc(fold k) = irfft_j(G_j) / fold`` with ``G_j = sum_t C_{j + t W / fold}``
   (aliasing), and with ``C_{W - q} = conj(C_q)`` this is again a sum over rings, now of
   ``fold * R`` terms. The products get ``fold`` times deeper and the inverse FFTs ``fold``
-  times shorter.
+  times shorter. The coarse pass leaves out the terms above each ring's band ``pi r``
+  (a pixel image holds at most 1/2 cycle per pixel), 54 of 112 columns at 64 px.
 * Mirror for free: with ``A = X + iY`` and ``B = U + iV`` the four real products
   ``[X; Y] @ [U; V]^T`` give both ``sum A conj(B) = (XU + YV) + i(YU - XV)`` and
   ``sum A B = (XU - YV) + i(YU + XV)``: half the flops of two complex products.

@@ -287,11 +287,12 @@ def out_of_range(origin, settings: Settings, box: int):
 def align(source: ImageSource, references, origin, settings: Settings, backend: str = "numpy"):
     """Pass 1: (class 0-based, psi, origin, mirror, score, re-centred) of every image.
 
-    Each image is searched about its current centre ``-origin``; an image whose origin
-    leaves the searchable range (its rings would leave it) is re-centred first: searched
-    about the nearest centre its rings allow, and its parameters come from its own best
-    match there (SPARX resets such an image to zero). The origins returned are the composed
-    shifts, never clipped."""
+    Each image is searched about its current centre ``-origin`` rounded to whole pixels
+    (:func:`align2d.whole_pixel_centres`), and its match refined on the exact image
+    (:func:`align2d.refine_poses`); an image whose origin leaves the searchable range (its
+    rings would leave it) is re-centred first: searched about the nearest centre its rings
+    allow, and its parameters come from its own best match there (SPARX resets such an
+    image to zero). The origins returned are the composed shifts, never clipped."""
     xp = get_xp(backend)
     box = source.box
     ou = settings.radius(box)

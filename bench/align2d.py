@@ -1,9 +1,10 @@
 """Benchmark of the 2D multi-reference alignment search (issue 4 point 6, issue 12 point 6).
 
 Images of 64 px aligned to S references over the full circle (W angles per ring), both
-mirrors and the +-3 px grid of step 1 (D = 49 shifts), on one thread. Timed: the ring
-spectra of the images (shift to the current centre, rings, folded spectra: "prep"), the
-search (coarse pass, exact re-scoring, sub-pixel refinement on the grid) and the final
+mirrors and the +-3 px grid of step 1 (D = 49 shifts), on one thread, as
+``classify2d.align`` runs them. Timed: the ring spectra of the images (about each image's
+current centre rounded to whole pixels, moved by indexing: rings, folded spectra: "prep"),
+the search (coarse pass, exact re-scoring, sub-pixel refinement on the grid) and the final
 refinement of each match on the exact image (:func:`align2d.refine_poses`: B-spline rings
 about the match against its own reference on the stage's fine grid, a second pass for the
 images the first moved by more than ``align2d.SECOND_PASS`` fine steps: "refine"). Printed:
@@ -30,9 +31,10 @@ FLOP counts:
   product). Only these products are counted: not the inverse transforms, the re-scoring of
   the best candidates, the refinement or the image preparation, whose time is included.
 * executed: the flops of the matrix products the coarse pass actually runs. Thanks to the
-  mirror-free products (both mirrors from the same four real products) and the
-  half-circle inverse DFTs it is below the effective count; the exact re-scoring (a few
-  candidates per image) is not counted.
+  mirror-free products (both mirrors from the same four real products), the half-circle
+  inverse DFTs and the rings' bands (each ring at its own length, the coarse pass on the
+  frequencies up to ``pi r``: :func:`align2d.ring_layout`) it is below the effective count;
+  the exact re-scoring (a few candidates per image) is not counted.
 
 The references' preparation (once per iteration, shared by all images; both grids) is
 timed apart. Timings are CPU time of this process, best of several interleaved repeats, so
@@ -66,7 +68,7 @@ def cpu_time(fn) -> float:
 
 def executed_flops(refs) -> float:
     """Flops of the coarse pass's matrix products per (image, reference-shift set)."""
-    u = refs.blocks[0][0]  # (Q', K, b)
+    u = refs.blocks[0][0]  # (Q', K', b): the coarse pass's columns
     products = 2 * 2 * 2 * u.shape[0] * u.shape[1]  # [X; Y] @ [U, V] per folded frequency
     inverse = 2 * sum(d.size for d in refs.dft)  # the fused half-circle inverse DFTs
     return float(products + inverse)
@@ -150,12 +152,14 @@ def run(kind, n_refs, args, box, xr, radii, n_angles, a, rng) -> str:
     def fine_prep():
         return align2d.prepare_references(references, radii, n_angles, FINE, FINE, STEP, order=3)
 
+    centres = align2d.whole_pixel_centres(origins, xr)  # as classify2d searches
+
     def prep():
-        return align2d.image_spectra(images, origins, radii, n_angles)
+        return align2d.image_spectra(images, centres, radii, n_angles)
 
     refs, fine, spectra = refs_prep(), fine_prep(), prep()
     found = align2d.search(spectra, refs)
-    start = found.to_params(origins)[1]
+    start = found.to_params(centres)[1]
 
     def refine(passes=2):
         pose = (images, start, found.reference, found.mirror, fine, radii, xr)

@@ -153,6 +153,46 @@ def test_prefiltered_fourier_shift_is_the_spline_of_the_moved_image(rng):
     )
 
 
+def test_whole_pixel_origins_by_indexing_equal_the_fourier_shift(rng):
+    """Whole-pixel origins move the images by indexing (the search's centres): the same
+    spectra as the exact Fourier shift; origins whose rings would wrap take the shift."""
+    box, radii = 40, align2d.ring_radii(1, 16, 1)
+    w = align2d.ring_points(16)
+    images = rng.normal(size=(40, box, box)).astype(np.float32)
+    whole = align2d.whole_pixel_centres(rng.uniform(-3.6, 3.6, size=(40, 2)), room=3)
+    assert np.abs(whole).max() <= 3 and np.all(whole == np.rint(whole))
+    by_index = align2d.image_spectra(images, whole, radii, w).values
+    by_shift = align2d.image_spectra(images, whole + 1e-9, radii, w).values
+    np.testing.assert_allclose(by_index, by_shift, atol=2e-5)
+    tr = align2d._cached_transform(box, tuple(radii), w, align2d.coarse_fold(w))
+    assert align2d._whole_pixels(whole, tr.pixels, box)
+    assert not align2d._whole_pixels(whole * 2, tr.pixels, box)  # would wrap: Fourier shift
+
+
+@pytest.mark.parametrize("order, tolerance", [(3, 3e-4), (1, 0.01)])
+def test_rings_at_their_own_lengths_keep_the_band(order, tolerance):
+    """Each ring sampled at SPARX's length (at least W / fold): for a smooth image the
+    spectra equal those of rings of W points, in the columns of ring_layout. B-spline rings
+    to 1e-4; bilinear ones alias their pixel-grid residue (about 2 pi r turns round a ring of
+    radius r) into the band of the rings of 64 points (r <= 10 here), about 1%."""
+    box, radii, w = 48, align2d.ring_radii(1, 20, 1), align2d.ring_points(20)
+    fold = align2d.coarse_fold(w)
+    lengths = align2d.ring_lengths(radii, w, fold)
+    assert lengths[0] == w // fold and lengths[-1] == w and np.all(np.diff(lengths) >= 0)
+    image = (_band_limited(box)[0] * align2d.disc_mask(box, 21))[None]
+    values = align2d.image_spectra(image, np.zeros((1, 2)), radii, w, order=order).values[0]
+    if order == 3:  # the spline coefficients the rings interpolate
+        image = align2d.fourier_shift(image, np.zeros((1, 2)), prefilter=True)
+    sampler = align2d.ring_sampler(box, radii, w, order)
+    rings = align2d.sample_rings(image, sampler, len(radii))
+    spectra = align2d.normalized_spectra(rings, align2d.ring_weights(radii))
+    full = align2d.FoldedSpectra.from_spectra(spectra, fold).values[0]  # (Q', fold R)
+    term, ring, coarse = align2d.ring_layout(radii, w, fold)
+    assert len(term) == values.shape[-1] < fold * len(radii) and coarse.sum() <= len(term)
+    expected = full[:, term * len(radii) + ring]
+    np.testing.assert_allclose(values, expected, atol=tolerance * np.abs(expected).max())
+
+
 def test_refine_poses_of_matches(rng):
     """Band-limited images turned, mirrored and moved off-grid: from matches up to half a
     pixel off, the refinement finds the poses to the interpolation's precision."""

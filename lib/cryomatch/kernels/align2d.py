@@ -2,11 +2,13 @@
 Frank 1992, Ultramicroscopy 40:33; ring FFT of Joyeux and Penczek 2002, Ultramicroscopy 92:33).
 
 Images are sampled on rings of radii ``ir..ou`` step ``rs`` (pixels) about their current
-centre, W points per ring (the next power of two at or above 2 pi ou, SPARX's outer ring),
-bilinear interpolation as one sparse matrix for a whole batch. Rings are weighted by their
-radius (the area element), their weighted mean is removed and they are scaled to unit
-weighted norm, so every correlation below is a normalized cross-correlation (NCC) over the
-disc of radius ``ou``.
+centre, each ring at SPARX's length for its radius (the next power of two at or above
+2 pi r, at least W / fold; W that of the outer ring), bilinear interpolation as one sparse
+matrix for a whole batch; the spectra are laid out as if every ring had W points, each
+ring holding the frequencies below half its length (:func:`ring_layout`). Rings are
+weighted by their radius (the area element), their weighted mean is removed and they are
+scaled to unit weighted norm, so every correlation below is a normalized cross-correlation
+(NCC) over the disc of radius ``ou``.
 
 Rotation: in-plane rotation is a cyclic shift along the ring, so the correlations over all
 angles come from one FFT along the rings (:mod:`cryomatch.kernels.polar`):
@@ -28,7 +30,8 @@ the work that follows the products:
   low-passed): ``cc(fold k) = irfft_j(G_j) / fold`` with ``G_j = sum_t C_{j + t W / fold}``
   (aliasing), and with ``C_{W - q} = conj(C_q)`` this is again a sum over rings, now of
   ``fold * R`` terms. The products get ``fold`` times deeper and the inverse FFTs ``fold``
-  times shorter.
+  times shorter. The coarse pass leaves out the terms above each ring's band ``pi r``
+  (a pixel image holds at most 1/2 cycle per pixel), 54 of 112 columns at 64 px.
 * Mirror for free: with ``A = X + iY`` and ``B = U + iV`` the four real products
   ``[X; Y] @ [U; V]^T`` give both ``sum A conj(B) = (XU + YV) + i(YU - XV)`` and
   ``sum A B = (XU - YV) + i(YU + XV)``: half the flops of two complex products.
@@ -289,12 +292,60 @@ def _complex_values(folded, scale=None, out=None):
     return out
 
 
+def _runs(mask) -> tuple:
+    """The (start, stop) ranges of the True runs of a boolean vector."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(mask, np.int8), [0]])))
+    return tuple((int(a), int(b)) for a, b in zip(edges[0::2], edges[1::2], strict=True))
+
+
+def ring_lengths(radii, n_angles: int, fold: int) -> np.ndarray:
+    """Points each ring is sampled at: SPARX's ring length ``L_r`` (:func:`ring_points` of
+    its radius, the next power of two at or above ``2 pi r``), at least ``W / fold`` and at
+    most W. A ring of L points holds the angular frequencies below L/2, and a pixel image
+    at most ``pi r`` turns round a ring of radius r (1/2 cycle per pixel)."""
+    n_out = n_angles // fold
+    return np.array([min(max(ring_points(r), n_out), n_angles) for r in radii], dtype=np.int64)
+
+
+def ring_layout(radii, n_angles: int, fold: int):
+    """The folded columns that rings sampled at their own lengths (:func:`ring_lengths`)
+    give: ``(term, ring, coarse)``, each (K'',), the term t and ring r of each column and
+    whether the coarse pass uses it. A ring of ``L = f n_out`` points gives its f terms
+    ``t_g`` (:func:`ring_transform`), the frequencies ``j + t_g n_out`` up to L/2 and their
+    conjugates: the terms ``t = t_g`` of the W-point layout for ``t_g < f/2``, else
+    ``t_g + fold - f``. Columns go ring length by ring length, then term, then ring. The
+    coarse pass skips the terms whose lowest frequency is above ``pi r`` (only
+    interpolation residue and the images' corner frequencies). At 64 px (W 256, fold 4,
+    28 rings) 62 of the 112 columns, 54 in the coarse pass."""
+    radii = np.asarray(radii, dtype=np.float64)
+    lengths = ring_lengths(radii, n_angles, fold)
+    n_out = n_angles // fold
+    term, ring = [], []
+    for length in np.unique(lengths):
+        rings = np.flatnonzero(lengths == length)
+        f = int(length) // n_out
+        for t_g in range(f):
+            term += [t_g if t_g < f / 2 else t_g + fold - f] * len(rings)
+            ring += list(rings)
+    term, ring = np.array(term, dtype=np.int64), np.array(ring, dtype=np.int64)
+    index, _, _ = _fold_index(n_angles, fold)  # (Q', fold): rfft index of (j, t)
+    lowest = index.min(axis=0)
+    return term, ring, lowest[term] <= np.pi * radii[ring]
+
+
+def full_layout(n_rings: int, fold: int):
+    """:func:`ring_layout` of every column (t, r), t-major, all in the coarse pass: rings
+    sampled at the full W (spectra at hand)."""
+    k = np.arange(fold * n_rings)
+    return k // n_rings, k % n_rings, np.ones(k.size, dtype=bool)
+
+
 @dataclass
 class FoldedSpectra:
     """Ring spectra of images in the folded layout (:func:`image_spectra`): ``values``
-    (M, Q', K) complex64, normalized; the coarse pass takes its operands from them
-    (:func:`_coarse_operand`), the exact scores use them as they are. Sliced along the
-    images: ``spectra[lo:hi]``."""
+    (M, Q', K'') complex64, normalized, the K'' columns of :func:`ring_layout`; the coarse
+    pass takes its operands from them (:func:`_coarse_operand`), the exact scores use them
+    as they are. Sliced along the images: ``spectra[lo:hi]``."""
 
     values: object
 
@@ -311,13 +362,26 @@ class FoldedSpectra:
 
 
 @dataclass
-class _RingTransform:
-    """Pixels -> folded ring spectra as three matrix products (:func:`ring_transform`)."""
+class _RingGroup:
+    """Rings of one length ``f n_out`` in :class:`_RingTransform`."""
 
-    sampler: scipy.sparse.csr_matrix  # (W * R, box^2): ring points in (l', u, r) order
+    rows: slice  # their rows of the sampler, ordered (l', u, r): ring point l' f + u
+    fold: int  # f, the sub-rings of n_out points
+    n_rings: int
+    stage2: np.ndarray  # (Q', 2 f, 2 f): twiddles and DFT across the sub-rings, times W / L
+    columns: slice  # their columns of the layout (:func:`ring_layout`), ordered (t_g, r)
+
+
+@dataclass
+class _RingTransform:
+    """Pixels -> folded ring spectra as matrix products (:func:`ring_transform`)."""
+
+    sampler: scipy.sparse.csr_matrix  # (sum of L R over the groups, P): ring points
+    pixels: np.ndarray  # (P,) the pixels (flat (y, x) index) the rings use, in order
     stage1: np.ndarray  # (2 Q', n_out): real DFT of the sub-rings, rows (j, part)
-    stage2: np.ndarray  # (Q', 2 fold, 2 fold): twiddles and the DFT across sub-rings
-    parseval: np.ndarray  # (Q' * 2 * K,): g_j w_r / W per folded value, 0 on the DC
+    groups: tuple  # _RingGroup per ring length
+    parseval: np.ndarray  # (Q' * 2 * K'',): g_j w_r / W per folded value, 0 on the DC
+    dc: np.ndarray  # (R,): the layout's column of each ring's DC (j = 0, t = 0)
     weights: np.ndarray  # (R,) ring weights
     n_angles: int
     fold: int
@@ -326,14 +390,18 @@ class _RingTransform:
 def ring_transform(sampler, radii, n_angles: int, fold: int) -> _RingTransform:
     """The folded ring spectra of images as matrix products, no FFT and no transposes.
 
-    Sub-rings: ring point ``l = l' fold + u`` belongs to sub-ring u (W / fold = n_out points).
-    The W-point DFT at the raw frequency ``q = j + t n_out`` is (Cooley-Tukey)
-    ``A(q) = sum_u exp(-2 pi i q u / W) S_u(j)`` with ``S_u`` the n_out-point DFT of
-    sub-ring u. So: the sampler, its rows ordered (l', u, r), gives rings (n_out, fold R m)
-    for a batch of m images as columns; stage 1, one real product, gives ``S_u(j)`` for
-    j = 0..n_out/2; stage 2, one (2 fold x 2 fold) real product per j, the folded values
-    ``A(j + t n_out)``, laid out (j, part, t, r, m). Flops per image: about
-    ``2 (n_out + 2) W R + 8 fold W R``, a quarter of a dense W-point DFT.
+    Each ring is sampled at its own length ``L = f n_out`` (:func:`ring_lengths`, ``n_out =
+    W / fold``), as SPARX samples rings, and the rings of one length go together. Sub-rings:
+    ring point ``l = l' f + u`` belongs to sub-ring u (n_out points). The L-point DFT at the
+    raw frequency ``q = j + t n_out`` is (Cooley-Tukey) ``A(q) = sum_u exp(-2 pi i q u / L)
+    S_u(j)`` with ``S_u`` the n_out-point DFT of sub-ring u. So per ring length: the sampler,
+    its rows ordered (l', u, r), gives rings (n_out, f R m) for a batch of m images as
+    columns; stage 1, one real product, gives ``S_u(j)`` for j = 0..n_out/2; stage 2, one
+    (2 f x 2 f) real product per j, the folded values ``A(j + t n_out)`` times W / L (the
+    W-point DFT of a ring within its band), laid out (j, part, t, r, m) and placed in the
+    columns of :func:`ring_layout`. Flops per image and ring: about
+    ``2 (n_out + 2) L + 8 f L``, a quarter of a dense L-point DFT; at 64 px 3968 ring
+    points instead of 28 x 256. ``sampler``: :func:`ring_sampler` at W points per ring.
     """
     radii = np.asarray(radii, dtype=np.float64)
     n_rings = len(radii)
@@ -341,26 +409,51 @@ def ring_transform(sampler, radii, n_angles: int, fold: int) -> _RingTransform:
     j = _fold_rows(n_out)
     angle = 2.0 * np.pi * np.outer(j, np.arange(n_out)) / n_out
     stage1 = np.stack([np.cos(angle), -np.sin(angle)], axis=1).reshape(2 * len(j), n_out)
-    tu = np.outer(np.arange(fold), np.arange(fold))  # t u
-    phi = -2.0 * np.pi * (j[:, None, None] * np.arange(fold) + n_out * tu) / n_angles  # j, t, u
-    cos, sin = np.cos(phi), np.sin(phi)
-    stage2 = np.zeros((len(j), 2, fold, 2, fold))  # j, part out, t, part in, u
-    stage2[:, 0, :, 0], stage2[:, 0, :, 1] = cos, -sin  # Re A = sum_u X cos - Y sin
-    stage2[:, 1, :, 0], stage2[:, 1, :, 1] = sin, cos  # Im A = sum_u X sin + Y cos
-    l_, u_, r_ = np.meshgrid(np.arange(n_out), np.arange(fold), np.arange(n_rings), indexing="ij")
+    lengths = ring_lengths(radii, n_angles, fold)
+    rows, groups, at_row, at_column = [], [], 0, 0
+    for length in np.unique(lengths):
+        rings = np.flatnonzero(lengths == length)
+        f = int(length) // n_out
+        tu = np.outer(np.arange(f), np.arange(f))  # t u
+        phi = -2.0 * np.pi * (j[:, None, None] * np.arange(f) + n_out * tu) / length  # j, t, u
+        cos, sin = np.cos(phi), np.sin(phi)
+        stage2 = np.zeros((len(j), 2, f, 2, f))  # j, part out, t, part in, u
+        stage2[:, 0, :, 0], stage2[:, 0, :, 1] = cos, -sin  # Re A = sum_u X cos - Y sin
+        stage2[:, 1, :, 0], stage2[:, 1, :, 1] = sin, cos  # Im A = sum_u X sin + Y cos
+        stage2 *= n_angles / length
+        l_, u_, r_ = np.meshgrid(np.arange(n_out), np.arange(f), rings, indexing="ij")
+        rows.append((r_ * n_angles + (l_ * f + u_) * (n_angles // length)).ravel())
+        groups.append(
+            _RingGroup(
+                slice(at_row, at_row + rows[-1].size),
+                f,
+                len(rings),
+                stage2.reshape(len(j), 2 * f, 2 * f).astype(np.float32),
+                slice(at_column, at_column + f * len(rings)),
+            )
+        )
+        at_row, at_column = at_row + rows[-1].size, at_column + f * len(rings)
+    term, ring, _ = ring_layout(radii, n_angles, fold)
     weights = ring_weights(radii)
     # Parseval: sum_l a(l)^2 = (1/W) sum over the folded values of g_j |A|^2, g_j = 2 but 1
     # at j = 0 and n_out/2 (there the conjugate partner W - q is a folded value too)
     g = np.where((j == 0) | (j == n_out // 2), 1.0, 2.0)
     parseval = np.broadcast_to(
-        (g[:, None, None, None] * weights / n_angles), (len(j), 2, fold, n_rings)
+        g[:, None, None] * weights[ring] / n_angles, (len(j), 2, len(ring))
     ).copy()
-    parseval[0, :, 0] = 0.0  # the DC (j = 0, t = 0): added centred by image_spectra
+    dc = np.array([np.flatnonzero((term == 0) & (ring == r))[0] for r in range(n_rings)])
+    parseval[0, :, dc] = 0.0  # the DC (j = 0, t = 0): added centred by image_spectra
+    sampler = scipy.sparse.csr_matrix(sampler, copy=True)
+    sampler.eliminate_zeros()  # taps of weight 0 (a ring point on a pixel) use no pixel
+    sampler = sampler[np.concatenate(rows)]
+    pixels = np.unique(sampler.indices)
     return _RingTransform(
-        sampler[(r_ * n_angles + l_ * fold + u_).ravel()],
+        sampler[:, pixels],
+        pixels,
         stage1.astype(np.float32),
-        stage2.reshape(len(j), 2 * fold, 2 * fold).astype(np.float32),
+        tuple(groups),
         parseval.ravel().astype(np.float32),
+        dc,
         weights,
         n_angles,
         fold,
@@ -379,7 +472,8 @@ def image_spectra(
 ):
     """Ring spectra of images (M, box, box) about their current centres ``-origin``
     (origins (M, 2) in pixels: images are first moved by the exact Fourier shift
-    ``+origin``), as :class:`FoldedSpectra`; the exact values with the weighted mean removed
+    ``+origin``; whole-pixel origins by indexing, the same where the rings' pixels do not
+    wrap), as :class:`FoldedSpectra`; the exact values with the weighted mean removed
     and unit weighted norm (``sum_r w_r sum_l a^2 = 1``). ``chunk`` images at a time
     (default 32 on the CPU, where a chunk stays in cache; all at once on the GPU).
     ``order``: the rings' interpolation (:func:`ring_sampler`), 1 bilinear or 3 cubic
@@ -397,44 +491,95 @@ def image_spectra(
         import cupyx.scipy.sparse
 
         sampler = cupyx.scipy.sparse.csr_matrix(sampler)
-    stage1, stage2 = xp.asarray(tr.stage1), xp.asarray(tr.stage2)
+    stage1 = xp.asarray(tr.stage1)
+    stage2 = [xp.asarray(g.stage2) for g in tr.groups]
     parseval, w = xp.asarray(tr.parseval), xp.asarray(tr.weights, dtype=xp.float32)
-    n, n_rings, n_rows = len(images), len(tr.weights), len(tr.stage2)
-    k = fold * n_rings
+    dc_columns = xp.asarray(tr.dc)
+    n, n_rows = len(images), len(tr.stage1) // 2
+    n_out = tr.stage1.shape[1]
+    k = tr.groups[-1].columns.stop
     chunk = (32 if xp is np else max(n, 1)) if chunk is None else chunk
     origins = xp.asarray(origins, dtype=xp.float64).reshape(-1, 2)
     values = xp.empty((n, n_rows, k), dtype=xp.complex64)
+    used = xp.asarray(tr.pixels)
+    whole = order == 1 and _whole_pixels(origins, tr.pixels, box)
     block = 8 * chunk  # images moved at a time (matrix products gain from large batches)
     for lo in range(0, n, chunk):
-        if lo % block == 0:
-            moved = images[lo : lo + block].astype(xp.float32, copy=False)
-            if order == 3 or bool(xp.any(origins[lo : lo + block])):  # none to move at first
+        if whole:  # moved by indexing, straight into the pixel-major layout
+            pixels = _moved_pixels(images[lo : lo + chunk], origins[lo : lo + chunk], used)
+        else:
+            if lo % block == 0:
+                moved = images[lo : lo + block].astype(xp.float32, copy=False)
                 moved = fourier_shift(moved, origins[lo : lo + block], prefilter=order == 3)
-        centred = moved[lo % block : lo % block + chunk]
-        m = len(centred)
-        pixels = xp.ascontiguousarray(centred.reshape(m, -1).T)  # (box^2, m)
-        rings = sampler @ pixels  # (W R, m), rows (l', u, r)
-        sub = stage1 @ rings.reshape(n_angles // fold, -1)  # (2 Q', fold R m)
-        folded = xp.matmul(stage2, sub.reshape(n_rows, 2 * fold, -1)).reshape(-1, m)
-        dc = folded[:n_rings]  # A_0 = ring sums (j = 0, real part, t = 0)
+            centred = moved[lo % block : lo % block + chunk]
+            pixels = centred.reshape(len(centred), -1).T[used]  # (P, m)
+        m = pixels.shape[1]
+        rings = sampler @ pixels  # (sum L R, m): per ring length, rows (l', u, r)
+        folded = xp.empty((n_rows, 2, k, m), dtype=xp.float32)
+        for group, twiddles in zip(tr.groups, stage2, strict=True):
+            sub = stage1 @ rings[group.rows].reshape(n_out, -1)  # (2 Q', f R m)
+            out = xp.matmul(twiddles, sub.reshape(n_rows, 2 * group.fold, -1))
+            folded[:, :, group.columns] = out.reshape(n_rows, 2, -1, m)
+        dc = folded[0, 0, dc_columns]  # A_0 = ring sums (j = 0, real part, t = 0)
         mean = (w @ dc) / n_angles  # weighted mean ring value
         dc -= n_angles * mean
-        power = parseval @ (folded * folded) + (w @ (dc * dc)) / n_angles
+        folded[0, 0, dc_columns] = dc
+        flat = folded.reshape(-1, m)
+        power = parseval @ (flat * flat) + (w @ (dc * dc)) / n_angles
         scale = 1.0 / xp.sqrt(xp.where(power > 0, power, 1.0))
-        _complex_values(folded.reshape(n_rows, 2, k, m), scale, out=values[lo : lo + m])
+        _complex_values(folded, scale, values[lo : lo + m])
     return FoldedSpectra(values)
+
+
+def whole_pixel_centres(origins, room: float) -> np.ndarray:
+    """The search's ring centres ``-c``: origins (n, 2) rounded to whole pixels, within
+    ``+-room`` per axis; :func:`image_spectra` moves images by whole pixels by indexing (no
+    Fourier shift), and :func:`refine_poses` takes each match to its exact position."""
+    origins = np.asarray(origins, dtype=np.float64)
+    c = np.rint(origins)
+    return np.where(np.abs(c) > room + 1e-6, np.trunc(origins), c)
+
+
+def _whole_pixels(origins, pixels, box: int) -> bool:
+    """Whether all origins (n, 2) are whole pixels and move the ring pixels ``pixels`` (flat
+    (y, x) indices) without wrapping them round the box (then indexing is the exact shift)."""
+    xp = array_module(origins)
+    if not len(origins) or not bool(xp.all(origins == xp.rint(origins))):
+        return False
+    y, x = pixels // box, pixels % box
+    lo = xp.min(origins, axis=0)  # (x, y): out(r) = in(r - s)
+    hi = xp.max(origins, axis=0)
+    return bool(
+        x.min() - hi[0] >= 0
+        and x.max() - lo[0] < box
+        and y.min() - hi[1] >= 0
+        and y.max() - lo[1] < box
+    )
+
+
+def _moved_pixels(images, origins, used):
+    """Pixels ``used`` (P,) of images (m, box, box) moved by whole-pixel origins (m, 2),
+    ``out(r) = in(r - origin)``, pixel-major (P, m) float32 (one gather)."""
+    xp = array_module(images)
+    m, box, _ = images.shape
+    shift = origins.astype(xp.intp)
+    base = xp.arange(m, dtype=xp.intp) * (box * box) - (shift[:, 1] * box + shift[:, 0])
+    flat = images.astype(xp.float32, copy=False).reshape(-1)
+    return xp.take(flat, used.astype(xp.intp)[:, None] + base[None, :])
 
 
 @dataclass
 class References:
     """Reference ring spectra prepared for :func:`search` (built by :func:`prepare_references`)."""
 
-    exact: object  # (2, N, Q', K) complex64: w conj(B), and mirrored (-1)^j w B; N = S * D
-    blocks: list  # per block of b sets: (U, V), each (Q', K, b) float32, of folded w B
+    exact: object  # (2, N, Q', K'') complex64: w conj(B), mirrored (-1)^j w B; N = S * D
+    blocks: list  # per block of b sets: (U, V), each (Q', K', b) float32, of folded w B
     dft: tuple  # (even, odd) float32: the half-circle inverse DFTs P, Q (:func:`_dft_matrices`)
     n_even: int  # folded rows of even j (the first rows of the folded layout)
     spectrum: tuple  # (entry (Q,), conj (Q,)): the folded value holding each rfft index q
     block: int  # sets per block
+    coarse: tuple  # ((start, stop), ...): the K' of the K'' columns the coarse pass uses
+    groups: object  # (K'', fold) complex64: 1 where a kept column belongs to term t
     weights: np.ndarray  # (R,)
     n_angles: int
     n_refs: int
@@ -472,8 +617,10 @@ def prepare_references(
         fold,
         order=order,
     )
-    weights = ring_weights(radii)
-    return _references(spectra.values, weights, s, grid, (nx, ny), ts, n_angles, block)
+    layout = ring_layout(radii, n_angles, fold)
+    return _references(
+        spectra.values, ring_weights(radii), s, grid, (nx, ny), ts, n_angles, fold, block, layout
+    )
 
 
 def references_from_spectra(
@@ -483,17 +630,24 @@ def references_from_spectra(
     n_angles = 2 * (spectra.shape[-1] - 1)
     fold = coarse_fold(n_angles) if fold is None else fold
     values = FoldedSpectra.from_spectra(spectra, fold).values
-    return _references(values, weights, n_refs, grid, grid_shape, ts, n_angles, block)
+    layout = full_layout(len(weights), fold)  # spectra at hand: every column, exact
+    return _references(values, weights, n_refs, grid, grid_shape, ts, n_angles, fold, block, layout)
 
 
-def _references(values, weights, n_refs, grid, grid_shape, ts, n_angles, block) -> References:
-    """:class:`References` from normalized folded values (S * D, Q', K) complex."""
+def _references(
+    values, weights, n_refs, grid, grid_shape, ts, n_angles, fold, block, layout
+) -> References:
+    """:class:`References` from normalized folded values (S * D, Q', K'') complex in the
+    columns ``layout`` = (term, ring, coarse) (:func:`ring_layout`)."""
     xp = array_module(values)
-    n_sets, n_rows, k = values.shape
-    fold = k // len(weights)
-    weighted = values * xp.asarray(np.tile(weights, fold), dtype=xp.float32)  # w_r per (t, r)
-    u = weighted.real.transpose(1, 2, 0)  # (Q', K, N)
-    v = weighted.imag.transpose(1, 2, 0)
+    n_sets, n_rows, _ = values.shape
+    term, ring, coarse = layout
+    column_weights = xp.asarray(np.asarray(weights)[ring], dtype=xp.float32)
+    weighted = values * column_weights  # w_r per column (t, r)
+    runs = _runs(coarse)  # the columns of the coarse pass
+    chosen = xp.concatenate([weighted[:, :, lo:hi] for lo, hi in runs], axis=2)
+    u = chosen.real.transpose(1, 2, 0)  # (Q', K', N)
+    v = chosen.imag.transpose(1, 2, 0)
     blocks = [
         (
             xp.ascontiguousarray(u[..., lo : lo + block]),
@@ -511,6 +665,7 @@ def _references(values, weights, n_refs, grid, grid_shape, ts, n_angles, block) 
     conj = q % n_out > n_out // 2
     raw = np.where(conj, n_angles - q, q)
     entry = np.argsort(rows)[raw % n_out] * fold + raw // n_out
+    groups = (term[:, None] == np.arange(fold)).astype(np.complex64)  # (K'', fold)
     return References(
         exact,
         blocks,
@@ -518,6 +673,8 @@ def _references(values, weights, n_refs, grid, grid_shape, ts, n_angles, block) 
         even.shape[2] // 2,
         (xp.asarray(entry), xp.asarray(conj)),
         block,
+        runs,
+        xp.asarray(groups),
         np.asarray(weights),
         n_angles,
         n_refs,
@@ -564,23 +721,30 @@ def _coarse_scores(image_folded, refs: References):
     """:func:`_coarse_from_operand` for folded image values (Q', 2, K, M) (:func:`fold_spectra`)."""
     xp = array_module(image_folded)
     n_rows, _, k, m = image_folded.shape
-    left = xp.ascontiguousarray(image_folded.transpose(0, 1, 3, 2)).reshape(n_rows, 2 * m, k)
+    kept = xp.concatenate([image_folded[:, :, lo:hi] for lo, hi in refs.coarse], axis=2)
+    left = xp.ascontiguousarray(kept.transpose(0, 1, 3, 2)).reshape(n_rows, 2 * m, -1)
     return _coarse_from_operand(left, refs)
 
 
-def _coarse_operand(values):
-    """The left operand of the coarse products, (Q', 2 M, K) float32: per folded row the
-    real parts X of the images' folded values (M, Q', K) above their imaginary parts Y
-    (one cache-sized copy per batch)."""
+def _coarse_operand(values, columns):
+    """The left operand of the coarse products, (Q', 2 M, K') float32: per folded row the
+    real parts X of the images' folded values (M, Q', K'') above their imaginary parts Y, in
+    the K' columns of the ranges ``columns`` (:attr:`References.coarse`; one cache-sized
+    copy per batch)."""
     xp = array_module(values)
     m, n_rows, k = values.shape
     parts = values.view(xp.float32).reshape(m, n_rows, k, 2)
-    return xp.ascontiguousarray(parts.transpose(1, 3, 0, 2)).reshape(n_rows, 2 * m, k)
+    out = xp.empty((n_rows, 2, m, sum(hi - lo for lo, hi in columns)), dtype=xp.float32)
+    at = 0
+    for lo, hi in columns:
+        out[..., at : at + hi - lo] = parts[:, :, lo:hi].transpose(1, 3, 0, 2)
+        at += hi - lo
+    return out.reshape(n_rows, 2 * m, -1)
 
 
 def _coarse_from_operand(left, refs: References):
     """Correlation maxima over the ``n_out`` folded angles, (2, M, N) for every (mirror,
-    image, reference-shift), from the images' ``[X; Y]`` operand (Q', 2 M, K)
+    image, reference-shift), from the images' ``[X; Y]`` operand (Q', 2 M, K')
     (:func:`_coarse_operand`): per block and parity of j one product per folded frequency
     and part, ``[X; Y] @ U`` and ``[X; Y] @ V``, laid out so that the half-circle inverse
     DFTs P and Q are one more matrix product; then, with E and O the even and odd parts,
@@ -618,28 +782,29 @@ def _coarse_from_operand(left, refs: References):
 
 def _exact_products(values, refs: References, n_index, mirror, chunk=None):
     """Weighted product spectra ``sum_r w_r A conj(B)``, or for a mirror
-    ``(-1)^q sum_r w_r A B``, of each image (folded values (M, Q', K)) with its T
+    ``(-1)^q sum_r w_r A B``, of each image (folded values (M, Q', K'')) with its T
     reference-shift sets ``n_index`` (M, T): returns (M, T, Q) over the rfft indices q.
-    ``mirror`` (M, T) or (M, 1). Per ``chunk`` images (default about 16 sets on the CPU,
+    ``mirror`` (M, T) or (M, 1). Per ``chunk`` images (default about 32 sets on the CPU,
     so that the buffers stay in cache; all at once on the GPU) one gather of the sets
-    (:attr:`References.exact` holds both forms), one product in place, the sum over rings
-    as a matrix-vector product written into the result, all on the folded values; then each
-    q picked from its folded value (conjugated by a sign on the imaginary parts)."""
+    (:attr:`References.exact` holds both forms), one product in place, the sums over the
+    rings of each term as a matrix product written into the result, all on the folded
+    values; then each q picked from its folded value (conjugated by a sign on the
+    imaginary parts)."""
     xp = array_module(values)
     m, t = n_index.shape
     _, n_rows, k = values.shape
-    n_rings = len(refs.weights)
-    flat = refs.exact.reshape(-1, n_rows * k)  # (2 N, Q' K): sets, then mirrored sets
+    flat = refs.exact.reshape(-1, n_rows * k)  # (2 N, Q' K''): sets, then mirrored sets
     index = xp.asarray(mirror, dtype=xp.intp) * refs.n_sets + n_index
     index = xp.broadcast_to(index, (m, t))
-    if chunk is None:  # about 16 gathered sets at a time on the CPU
-        chunk = max(1, 16 // t) if xp is np else max(m, 1)
-    ones = xp.ones(n_rings, dtype=xp.complex64)
-    d = xp.empty((m, t, n_rows * k // n_rings), dtype=xp.complex64)
+    if chunk is None:  # about 32 gathered sets at a time on the CPU
+        chunk = max(1, 32 // t) if xp is np else max(m, 1)
+    groups = refs.groups  # (K'', fold): the sums over the rings of each term
+    fold = groups.shape[1]
+    d = xp.empty((m, t, n_rows * fold), dtype=xp.complex64)
     for lo in range(0, m, chunk):
         b = flat[index[lo : lo + chunk].ravel()]  # fancy indexing: faster than take here
         b.reshape(-1, t, n_rows * k)[...] *= values[lo : lo + chunk].reshape(-1, 1, n_rows * k)
-        xp.matmul(b.reshape(-1, n_rings), ones, out=d[lo : lo + chunk].reshape(-1))
+        xp.matmul(b.reshape(-1, k), groups, out=d[lo : lo + chunk].reshape(-1, fold))
     entry, conj = refs.spectrum
     c = xp.take(d, entry, axis=-1)
     c.view(xp.float32)[..., 1::2] *= xp.where(conj, -1.0, 1.0).astype(xp.float32)
@@ -814,9 +979,8 @@ def refine_poses(images, origin, reference, mirror, fine: References, radii, roo
     for _ in range(passes):
         if not len(todo):
             break
-        spectra = image_spectra(
-            images[xp.asarray(todo)], origin[todo], radii, fine.n_angles, order=3
-        )
+        subset = images if len(todo) == n else images[xp.asarray(todo)]  # no copy of all
+        spectra = image_spectra(subset, origin[todo], radii, fine.n_angles, order=3)
         best = refine(spectra, fine, reference[todo], mirror[todo])
         before = origin[todo]
         psi[todo], origin[todo], _ = best.to_params(before)
@@ -827,11 +991,11 @@ def refine_poses(images, origin, reference, mirror, fine: References, radii, roo
 
 
 def _check_layout(image_spec, refs: References) -> None:
-    u = refs.blocks[0][0]  # (Q', K, b)
-    if tuple(image_spec.values.shape[1:]) != u.shape[:2]:
+    layout = tuple(refs.exact.shape[2:])  # (Q', K'')
+    if tuple(image_spec.values.shape[1:]) != layout:
         raise ValueError(
             f"image spectra {tuple(image_spec.values.shape[1:])} do not match the references' "
-            f"folded layout {u.shape[:2]} (rings, W and fold differ)"
+            f"folded layout {layout} (rings, W and fold differ)"
         )
 
 
@@ -841,9 +1005,10 @@ def coarse_scores(image_spec, refs: References, batch=None):
     all at once on the GPU)."""
     xp = array_module(image_spec.values)
     batch = (64 if xp is np else max(len(image_spec), 1)) if batch is None else batch
+    values = image_spec.values
     return xp.concatenate(
         [
-            _coarse_from_operand(_coarse_operand(image_spec.values[lo : lo + batch]), refs)
+            _coarse_from_operand(_coarse_operand(values[lo : lo + batch], refs.coarse), refs)
             for lo in range(0, len(image_spec), batch)
         ],
         1,

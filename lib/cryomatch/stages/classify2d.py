@@ -287,11 +287,12 @@ def out_of_range(origin, settings: Settings, box: int):
 def align(source: ImageSource, references, origin, settings: Settings, backend: str = "numpy"):
     """Pass 1: (class 0-based, psi, origin, mirror, score, re-centred) of every image.
 
-    Each image is searched about its current centre ``-origin``; an image whose origin
-    leaves the searchable range (its rings would leave it) is re-centred first: searched
-    about the nearest centre its rings allow, and its parameters come from its own best
-    match there (SPARX resets such an image to zero). The origins returned are the composed
-    shifts, never clipped."""
+    Each image is searched about its current centre ``-origin`` rounded to whole pixels
+    (:func:`align2d.whole_pixel_centres`), and its match refined on the exact image
+    (:func:`align2d.refine_poses`); an image whose origin leaves the searchable range (its
+    rings would leave it) is re-centred first: searched about the nearest centre its rings
+    allow, and its parameters come from its own best match there (SPARX resets such an
+    image to zero). The origins returned are the composed shifts, never clipped."""
     xp = get_xp(backend)
     box = source.box
     ou = settings.radius(box)
@@ -315,12 +316,13 @@ def align(source: ImageSource, references, origin, settings: Settings, backend: 
     n = len(source.particles)
     cls, score = np.zeros(n, np.int64), np.zeros(n)
     psi, new_origin, mirror = np.zeros(n), np.zeros((n, 2)), np.zeros(n, bool)
+    centre = align2d.whole_pixel_centres(start, room)  # searched about whole pixels
     for lo, hi, images in source.batches("align"):
         images = xp.asarray(source.for_alignment(images, lo, hi))
-        spectra = align2d.image_spectra(images, start[lo:hi], radii, n_angles)
+        spectra = align2d.image_spectra(images, centre[lo:hi], radii, n_angles)
         result = align2d.search(spectra, refs)
         cls[lo:hi], score[lo:hi] = result.reference, result.score
-        psi[lo:hi], new_origin[lo:hi], mirror[lo:hi] = result.to_params(start[lo:hi])
+        psi[lo:hi], new_origin[lo:hi], mirror[lo:hi] = result.to_params(centre[lo:hi])
         # the final refinement on the exact images, against their own reference only
         fine_psi, new_origin[lo:hi], fine_score, refined = align2d.refine_poses(
             images, new_origin[lo:hi], cls[lo:hi], mirror[lo:hi], fine, radii, room

@@ -456,6 +456,7 @@ LOG2E = 1.0 / math.log(2.0)
 TILE_COLUMNS = 2048  # columns (triples) per tile of the inverse DFT: (W, 2048) float32 = 1 MB
 SEED_STRIDE = 4  # views of a chunk that the seeding pass's first step evaluates: 1 in this
 LOW_Q = 16  # spectra whose exact part of cc the second bound takes (the rest: triangle)
+SEED_EXACT = 32  # views per image the seeding evaluates exactly (those of largest bound)
 BOUND_SLOTS = 8  # spectra planes whose magnitudes are added to the bound at once (in cache)
 SKIP_GROUPS = 8  # displacement groups evaluated without the bound after one where it pruned nothing
 OVERFLOW = 100.0  # largest log2 of one term of a tile's likelihood sums (float32: < 128)
@@ -797,6 +798,18 @@ def _second_bound(ctx: _Context, flat, bound, alive: np.ndarray, threshold) -> n
     return np.concatenate(keep) if keep else alive
 
 
+def _triangle_bound(ctx: _Context, planes):
+    """sum_q c'_q |X_q| (c'_q = 1, 1/2 at q = 0 and W/2) of spectra planes (slots, 2, n) in
+    the order of the inverse DFT's slots: (n,)."""
+    xp = ctx.xp
+    bound = xp.zeros(planes.shape[-1], dtype=xp.float32)
+    order = ctx.dft.order
+    for p0 in range(0, len(order), BOUND_SLOTS):
+        p1 = min(len(order), p0 + BOUND_SLOTS)
+        _add_magnitudes(ctx, planes[p0:p1], order[p0:p1], bound)
+    return bound
+
+
 def _add_magnitudes(ctx: _Context, planes, qs, bound) -> None:
     """bound += sum_q c'_q |X_q| for planes (slots, 2, n): (Re X_q, Im X_q) of the slots'
     q (c'_q = 1, 1/2 at q = 0 and W/2)."""
@@ -926,7 +939,8 @@ def _write_full(ctx, chunk, blk, cc, cols, d):
 def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int = 2):
     """Raise each image's best rho and pruning floor before a chunk's main pass. Each round:
     rho of every view at one displacement per image (the centre first, then the image's
-    best so far), then of the image's ``k`` best views there at some displacements: every
+    best so far; products for all, the inverse DFT for the :data:`SEED_EXACT` views of
+    largest triangle bound), then of the image's ``k`` best views there at some displacements: every
     other one along x and y in the first round (:meth:`ImageBatch.coarse`), the 9 nearest
     the image's best in the next (:meth:`ImageBatch.neighbours`); all evaluated exactly.
     These count for the best pose and the floor only (the main pass sums them into the
@@ -945,12 +959,18 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         for p, q in enumerate(order):
             a = ctx.stacked[q][at, images]  # (M, 2H)
             xp.matmul(a[None], chunk.coef[q][:, :, :c], out=planes[p].reshape(2, m, c))
-        rho = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, c)
-        rho *= chunk.inv[:, :, :c]
-        img = np.repeat(np.arange(m), c)
-        local = np.tile(np.arange(c), m)
-        cmax = _exact_update(acc, ctx, chunk, rho.reshape(w, -1), img, local, where[img])
-        top = np.argpartition(-cmax.reshape(m, c), k - 1, axis=1)[:, :k]  # (M, k)
+        # exactly only the views whose triangle bound on rho is among the image's largest
+        e = min(c, SEED_EXACT)
+        bound = _triangle_bound(ctx, planes.reshape(rows // 2, 2, -1))  # (M c,)
+        upper = to_numpy(bound).reshape(m, c) * chunk.inv_max[:, :c]
+        pick = np.argpartition(-upper, e - 1, axis=1)[:, :e]  # (M, e)
+        cols = xp.asarray((pick + c * np.arange(m)[:, None]).reshape(-1))
+        rho = ctx.dft(xp.take(planes.reshape(rows, -1), cols, axis=1)).reshape(w, m, e)
+        rho *= chunk.inv[:, images[:, None], xp.asarray(pick)]
+        img = np.repeat(np.arange(m), e)
+        cmax = _exact_update(acc, ctx, chunk, rho.reshape(w, -1), img, pick.reshape(-1), where[img])
+        best = np.argpartition(-cmax.reshape(m, e), k - 1, axis=1)[:, :k]
+        top = np.take_along_axis(pick, best, axis=1)  # (M, k)
         top_x = xp.asarray(top)
         # displacements: every other one first, then those around each image's best
         dsel = np.tile(ctx.coarse, (m, 1)) if step == 0 else ctx.neighbours[where]

@@ -939,12 +939,13 @@ def _write_full(ctx, chunk, blk, cc, cols, d):
 def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int = 2):
     """Raise each image's best rho and pruning floor before a chunk's main pass. Each round:
     rho of every view at one displacement per image (the centre first, then the image's
-    best so far; products for all, the inverse DFT for the :data:`SEED_EXACT` views of
-    largest triangle bound), then of the image's ``k`` best views there at some displacements: every
-    other one along x and y in the first round (:meth:`ImageBatch.coarse`), the 9 nearest
-    the image's best in the next (:meth:`ImageBatch.neighbours`); all evaluated exactly.
-    These count for the best pose and the floor only (the main pass sums them into the
-    likelihood). About 5% of the triples at 250 views and 49 displacements."""
+    best so far; the products for all, the inverse DFT for the :data:`SEED_EXACT` views of
+    largest triangle bound), then of the image's ``k`` best views there at some
+    displacements: every other one along x and y in the first round
+    (:meth:`ImageBatch.coarse`), the 9 nearest the image's best in the next
+    (:meth:`ImageBatch.neighbours`); all evaluated exactly. These count for the best pose
+    and the floor only (the main pass sums them into the likelihood). The second round is
+    skipped when no pose could be pruned (pure noise)."""
     xp, m, dcount, w = ctx.xp, ctx.m, ctx.dcount, ctx.w
     n_views = len(chunk.views)
     k = min(k, n_views)

@@ -810,6 +810,14 @@ def _triangle_bound(ctx: _Context, planes):
     return bound
 
 
+def _ones(ctx: _Context, n: int):
+    """A cached float32 vector of n ones."""
+    key = f"ones{n}"
+    if key not in ctx.buffers:
+        ctx.buffers[key] = ctx.xp.ones(n, dtype=ctx.xp.float32)
+    return ctx.buffers[key]
+
+
 def _add_magnitudes(ctx: _Context, planes, qs, bound) -> None:
     """bound += sum_q c'_q |X_q| for planes (slots, 2, n): (Re X_q, Im X_q) of the slots'
     q (c'_q = 1, 1/2 at q = 0 and W/2)."""
@@ -819,8 +827,11 @@ def _add_magnitudes(ctx: _Context, planes, qs, bound) -> None:
     mag = sq[:, 0]
     xp.add(sq[:, 0], sq[:, 1], out=mag)
     xp.sqrt(mag, out=mag)
-    weights = np.where((qs == 0) | (qs == ctx.w // 2), 0.5, 1.0).astype(np.float32)
-    bound += xp.asarray(weights) @ mag
+    if ((qs == 0) | (qs == ctx.w // 2)).any():
+        weights = np.where((qs == 0) | (qs == ctx.w // 2), 0.5, 1.0).astype(np.float32)
+        bound += xp.asarray(weights) @ mag
+    else:
+        bound += _ones(ctx, len(qs)) @ mag
 
 
 def _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense) -> _Block:

@@ -40,6 +40,7 @@ from ..backend import array_module, fft_module, to_numpy
 from ..errors import CryomatchError
 from ..kernels.correlation3d import (
     paired_window_correlation,
+    rfft_order,
     rfft_spectra,
     shift_grid,
     window_correlation,
@@ -133,12 +134,12 @@ class LocalZNCC(ZNCCAlignment):
         nz, ny, nx = self.input_shape
         hermitian = np.full(nx // 2 + 1, 2.0, dtype=np.float32)
         hermitian[0] = 1.0
-        h = xp.asarray(np.tile(hermitian, ny) / (nz * ny * nx))  # per (ky, kx) pair
-        power = (layout[0] ** 2 + layout[1] ** 2) * h[:, None, None]  # (P, nz, C)
-        # in the rfftn grid's (nz, ny, kx) order, times the squared low-pass: a particle's
-        # ||G t'||^2 is then its 0/1 wedge, flattened, times this matrix
-        power = power.transpose(1, 0, 2).reshape(-1, power.shape[-1])
-        prep.power = power * (filt[0] * filt[0]).reshape(-1)[:, None]
+        h = xp.asarray(hermitian / (nz * ny * nx))  # per kx
+        # |T|^2 in the rfftn grid's (nz, ny, kx) order, times the squared low-pass: a
+        # particle's ||G t'||^2 is then its 0/1 wedge, flattened, times this matrix
+        power = rfft_order(layout[0] ** 2 + layout[1] ** 2, ny) * h[:, None]  # (nz, ny, kx, C)
+        power = power * (filt[0] * filt[0])[..., None]
+        prep.power = xp.ascontiguousarray(power.reshape(-1, power.shape[-1]))
         prep.nyquist = without_nyquist(self.input_shape, xp)
         return prep
 

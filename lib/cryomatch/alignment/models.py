@@ -72,6 +72,7 @@ FINE_STEP = 0.1  # voxels: the sub-voxel shift grid around the integer peak
 # products (batching more subvolumes only streams a larger accumulator, measured slower);
 # GPUs want large batches
 BATCH_BYTES = {"numpy": 2**19, "cupy": 2**26}
+BY_COLUMN_BYTES = 2**27  # templates' layouts up to this size are also kept by column
 
 
 @dataclass
@@ -83,7 +84,7 @@ class _Prepared:
     masks: object = None  # ZNCC: (2, P, nz, Rm) mask spectra, Rm = 1 or R
     mask_sum: object = None  # ZNCC: (Rm,) sum of each mask
     norm: float = 1.0  # PCC: correlation of a perfect match
-    by_column: object = None  # (T*R, P, nz) complex64 copy for fast gathers (refine)
+    by_column: object = None  # (T*R, P, nz) complex64 copy for fast gathers
     mask_column: object = None  # (1, P, nz) complex64: the one mask by column (cached)
 
     def columns(self, index):
@@ -168,7 +169,12 @@ class _BatchedModel(TomographyInput):
             else:
                 templates, masks = self._template[:, None], self._mask[None]
             templates = templates.reshape((-1,) + shape)
-            self._prepared[key] = self._prepare_templates(xp, filt, templates, masks)
+            prep = self._prepare_templates(xp, filt, templates, masks)
+            if prep.templates.nbytes <= BY_COLUMN_BYTES:  # gathering a column out of the
+                prep.by_column = columns_of(prep.templates)  # layout reads a line per value
+            if self.has_rotation and (self.interpolate or self.refine):
+                self._neighbour_table()  # per model, with the templates (job setup)
+            self._prepared[key] = prep
         return self._prepared[key]
 
     def _filters(self, xp, orientation):

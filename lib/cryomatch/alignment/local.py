@@ -59,10 +59,11 @@ from .models import ZNCCAlignment, _local_std, _standardize
 RESAMPLE_ORDER, RESAMPLE_MODE = 1, "constant"
 
 
-def to_prior_frame(volume, quat, shift, xp=np, order: int = 3, mode: str = "grid-constant"):
+def to_prior_frame(volume, quat, shift, xp=np, order: int = 3, mode: str = "constant"):
     """The subvolume turned back by its prior: ``v_p(y) = v(R_P (y - c) + c + s_P)`` with c
     acryo's centre (spline of ``order``; outside the box: the volume's mean, ``mode`` of
-    :func:`cryomatch.kernels.rotate.affine_resample`)."""
+    :func:`cryomatch.kernels.rotate.affine_resample`: "constant" is 2x faster than
+    "grid-constant" at order 3 and differs within a few voxels of the box's faces)."""
     rot = Rotation.from_quat(np.asarray(quat, dtype=np.float64)).as_matrix()
     c = geometry.acryo_centre(volume.shape)
     volume = xp.asarray(volume, dtype=xp.float32)

@@ -59,6 +59,7 @@ from ..kernels.wedge import butterworth, without_nyquist
 from . import refine as refine_rotation
 from .base import (
     IDENTITY,
+    TEMPLATE_MODE,
     AlignmentResult,
     TomographyInput,
     _edge_mean,
@@ -361,7 +362,8 @@ class _BatchedModel(TomographyInput):
         (one column each: per-subvolume rotations)."""
         if self._coefficients is None:
             self._coefficients = [
-                (spline_coefficients(t, _edge_mean(t)), _edge_mean(t)) for t in self._template
+                (spline_coefficients(t, _edge_mean(t), mode=TEMPLATE_MODE), _edge_mean(t))
+                for t in self._template
             ]
         c = acryo_centre(self.input_shape)
         matrices = Rotation.from_quat(quats).as_matrix()
@@ -369,10 +371,12 @@ class _BatchedModel(TomographyInput):
         for k, (coefficients, cval) in enumerate(self._coefficients):
             sel = np.flatnonzero(labels == k)
             if len(sel):
-                volumes[sel] = rotate_coefficients(coefficients, matrices[sel], c, cval)
+                volumes[sel] = rotate_coefficients(
+                    coefficients, matrices[sel], c, cval, mode=TEMPLATE_MODE
+                )
         masks = self.rotated_templates()[1] if self.has_rotation else self._mask[None]
         if len(masks) > 1:  # the mask turns with the template
-            masks = np.clip(rotate_volumes(self._mask, matrices, c), 0.0, None)
+            masks = np.clip(rotate_volumes(self._mask, matrices, c, mode=TEMPLATE_MODE), 0.0, None)
         return self._prepare_templates(xp, prep.filt, volumes, masks)
 
     def _subvoxel(self, data, prep, d0, max_shifts, column=None, local=None):

@@ -39,6 +39,7 @@ from .. import geometry
 from ..backend import array_module, fft_module, to_numpy
 from ..errors import CryomatchError
 from ..kernels.correlation3d import (
+    layout_spectra,
     paired_window_correlation,
     rfft_order,
     rfft_spectra,
@@ -138,7 +139,8 @@ class LocalZNCC(ZNCCAlignment):
         h = xp.asarray(hermitian / (nz * ny * nx))  # per kx
         # |T|^2 in the rfftn grid's (nz, ny, kx) order, times the squared low-pass: a
         # particle's ||G t'||^2 is then its 0/1 wedge, flattened, times this matrix
-        power = rfft_order(layout[0] ** 2 + layout[1] ** 2, ny) * h[:, None]  # (nz, ny, kx, C)
+        spectra = layout_spectra(layout)  # (P, nz, C)
+        power = rfft_order(spectra.real**2 + spectra.imag**2, ny) * h[:, None]  # (nz, ny, kx, C)
         power = power * (filt[0] * filt[0])[..., None]
         prep.power = xp.ascontiguousarray(power.reshape(-1, power.shape[-1]))
         prep.nyquist = without_nyquist(self.input_shape, xp)

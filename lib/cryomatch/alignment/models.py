@@ -81,8 +81,8 @@ class _Prepared:
     """Template-side arrays for one backend and one wedge orientation."""
 
     filt: object  # (subvolume weights (nz, ny, nx//2+1), template weights or None)
-    templates: object  # (2, P, nz, T*R) float32, template_layout
-    masks: object = None  # ZNCC: (2, P, nz, Rm) mask spectra, Rm = 1 or R
+    templates: object  # (P, 2 nz, T*R) float32, template_layout
+    masks: object = None  # ZNCC: (P, 2 nz, Rm) mask spectra' layout, Rm = 1 or R
     mask_sum: object = None  # ZNCC: (Rm,) sum of each mask
     norm: float = 1.0  # PCC: correlation of a perfect match
     by_column: object = None  # (T*R, P, nz) complex64 copy for fast gathers
@@ -195,7 +195,7 @@ class _BatchedModel(TomographyInput):
             m = _masks_for(xp, masks, lo, len(t))
             layout = template_layout(self._template_spectra(xp, filt, t, m))
             if out is None:
-                out = xp.empty(layout.shape[:3] + (len(templates),), dtype=xp.float32)
+                out = xp.empty(layout.shape[:-1] + (len(templates),), dtype=xp.float32)
             out[..., lo : lo + len(t)] = layout
         return self._finish_prepared(xp, filt, out, xp.asarray(masks))
 

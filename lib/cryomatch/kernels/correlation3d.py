@@ -9,15 +9,15 @@ one inverse FFT per (subvolume, rotation) pair the inverse DFT is evaluated on t
 alone, separably: a contraction over kz with an (w, nz) phase matrix, then ky, then kx.
 The kz contraction is batched over the (ky, kx) pairs as one matrix product of
 [subvolumes x window] by [kz] by [rotations] per pair, so the rotated templates' spectra
-are read once per batch of subvolumes. Complex products run as two real ones, the
-subvolumes' real and imaginary parts stacked (OpenBLAS multi-threads many small complex
-products badly; real ones take its small-matrix path, and the taller left matrix uses it
-better than four products). With a few templates (a mask's local statistics) the
-products of the spectra come first and each contraction is one matrix product over all
-pairs. Shifts need not be integers: the same sum is the
-band-limited interpolation of the correlation (Nyquist planes must be zero), which the
-sub-voxel peak search uses (cf. the matrix-multiply DFT of Guizar-Sicairos, Thurman and
-Fienup, Opt. Lett. 33, 156, 2008).
+are read once per batch of subvolumes; the pairs are kx-major, so that a block of kx
+columns holds whole ky lines for the next two contractions. Complex products run as one
+real product of twice the size (OpenBLAS multi-threads many small complex products
+badly; real ones take its small-matrix path, and one larger product uses it better than
+four). With a few templates (a mask's local statistics) the products of the spectra come
+first and each contraction is one matrix product over all pairs. Shifts need not be
+integers: the same sum is the band-limited interpolation of the correlation (Nyquist
+planes must be zero), which the sub-voxel peak search uses (cf. the matrix-multiply DFT
+of Guizar-Sicairos, Thurman and Fienup, Opt. Lett. 33, 156, 2008).
 """
 
 from __future__ import annotations
@@ -43,12 +43,21 @@ def rfft_spectra(volumes):
 
 
 def template_layout(spectra):
-    """Templates' spectra (R, nz, ny, kx) in the layout the correlations read: the real and
-    imaginary parts of their conjugates as float32 (2, P, nz, R), contiguous, with the
-    P = kx * ny frequency pairs in :func:`pair_order` (kx-major)."""
+    """Templates' spectra (R, nz, ny, kx) in the layout the correlations read: per
+    frequency pair, the real parts of their conjugates over kz stacked on the imaginary
+    parts, float32 (P, 2 nz, R), contiguous, the P = kx * ny pairs in :func:`pair_order`
+    (kx-major)."""
     xp = array_module(spectra)
     conj = pair_order(xp.conj(spectra)).transpose(2, 1, 0)  # (P, nz, R)
-    return xp.ascontiguousarray(xp.stack([conj.real, conj.imag]).astype(xp.float32, copy=False))
+    return xp.ascontiguousarray(
+        xp.concatenate([conj.real, conj.imag], axis=1).astype(xp.float32, copy=False)
+    )
+
+
+def layout_spectra(layout):
+    """The conjugated spectra (P, nz, R) complex64 of a :func:`template_layout`."""
+    nz = layout.shape[1] // 2
+    return layout[:, :nz] + 1j * layout[:, nz:]
 
 
 def pair_order(spectra):
@@ -71,9 +80,7 @@ def columns_of(layout, index=None):
     xp = array_module(layout)
     if index is not None:
         layout = layout[..., xp.asarray(index)]
-    return xp.ascontiguousarray(
-        (layout[0] + 1j * layout[1]).transpose(2, 0, 1).astype(xp.complex64)
-    )
+    return xp.ascontiguousarray(layout_spectra(layout).transpose(2, 0, 1).astype(xp.complex64))
 
 
 def shift_grid(max_shifts, step: float = 1.0, centre=(0.0, 0.0, 0.0)) -> list[np.ndarray]:
@@ -96,7 +103,7 @@ def window_correlation(spectra, templates, shape, coords):
     """Correlations over a window of shifts, for every (subvolume, template) pair.
 
     spectra (S, nz, ny, nx//2+1): rfftn of the subvolumes (Nyquist planes zero);
-    templates (2, P, nz, R): :func:`template_layout` of R templates' rfftn; shape
+    templates (P, 2 nz, R): :func:`template_layout` of R templates' rfftn; shape
     (nz, ny, nx); coords: shift coordinates (z, y, x) in voxels, each a 1D array (see
     :func:`shift_grid`). Returns float32 (S, R, wz, wy, wx): ``sum_x t_r(x) v_s(x + d)``.
     The pairs are taken a block of kx columns at a time (working set ~ CHUNK_BYTES per
@@ -120,7 +127,6 @@ def window_correlation(spectra, templates, shape, coords):
     a_all = pair_order(spectra)  # (S, nz, P)
     if r <= FEW_TEMPLATES:
         return _few_templates(a_all, templates, ez, ey, ex)
-    er, ei = ez.real[None, None], ez.imag[None, None]
     eys = xp.ascontiguousarray(xp.concatenate([ey.real, ey.imag]))  # (2 wy, ny)
     exr, exi = xp.ascontiguousarray(ex.real), xp.ascontiguousarray(ex.imag)
     out = xp.zeros((wx, wy * m), dtype=xp.float32)
@@ -129,20 +135,18 @@ def window_correlation(spectra, templates, shape, coords):
     for c0 in range(0, kx, cols):
         c1 = min(kx, c0 + cols)
         pairs = slice(c0 * ny, c1 * ny)
-        # contraction over kz, batched over the (ky, kx) pairs: the real and imaginary
-        # parts of the subvolumes' phased spectra stacked, X = [Xr; Xi] (Pc, 2 S wz, nz),
-        # times the templates' real and imaginary parts (Pc, nz, R): two real products
-        a = a_all[:, :, pairs].transpose(2, 0, 1)[:, :, None, :]  # (Pc, S, 1, nz)
-        sr, si = a.real, a.imag
-        x = xp.empty((a.shape[0], 2 * sw, nz), dtype=xp.float32)
-        x[:, :sw] = (sr * er - si * ei).reshape(-1, sw, nz)
-        x[:, sw:] = (sr * ei + si * er).reshape(-1, sw, nz)
-        xbr = xp.matmul(x, templates[0, pairs])  # [Xr Br; Xi Br]
-        xbi = xp.matmul(x, templates[1, pairs])  # [Xr Bi; Xi Bi]
-        cr = xbr[:, :sw]
-        cr -= xbi[:, sw:]  # Re(X B) (Pc, S wz, R)
-        ci = xbi[:, :sw]
-        ci += xbr[:, sw:]  # Im(X B)
+        # contraction over kz, batched over the (ky, kx) pairs, the complex product X B of
+        # the subvolumes' phased spectra X (S wz, nz) and the templates' B (nz, R) as one
+        # real one: [[Xr, -Xi], [Xi, Xr]] (2 S wz, 2 nz) @ [Br; Bi] (2 nz, R) = [Re; Im]
+        a = a_all[:, :, pairs].transpose(2, 0, 1)[:, :, None, :] * ez  # (Pc, S, wz, nz)
+        a = a.reshape(-1, sw, nz)
+        x = xp.empty((len(a), 2 * sw, 2 * nz), dtype=xp.float32)
+        x[:, :sw, :nz] = a.real
+        xp.negative(a.imag, out=x[:, :sw, nz:])
+        x[:, sw:, :nz] = a.imag
+        x[:, sw:, nz:] = a.real
+        c = xp.matmul(x, templates[pairs])  # (Pc, 2 S wz, R)
+        cr, ci = c[:, :sw], c[:, sw:]
         # contraction over ky per kx column: [ey_r; ey_i] (2 wy, ny) @ (ny, S wz R)
         n = c1 - c0
         yr = xp.matmul(eys, cr.reshape(n, ny, m))  # [ey_r Cr; ey_i Cr] (n, 2 wy, m)
@@ -171,7 +175,7 @@ def _few_templates(a_all, templates, ez, ey, ex):
     # the (ky, kx) -> (dy, dx) inverse DFT as one matrix: E[(dy, dx), (kx, ky)], pair order
     e2 = (ey[:, None, None, :] * ex[None, :, :, None]).reshape(wy * wx, -1)
     e2r, e2i = xp.ascontiguousarray(e2.real.T), xp.ascontiguousarray(e2.imag.T)
-    b = (templates[0] + 1j * templates[1]).astype(xp.complex64).transpose(1, 2, 0)  # (nz, R, P)
+    b = layout_spectra(templates).astype(xp.complex64).transpose(1, 2, 0)  # (nz, R, P)
     a = a_all[:, :, None]
     out = xp.empty((s, r, wz, wy, wx), dtype=xp.float32)
     step = max(1, int(PRODUCT_BYTES // (r * a[0].size * 8)))

@@ -132,8 +132,9 @@ def window_correlation(spectra, templates, shape, coords):
     out = xp.zeros((wx, wy * m), dtype=xp.float32)
     sw = s * wz
     cols = max(1, int(CHUNK_BYTES // (wz * r * 8 * ny)))
-    for c0 in range(0, kx, cols):
-        c1 = min(kx, c0 + cols)
+    used = nx // 2 if nx % 2 == 0 else kx  # the Nyquist column (zero) is left out
+    for c0 in range(0, used, cols):
+        c1 = min(used, c0 + cols)
         pairs = slice(c0 * ny, c1 * ny)
         # contraction over kz, batched over the (ky, kx) pairs, the complex product X B of
         # the subvolumes' phased spectra X (S wz, nz) and the templates' B (nz, R) as one

@@ -10,6 +10,7 @@ from cryomatch.alignment.rotations import euler_zyx_to_rotation, normalize_rotat
 from cryomatch.alignment.tilt import dual_axis, single_axis
 from cryomatch.errors import CryomatchWarning
 from cryomatch.kernels.correlation3d import (
+    FEW_TEMPLATES,
     columns_of,
     paired_window_correlation,
     rfft_spectra,
@@ -32,16 +33,17 @@ def _spectra(rng, n, shape=SHAPE):
     return v, rfft_spectra(v)
 
 
-def test_window_correlation_matches_direct_sums(rng):
+@pytest.mark.parametrize("n_templates", [1, 3, FEW_TEMPLATES + 2])  # both code paths
+def test_window_correlation_matches_direct_sums(rng, n_templates):
     v, a = _spectra(rng, 2)
     a = a * without_nyquist(SHAPE)
     vf = np.fft.irfftn(a, s=SHAPE, axes=(1, 2, 3))
-    t, b = _spectra(rng, 3)
+    t, b = _spectra(rng, n_templates)
     coords = shift_grid((2, 3, 1))
     c = window_correlation(a, template_layout(b), SHAPE, coords)
-    assert c.shape == (2, 3, 5, 7, 3)
+    assert c.shape == (2, n_templates, 5, 7, 3)
     for s in range(2):
-        for r in range(3):
+        for r in range(n_templates):
             for iz, dz in enumerate(coords[0]):
                 for iy, dy in enumerate(coords[1]):
                     for ix, dx in enumerate(coords[2]):

@@ -9,7 +9,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
 from cryomatch import geometry
-from cryomatch.alignment.local import allowed_rotations
+from cryomatch.alignment.local import LocalZNCC, allowed_rotations
 from cryomatch.errors import CryomatchError
 from cryomatch.io.star import read_star, write_star
 from cryomatch.kernels.rotate import affine_resample
@@ -175,6 +175,28 @@ def test_cone_and_inplane_limits(rng):
     # with cone 0 only turns about the particle's own z axis stay
     ok = allowed_rotations(prior, prior, grid, cone=0.0, inplane=None)
     assert np.all(view[ok] < 1e-5)
+
+
+def test_wedge_normalization_is_the_filtered_templates_norm(rng):
+    """Each (subvolume, rotation) score is divided by ||G t'||, G the low-pass times the
+    particle's wedge: the one matrix product must equal the norm of each prepared
+    template filtered by G, computed directly (Parseval on the full grid)."""
+    shape = (12, 14, 16)
+    template = gaussian_filter(rng.normal(size=shape), 1.5).astype(np.float32)
+    model = LocalZNCC(template, angular_range=10, angular_step=10, cutoff=0.3, tilt=(-50, 40))
+    prep = model._prepare(np, [0.0, 0, 0, 1])
+    quats = Rotation.random(2, random_state=3).as_quat()
+    wedges = np.stack([model._tilt_model.rfft_mask(Rotation.from_quat(q), shape) for q in quats])
+    v = rng.normal(size=(2,) + shape).astype(np.float32)
+    norm = model._subvolume_data_local(v, wedges, prep)[3]  # (2, rotations)
+    rotated, masks = model.rotated_templates()
+    spectra = model._template_spectra(np, prep.filt, rotated[0], masks)
+    for s in range(2):
+        g = prep.filt[0] * wedges[s]
+        filtered = np.fft.irfftn(spectra * g, s=shape, axes=(1, 2, 3))
+        direct = np.sqrt((filtered**2).sum(axis=(1, 2, 3)))
+        np.testing.assert_allclose(norm[s], direct, rtol=1e-4)
+    assert np.ptp(norm) > 0.01 * norm.max()  # the wedges and rotations matter
 
 
 def test_origins_in_pixels_and_bad_priors(so3, tmp_path):

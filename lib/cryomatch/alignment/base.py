@@ -45,6 +45,9 @@ from .rotations import normalize_rotations
 from .tilt import as_tilt_model
 
 IDENTITY = np.array([0.0, 0.0, 0.0, 1.0])
+# templates (less their face mean) and masks are turned by cubic spline with scipy's mode
+# "constant": 1.5x faster than "grid-constant", the same where they are flat at the faces
+TEMPLATE_MODE = "constant"
 
 
 class AlignmentResult(NamedTuple):
@@ -264,7 +267,10 @@ class RotationImplemented(BaseAlignmentModel):
             matrices = Rotation.from_quat(self.quaternions).as_matrix()
             c = geometry.acryo_centre(self.input_shape)
             templates = np.stack(
-                [rotate_volumes(t, matrices, c, cval=_edge_mean(t)) for t in self._template]
+                [
+                    rotate_volumes(t, matrices, c, cval=_edge_mean(t), mode=TEMPLATE_MODE)
+                    for t in self._template
+                ]
             )
             self._rotated = templates, self._rotated_masks(matrices, c)
         return self._rotated
@@ -272,7 +278,8 @@ class RotationImplemented(BaseAlignmentModel):
     def _rotated_masks(self, matrices, centre) -> np.ndarray:
         if np.all(self._mask == self._mask.flat[0]):  # no mask: nothing to turn
             return self._mask[None]
-        return np.clip(rotate_volumes(self._mask, matrices, centre, cval=0.0), 0.0, None)
+        turned = rotate_volumes(self._mask, matrices, centre, cval=0.0, mode=TEMPLATE_MODE)
+        return np.clip(turned, 0.0, None)
 
     def _candidates(self):
         templates, masks = self.rotated_templates()

@@ -59,6 +59,7 @@ from ..kernels.wedge import butterworth, without_nyquist
 from . import refine as refine_rotation
 from .base import (
     IDENTITY,
+    TEMPLATE_MODE,
     AlignmentResult,
     TomographyInput,
     _edge_mean,
@@ -72,6 +73,7 @@ FINE_STEP = 0.1  # voxels: the sub-voxel shift grid around the integer peak
 # products (batching more subvolumes only streams a larger accumulator, measured slower);
 # GPUs want large batches
 BATCH_BYTES = {"numpy": 2**19, "cupy": 2**26}
+BY_COLUMN_BYTES = 2**27  # templates' layouts up to this size are also kept by column
 
 
 @dataclass
@@ -79,11 +81,11 @@ class _Prepared:
     """Template-side arrays for one backend and one wedge orientation."""
 
     filt: object  # (subvolume weights (nz, ny, nx//2+1), template weights or None)
-    templates: object  # (2, P, nz, T*R) float32, template_layout
-    masks: object = None  # ZNCC: (2, P, nz, Rm) mask spectra, Rm = 1 or R
+    templates: object  # (P, 2 nz, T*R) float32, template_layout
+    masks: object = None  # ZNCC: (P, 2 nz, Rm) mask spectra' layout, Rm = 1 or R
     mask_sum: object = None  # ZNCC: (Rm,) sum of each mask
     norm: float = 1.0  # PCC: correlation of a perfect match
-    by_column: object = None  # (T*R, P, nz) complex64 copy for fast gathers (refine)
+    by_column: object = None  # (T*R, P, nz) complex64 copy for fast gathers
     mask_column: object = None  # (1, P, nz) complex64: the one mask by column (cached)
 
     def columns(self, index):
@@ -168,7 +170,12 @@ class _BatchedModel(TomographyInput):
             else:
                 templates, masks = self._template[:, None], self._mask[None]
             templates = templates.reshape((-1,) + shape)
-            self._prepared[key] = self._prepare_templates(xp, filt, templates, masks)
+            prep = self._prepare_templates(xp, filt, templates, masks)
+            if prep.templates.nbytes <= BY_COLUMN_BYTES:  # gathering a column out of the
+                prep.by_column = columns_of(prep.templates)  # layout reads a line per value
+            if self.has_rotation and (self.interpolate or self.refine):
+                self._neighbour_table()  # per model, with the templates (job setup)
+            self._prepared[key] = prep
         return self._prepared[key]
 
     def _filters(self, xp, orientation):
@@ -188,7 +195,7 @@ class _BatchedModel(TomographyInput):
             m = _masks_for(xp, masks, lo, len(t))
             layout = template_layout(self._template_spectra(xp, filt, t, m))
             if out is None:
-                out = xp.empty(layout.shape[:3] + (len(templates),), dtype=xp.float32)
+                out = xp.empty(layout.shape[:-1] + (len(templates),), dtype=xp.float32)
             out[..., lo : lo + len(t)] = layout
         return self._finish_prepared(xp, filt, out, xp.asarray(masks))
 
@@ -355,7 +362,8 @@ class _BatchedModel(TomographyInput):
         (one column each: per-subvolume rotations)."""
         if self._coefficients is None:
             self._coefficients = [
-                (spline_coefficients(t, _edge_mean(t)), _edge_mean(t)) for t in self._template
+                (spline_coefficients(t, _edge_mean(t), mode=TEMPLATE_MODE), _edge_mean(t))
+                for t in self._template
             ]
         c = acryo_centre(self.input_shape)
         matrices = Rotation.from_quat(quats).as_matrix()
@@ -363,10 +371,12 @@ class _BatchedModel(TomographyInput):
         for k, (coefficients, cval) in enumerate(self._coefficients):
             sel = np.flatnonzero(labels == k)
             if len(sel):
-                volumes[sel] = rotate_coefficients(coefficients, matrices[sel], c, cval)
+                volumes[sel] = rotate_coefficients(
+                    coefficients, matrices[sel], c, cval, mode=TEMPLATE_MODE
+                )
         masks = self.rotated_templates()[1] if self.has_rotation else self._mask[None]
         if len(masks) > 1:  # the mask turns with the template
-            masks = np.clip(rotate_volumes(self._mask, matrices, c), 0.0, None)
+            masks = np.clip(rotate_volumes(self._mask, matrices, c, mode=TEMPLATE_MODE), 0.0, None)
         return self._prepare_templates(xp, prep.filt, volumes, masks)
 
     def _subvoxel(self, data, prep, d0, max_shifts, column=None, local=None):

@@ -45,17 +45,21 @@ def affine_resample(
     return out + cval
 
 
-def spline_coefficients(volume, cval: float = 0.0, order: int = 3):
-    """Cubic B-spline coefficients of ``volume - cval`` (compute once, rotate many times)."""
+def spline_coefficients(volume, cval: float = 0.0, order: int = 3, mode: str = "grid-constant"):
+    """Cubic B-spline coefficients of ``volume - cval`` (compute once, rotate many times);
+    ``mode`` as in :func:`affine_resample` (the same in :func:`rotate_coefficients`)."""
     xp = array_module(volume)
     return ndimage_module(xp).spline_filter(
-        volume.astype(xp.float32) - cval, order=order, mode="grid-constant", output=xp.float32
+        volume.astype(xp.float32) - cval, order=order, mode=mode, output=xp.float32
     )
 
 
-def rotate_coefficients(coefficients, matrices, centre, cval: float = 0.0, order: int = 3):
+def rotate_coefficients(
+    coefficients, matrices, centre, cval: float = 0.0, order: int = 3, mode: str = "grid-constant"
+):
     """The volume of :func:`spline_coefficients` rotated by each of ``matrices`` (R, 3, 3)
-    about ``centre``: (R, *shape) float32, ``cval`` outside."""
+    about ``centre``: (R, *shape) float32, ``cval`` outside. ``mode`` "constant" is ~1.5x
+    faster at order 3 and the same where the volume is ``cval`` near its faces."""
     xp = array_module(coefficients)
     nd = ndimage_module(xp)
     centre = np.asarray(centre, dtype=np.float64)
@@ -67,7 +71,7 @@ def rotate_coefficients(coefficients, matrices, centre, cval: float = 0.0, order
             xp.asarray(inv),
             offset=xp.asarray(centre - inv @ centre),
             order=order,
-            mode="grid-constant",
+            mode=mode,
             cval=0.0,
             prefilter=False,
             output=xp.float32,
@@ -75,8 +79,10 @@ def rotate_coefficients(coefficients, matrices, centre, cval: float = 0.0, order
     return out + cval
 
 
-def rotate_volumes(volume, matrices, centre, cval: float = 0.0, order: int = 3):
+def rotate_volumes(
+    volume, matrices, centre, cval: float = 0.0, order: int = 3, mode: str = "grid-constant"
+):
     """The volume rotated by each of ``matrices`` (R, 3, 3) about ``centre``: (R, *shape)
     float32. The spline coefficients are computed once for all rotations."""
-    coefficients = spline_coefficients(volume, cval, order)
-    return rotate_coefficients(coefficients, matrices, centre, cval, order)
+    coefficients = spline_coefficients(volume, cval, order, mode)
+    return rotate_coefficients(coefficients, matrices, centre, cval, order, mode)

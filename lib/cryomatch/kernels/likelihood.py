@@ -516,6 +516,7 @@ class _Chunk:
     lmax: np.ndarray | None = None  # (M, c) float64 (host): its largest
     inv_max: np.ndarray | None = None  # (M, c) float64 (host): inv's largest over rotations
     lmin_views: np.ndarray | None = None  # (M,) lmax's smallest over the views
+    coef_all: object = None  # (2, sum 2 H_q, c): the array ``coef`` views into
 
 
 @dataclass
@@ -535,6 +536,17 @@ class _Context:
     coarse: np.ndarray  # displacements of the seeding's first round
     low_part: tuple  # (row ranges, (W, 2 LOW_Q) matrix, q) of the second bound
     skip_bound: int = 0  # groups to evaluate without the bound (it pruned nothing lately)
+    weights: dict = field(default_factory=dict)  # (first slot, count): the bound's c'_q
+
+    def slot_weights(self, p0: int, count: int):
+        """c'_q (1, 1/2 at q = 0 and W/2) of the spectra slots p0..p0 + count, float32."""
+        key = (p0, count)
+        if key not in self.weights:
+            qs = self.dft.order[p0 : p0 + count]
+            weights = np.where((qs == 0) | (qs == self.w // 2), 0.5, 1.0).astype(np.float32)
+            self.weights[key] = self.xp.asarray(weights)
+        return self.weights[key]
+
     group: int = 1  # displacements per product (see :func:`_search_block`)
 
 
@@ -611,16 +623,9 @@ def search(
             lscc2=(
                 (-0.5 * xp.log(n * scc) + xp.asarray(lprior[views].astype(np.float32))) * LOG2E
             ).astype(xp.float32),
-            coef=[
-                xp.stack(
-                    [
-                        xp.concatenate([c.real, c.imag], axis=0),
-                        xp.concatenate([c.imag, -c.real], axis=0),
-                    ]
-                )
-                for c in coefficients
-            ],
+            coef=[],
         )
+        chunk.coef_all, chunk.coef = _stacked_coefficients(coefficients, xp)
         del coefficients
         chunk.lmin = to_numpy(chunk.lscc2.min(axis=0)).astype(np.float64)
         chunk.lmax = to_numpy(chunk.lscc2.max(axis=0)).astype(np.float64)
@@ -648,6 +653,23 @@ def _scaled_low_part(dft: InverseRotationDFT):
     times the correlations')."""
     runs, matrix, qs = dft.low_part(LOW_Q)
     return runs, matrix * np.float32(dft.w / 2), qs
+
+
+def _stacked_coefficients(coefficients, xp) -> tuple:
+    """Per q, the views' coefficients c (H_q, c) as real rows [Re c; Im c] and [Im c; -Re c]
+    (2, 2 H_q, c): (the array (2, sum 2 H_q, c), the views into it per q) (the columns of
+    all q are gathered at once)."""
+    sizes = [2 * c.shape[0] for c in coefficients]
+    both = xp.empty((2, sum(sizes), coefficients[0].shape[1]), dtype=xp.float32)
+    views, lo = [], 0
+    for c, size in zip(coefficients, sizes, strict=True):
+        h = size // 2
+        view = both[:, lo : lo + size]
+        view[0, :h], view[0, h:] = c.real, c.imag
+        view[1, :h], view[1, h:] = c.imag, -c.real
+        views.append(view)
+        lo += size
+    return both, views
 
 
 def _buffer(ctx: _Context, name: str, shape, dtype=None):
@@ -745,7 +767,7 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
             xp.matmul(images, chunk.coef[q][:, :, lo:hi], out=planes[p].reshape(2, g * m, sb))
             if bound is not None and ((p + 1) % BOUND_SLOTS == 0 or p + 1 == len(order)):
                 p0 = p - (p % BOUND_SLOTS)
-                _add_magnitudes(ctx, planes[p0 : p + 1], order[p0 : p + 1], bound)
+                _add_magnitudes(ctx, planes[p0 : p + 1], p0, bound)
         ctx.skip_bound -= 1
         if bound is not None:
             # the bound is sum_q c_q |X_q| with c_q = 2/W (1/W at q = 0 and W/2)
@@ -806,32 +828,20 @@ def _triangle_bound(ctx: _Context, planes):
     order = ctx.dft.order
     for p0 in range(0, len(order), BOUND_SLOTS):
         p1 = min(len(order), p0 + BOUND_SLOTS)
-        _add_magnitudes(ctx, planes[p0:p1], order[p0:p1], bound)
+        _add_magnitudes(ctx, planes[p0:p1], p0, bound)
     return bound
 
 
-def _ones(ctx: _Context, n: int):
-    """A cached float32 vector of n ones."""
-    key = f"ones{n}"
-    if key not in ctx.buffers:
-        ctx.buffers[key] = ctx.xp.ones(n, dtype=ctx.xp.float32)
-    return ctx.buffers[key]
-
-
-def _add_magnitudes(ctx: _Context, planes, qs, bound) -> None:
-    """bound += sum_q c'_q |X_q| for planes (slots, 2, n): (Re X_q, Im X_q) of the slots'
-    q (c'_q = 1, 1/2 at q = 0 and W/2)."""
+def _add_magnitudes(ctx: _Context, planes, p0: int, bound) -> None:
+    """bound += sum_q c'_q |X_q| for planes (slots, 2, n): (Re X_q, Im X_q) of the slots
+    from p0 (c'_q = 1, 1/2 at q = 0 and W/2: :meth:`_Context.slot_weights`)."""
     xp = ctx.xp
     sq = _buffer(ctx, "square", planes.shape)
     xp.square(planes, out=sq)
     mag = sq[:, 0]
     xp.add(sq[:, 0], sq[:, 1], out=mag)
     xp.sqrt(mag, out=mag)
-    if ((qs == 0) | (qs == ctx.w // 2)).any():
-        weights = np.where((qs == 0) | (qs == ctx.w // 2), 0.5, 1.0).astype(np.float32)
-        bound += xp.asarray(weights) @ mag
-    else:
-        bound += _ones(ctx, len(qs)) @ mag
+    bound += ctx.slot_weights(p0, len(planes)) @ mag
 
 
 def _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense) -> _Block:
@@ -990,9 +1000,11 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         rows_x = xp.asarray((dsel * m + np.arange(m)[:, None]).reshape(-1))  # (image, nd)
         views_x = xp.asarray(top.reshape(-1))
         planes = _buffer(ctx, "seed2", (rows // 2, 2, m, nd, k))
+        coefs = xp.take(chunk.coef_all, views_x, axis=2)  # (2, sum 2 H_q, M k)
+        offsets = np.cumsum([0] + [c.shape[1] for c in chunk.coef])
         for p, q in enumerate(order):
             a = xp.take(ctx.stacked[q].reshape(dcount * m, -1), rows_x, axis=0)
-            coef = xp.take(chunk.coef[q], views_x, axis=2).reshape(2, -1, m, k)  # (2, 2H, M, k)
+            coef = coefs[:, offsets[q] : offsets[q + 1]].reshape(2, -1, m, k)  # (2, 2H, M, k)
             xp.matmul(a.reshape(1, m, nd, -1), coef.transpose(0, 2, 1, 3), out=planes[p])
         cc = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, nd, k)
         inv = chunk.inv[:, images[:, None], top_x]  # (W, M, k)

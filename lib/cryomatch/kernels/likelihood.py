@@ -379,6 +379,11 @@ def prepare_images(
     if group is None:
         group = max(1, int(4e6 // (8 * m * r * half)))
     stacked = [xp.empty((dcount, m, 2 * b.shape[1]), dtype=xp.float32) for b in bank.bases]
+    size = min(group, dcount) * m * r
+    buffers = [xp.empty(size * half, dtype=xp.float32) for _ in range(3)] + [
+        xp.empty(size * rows_, dtype=xp.float32) for rows_ in (from_re.shape[0], from_im.shape[0])
+    ]
+    scratch = xp.empty((size // r, 2 * max(b.shape[1] for b in bank.bases)), xp.float32)
     for d0 in range(0, dcount, group):
         d1 = min(dcount, d0 + group)
         rows = (d1 - d0) * m
@@ -391,22 +396,29 @@ def prepare_images(
             )
         )  # (g, 1 or M, R, W/2): the shift's phase
         cos, sin = xp.cos(phase), xp.sin(phase)
-        shifted_re = (w_re * cos - w_im * sin).reshape(rows * r, half)
-        shifted_im = (w_re * sin + w_im * cos).reshape(rows * r, half)
+        shape = (d1 - d0, m, r, half)
+        shifted_re, shifted_im, tmp = (b[: rows * r * half].reshape(shape) for b in buffers[:3])
+        xp.multiply(w_re, cos, out=shifted_re)
+        xp.multiply(w_im, sin, out=tmp)
+        xp.subtract(shifted_re, tmp, out=shifted_re)
+        xp.multiply(w_re, sin, out=shifted_im)
+        xp.multiply(w_im, cos, out=tmp)
+        xp.add(shifted_im, tmp, out=shifted_im)
+        even = buffers[3][: from_re.shape[0] * rows * r].reshape(-1, rows * r)
+        odd_ = buffers[4][: from_im.shape[0] * rows * r].reshape(-1, rows * r)
+        xp.matmul(from_re, shifted_re.reshape(rows * r, half).T, out=even)
+        xp.matmul(from_im, shifted_im.reshape(rows * r, half).T, out=odd_)
         spectra = (
-            (from_re @ shifted_re.T).reshape(-1, 2, rows, r),  # even q: (q/2, Re/Im, rows, R)
-            (from_im @ shifted_im.T).reshape(-1, 2, rows, r),  # odd q
+            even.reshape(-1, 2, rows, r),  # even q: (q/2, Re/Im, rows, R)
+            odd_.reshape(-1, 2, rows, r),  # odd q
         )
-        scratch = None
         for q in range(q_count):
             h = bank.bases[q].shape[1]
             y = spectra[q % 2][q // 2]
             out = stacked[q][d0:d1].reshape(rows, 2 * h)
             xp.matmul(y[0], by_re[q], out=out)
-            if scratch is None or scratch.shape[1] < 2 * h:
-                scratch = xp.empty((rows, 2 * max(b.shape[1] for b in bank.bases)), xp.float32)
-            xp.matmul(y[1], by_im[q], out=scratch[:, : 2 * h])
-            out += scratch[:, : 2 * h]
+            xp.matmul(y[1], by_im[q], out=scratch[:rows, : 2 * h])
+            out += scratch[:rows, : 2 * h]
     # |CTF|^2 spectra in the power bases, for S_cc(m, s, k) (see :func:`_scc`)
     c2 = xp.moveaxis(fft.rfft(ctf * ctf, axis=-1), -1, 0)  # (Q, M, R)
     power = [xp.ascontiguousarray(c2[q]) @ bank.power_bases[q] for q in range(q_count)]

@@ -54,7 +54,7 @@ from scipy.special import gammaln
 from ..backend import array_module, fft_module, to_numpy
 from ..errors import CryomatchError
 from .polar_fourier import PolarGrid
-from .rotation_dft import InverseRotationDFT, half_circle_matrix
+from .rotation_dft import InverseRotationDFT, half_circle_matrix, irfft_weights
 
 
 # --- displacements and the likelihood formula --------------------------------------------
@@ -295,7 +295,8 @@ class ImageBatch:
         return len(self.syy)
 
     def neighbours(self, count: int = 9) -> np.ndarray:
-        """(D, count) indices of each displacement's ``count`` nearest (itself first)."""
+        """(D, count) indices of each displacement's ``count`` nearest (itself first); all D
+        of them when the displacements are not known."""
         count = min(count, self.n_displacements)
         if self.displacements is None:
             return np.tile(np.arange(self.n_displacements), (self.n_displacements, 1))
@@ -317,14 +318,19 @@ class ImageBatch:
         return np.flatnonzero(keep)
 
 
+def shift_angles(grid: PolarGrid, displacements, half: bool = False) -> np.ndarray:
+    """2 pi k.d on the polar grid for displacements (..., 2) in pixels: (..., R, W) float64
+    (the phase of :func:`shift_phases`); ``half``: the first half of the angles only."""
+    kx, ky = grid.points(half=half)
+    d = np.asarray(displacements, dtype=np.float64)
+    return 2 * np.pi * (d[..., 0, None, None] * kx + d[..., 1, None, None] * ky)
+
+
 def shift_phases(grid: PolarGrid, displacements, xp=np, half: bool = False):
     """exp(2 pi i k.d) on the polar grid for displacements (..., 2) in pixels: (..., R, W)
     complex64 (multiplying an image's transform by it moves the particle from d to 0);
     ``half``: the first half of the angles only."""
-    kx, ky = grid.points(half=half)
-    d = np.asarray(displacements, dtype=np.float64)
-    phase = d[..., 0, None, None] * kx + d[..., 1, None, None] * ky
-    return xp.asarray(np.exp(2j * np.pi * phase).astype(np.complex64))
+    return xp.asarray(np.exp(1j * shift_angles(grid, displacements, half)).astype(np.complex64))
 
 
 def prepare_images(
@@ -375,7 +381,6 @@ def prepare_images(
     # per q, [Re y_q | Im y_q] @ [[Re V, -Im V], [-Im V, -Re V]] = [Re a | -Im a]
     by_re = [xp.concatenate([b.real, -b.imag], axis=1) for b in bank.bases]  # (R, 2 H_q)
     by_im = [xp.concatenate([-b.imag, -b.real], axis=1) for b in bank.bases]
-    kx, ky = grid.points(half=True)
     if group is None:
         group = max(1, int(4e6 // (8 * m * r * half)))
     stacked = [xp.empty((dcount, m, 2 * b.shape[1]), dtype=xp.float32) for b in bank.bases]
@@ -390,11 +395,7 @@ def prepare_images(
         at = d[d0:d1, None] if centres is None else d[None, d0:d1] + np.asarray(centres)[:, None]
         if centres is not None:
             at = np.moveaxis(at, 1, 0)  # (g, M, 2)
-        phase = xp.asarray(
-            (2 * np.pi * (at[..., 0, None, None] * kx + at[..., 1, None, None] * ky)).astype(
-                np.float32
-            )
-        )  # (g, 1 or M, R, W/2): the shift's phase
+        phase = xp.asarray(shift_angles(grid, at, half=True).astype(np.float32))  # (g, 1|M, R, W/2)
         cos, sin = xp.cos(phase), xp.sin(phase)
         shape = (d1 - d0, m, r, half)
         shifted_re, shifted_im, tmp = (b[: rows * r * half].reshape(shape) for b in buffers[:3])
@@ -546,7 +547,7 @@ class _Context:
     buffers: dict  # reused arrays
     neighbours: np.ndarray  # (D, nb) each displacement's nearest (see ImageBatch.neighbours)
     coarse: np.ndarray  # displacements of the seeding's first round
-    low_part: tuple  # (row ranges, (W, 2 LOW_Q) matrix, q) of the second bound
+    low_part: tuple  # (row ranges, (W, 2 LOW_Q) matrix, weights) of the second bound
     skip_bound: int = 0  # groups to evaluate without the bound (it pruned nothing lately)
     weights: dict = field(default_factory=dict)  # (first slot, count): the bound's c'_q
 
@@ -555,8 +556,7 @@ class _Context:
         key = (p0, count)
         if key not in self.weights:
             qs = self.dft.order[p0 : p0 + count]
-            weights = np.where((qs == 0) | (qs == self.w // 2), 0.5, 1.0).astype(np.float32)
-            self.weights[key] = self.xp.asarray(weights)
+            self.weights[key] = self.xp.asarray(_bound_weights(qs, self.w))
         return self.weights[key]
 
     group: int = 1  # displacements per product (see :func:`_search_block`)
@@ -627,6 +627,7 @@ def search(
     n_eval = 0
     for views in bank.chunks():
         coefficients, power = bank.coefficients(views)
+        coef_all, coef = _stacked_coefficients(coefficients, xp)
         scc = _scc(batch, power, bank.dc[views], w)  # (W, M, c)
         chunk = _Chunk(
             views=views,
@@ -635,9 +636,9 @@ def search(
             lscc2=(
                 (-0.5 * xp.log(n * scc) + xp.asarray(lprior[views].astype(np.float32))) * LOG2E
             ).astype(xp.float32),
-            coef=[],
+            coef=coef,
+            coef_all=coef_all,
         )
-        chunk.coef_all, chunk.coef = _stacked_coefficients(coefficients, xp)
         del coefficients
         chunk.lmin = to_numpy(chunk.lscc2.min(axis=0)).astype(np.float64)
         chunk.lmax = to_numpy(chunk.lscc2.max(axis=0)).astype(np.float64)
@@ -660,11 +661,16 @@ def search(
     )
 
 
+def _bound_weights(qs, w: int) -> np.ndarray:
+    """c'_q = W/2 c_q (1, 1/2 at q = 0 and W/2): the triangle bound's weights, float32."""
+    return (irfft_weights(qs, w) * (w / 2)).astype(np.float32)
+
+
 def _scaled_low_part(dft: InverseRotationDFT):
     """:meth:`.InverseRotationDFT.low_part` for q < LOW_Q in the triangle bound's units (W/2
-    times the correlations')."""
+    times the correlations'): (row ranges, matrix, the low q's weights c'_q)."""
     runs, matrix, qs = dft.low_part(LOW_Q)
-    return runs, matrix * np.float32(dft.w / 2), qs
+    return runs, matrix * np.float32(dft.w / 2), dft.xp.asarray(_bound_weights(qs, dft.w))
 
 
 def _stacked_coefficients(coefficients, xp) -> tuple:
@@ -814,8 +820,7 @@ def _second_bound(ctx: _Context, flat, bound, alive: np.ndarray, threshold) -> n
     ``threshold`` (n,) (both in the triangle bound's units). On realistic particles about
     1 in 6 of the triangle bound's survivors remain."""
     xp = ctx.xp
-    runs, matrix, qs = ctx.low_part
-    weights = xp.asarray(np.where((qs == 0) | (qs == ctx.w // 2), 0.5, 1.0).astype(np.float32))
+    runs, matrix, weights = ctx.low_part
     n = threshold.shape[0]
     keep = []
     for c0 in range(0, len(alive), 4 * TILE_COLUMNS):

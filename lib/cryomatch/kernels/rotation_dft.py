@@ -35,6 +35,24 @@ def slot_order(n_angles: int) -> np.ndarray:
     return np.concatenate([q[0::2], q[1::2]])
 
 
+def irfft_weights(qs, n_angles: int) -> np.ndarray:
+    """c_q of numpy's irfft for spectra q: 1/W at q = 0 and W/2, else 2/W."""
+    qs = np.asarray(qs)
+    return np.where((qs == 0) | (qs == n_angles // 2), 1.0, 2.0) / n_angles
+
+
+def _synthesis(qs, n_angles: int, n_out: int) -> np.ndarray:
+    """Real (n_out, 2 len(qs)) float32 matrix: columns (Re, Im) per q of ``qs``, rows k <
+    n_out, giving sum_q c_q Re(X_q e^{2 pi i q k / W}) (irfft ignores Im X_0, Im X_{W/2})."""
+    qs = np.asarray(qs)
+    phi = 2 * np.pi * np.outer(np.arange(n_out), qs) / n_angles  # (k, q)
+    c = irfft_weights(qs, n_angles)
+    m = np.zeros((n_out, len(qs), 2))
+    m[:, :, 0] = c * np.cos(phi)
+    m[:, :, 1] = np.where((qs == 0) | (qs == n_angles // 2), 0.0, -c * np.sin(phi))
+    return m.reshape(n_out, -1).astype(np.float32)
+
+
 class InverseRotationDFT:
     """Correlations (W, n) float32 from spectra planes (2 (W/2 + 1), n) (see module
     docstring); ``n_angles`` even."""
@@ -47,17 +65,10 @@ class InverseRotationDFT:
         half = n_angles // 2
         n_even = (half + 2) // 2  # even q in 0..W/2
         self.even_rows = 2 * n_even
-        k = np.arange(half)[:, None]
-        mats = []
-        for qs in (self.order[:n_even], self.order[n_even:]):
-            m = np.zeros((half, 2 * len(qs)))
-            for i, q in enumerate(qs):
-                c = (1.0 if q in (0, half) else 2.0) / n_angles
-                m[:, 2 * i] = c * np.cos(2 * np.pi * q * k[:, 0] / n_angles)
-                if q not in (0, half):  # irfft ignores Im X_0 and Im X_{W/2}
-                    m[:, 2 * i + 1] = -c * np.sin(2 * np.pi * q * k[:, 0] / n_angles)
-            mats.append(xp.asarray(m.astype(np.float32)))
-        self.even, self.odd = mats
+        self.even, self.odd = (
+            xp.asarray(_synthesis(qs, n_angles, half))
+            for qs in (self.order[:n_even], self.order[n_even:])
+        )
         self.xp = xp
 
     @property
@@ -70,20 +81,12 @@ class InverseRotationDFT:
         row ranges of the planes that hold them (even q, odd q) and the real (W, 2 q_max)
         matrix giving sum_{q < q_max} c_q Re(X_q e^{2 pi i q k / W}) from those rows
         stacked in that order."""
-        half = self.w // 2
-        q_max = min(q_max - q_max % 2, half)
+        q_max = min(q_max - q_max % 2, self.w // 2)
         runs = (slice(0, q_max), slice(self.even_rows, self.even_rows + q_max))
-        k = np.arange(self.w)[:, None]
-        m = np.zeros((self.w, 2 * q_max))
         qs = np.concatenate(
             [self.order[: q_max // 2], self.order[self.even_rows // 2 :][: q_max // 2]]
         )
-        for i, q in enumerate(qs):
-            c = (1.0 if q in (0, half) else 2.0) / self.w
-            m[:, 2 * i] = c * np.cos(2 * np.pi * q * k[:, 0] / self.w)
-            if q not in (0, half):
-                m[:, 2 * i + 1] = -c * np.sin(2 * np.pi * q * k[:, 0] / self.w)
-        return runs, self.xp.asarray(m.astype(np.float32)), qs
+        return runs, self.xp.asarray(_synthesis(qs, self.w, self.w)), qs
 
     def __call__(self, planes, out=None, scratch=None):
         """planes (2 (W/2+1), n) float32 (rows may be strided) -> correlations (W, n) in ``out``.

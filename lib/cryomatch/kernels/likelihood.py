@@ -744,16 +744,22 @@ def _block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: int) ->
         local=np.tile(np.arange(lo, hi), m),
     )
     if ctx.prune:
-        # alive: bound * max_k inv >= min(best rho, rho whose log L reaches floor - margin)
-        inv_max, lmax = chunk.inv_max[:, lo:hi], chunk.lmax[:, lo:hi]  # (M, sb)
-        gap = (acc.floor2[:, None] - acc.margin2 - lmax) / ctx.half_n
-        with np.errstate(invalid="ignore", over="ignore"):
-            need = np.sqrt(np.clip(1.0 - np.exp2(-gap), 0.0, 1.0))
-        need = np.where(np.isfinite(gap), need, 0.0)
-        rho_min = np.minimum(np.maximum(acc.rho, 0.0)[:, None], need)
-        blk.threshold = xp.asarray((rho_min / inv_max).reshape(-1).astype(np.float32))
-        blk.can_prune = bool((rho_min > 0).any())
+        _set_threshold(acc, ctx, chunk, blk)
     return blk
+
+
+def _set_threshold(acc: _Accumulator, ctx: _Context, chunk: _Chunk, blk: _Block) -> None:
+    """The block's pruning threshold from the images' current best rho and floor: a triple
+    is kept when bound * max_k inv >= min(best rho, the rho whose log L reaches the floor
+    minus the margin)."""
+    inv_max, lmax = chunk.inv_max[:, blk.lo : blk.hi], chunk.lmax[:, blk.lo : blk.hi]  # (M, sb)
+    gap = (acc.floor2[:, None] - acc.margin2 - lmax) / ctx.half_n
+    with np.errstate(invalid="ignore", over="ignore"):
+        need = np.sqrt(np.clip(1.0 - np.exp2(-gap), 0.0, 1.0))
+    need = np.where(np.isfinite(gap), need, 0.0)
+    rho_min = np.minimum(np.maximum(acc.rho, 0.0)[:, None], need)
+    blk.threshold = ctx.xp.asarray((rho_min / inv_max).reshape(-1).astype(np.float32))
+    blk.can_prune = bool((rho_min > 0).any())
 
 
 def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: int) -> int:
@@ -774,6 +780,8 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
     for d0 in range(0, dcount, ctx.group):
         d1 = min(dcount, d0 + ctx.group)
         g = d1 - d0
+        if ctx.prune and d0:  # the floors rose with the previous groups' evaluations
+            _set_threshold(acc, ctx, chunk, blk)
         planes = _buffer(ctx, "planes", (rows // 2, 2, g * n))  # columns (d, image, view)
         bound = None
         if ctx.prune and ctx.skip_bound <= 0 and blk.can_prune:

@@ -434,17 +434,27 @@ def prepare_images(
     )
 
 
-def _scc(batch: ImageBatch, power_coefficients, dc, w: int):
+def _scc(batch: ImageBatch, power_coefficients, dc, dft: InverseRotationDFT):
     """S_cc(k, m, s) = sum_r w_r sum_l C_m^2(l) |T_s|^2(l - k) - (C_m(0) T_s(0))^2 / N for the
-    views of ``power_coefficients``: (W, M, S) float32."""
+    views of ``power_coefficients``: (M, S, W) float32 (the spectra products per q, then the
+    inverse DFT over q as one real product). |CTF|^2 and |T|^2 are centrosymmetric, so the
+    power bases of odd q are empty and S_cc is pi-periodic: the even q's half suffices."""
     xp = array_module(batch.power[0])
-    prod = xp.stack(
-        [p @ c for p, c in zip(batch.power, power_coefficients, strict=True)]
-    )  # (Q, M, S)
-    scc = fft_module(xp).irfft(prod, n=w, axis=0)
+    m, s = batch.n_images, power_coefficients[0].shape[1]
+    odd_empty = all(power_coefficients[q].shape[0] == 0 for q in dft.order[dft.even_rows // 2 :])
+    planes = xp.empty((dft.even_rows if odd_empty else dft.rows, m * s), dtype=xp.float32)
+    for p in range(len(planes) // 2):
+        q = dft.order[p]
+        prod = (batch.power[q] @ power_coefficients[q]).reshape(-1)  # (M S,) complex64
+        planes[2 * p], planes[2 * p + 1] = prod.real, prod.imag
+    if odd_empty:
+        half = planes.T @ dft.even.T
+        scc = xp.concatenate([half, half], axis=1).reshape(m, s, dft.w)
+    else:
+        scc = dft(planes).T.reshape(m, s, dft.w)
     scc -= xp.asarray(
         ((batch.ctf0[:, None] * dc[None, :]) ** 2 / batch.n_pixels).astype(np.float32)
-    )
+    )[:, :, None]
     return xp.maximum(scc, 1e-30)
 
 
@@ -521,9 +531,9 @@ class _Chunk:
     log2 terms, and the coefficients as real matrices."""
 
     views: np.ndarray  # (c,) template numbers
-    scc: object  # (W, M, c) float32
-    inv: object  # (W, M, c) float32
-    lscc2: object  # (W, M, c) float32: (-1/2 ln(N S_cc) + ln prior) log2(e)
+    scc: object  # (M, c, W) float32
+    inv: object  # (M, c, W) float32
+    lscc2: object  # (M, c, W) float32: (-1/2 ln(N S_cc) + ln prior) log2(e)
     coef: list  # per q (2, 2 H_q, c) float32: rows [Re c; Im c] and [Im c; -Re c]
     lmin: np.ndarray | None = None  # (M, c) float64 (host): lscc2's smallest over rotations
     lmax: np.ndarray | None = None  # (M, c) float64 (host): its largest
@@ -622,27 +632,28 @@ def search(
         coarse=batch.coarse(),
         group=max(1, int(block_bytes // (4 * dft.rows * m * sb))),
     )
-    syy = xp.asarray(batch.syy, dtype=xp.float32)[None, :, None]
+    syy = xp.asarray(batch.syy, dtype=xp.float32)[:, None, None]
     lprior = bank.log_weights - math.log(dcount * w)
     n_eval = 0
     for views in bank.chunks():
         coefficients, power = bank.coefficients(views)
         coef_all, coef = _stacked_coefficients(coefficients, xp)
-        scc = _scc(batch, power, bank.dc[views], w)  # (W, M, c)
+        scc = _scc(batch, power, bank.dc[views], dft)  # (M, c, W)
         chunk = _Chunk(
             views=views,
             scc=scc,
             inv=(1.0 / xp.sqrt(scc * syy)).astype(xp.float32),
             lscc2=(
-                (-0.5 * xp.log(n * scc) + xp.asarray(lprior[views].astype(np.float32))) * LOG2E
+                (-0.5 * xp.log(n * scc) + xp.asarray(lprior[views].astype(np.float32))[:, None])
+                * LOG2E
             ).astype(xp.float32),
             coef=coef,
             coef_all=coef_all,
         )
         del coefficients
-        chunk.lmin = to_numpy(chunk.lscc2.min(axis=0)).astype(np.float64)
-        chunk.lmax = to_numpy(chunk.lscc2.max(axis=0)).astype(np.float64)
-        chunk.inv_max = to_numpy(chunk.inv.max(axis=0)).astype(np.float64)
+        chunk.lmin = to_numpy(chunk.lscc2.min(axis=2)).astype(np.float64)
+        chunk.lmax = to_numpy(chunk.lscc2.max(axis=2)).astype(np.float64)
+        chunk.inv_max = to_numpy(chunk.inv.max(axis=2)).astype(np.float64)
         chunk.lmin_views = chunk.lmax.min(axis=1)
         if seed_views > 0:
             _seed(acc, ctx, chunk, seed_views)
@@ -708,14 +719,14 @@ class _Block:
 
     lo: int
     hi: int
-    invp: object  # (W, M*sb) sqrt(beta) / sqrt(S_yy S_cc)
-    beta: object  # (W, M*sb)
+    ref: object  # (M, 1) float32: the images' references ref2 the block's beta is taken at
     bmin: np.ndarray  # (M*sb,) smallest beta over rotations (host, float64)
     bmax: np.ndarray  # (M*sb,) largest
     img: np.ndarray  # (M*sb,) image of each column
     local: np.ndarray  # (M*sb,) view of each column (index into the chunk)
     threshold: object = None  # (M*sb,) raw bound below which a triple is pruned
     can_prune: bool = False  # some threshold above 0
+    dense: tuple | None = None  # (invp, beta) (W, M*sb) of every column, once needed
 
     @property
     def sb(self) -> int:
@@ -723,23 +734,27 @@ class _Block:
 
 
 def _block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: int) -> _Block:
-    """Per-column arrays of views lo..hi at the images' current references."""
-    xp, w, m = ctx.xp, ctx.w, ctx.m
+    """Per-column arrays of views lo..hi at the images' current references. beta =
+    2^((ref2 - lscc2) / ((N-2)/2)) and invp = inv sqrt(beta) (W values per column) are
+    computed for the columns that are evaluated (:func:`_columns`); their extremes over the
+    rotations come from lscc2's (float32, as beta itself: exp2 is monotonic)."""
+    xp, m = ctx.xp, ctx.m
     sb = hi - lo
-    l2 = chunk.lscc2[:, :, lo:hi]  # (W, M, sb)
     unset = ~np.isfinite(acc.ref2)
     if unset.any():  # first sums: the rho = 0 level
-        acc.raise_ref(np.where(unset, to_numpy(l2.max(axis=(0, 2))).astype(np.float64), -np.inf))
-    ref = xp.asarray(acc.ref2.astype(np.float32))[None, :, None]
-    beta = xp.exp2((ref - l2) * np.float32(1.0 / ctx.half_n))
-    invp = chunk.inv[:, :, lo:hi] * xp.sqrt(beta)
+        acc.raise_ref(np.where(unset, chunk.lmax[:, lo:hi].max(axis=1), -np.inf))
+    ref = acc.ref2.astype(np.float32)[:, None]
+    scale = np.float32(1.0 / ctx.half_n)
+
+    def beta_at(l2):
+        return np.exp2((ref - l2.astype(np.float32)) * scale).reshape(-1).astype(np.float64)
+
     blk = _Block(
         lo=lo,
         hi=hi,
-        invp=invp.reshape(w, -1),
-        beta=beta.reshape(w, -1),
-        bmin=to_numpy(beta.min(axis=0)).reshape(-1).astype(np.float64),
-        bmax=to_numpy(beta.max(axis=0)).reshape(-1).astype(np.float64),
+        ref=xp.asarray(ref),
+        bmin=beta_at(chunk.lmax[:, lo:hi]),
+        bmax=beta_at(chunk.lmin[:, lo:hi]),
         img=np.repeat(np.arange(m), sb),
         local=np.tile(np.arange(lo, hi), m),
     )
@@ -882,11 +897,7 @@ def _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense) -> _Block:
         cc = ctx.dft(planes, out=_buffer(ctx, "cc", (w, n)), scratch=_buffer(ctx, "dft", (w, n)))
         if ctx.full_output is not None:
             _write_full(ctx, chunk, blk, cc, cols, d)
-        if dense:
-            invp, beta = blk.invp[:, cols[0] : cols[-1] + 1], blk.beta[:, cols[0] : cols[-1] + 1]
-        else:
-            ix = xp.asarray(cols)
-            invp, beta = xp.take(blk.invp, ix, axis=1), xp.take(blk.beta, ix, axis=1)
+        invp, beta = _columns(ctx, chunk, blk, cols, dense)
         r = cc
         r *= invp  # rho sqrt(beta)
         rmax = to_numpy(r.max(axis=0)).astype(np.float64)
@@ -928,6 +939,30 @@ def _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense) -> _Block:
     return blk
 
 
+def _columns(ctx: _Context, chunk: _Chunk, blk: _Block, cols, dense: bool):
+    """(invp, beta) (W, len(cols)) of the block's columns ``cols`` (``dense``: a run of
+    whole images: slices of the block's arrays, computed once for all its columns; else
+    gathered from the chunk's rows and returned as transposed views)."""
+    xp, w = ctx.xp, ctx.w
+    scale = np.float32(1.0 / ctx.half_n)
+    if dense:
+        if blk.dense is None:
+            l2 = chunk.lscc2[:, blk.lo : blk.hi]  # (M, sb, W)
+            beta = xp.exp2((blk.ref[:, :, None] - l2) * scale)
+            invp = chunk.inv[:, blk.lo : blk.hi] * xp.sqrt(beta)
+            blk.dense = tuple(xp.ascontiguousarray(a.reshape(-1, w).T) for a in (invp, beta))
+        return tuple(a[:, cols[0] : cols[-1] + 1] for a in blk.dense)
+    img = blk.img[cols]
+    ix = xp.asarray(img * len(chunk.views) + blk.local[cols])  # rows of (M c, W)
+    beta = xp.take(chunk.lscc2.reshape(-1, w), ix, axis=0)
+    xp.subtract(xp.take(blk.ref, xp.asarray(img), axis=0), beta, out=beta)
+    beta *= scale
+    xp.exp2(beta, out=beta)
+    invp = xp.take(chunk.inv.reshape(-1, w), ix, axis=0)
+    invp *= xp.sqrt(beta)
+    return invp.T, beta.T
+
+
 def _likelihood_sums(ctx: _Context, r, beta, clamp: bool) -> np.ndarray:
     """sum over rotations of (beta - r_+^2)^(-(N-2)/2) per column, in place on r (W, n);
     ``clamp``: terms below 2^-OVERFLOW set to that."""
@@ -938,7 +973,7 @@ def _likelihood_sums(ctx: _Context, r, beta, clamp: bool) -> np.ndarray:
         bounds = xp.empty((2, max(n, TILE_COLUMNS)), dtype=xp.float32)
         bounds[0], bounds[1] = 0.0, -OVERFLOW
         ctx.buffers["bounds"] = bounds
-    xp.maximum(r, bounds[0:1, :n], out=r)
+    xp.maximum(r, bounds[0:1, :n], out=r)  # (a row broadcast runs faster than a scalar)
     xp.square(r, out=r)
     xp.subtract(beta, r, out=r)
     xp.log2(r, out=r)
@@ -966,7 +1001,7 @@ def _update_best(acc, ctx, chunk, rho, img, local, disp) -> np.ndarray:
     pick = order[first]  # ties: the first column (lexsort is stable)
     if len(pick):
         rot = to_numpy(xp.argmax(rho[:, xp.asarray(pick)], axis=0))
-        scc = to_numpy(chunk.scc[xp.asarray(rot), xp.asarray(img[pick]), xp.asarray(local[pick])])
+        scc = to_numpy(chunk.scc[xp.asarray(img[pick]), xp.asarray(local[pick]), xp.asarray(rot)])
         rp = np.clip(cmax[pick], 0.0, 1.0 - 1e-12)
         ll = -ctx.half_n * np.log1p(-rp * rp) - 0.5 * np.log(ctx.n_pixels * scc.astype(np.float64))
         acc.add_best(img[pick], cmax[pick], chunk.views[local[pick]], disp[pick], rot, ll)
@@ -974,12 +1009,13 @@ def _update_best(acc, ctx, chunk, rho, img, local, disp) -> np.ndarray:
 
 
 def _write_full(ctx, chunk, blk, cc, cols, d):
-    """Normalized cross-correlations of a dense tile into the full output (M, S, D, W)."""
+    """Normalized cross-correlations of a dense tile (W, n) into the full output (M, S, D,
+    W)."""
     w, sb = ctx.w, blk.sb
     i0, i1 = blk.img[cols[0]], blk.img[cols[-1]] + 1
-    inv = chunk.inv[:, i0:i1, blk.lo : blk.hi].reshape(w, -1)
-    rho = to_numpy(cc * inv).reshape(w, i1 - i0, sb)
-    ctx.full_output[i0:i1, chunk.views[blk.lo : blk.hi], d] = np.transpose(rho, (1, 2, 0))
+    inv = chunk.inv[i0:i1, blk.lo : blk.hi].reshape(-1, w)
+    rho = to_numpy(cc.T * inv).reshape(i1 - i0, sb, w)
+    ctx.full_output[i0:i1, chunk.views[blk.lo : blk.hi], d] = rho
 
 
 def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int = 2):
@@ -1013,7 +1049,7 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         pick = np.argpartition(-upper, e - 1, axis=1)[:, :e]  # (M, e)
         cols = xp.asarray((pick + c * np.arange(m)[:, None]).reshape(-1))
         rho = ctx.dft(xp.take(planes.reshape(rows, -1), cols, axis=1)).reshape(w, m, e)
-        rho *= chunk.inv[:, images[:, None], xp.asarray(pick)]
+        rho *= chunk.inv[images[:, None], xp.asarray(pick)].transpose(2, 0, 1)
         img = np.repeat(np.arange(m), e)
         cmax = _exact_update(acc, ctx, chunk, rho.reshape(w, -1), img, pick.reshape(-1), where[img])
         best = np.argpartition(-cmax.reshape(m, e), k - 1, axis=1)[:, :k]
@@ -1032,7 +1068,7 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
             coef = coefs[:, offsets[q] : offsets[q + 1]].reshape(2, -1, m, k)  # (2, 2H, M, k)
             xp.matmul(a.reshape(1, m, nd, -1), coef.transpose(0, 2, 1, 3), out=planes[p])
         cc = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, nd, k)
-        inv = chunk.inv[:, images[:, None], top_x]  # (W, M, k)
+        inv = chunk.inv[images[:, None], top_x].transpose(2, 0, 1)  # (W, M, k)
         rho = (cc * inv[:, :, None, :]).reshape(w, -1)
         img = np.repeat(np.arange(m), nd * k)
         local = np.repeat(top[:, None, :], nd, axis=1).reshape(-1)

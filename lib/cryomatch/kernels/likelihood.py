@@ -136,6 +136,7 @@ class TemplateBank:
     source: object = None  # (S, R, W) templates (a memory map is fine) when not cached
     cache: tuple | None = None  # (coefficients per q (H_q, S), power coefficients per q)
     cache_views: np.ndarray | None = None  # the view of each of the cache's columns
+    stacked: tuple | None = None  # the cache's coefficients as :func:`_stacked_coefficients`
 
     @property
     def n_templates(self) -> int:
@@ -254,7 +255,8 @@ def prepare_templates(
         chunk_size=s,
         source=templates,
     )
-    per_view = 8 * (sum(bank.ranks) + sum(v.shape[1] for v in power_bases))
+    # complex coefficients, then their real forms (:func:`_stacked_coefficients`: 2 copies)
+    per_view = 8 * (sum(bank.ranks) + sum(v.shape[1] for v in power_bases)) + 32 * sum(bank.ranks)
     if per_view * s <= max_bytes:
         parts = [
             _project(templates[lo : lo + chunk], bank, xp, kept[i] if keep else None)
@@ -270,6 +272,7 @@ def prepare_templates(
             ]
             for i in range(2)
         )
+        bank.stacked = _stacked_coefficients(bank.cache[0], xp)
         bank.source = None
     else:
         bank.chunk_size = max(min_chunk, int(max_bytes // per_view))
@@ -540,6 +543,7 @@ class _Chunk:
     inv_max: np.ndarray | None = None  # (M, c) float64 (host): inv's largest over rotations
     lmin_views: np.ndarray | None = None  # (M,) lmax's smallest over the views
     coef_all: object = None  # (2, sum 2 H_q, c): the array ``coef`` views into
+    coef_rows: object = None  # (c, 2, sum 2 H_q): coef_all's copy, one row per view
 
 
 @dataclass
@@ -637,7 +641,10 @@ def search(
     n_eval = 0
     for views in bank.chunks():
         coefficients, power = bank.coefficients(views)
-        coef_all, coef = _stacked_coefficients(coefficients, xp)
+        cached = bank.stacked is not None and coefficients is bank.cache[0]
+        coef_all, coef, coef_rows = (
+            bank.stacked if cached else _stacked_coefficients(coefficients, xp)
+        )
         scc = _scc(batch, power, bank.dc[views], dft)  # (M, c, W)
         chunk = _Chunk(
             views=views,
@@ -649,6 +656,7 @@ def search(
             ).astype(xp.float32),
             coef=coef,
             coef_all=coef_all,
+            coef_rows=coef_rows,
         )
         del coefficients
         chunk.lmin = to_numpy(chunk.lscc2.min(axis=2)).astype(np.float64)
@@ -686,8 +694,8 @@ def _scaled_low_part(dft: InverseRotationDFT):
 
 def _stacked_coefficients(coefficients, xp) -> tuple:
     """Per q, the views' coefficients c (H_q, c) as real rows [Re c; Im c] and [Im c; -Re c]
-    (2, 2 H_q, c): (the array (2, sum 2 H_q, c), the views into it per q) (the columns of
-    all q are gathered at once)."""
+    (2, 2 H_q, c): (the array (2, sum 2 H_q, c), the views into it per q, its copy (c, 2,
+    sum 2 H_q) whose rows are views: the seeding gathers those)."""
     sizes = [2 * c.shape[0] for c in coefficients]
     both = xp.empty((2, sum(sizes), coefficients[0].shape[1]), dtype=xp.float32)
     views, lo = [], 0
@@ -698,7 +706,7 @@ def _stacked_coefficients(coefficients, xp) -> tuple:
         view[1, :h], view[1, h:] = c.imag, -c.real
         views.append(view)
         lo += size
-    return both, views
+    return both, views, xp.ascontiguousarray(both.transpose(2, 0, 1))
 
 
 def _buffer(ctx: _Context, name: str, shape, dtype=None):
@@ -1061,12 +1069,12 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         rows_x = xp.asarray((dsel * m + np.arange(m)[:, None]).reshape(-1))  # (image, nd)
         views_x = xp.asarray(top.reshape(-1))
         planes = _buffer(ctx, "seed2", (rows // 2, 2, m, nd, k))
-        coefs = xp.take(chunk.coef_all, views_x, axis=2)  # (2, sum 2 H_q, M k)
+        coefs = xp.take(chunk.coef_rows, views_x, axis=0)  # (M k, 2, sum 2 H_q)
         offsets = np.cumsum([0] + [c.shape[1] for c in chunk.coef])
         for p, q in enumerate(order):
             a = xp.take(ctx.stacked[q].reshape(dcount * m, -1), rows_x, axis=0)
-            coef = coefs[:, offsets[q] : offsets[q + 1]].reshape(2, -1, m, k)  # (2, 2H, M, k)
-            xp.matmul(a.reshape(1, m, nd, -1), coef.transpose(0, 2, 1, 3), out=planes[p])
+            coef = coefs[:, :, offsets[q] : offsets[q + 1]].reshape(m, k, 2, -1)  # (M, k, 2, 2H)
+            xp.matmul(a.reshape(1, m, nd, -1), coef.transpose(2, 0, 3, 1), out=planes[p])
         cc = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, nd, k)
         inv = chunk.inv[images[:, None], top_x].transpose(2, 0, 1)  # (W, M, k)
         rho = (cc * inv[:, :, None, :]).reshape(w, -1)

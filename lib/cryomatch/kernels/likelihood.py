@@ -480,6 +480,7 @@ class SearchResult:
 
 LOG2E = 1.0 / math.log(2.0)
 TILE_COLUMNS = 2048  # columns (triples) per tile of the inverse DFT: (W, 2048) float32 = 1 MB
+POOL_COLUMNS = 512  # surviving triples gathered over displacement groups before evaluation
 SEED_STRIDE = 4  # views of a chunk that the seeding pass's first step evaluates: 1 in this
 LOW_Q = 16  # spectra whose exact part of cc the second bound takes (the rest: triangle)
 SEED_EXACT = 32  # views per image the seeding evaluates exactly (those of largest bound)
@@ -793,13 +794,14 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
     per q one product over the group's displacements and the images ([2 g M x 2 H_q] @
     [2 H_q x sb]) fills the planes (Re X_q, Im X_q) of every triple, and |X_q| is added to
     the triangle bound at once; then the triples the bound keeps are gathered into tiles for
-    :func:`_evaluate`."""
+    :func:`_evaluate` (kept until :data:`POOL_COLUMNS` have gathered: fewer, larger calls)."""
     xp, m, dcount = ctx.xp, ctx.m, ctx.dcount
     sb = hi - lo
     acc.raise_ref(acc.floor2)
     blk = _block(acc, ctx, chunk, lo, hi)
     rows, n = ctx.dft.rows, m * sb
     evaluated = 0
+    pool = []  # (tile of spectra planes, columns, displacements) not evaluated yet
     for d0 in range(0, dcount, ctx.group):
         d1 = min(dcount, d0 + ctx.group)
         g = d1 - d0
@@ -825,10 +827,11 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
             if 2 * len(alive) < g * n:  # few: gather them into tiles
                 flat = planes.reshape(rows, g * n)
                 alive = _second_bound(ctx, flat, bound, alive, threshold)
-                for c0 in range(0, len(alive), TILE_COLUMNS):
-                    cols = alive[c0 : c0 + TILE_COLUMNS]
-                    tile = xp.take(flat, xp.asarray(cols), axis=1)
-                    blk = _evaluate(acc, ctx, chunk, blk, tile, cols % n, d0 + cols // n, False)
+                if len(alive):
+                    tile = xp.take(flat, xp.asarray(alive), axis=1)
+                    pool.append((tile, alive % n, d0 + alive // n))
+                if sum(len(c) for _, c, _ in pool) >= POOL_COLUMNS:
+                    blk = _evaluate_pool(acc, ctx, chunk, blk, pool)
                 evaluated += len(alive)
                 continue
             if 10 * len(alive) > 9 * g * n:  # the bound prunes nothing (noise): skip it a while
@@ -841,7 +844,22 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
                 cols = np.arange(c0, c1)
                 blk = _evaluate(acc, ctx, chunk, blk, at_d[:, c0:c1], cols, d0 + j, True)
         evaluated += g * n
+    _evaluate_pool(acc, ctx, chunk, blk, pool)
     return evaluated
+
+
+def _evaluate_pool(acc, ctx, chunk, blk, pool: list) -> _Block:
+    """:func:`_evaluate` the pooled tiles (emptied) in tiles of :data:`TILE_COLUMNS`."""
+    if not pool:
+        return blk
+    xp = ctx.xp
+    tiles = xp.concatenate([t for t, _, _ in pool], axis=1) if len(pool) > 1 else pool[0][0]
+    cols, disp = (np.concatenate([p[i] for p in pool]) for i in (1, 2))
+    pool.clear()
+    for c0 in range(0, len(cols), TILE_COLUMNS):
+        at = slice(c0, c0 + TILE_COLUMNS)
+        blk = _evaluate(acc, ctx, chunk, blk, tiles[:, at], cols[at], disp[at], False)
+    return blk
 
 
 def _second_bound(ctx: _Context, flat, bound, alive: np.ndarray, threshold) -> np.ndarray:

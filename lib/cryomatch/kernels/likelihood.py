@@ -565,6 +565,7 @@ class _Context:
     low_part: tuple  # (row ranges, (W, 2 LOW_Q) matrix, weights) of the second bound
     skip_bound: int = 0  # groups to evaluate without the bound (it pruned nothing lately)
     weights: dict = field(default_factory=dict)  # (first slot, count): the bound's c'_q
+    group_rows: dict = field(default_factory=dict)  # (d0, d1): see :func:`_group_rows`
 
     def slot_weights(self, p0: int, count: int):
         """c'_q (1, 1/2 at q = 0 and W/2) of the spectra slots p0..p0 + count, float32."""
@@ -802,23 +803,27 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
     rows, n = ctx.dft.rows, m * sb
     evaluated = 0
     pool = []  # (tile of spectra planes, columns, displacements) not evaluated yet
+    coefs = [chunk.coef[q][:, :, lo:hi] for q in ctx.dft.order]  # per slot (2, 2 H_q, sb)
+    stale = False  # the floors rose since the threshold was set
     for d0 in range(0, dcount, ctx.group):
         d1 = min(dcount, d0 + ctx.group)
         g = d1 - d0
-        if ctx.prune and d0:  # the floors rose with the previous groups' evaluations
+        if ctx.prune and stale:
             _set_threshold(acc, ctx, chunk, blk)
+            stale = False
         planes = _buffer(ctx, "planes", (rows // 2, 2, g * n))  # columns (d, image, view)
         bound = None
         if ctx.prune and ctx.skip_bound <= 0 and blk.can_prune:
             bound = _buffer(ctx, "bound", (g * n,))
             bound[:] = 0.0
-        order = ctx.dft.order
-        for p, q in enumerate(order):
-            images = ctx.stacked[q][d0:d1].reshape(1, g * m, -1)
-            xp.matmul(images, chunk.coef[q][:, :, lo:hi], out=planes[p].reshape(2, g * m, sb))
-            if bound is not None and ((p + 1) % BOUND_SLOTS == 0 or p + 1 == len(order)):
-                p0 = p - (p % BOUND_SLOTS)
-                _add_magnitudes(ctx, planes[p0 : p + 1], p0, bound)
+        images = _group_rows(ctx, d0, d1)
+        outs = planes.reshape(rows // 2, 2, g * m, sb)
+        for p0 in range(0, rows // 2, BOUND_SLOTS):
+            p1 = min(rows // 2, p0 + BOUND_SLOTS)
+            for p in range(p0, p1):
+                xp.matmul(images[p], coefs[p], out=outs[p])
+            if bound is not None:
+                _add_magnitudes(ctx, planes[p0:p1], p0, bound)
         ctx.skip_bound -= 1
         if bound is not None:
             # the bound is sum_q c_q |X_q| with c_q = 2/W (1/W at q = 0 and W/2)
@@ -832,6 +837,7 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
                     pool.append((tile, alive % n, d0 + alive // n))
                 if sum(len(c) for _, c, _ in pool) >= POOL_COLUMNS:
                     blk = _evaluate_pool(acc, ctx, chunk, blk, pool)
+                    stale = True
                 evaluated += len(alive)
                 continue
             if 10 * len(alive) > 9 * g * n:  # the bound prunes nothing (noise): skip it a while
@@ -844,8 +850,18 @@ def _search_block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: 
                 cols = np.arange(c0, c1)
                 blk = _evaluate(acc, ctx, chunk, blk, at_d[:, c0:c1], cols, d0 + j, True)
         evaluated += g * n
+        stale = True
     _evaluate_pool(acc, ctx, chunk, blk, pool)
     return evaluated
+
+
+def _group_rows(ctx: _Context, d0: int, d1: int) -> list:
+    """Per slot, the images' rows at displacements d0..d1 as (1, g M, 2 H_q) (made once per
+    search: every block of views takes the same groups)."""
+    if (d0, d1) not in ctx.group_rows:
+        rows = [ctx.stacked[q][d0:d1].reshape(1, (d1 - d0) * ctx.m, -1) for q in ctx.dft.order]
+        ctx.group_rows[d0, d1] = rows
+    return ctx.group_rows[d0, d1]
 
 
 def _evaluate_pool(acc, ctx, chunk, blk, pool: list) -> _Block:

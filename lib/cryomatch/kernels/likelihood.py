@@ -544,7 +544,7 @@ class _Chunk:
     inv_max: np.ndarray | None = None  # (M, c) float64 (host): inv's largest over rotations
     lmin_views: np.ndarray | None = None  # (M,) lmax's smallest over the views
     coef_all: object = None  # (2, sum 2 H_q, c): the array ``coef`` views into
-    coef_rows: object = None  # (c, 2, sum 2 H_q): coef_all's copy, one row per view
+    coef_rows: list | None = None  # per q (c, 2, 2 H_q): coef's copy, one row per view
 
 
 @dataclass
@@ -696,8 +696,8 @@ def _scaled_low_part(dft: InverseRotationDFT):
 
 def _stacked_coefficients(coefficients, xp) -> tuple:
     """Per q, the views' coefficients c (H_q, c) as real rows [Re c; Im c] and [Im c; -Re c]
-    (2, 2 H_q, c): (the array (2, sum 2 H_q, c), the views into it per q, its copy (c, 2,
-    sum 2 H_q) whose rows are views: the seeding gathers those)."""
+    (2, 2 H_q, c): (the array (2, sum 2 H_q, c), the views into it per q, and per q their
+    copy (c, 2, 2 H_q), one row per view: the seeding gathers those)."""
     sizes = [2 * c.shape[0] for c in coefficients]
     both = xp.empty((2, sum(sizes), coefficients[0].shape[1]), dtype=xp.float32)
     views, lo = [], 0
@@ -708,7 +708,7 @@ def _stacked_coefficients(coefficients, xp) -> tuple:
         view[1, :h], view[1, h:] = c.imag, -c.real
         views.append(view)
         lo += size
-    return both, views, xp.ascontiguousarray(both.transpose(2, 0, 1))
+    return both, views, [xp.ascontiguousarray(v.transpose(2, 0, 1)) for v in views]
 
 
 def _buffer(ctx: _Context, name: str, shape, dtype=None):
@@ -1103,11 +1103,9 @@ def _seed(acc: _Accumulator, ctx: _Context, chunk: _Chunk, k: int, rounds: int =
         rows_x = xp.asarray((dsel * m + np.arange(m)[:, None]).reshape(-1))  # (image, nd)
         views_x = xp.asarray(top.reshape(-1))
         planes = _buffer(ctx, "seed2", (rows // 2, 2, m, nd, k))
-        coefs = xp.take(chunk.coef_rows, views_x, axis=0)  # (M k, 2, sum 2 H_q)
-        offsets = np.cumsum([0] + [c.shape[1] for c in chunk.coef])
         for p, q in enumerate(order):
             a = xp.take(ctx.stacked[q].reshape(dcount * m, -1), rows_x, axis=0)
-            coef = coefs[:, :, offsets[q] : offsets[q + 1]].reshape(m, k, 2, -1)  # (M, k, 2, 2H)
+            coef = xp.take(chunk.coef_rows[q], views_x, axis=0).reshape(m, k, 2, -1)
             xp.matmul(a.reshape(1, m, nd, -1), coef.transpose(2, 0, 3, 1), out=planes[p])
         cc = ctx.dft(planes.reshape(rows, -1)).reshape(w, m, nd, k)
         inv = chunk.inv[images[:, None], top_x].transpose(2, 0, 1)  # (W, M, k)

@@ -543,7 +543,6 @@ class _Chunk:
     lmax: np.ndarray | None = None  # (M, c) float64 (host): its largest
     inv_max: np.ndarray | None = None  # (M, c) float64 (host): inv's largest over rotations
     lmin_views: np.ndarray | None = None  # (M,) lmax's smallest over the views
-    coef_all: object = None  # (2, sum 2 H_q, c): the array ``coef`` views into
     coef_rows: list | None = None  # per q (c, 2, 2 H_q): coef's copy, one row per view
 
 
@@ -644,9 +643,7 @@ def search(
     for views in bank.chunks():
         coefficients, power = bank.coefficients(views)
         cached = bank.stacked is not None and coefficients is bank.cache[0]
-        coef_all, coef, coef_rows = (
-            bank.stacked if cached else _stacked_coefficients(coefficients, xp)
-        )
+        coef, coef_rows = bank.stacked if cached else _stacked_coefficients(coefficients, xp)
         scc = _scc(batch, power, bank.dc[views], dft)  # (M, c, W)
         chunk = _Chunk(
             views=views,
@@ -657,7 +654,6 @@ def search(
                 * LOG2E
             ).astype(xp.float32),
             coef=coef,
-            coef_all=coef_all,
             coef_rows=coef_rows,
         )
         del coefficients
@@ -696,8 +692,9 @@ def _scaled_low_part(dft: InverseRotationDFT):
 
 def _stacked_coefficients(coefficients, xp) -> tuple:
     """Per q, the views' coefficients c (H_q, c) as real rows [Re c; Im c] and [Im c; -Re c]
-    (2, 2 H_q, c): (the array (2, sum 2 H_q, c), the views into it per q, and per q their
-    copy (c, 2, 2 H_q), one row per view: the seeding gathers those)."""
+    (2, 2 H_q, c), views into one array (2, sum 2 H_q, c) (the columns of all q are filled
+    at once); and per q their copy (c, 2, 2 H_q), one row per view: the seeding gathers
+    those."""
     sizes = [2 * c.shape[0] for c in coefficients]
     both = xp.empty((2, sum(sizes), coefficients[0].shape[1]), dtype=xp.float32)
     views, lo = [], 0
@@ -708,7 +705,7 @@ def _stacked_coefficients(coefficients, xp) -> tuple:
         view[1, :h], view[1, h:] = c.imag, -c.real
         views.append(view)
         lo += size
-    return both, views, [xp.ascontiguousarray(v.transpose(2, 0, 1)) for v in views]
+    return views, [xp.ascontiguousarray(v.transpose(2, 0, 1)) for v in views]
 
 
 def _buffer(ctx: _Context, name: str, shape, dtype=None):
@@ -754,10 +751,9 @@ def _block(acc: _Accumulator, ctx: _Context, chunk: _Chunk, lo: int, hi: int) ->
     if unset.any():  # first sums: the rho = 0 level
         acc.raise_ref(np.where(unset, chunk.lmax[:, lo:hi].max(axis=1), -np.inf))
     ref = acc.ref2.astype(np.float32)[:, None]
-    scale = np.float32(1.0 / ctx.half_n)
 
     def beta_at(l2):
-        return np.exp2((ref - l2.astype(np.float32)) * scale).reshape(-1).astype(np.float64)
+        return _beta(ctx, ref, l2.astype(np.float32), np).reshape(-1).astype(np.float64)
 
     blk = _Block(
         lo=lo,
@@ -981,25 +977,28 @@ def _evaluate(acc, ctx, chunk, blk, planes, cols, d, dense) -> _Block:
     return blk
 
 
+def _beta(ctx: _Context, ref, l2, xp, out=None):
+    """beta = 2^((ref2 - lscc2) / ((N-2)/2)) in float32 (``out``: in place, e.g. on l2)."""
+    beta = xp.subtract(ref, l2, out=out)
+    beta *= np.float32(1.0 / ctx.half_n)
+    return xp.exp2(beta, out=beta)
+
+
 def _columns(ctx: _Context, chunk: _Chunk, blk: _Block, cols, dense: bool):
     """(invp, beta) (W, len(cols)) of the block's columns ``cols`` (``dense``: a run of
     whole images: slices of the block's arrays, computed once for all its columns; else
     gathered from the chunk's rows and returned as transposed views)."""
     xp, w = ctx.xp, ctx.w
-    scale = np.float32(1.0 / ctx.half_n)
     if dense:
         if blk.dense is None:
-            l2 = chunk.lscc2[:, blk.lo : blk.hi]  # (M, sb, W)
-            beta = xp.exp2((blk.ref[:, :, None] - l2) * scale)
+            beta = _beta(ctx, blk.ref[:, :, None], chunk.lscc2[:, blk.lo : blk.hi], xp)
             invp = chunk.inv[:, blk.lo : blk.hi] * xp.sqrt(beta)
             blk.dense = tuple(xp.ascontiguousarray(a.reshape(-1, w).T) for a in (invp, beta))
         return tuple(a[:, cols[0] : cols[-1] + 1] for a in blk.dense)
     img = blk.img[cols]
     ix = xp.asarray(img * len(chunk.views) + blk.local[cols])  # rows of (M c, W)
-    beta = xp.take(chunk.lscc2.reshape(-1, w), ix, axis=0)
-    xp.subtract(xp.take(blk.ref, xp.asarray(img), axis=0), beta, out=beta)
-    beta *= scale
-    xp.exp2(beta, out=beta)
+    l2 = xp.take(chunk.lscc2.reshape(-1, w), ix, axis=0)
+    beta = _beta(ctx, xp.take(blk.ref, xp.asarray(img), axis=0), l2, xp, out=l2)
     invp = xp.take(chunk.inv.reshape(-1, w), ix, axis=0)
     invp *= xp.sqrt(beta)
     return invp.T, beta.T

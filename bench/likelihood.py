@@ -36,6 +36,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -85,6 +86,38 @@ def simulate(folder: Path, n: int, seed: int = 1):
     particles = read_particles(star)
     images = read_images(folder / "particles.mrcs").astype(np.float64)
     return particles.table, images
+
+
+class Setting(NamedTuple):
+    """The bench's setting: simulated particles, EMD-1832, its views and displacements."""
+
+    table: object  # the particles' STAR table (truth and CTFs)
+    images: np.ndarray  # (n, 64, 64)
+    volume: np.ndarray
+    grid: object  # the polar grid at 64 px
+    pixel: float  # A
+    rot: np.ndarray  # the views' Euler angles (deg)
+    tilt: np.ndarray
+    weights: np.ndarray  # the views' weights
+    templates: np.ndarray  # (S, R, W) the views' polar transforms
+    disp: np.ndarray  # (49, 2) displacements (px)
+
+
+def setting(folder: Path, n_images: int, viewing_distance: float) -> Setting:
+    """The setting for n_images particles simulated into ``folder``, views every
+    ``viewing_distance`` radians, 7 x 7 displacements over +-3 px."""
+    table, images = simulate(folder, n_images)
+    volume, _ = read_volume(REAL / "maps" / "emd_1832.map")
+    grid, pixel = polar_grid(64), 5.7
+    rot, tilt, weights = viewing_directions(viewing_distance)
+    templates = map_templates(volume, grid, view_matrices(rot, tilt))
+    disp = lk.displacement_grid(3.0, 7, 7)
+    return Setting(table, images, volume, grid, pixel, rot, tilt, weights, templates, disp)
+
+
+def noise_like(images) -> np.ndarray:
+    """Pure-noise images (pruning's worst case), the same in every run."""
+    return np.random.default_rng(3).normal(size=images.shape)
 
 
 def polar_inputs(table, images, grid, pixel):
@@ -208,13 +241,10 @@ def main() -> None:
     print(f"numpy complex64 matmul, one thread: {gflops:.1f} GFLOP/s")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        table, images = simulate(tmp / "sim", args.images)
-        volume, _ = read_volume(REAL / "maps" / "emd_1832.map")
-        grid, pixel = polar_grid(64), 5.7
-        rot, tilt, weights = viewing_directions(args.viewing_distance)
-        templates = map_templates(volume, grid, view_matrices(rot, tilt))
+        table, images, volume, grid, pixel, rot, tilt, weights, templates, disp = setting(
+            tmp / "sim", args.images, args.viewing_distance
+        )
         values, ctf, syy, ctf0 = polar_inputs(table, images, grid, pixel)
-        disp = lk.displacement_grid(3.0, 7, 7)
         t0 = time.process_time()
         bank = lk.prepare_templates(templates, grid, weights, float(volume.sum()))
         bank_seconds = time.process_time() - t0
@@ -329,8 +359,7 @@ def main() -> None:
             f"(grid: {np.median(view):.2f} deg, {np.median(shift):.2f} px)"
         )
         # worst case for pruning: no signal at all
-        noise = np.random.default_rng(3).normal(size=images.shape)
-        nvalues, _, nsyy, _ = polar_inputs(table, noise, grid, pixel)
+        nvalues, _, nsyy, _ = polar_inputs(table, noise_like(images), grid, pixel)
         m = min(64, n)
         noise_runs = [
             run_search(nvalues[:m], ctf[:m], nsyy[:m], ctf0[:m], grid, bank, disp) for _ in range(3)

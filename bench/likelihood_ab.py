@@ -27,15 +27,10 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from likelihood import CRYOLIKE, REAL, polar_inputs, simulate  # noqa: E402
+from likelihood import CRYOLIKE, noise_like, polar_inputs, setting  # noqa: E402
 
-from cryomatch.io.mrc import read_volume  # noqa: E402
 from cryomatch.kernels import likelihood as lk  # noqa: E402
-from cryomatch.kernels.polar_fourier import polar_grid  # noqa: E402
-from cryomatch.kernels.templates import map_templates, view_matrices, viewing_directions  # noqa: E402
 
 
 def load_other(package: Path, folder: Path):
@@ -74,17 +69,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         versions = [("this", lk), ("other", load_other(args.other, tmp))]
-        table, images = simulate(tmp / "sim", args.images)
-        volume, _ = read_volume(REAL / "maps" / "emd_1832.map")
-        grid, pixel = polar_grid(64), 5.7
-        rot, tilt, weights = viewing_directions(args.viewing_distance)
-        templates = map_templates(volume, grid, view_matrices(rot, tilt))
-        disp = lk.displacement_grid(3.0, 7, 7)
-        noise = np.random.default_rng(3).normal(size=images.shape)
+        table, images, volume, grid, pixel, rot, _, weights, templates, disp = setting(
+            tmp / "sim", args.images, args.viewing_distance
+        )
         m = min(args.noise_images, args.images)
+        noise = polar_inputs(table, noise_like(images), grid, pixel)
         cases = [
             ("particles", polar_inputs(table, images, grid, pixel)),
-            ("pure noise", tuple(x[:m] for x in polar_inputs(table, noise, grid, pixel))),
+            ("pure noise", tuple(x[:m] for x in noise)),
         ]
         for label, inputs in cases:
             s = interleaved(
